@@ -1,0 +1,277 @@
+//! The run configuration: a TOML file (`configs/<model>.toml`, built into the binary as each
+//! model's default) with command-line overrides on top, resolved and validated once.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::models::{self, ModelSpec};
+
+/// The model trained when neither `--model` nor `--config` names one.
+pub const DEFAULT_MODEL: &str = "simplecnn";
+
+/// Resolves a run's model and configuration: `file` when given (else the model's built-in
+/// `configs/<model>.toml`), then the command-line `overrides`.
+pub fn resolve(
+    model: Option<&str>,
+    file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<(&'static ModelSpec, Config)> {
+    let config = match file {
+        Some(path) => Config::from_file(path)?,
+        None => {
+            let spec = models::find(model.unwrap_or(DEFAULT_MODEL))?;
+            let origin = PathBuf::from(format!("configs/{}.toml", spec.name));
+            Config::parse(spec.default_config, &origin)?
+        }
+    };
+    if let (Some(name), Some(path)) = (model, file) {
+        if !name.eq_ignore_ascii_case(&config.model) {
+            return Err(Error::InvalidSetting(format!(
+                "--model {name} conflicts with model = \"{}\" in {}; drop one of them",
+                config.model,
+                path.display()
+            )));
+        }
+    }
+    let spec = models::find(&config.model)?;
+    Ok((spec, config.apply(overrides)?))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adam,
+    Sgd,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adam" => Ok(Self::Adam),
+            "sgd" => Ok(Self::Sgd),
+            _ => Err(Error::InvalidSetting(format!(
+                "unknown optimizer '{s}': expected adam or sgd"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Adam => "adam",
+            Self::Sgd => "sgd",
+        })
+    }
+}
+
+/// Every hyper-parameter of a run. Unknown keys are an error, so a typo never goes unnoticed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Batch size for evaluation passes, which keep no gradients and can afford more.
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    /// Reshuffle the training set every epoch; off keeps file order.
+    pub shuffle: bool,
+    /// Where the CIFAR-10 binary files are; models that generate their data ignore it.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    /// SGD momentum (PyTorch's, no dampening); ignored by Adam.
+    pub momentum: f64,
+    /// L2 penalty added to the gradient, as PyTorch's `weight_decay`.
+    pub weight_decay: f64,
+    /// Adam's (beta1, beta2).
+    pub betas: [f64; 2],
+    /// Adam's epsilon.
+    pub eps: f64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(crate::data::cifar::DEFAULT_DIR)
+}
+
+/// Values given on the command line; each replaces the config's when present.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f64>,
+    pub optimizer: Option<OptimizerKind>,
+    pub momentum: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub seed: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub no_shuffle: bool,
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::ConfigParse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| Error::ConfigParse {
+            path: origin.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn apply(mut self, o: &Overrides) -> Result<Self> {
+        if let Some(v) = o.epochs {
+            self.epochs = v;
+        }
+        if let Some(v) = o.batch_size {
+            self.batch_size = v;
+        }
+        if let Some(v) = o.lr {
+            self.lr = v;
+        }
+        if let Some(v) = o.optimizer {
+            self.optimizer = v;
+        }
+        if let Some(v) = o.momentum {
+            self.momentum = v;
+        }
+        if let Some(v) = o.weight_decay {
+            self.weight_decay = v;
+        }
+        if let Some(v) = o.seed {
+            self.seed = v;
+        }
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if o.no_shuffle {
+            self.shuffle = false;
+        }
+        self.validate().map_err(Error::InvalidSetting)?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let unit = |name: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} must be in [0, 1), got {v}"))
+            }
+        };
+        if self.epochs == 0 {
+            return Err("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return Err("batch_size and eval_batch_size must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!("lr must be a positive number, got {}", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(format!("weight_decay must be >= 0, got {}", self.weight_decay));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(format!("eps must be > 0, got {}", self.eps));
+        }
+        unit("momentum", self.momentum)?;
+        unit("betas[0]", self.betas[0])?;
+        unit("betas[1]", self.betas[1])
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising a struct of plain fields cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_config_parses_and_names_its_model() {
+        for spec in models::MODELS {
+            let config = Config::parse(spec.default_config, Path::new(spec.name)).unwrap();
+            assert_eq!(config.model, spec.name);
+            let disk = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("configs")
+                .join(format!("{}.toml", spec.name));
+            assert_eq!(Config::from_file(&disk).unwrap(), config);
+        }
+    }
+
+    #[test]
+    fn overrides_replace_values_and_round_trip_through_toml() {
+        let base = Config::parse(models::find("simplecnn").unwrap().default_config, Path::new("x")).unwrap();
+        let resolved = base
+            .clone()
+            .apply(&Overrides {
+                epochs: Some(3),
+                lr: Some(0.05),
+                optimizer: Some(OptimizerKind::Sgd),
+                no_shuffle: true,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!((resolved.epochs, resolved.lr, resolved.optimizer), (3, 0.05, OptimizerKind::Sgd));
+        assert!(!resolved.shuffle);
+        assert_eq!(resolved.batch_size, base.batch_size);
+        assert_eq!(Config::parse(&resolved.to_toml(), Path::new("x")).unwrap(), resolved);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_clear_errors() {
+        let text = models::find("simplecnn").unwrap().default_config;
+        let typo = text.replace("epochs", "epoch");
+        let err = Config::parse(&typo, Path::new("my.toml")).unwrap_err().to_string();
+        assert!(err.contains("my.toml") && err.contains("epoch"), "{err}");
+
+        let base = Config::parse(text, Path::new("x")).unwrap();
+        for bad in [
+            Overrides { lr: Some(-1.0), ..Default::default() },
+            Overrides { epochs: Some(0), ..Default::default() },
+            Overrides { momentum: Some(1.5), ..Default::default() },
+        ] {
+            assert!(matches!(base.clone().apply(&bad), Err(Error::InvalidSetting(_))));
+        }
+        assert!("rmsprop".parse::<OptimizerKind>().is_err());
+    }
+
+    #[test]
+    fn resolve_picks_the_models_default_or_the_file_and_refuses_a_conflict() {
+        let (spec, config) = resolve(None, None, &Overrides::default()).unwrap();
+        assert_eq!((spec.name, config.model.as_str()), ("simplecnn", "simplecnn"));
+        let (spec, config) = resolve(Some("linear"), None, &Overrides::default()).unwrap();
+        assert_eq!((spec.name, config.optimizer), ("linear", OptimizerKind::Sgd));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mine.toml");
+        std::fs::write(&file, models::find("linear").unwrap().default_config.replace("200", "7")).unwrap();
+        let (_, config) = resolve(None, Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(config.epochs, 7);
+        let err = resolve(Some("simplecnn"), Some(&file), &Overrides::default()).err().unwrap();
+        assert!(err.to_string().contains("conflicts"), "{err}");
+        let err = resolve(None, Some(&dir.path().join("none.toml")), &Overrides::default()).err().unwrap();
+        assert!(err.to_string().contains("none.toml"), "{err}");
+    }
+}

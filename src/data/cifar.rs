@@ -1,0 +1,184 @@
+//! The CIFAR-10 binary version: `data_batch_1.bin` .. `data_batch_5.bin` and `test_batch.bin`,
+//! each a run of 3073-byte records (a label byte, then 1024 red, 1024 green, 1024 blue bytes).
+//!
+//! Files may hold any whole number of records, so subsets load like the full set.
+
+use std::path::{Path, PathBuf};
+
+use super::batches::ImageSet;
+use crate::error::{Error, Result};
+
+pub const DEFAULT_DIR: &str = "data/cifar-10-batches-bin";
+pub const TRAIN_FILES: [&str; 5] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+];
+pub const TEST_FILE: &str = "test_batch.bin";
+pub const CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+pub const CHANNELS: usize = 3;
+pub const SIDE: usize = 32;
+pub const IMAGE_BYTES: usize = CHANNELS * SIDE * SIDE;
+pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
+
+/// The standard per-channel statistics of the CIFAR-10 training set, used to normalise inputs.
+pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+
+pub struct Cifar10 {
+    pub train: ImageSet,
+    pub test: ImageSet,
+}
+
+/// Loads the training files and the test file from `dir`.
+pub fn load(dir: &Path) -> Result<Cifar10> {
+    let paths = |names: &[&str]| -> Result<Vec<PathBuf>> {
+        names
+            .iter()
+            .map(|name| {
+                let path = dir.join(name);
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(Error::DataMissing {
+                        dir: dir.to_path_buf(),
+                        missing: name.to_string(),
+                    })
+                }
+            })
+            .collect()
+    };
+    let train_paths = paths(&TRAIN_FILES)?;
+    let test_paths = paths(&[TEST_FILE])?;
+    let mut train = ImageSet::default();
+    for path in &train_paths {
+        train.extend(read_records(path)?);
+    }
+    let test = read_records(&test_paths[0])?;
+    for (set, path) in [(&train, &train_paths[0]), (&test, &test_paths[0])] {
+        if set.is_empty() {
+            return Err(Error::DataInvalid {
+                path: path.clone(),
+                message: "holds no records".into(),
+            });
+        }
+    }
+    tracing::info!(
+        train = train.len(),
+        test = test.len(),
+        dir = %dir.display(),
+        "loaded CIFAR-10"
+    );
+    Ok(Cifar10 { train, test })
+}
+
+/// Reads one binary file, checking its size and every label.
+pub fn read_records(path: &Path) -> Result<ImageSet> {
+    let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
+    if bytes.len() % RECORD_BYTES != 0 {
+        return Err(Error::DataInvalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "size {} bytes is not a whole number of {RECORD_BYTES}-byte CIFAR-10 records \
+                 (truncated download or not a CIFAR-10 binary file?)",
+                bytes.len()
+            ),
+        });
+    }
+    let count = bytes.len() / RECORD_BYTES;
+    let mut set = ImageSet::with_capacity(count);
+    for (i, record) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
+        let label = record[0];
+        if label as usize >= CLASSES.len() {
+            return Err(Error::DataInvalid {
+                path: path.to_path_buf(),
+                message: format!("record {i} has label {label}, but CIFAR-10 labels are 0..=9"),
+            });
+        }
+        set.push(&record[1..], label);
+    }
+    Ok(set)
+}
+
+/// Writes images in the binary layout (used for fixtures and subsets).
+pub fn write_records(path: &Path, set: &ImageSet) -> Result<()> {
+    let mut bytes = Vec::with_capacity(set.len() * RECORD_BYTES);
+    for i in 0..set.len() {
+        bytes.push(set.labels()[i]);
+        bytes.extend_from_slice(set.image(i));
+    }
+    std::fs::write(path, bytes).map_err(Error::io("cannot write", path))
+}
+
+/// Writes a complete directory (five training files and the test file) from two sets; the
+/// training set is split as evenly as possible, as `make-cifar10-bin` does.
+pub fn write_dir(dir: &Path, train: &ImageSet, test: &ImageSet) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io("cannot create", dir))?;
+    let n = train.len();
+    for (k, name) in TRAIN_FILES.iter().enumerate() {
+        let (start, end) = (k * n / TRAIN_FILES.len(), (k + 1) * n / TRAIN_FILES.len());
+        write_records(&dir.join(name), &train.subset(start..end))?;
+    }
+    write_records(&dir.join(TEST_FILE), test)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic;
+
+    #[test]
+    fn a_directory_of_any_whole_number_of_records_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = synthetic::generate(23, 1);
+        let test = synthetic::generate(7, 2);
+        write_dir(dir.path(), &train, &test).unwrap();
+        let loaded = load(dir.path()).unwrap();
+        assert_eq!(loaded.train, train);
+        assert_eq!(loaded.test, test);
+    }
+
+    #[test]
+    fn a_truncated_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dir(dir.path(), &synthetic::generate(10, 1), &synthetic::generate(4, 2)).unwrap();
+        let victim = dir.path().join("data_batch_3.bin");
+        let bytes = std::fs::read(&victim).unwrap();
+        std::fs::write(&victim, &bytes[..bytes.len() - 100]).unwrap();
+        let err = load(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("data_batch_3.bin") && err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn a_label_above_nine_is_an_error_naming_file_and_record() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dir(dir.path(), &synthetic::generate(10, 1), &synthetic::generate(4, 2)).unwrap();
+        let victim = dir.path().join(TEST_FILE);
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[2 * RECORD_BYTES] = 10;
+        std::fs::write(&victim, bytes).unwrap();
+        let err = load(dir.path()).err().unwrap().to_string();
+        assert!(err.contains(TEST_FILE) && err.contains("record 2 has label 10"), "{err}");
+    }
+
+    #[test]
+    fn missing_data_says_where_to_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(&dir.path().join("nowhere")).err().unwrap().to_string();
+        assert!(err.contains("data_batch_1.bin") && err.contains("cifar-10-binary.tar.gz"), "{err}");
+        assert!(err.contains("--data-dir"), "{err}");
+    }
+}

@@ -1,0 +1,169 @@
+//! Which device to train on: `--device auto|cpu|cuda[:N]|metal[:N]`.
+//!
+//! `auto` tries Metal, then CUDA, then the CPU. An explicit request is honoured or refused with
+//! a reason; it never falls back silently.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl FromStr for DeviceRequest {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        let (kind, ordinal) = match lower.split_once(':') {
+            Some((kind, n)) => {
+                let n = n
+                    .parse::<usize>()
+                    .map_err(|_| Error::BadDeviceName(s.to_string()))?;
+                (kind, Some(n))
+            }
+            None => (lower.as_str(), None),
+        };
+        match (kind, ordinal) {
+            ("auto", None) => Ok(Self::Auto),
+            ("cpu", None) => Ok(Self::Cpu),
+            ("cuda", n) => Ok(Self::Cuda(n.unwrap_or(0))),
+            ("metal", n) => Ok(Self::Metal(n.unwrap_or(0))),
+            _ => Err(Error::BadDeviceName(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal(n) => write!(f, "metal:{n}"),
+        }
+    }
+}
+
+/// Opens the requested device.
+pub fn open(request: DeviceRequest) -> Result<Device> {
+    match request {
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Cuda(n) => open_cuda(n),
+        DeviceRequest::Metal(n) => open_metal(n),
+        DeviceRequest::Auto => Ok(open_metal(0)
+            .or_else(|_| open_cuda(0))
+            .unwrap_or(Device::Cpu)),
+    }
+}
+
+fn open_cuda(ordinal: usize) -> Result<Device> {
+    let name = format!("cuda:{ordinal}");
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::DeviceNotCompiled {
+            device: name,
+            feature: "cuda",
+        });
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::DeviceUnavailable {
+        device: name,
+        reason: format!("{e} (is an NVIDIA driver installed and `nvidia-smi` working?)"),
+    })
+}
+
+fn open_metal(ordinal: usize) -> Result<Device> {
+    let name = format!("metal:{ordinal}");
+    if !candle_core::utils::metal_is_available() {
+        return Err(Error::DeviceNotCompiled {
+            device: name,
+            feature: "metal",
+        });
+    }
+    Device::new_metal(ordinal).map_err(|e| Error::DeviceUnavailable {
+        device: name,
+        reason: format!("{e} (Metal needs a Mac with Apple Silicon or a Metal-capable GPU)"),
+    })
+}
+
+/// A one-line description for the start of a run, e.g. `cpu (2 threads)` or `cuda:0 (NVIDIA H100)`.
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let ordinal = cuda.cuda_stream().context().ordinal();
+            match cuda.cuda_stream().context().name() {
+                Ok(name) => format!("cuda:{ordinal} ({name})"),
+                Err(_) => format!("cuda:{ordinal}"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => match device.location() {
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            _ => "metal".to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
+        assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
+        assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(3));
+        assert_eq!("metal".parse::<DeviceRequest>().unwrap(), DeviceRequest::Metal(0));
+        assert_eq!("metal:1".parse::<DeviceRequest>().unwrap(), DeviceRequest::Metal(1));
+        for request in [DeviceRequest::Cpu, DeviceRequest::Cuda(2), DeviceRequest::Metal(0)] {
+            assert_eq!(request.to_string().parse::<DeviceRequest>().unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_names_with_the_choices() {
+        for bad in ["gpu", "cuda:x", "cpu:1", "auto:0", "", "cuda:-1"] {
+            let err = bad.parse::<DeviceRequest>().unwrap_err();
+            assert!(matches!(err, Error::BadDeviceName(_)), "{bad}: {err}");
+            assert!(err.to_string().contains("cuda:N"), "{err}");
+        }
+    }
+
+    #[test]
+    fn cpu_always_opens() {
+        assert!(open(DeviceRequest::Cpu).unwrap().is_cpu());
+        assert!(describe(&Device::Cpu).starts_with("cpu ("));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build_it() {
+        let err = open(DeviceRequest::Cuda(0)).unwrap_err().to_string();
+        assert!(err.contains("cargo build --release --features cuda"), "{err}");
+    }
+
+    #[cfg(not(feature = "metal"))]
+    #[test]
+    fn metal_without_the_feature_says_how_to_build_it() {
+        let err = open(DeviceRequest::Metal(0)).unwrap_err().to_string();
+        assert!(err.contains("cargo build --release --features metal"), "{err}");
+    }
+
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    #[test]
+    fn auto_falls_to_cpu_when_no_accelerator_is_built() {
+        assert!(open(DeviceRequest::Auto).unwrap().is_cpu());
+    }
+}

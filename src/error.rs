@@ -1,0 +1,69 @@
+//! kiln's error type: every message says what went wrong and, where it can, what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown device '{0}': expected auto, cpu, cuda, cuda:N, metal or metal:N")]
+    BadDeviceName(String),
+
+    #[error("{device} requested, but this kiln was built without {feature} support; rebuild with: cargo build --release --features {feature}")]
+    DeviceNotCompiled {
+        device: String,
+        feature: &'static str,
+    },
+
+    #[error("{device} requested, but it is not available on this machine: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+
+    #[error("unknown model '{name}'; available models: {available}")]
+    UnknownModel { name: String, available: String },
+
+    #[error("cannot read config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("invalid config {path}: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+
+    #[error("no CIFAR-10 data in {dir}: {missing} is missing. Get the binary version (cifar-10-binary.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that {dir} holds data_batch_1.bin .. data_batch_5.bin and test_batch.bin, or pass --data-dir DIR")]
+    DataMissing { dir: PathBuf, missing: String },
+
+    #[error("{path}: {message}")]
+    DataInvalid { path: PathBuf, message: String },
+
+    #[error("run directory {dir} already holds a run; pass --run NAME to start a separate one, or --overwrite to replace it")]
+    RunExists { dir: PathBuf },
+
+    #[error("cannot read {path}: {message}")]
+    WeightsInvalid { path: PathBuf, message: String },
+
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the operation and the path it concerned.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}

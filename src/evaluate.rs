@@ -1,0 +1,78 @@
+//! Evaluation of an image classifier on a labelled set: loss, accuracy, confusion matrix.
+
+use candle_core::Device;
+use candle_nn::Module;
+
+use crate::data::cifar::CLASSES;
+use crate::data::ImageSet;
+use crate::error::Result;
+
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// `confusion[true][predicted]`: image counts.
+    pub confusion: [[u64; CLASSES.len()]; CLASSES.len()],
+}
+
+impl Evaluation {
+    pub fn total(&self) -> u64 {
+        self.confusion.iter().flatten().sum()
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        let correct: u64 = (0..CLASSES.len()).map(|c| self.confusion[c][c]).sum();
+        correct as f64 / self.total().max(1) as f64
+    }
+}
+
+/// Runs `model` over every image of `set` in batches of `batch_size`.
+pub fn evaluate(model: &dyn Module, set: &ImageSet, device: &Device, batch_size: usize) -> Result<Evaluation> {
+    let mut loss_sum = 0.0;
+    let mut confusion = [[0u64; CLASSES.len()]; CLASSES.len()];
+    let order = set.epoch_order(None::<&mut rand_chacha::ChaCha8Rng>);
+    for indices in order.chunks(batch_size) {
+        let (images, labels) = set.batch(indices, device)?;
+        let logits = model.forward(&images)?.detach();
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * indices.len() as f64;
+        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+        for (&i, &p) in indices.iter().zip(&predicted) {
+            confusion[set.labels()[i] as usize][p as usize] += 1;
+        }
+    }
+    Ok(Evaluation {
+        loss: loss_sum / set.len().max(1) as f64,
+        confusion,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Tensor};
+
+    /// A "model" that always predicts class 3.
+    struct AlwaysThree;
+    impl Module for AlwaysThree {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let n = x.dim(0)?;
+            let hot: Vec<f32> = (0..n * 10).map(|i| if i % 10 == 3 { 10.0 } else { 0.0 }).collect();
+            Tensor::from_vec(hot, (n, 10), x.device())?.to_dtype(DType::F32)
+        }
+    }
+
+    #[test]
+    fn confusion_accuracy_and_loss_of_a_constant_model() {
+        let set = crate::data::synthetic::generate(30, 0);
+        let eval = evaluate(&AlwaysThree, &set, &Device::Cpu, 7).unwrap();
+        assert_eq!(eval.total(), 30);
+        assert!((eval.accuracy() - 0.1).abs() < 1e-12, "3 of 30 images are class 3");
+        assert_eq!(eval.confusion[5][3], 3);
+        assert_eq!(eval.confusion[5][5], 0);
+        // log-softmax of the right class is -10 - log(1 + 9 e^-10) for 27 images, ~0 for 3.
+        let wrong = 10.0 + (1.0f64 + 9.0 * (-10.0f64).exp()).ln();
+        let right = (1.0f64 + 9.0 * (-10.0f64).exp()).ln();
+        let expected = (27.0 * wrong + 3.0 * right) / 30.0;
+        assert!((eval.loss - expected).abs() < 1e-4, "{} vs {expected}", eval.loss);
+    }
+}

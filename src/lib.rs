@@ -1,0 +1,18 @@
+//! kiln: train deep-learning models on your own machine (Metal, CUDA or CPU), on candle.
+//!
+//! Data flows one way: files ([`data`]) -> batches -> model ([`models`]) -> loss -> gradients ->
+//! optimizer ([`optim`]) -> weights on disk ([`checkpoint`]), driven by [`train`].
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod evaluate;
+pub mod metrics;
+pub mod models;
+pub mod optim;
+pub mod progress;
+pub mod train;
+
+pub use error::{Error, Result};
