@@ -1,6 +1,14 @@
 //! The run directory (`models/<run>/`) and the files in it, each written atomically: a file
 //! becomes visible under its name only once complete, so a killed process leaves the previous
 //! version intact.
+//!
+//! Two kinds of safetensors files:
+//! - weights (`last.safetensors`, `best.safetensors`): parameters under their PyTorch names, with
+//!   the model name and input normalisation in the header, for any reader;
+//! - checkpoints (`checkpoints/*.safetensors`): everything needed to continue a run exactly:
+//!   weights (`model/<name>`), optimizer state (`optim/...`), the partial epoch's running sums
+//!   (`tally/...`), and in the header the position, best result, config and metrics history.
+//!   Random streams are derived from the seed and the epoch, so the position restores them.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// `models/<run>/`: the resolved config, the metrics history and the weights of one run.
@@ -17,24 +26,58 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `<models_dir>/<run>`. A directory that already holds a run is refused unless
-    /// `overwrite`, so no earlier results are replaced by accident.
-    pub fn create(models_dir: &Path, run: &str, overwrite: bool) -> Result<Self> {
-        let dir = Self {
+    /// The run directory `<models_dir>/<run>`, which may not exist yet.
+    pub fn at(models_dir: &Path, run: &str) -> Self {
+        Self {
             path: models_dir.join(run),
-        };
-        let holds_run = [dir.config(), dir.metrics()].iter().any(|p| p.exists());
-        if holds_run && !overwrite {
-            return Err(Error::RunExists { dir: dir.path });
         }
-        std::fs::create_dir_all(&dir.path).map_err(Error::io("cannot create run directory", &dir.path))?;
-        if holds_run {
-            let metrics = dir.metrics();
-            if metrics.exists() {
-                std::fs::remove_file(&metrics).map_err(Error::io("cannot remove", metrics))?;
+    }
+
+    /// Whether an earlier run left results here.
+    pub fn holds_run(&self) -> bool {
+        [self.config(), self.metrics(), self.checkpoints()]
+            .iter()
+            .any(|p| p.exists())
+    }
+
+    /// Prepares the directory for a new run. A directory that already holds one is refused
+    /// unless `overwrite`, so no earlier results are replaced by accident; with `overwrite`
+    /// its history and checkpoints are removed.
+    pub fn start_fresh(&self, overwrite: bool) -> Result<()> {
+        if self.holds_run() {
+            if !overwrite {
+                return Err(Error::RunExists {
+                    dir: self.path.clone(),
+                });
+            }
+            for file in [self.metrics(), self.last(), self.best()] {
+                if file.exists() {
+                    std::fs::remove_file(&file).map_err(Error::io("cannot remove", file))?;
+                }
+            }
+            if self.checkpoints().exists() {
+                std::fs::remove_dir_all(self.checkpoints())
+                    .map_err(Error::io("cannot remove", self.checkpoints()))?;
             }
         }
-        Ok(dir)
+        self.create_dirs()
+    }
+
+    /// Creates the directories, and removes temporary files that a killed process left
+    /// mid-write (only one process trains in a run directory at a time).
+    pub fn create_dirs(&self) -> Result<()> {
+        std::fs::create_dir_all(self.checkpoints())
+            .map_err(Error::io("cannot create run directory", &self.path))?;
+        for dir in [self.path.clone(), self.checkpoints()] {
+            let entries = std::fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))?;
+            for entry in entries.flatten() {
+                if is_temp_file(&entry.file_name().to_string_lossy()) {
+                    let path = entry.path();
+                    std::fs::remove_file(&path).map_err(Error::io("cannot remove", path))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -52,6 +95,73 @@ impl RunDir {
     pub fn best(&self) -> PathBuf {
         self.path.join("best.safetensors")
     }
+    pub fn checkpoints(&self) -> PathBuf {
+        self.path.join("checkpoints")
+    }
+
+    /// The file for a checkpoint at `progress`: `epoch-0003.safetensors` at the end of an epoch,
+    /// `step-00001234.safetensors` (the global step) within one.
+    pub fn checkpoint_path(&self, progress: &Progress) -> PathBuf {
+        let name = if progress.steps_into_epoch == 0 {
+            format!("epoch-{:04}.safetensors", progress.epochs_done)
+        } else {
+            format!("step-{:08}.safetensors", progress.global_step)
+        };
+        self.checkpoints().join(name)
+    }
+
+    /// Complete checkpoints here (temporary files are never listed), newest first.
+    pub fn list_checkpoints(&self) -> Result<Vec<(PathBuf, Progress)>> {
+        let dir = self.checkpoints();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("cannot list", &dir)(e)),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(Error::io("cannot list", &dir))?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if is_temp_file(&name) || !name.ends_with(".safetensors") {
+                continue;
+            }
+            match read_progress(&path) {
+                Ok(progress) => found.push((path, progress)),
+                Err(err) => tracing::warn!("skipping unreadable checkpoint: {err}"),
+            }
+        }
+        found.sort_by_key(|(_, progress)| std::cmp::Reverse(progress.global_step));
+        Ok(found)
+    }
+
+    /// Deletes all but the newest `keep` end-of-epoch checkpoints, and every mid-epoch one older
+    /// than the newest checkpoint.
+    pub fn prune_checkpoints(&self, keep: usize) -> Result<()> {
+        let all = self.list_checkpoints()?;
+        let mut epochs_kept = 0;
+        for (i, (path, progress)) in all.iter().enumerate() {
+            let remove = if progress.steps_into_epoch == 0 {
+                epochs_kept += 1;
+                epochs_kept > keep
+            } else {
+                i > 0
+            };
+            if remove {
+                std::fs::remove_file(path).map_err(Error::io("cannot remove", path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+const TEMP_MARK: &str = ".tmp-";
+
+/// Whether `name` is one of [`write_atomic`]'s temporary files.
+fn is_temp_file(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TEMP_MARK)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory: write, fsync,
@@ -61,8 +171,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}{TEMP_MARK}{}", std::process::id()));
     let written = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
@@ -80,19 +193,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves parameters under their PyTorch names as a weights-only safetensors file, with
 /// `metadata` (model name, input normalisation, ...) in its header.
-pub fn save_weights(path: &Path, params: &[(String, Var)], metadata: HashMap<String, String>) -> Result<()> {
+pub fn save_weights(
+    path: &Path,
+    params: &[(String, Var)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let tensors = params
         .iter()
         .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<(String, Tensor)>>>()?;
-    let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::WeightsInvalid {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes =
+        safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::WeightsInvalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     write_atomic(path, &bytes)
 }
 
-/// A weights file's tensors by name, and its metadata.
+/// A safetensors file's tensors by name, and its header metadata.
 pub struct Weights {
     pub tensors: HashMap<String, Tensor>,
     pub metadata: HashMap<String, String>,
@@ -100,17 +218,237 @@ pub struct Weights {
 
 pub fn load_weights(path: &Path, device: &Device) -> Result<Weights> {
     let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
+    let metadata = read_header(path, &bytes)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::WeightsInvalid {
+            path: path.to_path_buf(),
+            message: format!("corrupt tensor data ({e})"),
+        }
+    })?;
+    Ok(Weights { tensors, metadata })
+}
+
+fn read_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::WeightsInvalid {
+            path: path.to_path_buf(),
+            message: format!("not a safetensors file, or truncated ({e})"),
+        })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// Copies `tensors` (PyTorch names) into `params`. The names, shapes and dtypes must match
+/// exactly; otherwise nothing is changed and the error lists every difference.
+pub fn assign(
+    params: &[(String, Var)],
+    tensors: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, var) in params {
+        match tensors.get(name) {
+            None => problems.push(format!("missing {name} {:?}", var.dims())),
+            Some(t) if t.dims() != var.dims() => problems.push(format!(
+                "{name} has shape {:?}, the model needs {:?}",
+                t.dims(),
+                var.dims()
+            )),
+            Some(t) if t.dtype() != var.dtype() => problems.push(format!(
+                "{name} is {:?}, the model needs {:?}",
+                t.dtype(),
+                var.dtype()
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !params.iter().any(|(n, _)| n == *k))
+        .collect();
+    unexpected.sort();
+    problems.extend(
+        unexpected
+            .into_iter()
+            .map(|name| format!("unexpected {name}")),
+    );
+    if !problems.is_empty() {
+        return Err(Error::WeightsInvalid {
+            path: source.to_path_buf(),
+            message: format!("its tensors do not fit the model: {}", problems.join("; ")),
+        });
+    }
+    for (name, var) in params {
+        var.set(&tensors[name].to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Where a run stands.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Progress {
+    /// Epochs completed, evaluation and all.
+    pub epochs_done: usize,
+    /// Steps taken in the epoch after those (0 at an epoch boundary).
+    pub steps_into_epoch: usize,
+    /// Steps taken since the run began.
+    pub global_step: u64,
+    /// Best test accuracy so far and its epoch.
+    pub best: Option<(usize, f64)>,
+    /// metrics.csv as it stood, header included: the history is restored from the checkpoint.
+    pub history: String,
+}
+
+/// Everything a checkpoint holds.
+pub struct Checkpoint {
+    pub model: String,
+    /// The device it was written on (as `device::describe` puts it).
+    pub device: String,
+    pub config: Config,
+    pub progress: Progress,
+    /// Parameters by PyTorch name.
+    pub weights: HashMap<String, Tensor>,
+    /// Optimizer state by the optimizer's own names.
+    pub optimizer: HashMap<String, Tensor>,
+    /// The partial epoch's running sums, and the images they cover.
+    pub tally: HashMap<String, Tensor>,
+    pub tally_seen: usize,
+}
+
+const FORMAT_KEY: &str = "kiln.format";
+const FORMAT: &str = "checkpoint-1";
+
+/// What to write into a checkpoint; borrowed from the live training state.
+pub struct Snapshot<'a> {
+    pub model: &'a str,
+    pub config: &'a Config,
+    /// The device it was trained on, for the log of a resume elsewhere.
+    pub device: &'a str,
+    pub progress: &'a Progress,
+    pub params: &'a [(String, Var)],
+    pub optimizer: Vec<(String, Tensor)>,
+    pub tally: Vec<(String, Tensor)>,
+    pub tally_seen: usize,
+}
+
+pub fn save_checkpoint(path: &Path, snapshot: Snapshot) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, var) in snapshot.params {
+        tensors.push((format!("model/{name}"), var.as_tensor().clone()));
+    }
+    for (prefix, group) in [("optim", snapshot.optimizer), ("tally", snapshot.tally)] {
+        tensors.extend(
+            group
+                .into_iter()
+                .map(|(name, t)| (format!("{prefix}/{name}"), t)),
+        );
+    }
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let p = snapshot.progress;
+    let mut meta = HashMap::from([
+        (FORMAT_KEY.to_string(), FORMAT.to_string()),
+        ("model".to_string(), snapshot.model.to_string()),
+        ("config".to_string(), snapshot.config.to_toml()),
+        ("device".to_string(), snapshot.device.to_string()),
+        ("epochs_done".to_string(), p.epochs_done.to_string()),
+        (
+            "steps_into_epoch".to_string(),
+            p.steps_into_epoch.to_string(),
+        ),
+        ("global_step".to_string(), p.global_step.to_string()),
+        ("history".to_string(), p.history.clone()),
+        ("tally_seen".to_string(), snapshot.tally_seen.to_string()),
+    ]);
+    if let Some((epoch, accuracy)) = p.best {
+        meta.insert("best_epoch".to_string(), epoch.to_string());
+        // Rust prints the shortest decimal that parses back to the same f64.
+        meta.insert("best_accuracy".to_string(), accuracy.to_string());
+    }
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::WeightsInvalid {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads a checkpoint's position (used to find the newest checkpoint).
+pub fn read_progress(path: &Path) -> Result<Progress> {
+    let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
+    Ok(parse_progress(path, &read_header(path, &bytes)?)?.0)
+}
+
+fn parse_progress(path: &Path, meta: &HashMap<String, String>) -> Result<(Progress, usize)> {
     let invalid = |message: String| Error::WeightsInvalid {
         path: path.to_path_buf(),
         message,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| invalid(format!("not a safetensors file ({e})")))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| invalid(format!("corrupt tensor data ({e})")))?;
-    Ok(Weights {
-        tensors,
-        metadata: header.metadata().clone().unwrap_or_default(),
+    if meta.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+        return Err(invalid(
+            "not a kiln checkpoint (a weights-only file? use it with --init-weights or evaluate)"
+                .into(),
+        ));
+    }
+    let field = |key: &str| -> Result<&String> {
+        meta.get(key)
+            .ok_or_else(|| invalid(format!("checkpoint header lacks {key}")))
+    };
+    fn number<T: std::str::FromStr>(key: &str, text: &str, path: &Path) -> Result<T> {
+        text.parse().map_err(|_| Error::WeightsInvalid {
+            path: path.to_path_buf(),
+            message: format!("checkpoint header has a bad {key}: {text:?}"),
+        })
+    }
+    let best = match (meta.get("best_epoch"), meta.get("best_accuracy")) {
+        (Some(e), Some(a)) => Some((
+            number("best_epoch", e, path)?,
+            number("best_accuracy", a, path)?,
+        )),
+        _ => None,
+    };
+    let progress = Progress {
+        epochs_done: number("epochs_done", field("epochs_done")?, path)?,
+        steps_into_epoch: number("steps_into_epoch", field("steps_into_epoch")?, path)?,
+        global_step: number("global_step", field("global_step")?, path)?,
+        best,
+        history: field("history")?.clone(),
+    };
+    let tally_seen = number("tally_seen", field("tally_seen")?, path)?;
+    Ok((progress, tally_seen))
+}
+
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let file = load_weights(path, device)?;
+    let (progress, tally_seen) = parse_progress(path, &file.metadata)?;
+    let model = file.metadata.get("model").cloned().unwrap_or_default();
+    let device = file.metadata.get("device").cloned().unwrap_or_default();
+    let config_text = file.metadata.get("config").cloned().unwrap_or_default();
+    let config = Config::parse(&config_text, path)?;
+    let (mut weights, mut optimizer, mut tally) = (HashMap::new(), HashMap::new(), HashMap::new());
+    for (name, tensor) in file.tensors {
+        let (group, rest) = match name.split_once('/') {
+            Some(("model", rest)) => (&mut weights, rest),
+            Some(("optim", rest)) => (&mut optimizer, rest),
+            Some(("tally", rest)) => (&mut tally, rest),
+            _ => {
+                return Err(Error::WeightsInvalid {
+                    path: path.to_path_buf(),
+                    message: format!("unexpected tensor {name} in a checkpoint"),
+                })
+            }
+        };
+        group.insert(rest.to_string(), tensor);
+    }
+    Ok(Checkpoint {
+        model,
+        device,
+        config,
+        progress,
+        weights,
+        optimizer,
+        tally,
+        tally_seen,
     })
 }
 
@@ -124,13 +462,22 @@ mod tests {
         let path = dir.path().join("w.safetensors");
         let w = Var::new(&[[0.1f32, -2.5e-8], [3.0, f32::MIN_POSITIVE]], &Device::Cpu).unwrap();
         let b = Var::new(&[7.0f32], &Device::Cpu).unwrap();
-        let params = vec![("fc.weight".to_string(), w.clone()), ("fc.bias".to_string(), b)];
+        let params = vec![
+            ("fc.weight".to_string(), w.clone()),
+            ("fc.bias".to_string(), b),
+        ];
         let meta = HashMap::from([("model".to_string(), "simplecnn".to_string())]);
         save_weights(&path, &params, meta.clone()).unwrap();
         let loaded = load_weights(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded.metadata, meta);
         let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
         };
         assert_eq!(bits(&loaded.tensors["fc.weight"]), bits(w.as_tensor()));
         assert_eq!(loaded.tensors["fc.weight"].dims(), &[2, 2]);
@@ -144,18 +491,136 @@ mod tests {
         let path = dir.path().join("bad.safetensors");
         std::fs::write(&path, b"definitely not safetensors").unwrap();
         let err = load_weights(&path, &Device::Cpu).err().unwrap().to_string();
-        assert!(err.contains("bad.safetensors") && err.contains("not a safetensors file"), "{err}");
+        assert!(
+            err.contains("bad.safetensors") && err.contains("not a safetensors file"),
+            "{err}"
+        );
     }
 
     #[test]
     fn an_existing_run_is_not_replaced_without_overwrite() {
         let models = tempfile::tempdir().unwrap();
-        let run = RunDir::create(models.path(), "r", false).unwrap();
+        let run = RunDir::at(models.path(), "r");
+        run.start_fresh(false).unwrap();
         std::fs::write(run.metrics(), "epoch\n1\n").unwrap();
-        let err = RunDir::create(models.path(), "r", false).err().unwrap().to_string();
-        assert!(err.contains("--overwrite") && err.contains("--run"), "{err}");
+        let err = run.start_fresh(false).err().unwrap().to_string();
+        assert!(
+            err.contains("--overwrite") && err.contains("--run"),
+            "{err}"
+        );
         assert!(run.metrics().exists());
-        RunDir::create(models.path(), "r", true).unwrap();
+        run.start_fresh(true).unwrap();
         assert!(!run.metrics().exists(), "overwrite starts a fresh history");
+    }
+
+    fn snapshot_at<'a>(
+        config: &'a Config,
+        progress: &'a Progress,
+        params: &'a [(String, Var)],
+    ) -> Snapshot<'a> {
+        Snapshot {
+            model: "simplecnn",
+            config,
+            device: "cpu (2 threads)",
+            progress,
+            params,
+            optimizer: vec![("step".into(), Tensor::new(3f64, &Device::Cpu).unwrap())],
+            tally: vec![],
+            tally_seen: 0,
+        }
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_prune_to_the_newest() {
+        let models = tempfile::tempdir().unwrap();
+        let run = RunDir::at(models.path(), "r");
+        run.start_fresh(false).unwrap();
+        let (_, config) = crate::config::resolve(None, None, &Default::default()).unwrap();
+        let params = vec![(
+            "fc.bias".to_string(),
+            Var::new(&[1f32, 2.], &Device::Cpu).unwrap(),
+        )];
+        let mut progress = Progress {
+            best: Some((1, 0.4321)),
+            history: "epoch\n1\n".into(),
+            ..Default::default()
+        };
+        for (epoch, step) in [(1, 0), (1, 3), (2, 0), (3, 0), (3, 2), (4, 0)] {
+            progress.epochs_done = epoch;
+            progress.steps_into_epoch = step;
+            progress.global_step = (epoch * 5 + step) as u64;
+            save_checkpoint(
+                &run.checkpoint_path(&progress),
+                snapshot_at(&config, &progress, &params),
+            )
+            .unwrap();
+            run.prune_checkpoints(2).unwrap();
+        }
+        let left: Vec<String> = run
+            .list_checkpoints()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["epoch-0004.safetensors", "epoch-0003.safetensors"]);
+
+        let loaded = load_checkpoint(
+            &run.checkpoints().join("epoch-0004.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(loaded.progress, progress);
+        assert_eq!(loaded.config, config);
+        assert_eq!(
+            (loaded.model.as_str(), loaded.device.as_str()),
+            ("simplecnn", "cpu (2 threads)")
+        );
+        assert_eq!(
+            loaded.weights["fc.bias"].to_vec1::<f32>().unwrap(),
+            [1., 2.]
+        );
+        assert_eq!(loaded.optimizer["step"].to_scalar::<f64>().unwrap(), 3.0);
+
+        // A weights-only file is not a checkpoint, and says what it is for instead.
+        save_weights(&run.last(), &params, HashMap::new()).unwrap();
+        let err = load_checkpoint(&run.last(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a kiln checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn assign_lists_every_mismatch_and_changes_nothing() {
+        let w = Var::new(&[[1f32, 2.]], &Device::Cpu).unwrap();
+        let params = vec![
+            ("fc.weight".to_string(), w.clone()),
+            (
+                "fc.bias".to_string(),
+                Var::new(&[0f32], &Device::Cpu).unwrap(),
+            ),
+        ];
+        let tensors = HashMap::from([
+            (
+                "fc.weight".to_string(),
+                Tensor::new(&[[5f32, 6., 7.]], &Device::Cpu).unwrap(),
+            ),
+            (
+                "head.bias".to_string(),
+                Tensor::new(&[0f32], &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let err = assign(&params, &tensors, Path::new("torch.safetensors"))
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "torch.safetensors",
+            "fc.weight has shape [1, 3]",
+            "missing fc.bias",
+            "unexpected head.bias",
+        ] {
+            assert!(err.contains(part), "{part} not in: {err}");
+        }
+        assert_eq!(w.to_vec2::<f32>().unwrap(), [[1., 2.]]);
     }
 }

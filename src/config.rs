@@ -131,9 +131,9 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::ConfigRead {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Self::parse(&text, path)
     }
@@ -188,7 +188,10 @@ impl Config {
             return Err(format!("lr must be a positive number, got {}", self.lr));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(format!("weight_decay must be >= 0, got {}", self.weight_decay));
+            return Err(format!(
+                "weight_decay must be >= 0, got {}",
+                self.weight_decay
+            ));
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(format!("eps must be > 0, got {}", self.eps));
@@ -222,7 +225,11 @@ mod tests {
 
     #[test]
     fn overrides_replace_values_and_round_trip_through_toml() {
-        let base = Config::parse(models::find("simplecnn").unwrap().default_config, Path::new("x")).unwrap();
+        let base = Config::parse(
+            models::find("simplecnn").unwrap().default_config,
+            Path::new("x"),
+        )
+        .unwrap();
         let resolved = base
             .clone()
             .apply(&Overrides {
@@ -233,26 +240,46 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!((resolved.epochs, resolved.lr, resolved.optimizer), (3, 0.05, OptimizerKind::Sgd));
+        assert_eq!(
+            (resolved.epochs, resolved.lr, resolved.optimizer),
+            (3, 0.05, OptimizerKind::Sgd)
+        );
         assert!(!resolved.shuffle);
         assert_eq!(resolved.batch_size, base.batch_size);
-        assert_eq!(Config::parse(&resolved.to_toml(), Path::new("x")).unwrap(), resolved);
+        assert_eq!(
+            Config::parse(&resolved.to_toml(), Path::new("x")).unwrap(),
+            resolved
+        );
     }
 
     #[test]
     fn bad_values_and_unknown_keys_are_clear_errors() {
         let text = models::find("simplecnn").unwrap().default_config;
         let typo = text.replace("epochs", "epoch");
-        let err = Config::parse(&typo, Path::new("my.toml")).unwrap_err().to_string();
+        let err = Config::parse(&typo, Path::new("my.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("my.toml") && err.contains("epoch"), "{err}");
 
         let base = Config::parse(text, Path::new("x")).unwrap();
         for bad in [
-            Overrides { lr: Some(-1.0), ..Default::default() },
-            Overrides { epochs: Some(0), ..Default::default() },
-            Overrides { momentum: Some(1.5), ..Default::default() },
+            Overrides {
+                lr: Some(-1.0),
+                ..Default::default()
+            },
+            Overrides {
+                epochs: Some(0),
+                ..Default::default()
+            },
+            Overrides {
+                momentum: Some(1.5),
+                ..Default::default()
+            },
         ] {
-            assert!(matches!(base.clone().apply(&bad), Err(Error::InvalidSetting(_))));
+            assert!(matches!(
+                base.clone().apply(&bad),
+                Err(Error::InvalidSetting(_))
+            ));
         }
         assert!("rmsprop".parse::<OptimizerKind>().is_err());
     }
@@ -260,18 +287,39 @@ mod tests {
     #[test]
     fn resolve_picks_the_models_default_or_the_file_and_refuses_a_conflict() {
         let (spec, config) = resolve(None, None, &Overrides::default()).unwrap();
-        assert_eq!((spec.name, config.model.as_str()), ("simplecnn", "simplecnn"));
+        assert_eq!(
+            (spec.name, config.model.as_str()),
+            ("simplecnn", "simplecnn")
+        );
         let (spec, config) = resolve(Some("linear"), None, &Overrides::default()).unwrap();
-        assert_eq!((spec.name, config.optimizer), ("linear", OptimizerKind::Sgd));
+        assert_eq!(
+            (spec.name, config.optimizer),
+            ("linear", OptimizerKind::Sgd)
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("mine.toml");
-        std::fs::write(&file, models::find("linear").unwrap().default_config.replace("200", "7")).unwrap();
+        std::fs::write(
+            &file,
+            models::find("linear")
+                .unwrap()
+                .default_config
+                .replace("200", "7"),
+        )
+        .unwrap();
         let (_, config) = resolve(None, Some(&file), &Overrides::default()).unwrap();
         assert_eq!(config.epochs, 7);
-        let err = resolve(Some("simplecnn"), Some(&file), &Overrides::default()).err().unwrap();
+        let err = resolve(Some("simplecnn"), Some(&file), &Overrides::default())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("conflicts"), "{err}");
-        let err = resolve(None, Some(&dir.path().join("none.toml")), &Overrides::default()).err().unwrap();
+        let err = resolve(
+            None,
+            Some(&dir.path().join("none.toml")),
+            &Overrides::default(),
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("none.toml"), "{err}");
     }
 }

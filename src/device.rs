@@ -121,14 +121,36 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
+        assert_eq!(
+            "auto".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Auto
+        );
         assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
-        assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(3));
-        assert_eq!("metal".parse::<DeviceRequest>().unwrap(), DeviceRequest::Metal(0));
-        assert_eq!("metal:1".parse::<DeviceRequest>().unwrap(), DeviceRequest::Metal(1));
-        for request in [DeviceRequest::Cpu, DeviceRequest::Cuda(2), DeviceRequest::Metal(0)] {
-            assert_eq!(request.to_string().parse::<DeviceRequest>().unwrap(), request);
+        assert_eq!(
+            "cuda".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(3)
+        );
+        assert_eq!(
+            "metal".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Metal(0)
+        );
+        assert_eq!(
+            "metal:1".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Metal(1)
+        );
+        for request in [
+            DeviceRequest::Cpu,
+            DeviceRequest::Cuda(2),
+            DeviceRequest::Metal(0),
+        ] {
+            assert_eq!(
+                request.to_string().parse::<DeviceRequest>().unwrap(),
+                request
+            );
         }
     }
 
@@ -151,14 +173,20 @@ mod tests {
     #[test]
     fn cuda_without_the_feature_says_how_to_build_it() {
         let err = open(DeviceRequest::Cuda(0)).unwrap_err().to_string();
-        assert!(err.contains("cargo build --release --features cuda"), "{err}");
+        assert!(
+            err.contains("cargo build --release --features cuda"),
+            "{err}"
+        );
     }
 
     #[cfg(not(feature = "metal"))]
     #[test]
     fn metal_without_the_feature_says_how_to_build_it() {
         let err = open(DeviceRequest::Metal(0)).unwrap_err().to_string();
-        assert!(err.contains("cargo build --release --features metal"), "{err}");
+        assert!(
+            err.contains("cargo build --release --features metal"),
+            "{err}"
+        );
     }
 
     #[cfg(not(any(feature = "cuda", feature = "metal")))]

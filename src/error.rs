@@ -19,10 +19,12 @@ pub enum Error {
     #[error("unknown model '{name}'; available models: {available}")]
     UnknownModel { name: String, available: String },
 
-    #[error("cannot read config {path}: {source}")]
+    // The cause is part of the message, not a `source`: reporters that print the chain would
+    // otherwise print it twice.
+    #[error("cannot read config {path}: {cause}")]
     ConfigRead {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("invalid config {path}: {message}")]
@@ -37,17 +39,20 @@ pub enum Error {
     #[error("{path}: {message}")]
     DataInvalid { path: PathBuf, message: String },
 
-    #[error("run directory {dir} already holds a run; pass --run NAME to start a separate one, or --overwrite to replace it")]
+    #[error("run directory {dir} already holds a run; pass --resume to continue it, --run NAME to start a separate one, or --overwrite to replace it")]
     RunExists { dir: PathBuf },
 
     #[error("cannot read {path}: {message}")]
     WeightsInvalid { path: PathBuf, message: String },
 
-    #[error("{action} {path}: {source}")]
+    #[error("checkpoint does not fit: {0}")]
+    CheckpointMismatch(String),
+
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error(transparent)]
@@ -58,12 +63,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps an I/O error with the operation and the path it concerned.
-    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io {
+        move |cause| Error::Io {
             action,
             path,
-            source,
+            cause,
         }
     }
 }

@@ -1,11 +1,16 @@
-//! Evaluation of an image classifier on a labelled set: loss, accuracy, confusion matrix.
+//! Evaluation of an image classifier on a labelled set: loss, accuracy, per-class accuracy,
+//! confusion matrix; and loading a model from nothing but a weights file.
+
+use std::path::Path;
 
 use candle_core::Device;
 use candle_nn::Module;
 
+use crate::checkpoint;
 use crate::data::cifar::CLASSES;
 use crate::data::ImageSet;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::models::{self, Built, ModelSpec, Task};
 
 pub struct Evaluation {
     /// Mean cross-entropy.
@@ -23,10 +28,76 @@ impl Evaluation {
         let correct: u64 = (0..CLASSES.len()).map(|c| self.confusion[c][c]).sum();
         correct as f64 / self.total().max(1) as f64
     }
+
+    /// The share of each true class predicted correctly (NaN for a class with no images).
+    pub fn per_class(&self) -> [f64; CLASSES.len()] {
+        std::array::from_fn(|c| {
+            self.confusion[c][c] as f64 / self.confusion[c].iter().sum::<u64>() as f64
+        })
+    }
+}
+
+/// A model loaded from a weights file (`last`/`best.safetensors`, a PyTorch-saved file with the
+/// same names) or a checkpoint. The model is the one named in the file's metadata, or `model`.
+pub struct Loaded {
+    pub spec: &'static ModelSpec,
+    pub built: Built,
+    /// The epoch the weights are from, when the file says.
+    pub epoch: Option<String>,
+}
+
+pub fn load_model(path: &Path, model: Option<&str>, device: &Device) -> Result<Loaded> {
+    let file = checkpoint::load_weights(path, device)?;
+    let invalid = |message: String| Error::WeightsInvalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let recorded = file.metadata.get("model").map(String::as_str);
+    let name = match (model, recorded) {
+        (Some(asked), Some(saved)) if !asked.eq_ignore_ascii_case(saved) => {
+            return Err(invalid(format!("it holds a {saved} model, not {asked}")))
+        }
+        (Some(name), _) | (None, Some(name)) => name,
+        (None, None) => {
+            return Err(invalid(
+                "its metadata names no model; pass --model NAME".into(),
+            ))
+        }
+    };
+    let spec = models::find(name)?;
+    if spec.task != Task::ImageClassification {
+        return Err(invalid(format!("{name} is not an image classifier")));
+    }
+    // A checkpoint keeps the weights under model/...; a weights file has the bare names.
+    let is_checkpoint = file.tensors.keys().any(|k| k.starts_with("model/"));
+    let tensors = file
+        .tensors
+        .into_iter()
+        .filter_map(|(k, t)| {
+            if is_checkpoint {
+                k.strip_prefix("model/").map(|k| (k.to_string(), t))
+            } else {
+                Some((k, t))
+            }
+        })
+        .collect();
+    let built = models::build(spec, 0, device)?;
+    checkpoint::assign(&built.params.vars(), &tensors, path)?;
+    let epoch = file
+        .metadata
+        .get("epoch")
+        .or(file.metadata.get("epochs_done"))
+        .cloned();
+    Ok(Loaded { spec, built, epoch })
 }
 
 /// Runs `model` over every image of `set` in batches of `batch_size`.
-pub fn evaluate(model: &dyn Module, set: &ImageSet, device: &Device, batch_size: usize) -> Result<Evaluation> {
+pub fn evaluate(
+    model: &dyn Module,
+    set: &ImageSet,
+    device: &Device,
+    batch_size: usize,
+) -> Result<Evaluation> {
     let mut loss_sum = 0.0;
     let mut confusion = [[0u64; CLASSES.len()]; CLASSES.len()];
     let order = set.epoch_order(None::<&mut rand_chacha::ChaCha8Rng>);
@@ -56,7 +127,9 @@ mod tests {
     impl Module for AlwaysThree {
         fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
             let n = x.dim(0)?;
-            let hot: Vec<f32> = (0..n * 10).map(|i| if i % 10 == 3 { 10.0 } else { 0.0 }).collect();
+            let hot: Vec<f32> = (0..n * 10)
+                .map(|i| if i % 10 == 3 { 10.0 } else { 0.0 })
+                .collect();
             Tensor::from_vec(hot, (n, 10), x.device())?.to_dtype(DType::F32)
         }
     }
@@ -66,13 +139,20 @@ mod tests {
         let set = crate::data::synthetic::generate(30, 0);
         let eval = evaluate(&AlwaysThree, &set, &Device::Cpu, 7).unwrap();
         assert_eq!(eval.total(), 30);
-        assert!((eval.accuracy() - 0.1).abs() < 1e-12, "3 of 30 images are class 3");
+        assert!(
+            (eval.accuracy() - 0.1).abs() < 1e-12,
+            "3 of 30 images are class 3"
+        );
         assert_eq!(eval.confusion[5][3], 3);
         assert_eq!(eval.confusion[5][5], 0);
         // log-softmax of the right class is -10 - log(1 + 9 e^-10) for 27 images, ~0 for 3.
         let wrong = 10.0 + (1.0f64 + 9.0 * (-10.0f64).exp()).ln();
         let right = (1.0f64 + 9.0 * (-10.0f64).exp()).ln();
         let expected = (27.0 * wrong + 3.0 * right) / 30.0;
-        assert!((eval.loss - expected).abs() < 1e-4, "{} vs {expected}", eval.loss);
+        assert!(
+            (eval.loss - expected).abs() < 1e-4,
+            "{} vs {expected}",
+            eval.loss
+        );
     }
 }

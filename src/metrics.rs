@@ -1,11 +1,8 @@
 //! Per-epoch figures: running sums kept on the device during an epoch, and `metrics.csv`.
 
-use std::io::Write;
-use std::path::Path;
-
 use candle_core::{DType, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Loss and correct predictions summed over an epoch, on the training device, so a step never
 /// waits for the device unless a figure is read.
@@ -42,6 +39,28 @@ impl Tally {
         self.seen
     }
 
+    /// The running sums as named tensors, for a checkpoint taken mid-epoch.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        [("loss_sum", &self.loss_sum), ("correct", &self.correct)]
+            .into_iter()
+            .filter_map(|(name, t)| Some((name.to_string(), t.clone()?)))
+            .collect()
+    }
+
+    /// Restores a tally from [`Tally::state`] and the number of images it had seen.
+    pub fn from_state(
+        state: &std::collections::HashMap<String, Tensor>,
+        seen: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let get = |name: &str| state.get(name).map(|t| t.to_device(device)).transpose();
+        Ok(Self {
+            loss_sum: get("loss_sum")?,
+            correct: get("correct")?,
+            seen,
+        })
+    }
+
     /// Mean loss and accuracy so far (reads from the device).
     pub fn read(&self) -> Result<(f64, f64)> {
         let (Some(loss), Some(correct)) = (&self.loss_sum, &self.correct) else {
@@ -70,7 +89,8 @@ pub struct EpochRecord {
     pub lr: f64,
 }
 
-pub const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,images_per_s,lr";
+pub const CSV_HEADER: &str =
+    "epoch,train_loss,train_acc,test_loss,test_acc,seconds,images_per_s,lr";
 
 impl EpochRecord {
     pub fn csv_row(&self) -> String {
@@ -87,22 +107,14 @@ impl EpochRecord {
         )
     }
 
-    /// Appends this row to `path`, writing the header first if the file is new, and syncs it.
-    pub fn append_to(&self, path: &Path) -> Result<()> {
-        let is_new = !path.exists();
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-            let mut text = String::new();
-            if is_new {
-                text.push_str(CSV_HEADER);
-                text.push('\n');
-            }
-            text.push_str(&self.csv_row());
-            text.push('\n');
-            file.write_all(text.as_bytes())?;
-            file.sync_data()
-        };
-        write().map_err(Error::io("cannot append to", path))
+    /// Adds this row to `history` (the text of metrics.csv), with the header if it is empty.
+    pub fn push_to(&self, history: &mut String) {
+        if history.is_empty() {
+            history.push_str(CSV_HEADER);
+            history.push('\n');
+        }
+        history.push_str(&self.csv_row());
+        history.push('\n');
     }
 }
 
@@ -117,10 +129,14 @@ mod tests {
         let mut tally = Tally::default();
         let logits = Tensor::new(&[[2f32, 1.], [0., 3.], [5., 1.]], &dev).unwrap();
         let labels = Tensor::new(&[0u32, 1, 1], &dev).unwrap();
-        tally.add(&Tensor::new(1.5f32, &dev).unwrap(), &logits, &labels).unwrap();
+        tally
+            .add(&Tensor::new(1.5f32, &dev).unwrap(), &logits, &labels)
+            .unwrap();
         let labels = Tensor::new(&[1u32], &dev).unwrap();
         let logits = Tensor::new(&[[0f32, 1.]], &dev).unwrap();
-        tally.add(&Tensor::new(0.5f32, &dev).unwrap(), &logits, &labels).unwrap();
+        tally
+            .add(&Tensor::new(0.5f32, &dev).unwrap(), &logits, &labels)
+            .unwrap();
         let (loss, acc) = tally.read().unwrap();
         assert!((loss - (1.5 * 3. + 0.5) / 4.).abs() < 1e-6);
         assert!((acc - 0.75).abs() < 1e-9);
@@ -128,9 +144,8 @@ mod tests {
     }
 
     #[test]
-    fn csv_gets_one_header_and_a_row_per_epoch() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.csv");
+    fn history_gets_one_header_and_a_row_per_epoch() {
+        let mut history = String::new();
         let mut record = EpochRecord {
             epoch: 1,
             train_loss: 2.0,
@@ -141,11 +156,10 @@ mod tests {
             images_per_s: 1000.0,
             lr: 0.001,
         };
-        record.append_to(&path).unwrap();
+        record.push_to(&mut history);
         record.epoch = 2;
-        record.append_to(&path).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
+        record.push_to(&mut history);
+        let lines: Vec<&str> = history.lines().collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0], CSV_HEADER);
         assert!(lines[2].starts_with("2,2.000000,0.250000,1.900000,0.300000,1.500,1000.0,0.001"));

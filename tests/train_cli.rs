@@ -1,36 +1,16 @@
 //! The `train` binary end to end, on fixture data written in the CIFAR-10 binary format.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::Device;
+use common::{column, fixture_dir, text, weight_bits};
 use kiln::checkpoint::load_weights;
-use kiln::data::{cifar, synthetic};
 
 fn train(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("the train binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A small synthetic data set in the binary layout: 600 training and 200 test images.
-fn fixture_dir(root: &Path) -> String {
-    let dir = root.join("data");
-    cifar::write_dir(&dir, &synthetic::generate(600, 1), &synthetic::generate(200, 2)).unwrap();
-    dir.display().to_string()
-}
-
-fn column(csv: &str, name: &str) -> Vec<f64> {
-    let mut lines = csv.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let at = header.iter().position(|h| *h == name).unwrap();
-    lines.map(|l| l.split(',').nth(at).unwrap().parse().unwrap()).collect()
+    common::run("train", args, cwd)
 }
 
 #[test]
@@ -38,60 +18,102 @@ fn simplecnn_trains_on_fixture_data_and_writes_its_run_directory() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let out = train(
-        &["--model", "simplecnn", "--device", "cpu", "--data-dir", &data, "--epochs", "3", "--batch-size", "32"],
+        &[
+            "--model",
+            "simplecnn",
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+        ],
         root.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("device: cpu ("), "{stdout}");
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("epoch ")).count(), 3, "one line per epoch:\n{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("epoch ")).count(),
+        3,
+        "one line per epoch:\n{stdout}"
+    );
 
     let run = root.path().join("models/simplecnn");
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    assert!(csv.starts_with("epoch,train_loss,train_acc,test_loss,test_acc,seconds,images_per_s,lr\n"));
+    assert!(
+        csv.starts_with("epoch,train_loss,train_acc,test_loss,test_acc,seconds,images_per_s,lr\n")
+    );
     let loss = column(&csv, "train_loss");
     assert_eq!(loss.len(), 3);
     assert!(loss[2] < loss[0] * 0.7, "loss falls: {loss:?}");
     let test_acc = column(&csv, "test_acc");
-    assert!(test_acc[2] > 0.5, "well above chance (0.1) on learnable fixtures: {test_acc:?}");
+    assert!(
+        test_acc[2] > 0.5,
+        "well above chance (0.1) on learnable fixtures: {test_acc:?}"
+    );
 
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(config.contains("epochs = 3") && config.contains("batch_size = 32"), "{config}");
+    assert!(
+        config.contains("epochs = 3") && config.contains("batch_size = 32"),
+        "{config}"
+    );
     for file in ["last.safetensors", "best.safetensors"] {
         let weights = load_weights(&run.join(file), &Device::Cpu).unwrap();
         let mut names: Vec<&str> = weights.tensors.keys().map(String::as_str).collect();
         names.sort_unstable();
-        assert_eq!(names, ["conv1.bias", "conv1.weight", "fc.bias", "fc.weight"]);
+        assert_eq!(
+            names,
+            ["conv1.bias", "conv1.weight", "fc.bias", "fc.weight"]
+        );
         assert_eq!(weights.metadata["model"], "simplecnn");
         assert_eq!(weights.metadata["normalize_mean"], "0.4914,0.4822,0.4465");
     }
 
     // Running again into the same directory would mix two histories: refused, files kept.
-    let again = train(&["--device", "cpu", "--data-dir", &data, "--epochs", "1"], root.path());
+    let again = train(
+        &["--device", "cpu", "--data-dir", &data, "--epochs", "1"],
+        root.path(),
+    );
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("--overwrite"), "{}", text(&again.stderr));
-    assert_eq!(std::fs::read_to_string(run.join("metrics.csv")).unwrap(), csv);
+    assert!(
+        text(&again.stderr).contains("--overwrite"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.csv")).unwrap(),
+        csv
+    );
 }
 
 #[test]
 fn same_seed_same_run_on_the_cpu() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
-    let run = |name: &str| -> Vec<(String, Vec<u32>)> {
-        let args = ["--device", "cpu", "--data-dir", &data, "--epochs", "1", "--run", name, "--seed", "9"];
+    let run = |name: &str| {
+        let args = [
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--epochs",
+            "1",
+            "--run",
+            name,
+            "--seed",
+            "9",
+        ];
         assert!(train(&args, root.path()).status.success());
-        let path = root.path().join("models").join(name).join("last.safetensors");
-        let mut tensors: Vec<_> = load_weights(&path, &Device::Cpu)
-            .unwrap()
-            .tensors
-            .into_iter()
-            .map(|(name, t)| {
-                let bits = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (name, bits.iter().map(|v| v.to_bits()).collect())
-            })
-            .collect();
-        tensors.sort();
-        tensors
+        weight_bits(
+            &root
+                .path()
+                .join("models")
+                .join(name)
+                .join("last.safetensors"),
+        )
     };
     let (a, b) = (run("a"), run("b"));
     assert_eq!(a.len(), 4);
@@ -106,7 +128,12 @@ fn linear_setup_check_prints_weight_and_bias_near_three_and_two() {
     let stdout = text(&out.stdout);
     let value = |key: &str| -> f64 {
         let start = stdout.find(key).unwrap() + key.len();
-        stdout[start..].split_whitespace().next().unwrap().parse().unwrap()
+        stdout[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert!((value("weight=") - 3.0).abs() < 0.3, "{stdout}");
     assert!((value("bias=") - 2.0).abs() < 0.2, "{stdout}");
@@ -117,11 +144,23 @@ fn linear_setup_check_prints_weight_and_bias_near_three_and_two() {
 fn user_errors_are_one_clear_line_and_a_failure_exit() {
     let root = tempfile::tempdir().unwrap();
     let cases: [(&[&str], &str); 5] = [
-        (&["--device", "cuda"], "cargo build --release --features cuda"),
-        (&["--device", "metal:1"], "cargo build --release --features metal"),
+        (
+            &["--device", "cuda"],
+            "cargo build --release --features cuda",
+        ),
+        (
+            &["--device", "metal:1"],
+            "cargo build --release --features metal",
+        ),
         (&["--device", "tpu"], "expected auto, cpu, cuda"),
-        (&["--device", "cpu", "--data-dir", "missing"], "cifar-10-binary.tar.gz"),
-        (&["--model", "resnet"], "available models: simplecnn, linear"),
+        (
+            &["--device", "cpu", "--data-dir", "missing"],
+            "cifar-10-binary.tar.gz",
+        ),
+        (
+            &["--model", "resnet"],
+            "available models: simplecnn, linear",
+        ),
     ];
     for (args, expected) in cases {
         let out = train(args, root.path());
@@ -130,5 +169,8 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-    assert!(!root.path().join("models").exists(), "failed runs leave no run directory");
+    assert!(
+        !root.path().join("models").exists(),
+        "failed runs leave no run directory"
+    );
 }

@@ -1,17 +1,21 @@
 //! `train`: the command line over `kiln::train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
-use kiln::checkpoint::RunDir;
-use kiln::config::{self, OptimizerKind, Overrides};
+use candle_core::Device;
+use kiln::checkpoint::{self, RunDir};
+use kiln::config::{self, Config, OptimizerKind, Overrides};
 use kiln::data::cifar;
 use kiln::device::{self, DeviceRequest};
-use kiln::models::{self, Task};
-use kiln::train::{classify, linear_fit};
+use kiln::models::{self, ModelSpec, Task};
+use kiln::train::classify::{self, Options, Outcome, Start};
+use kiln::train::{linear_fit, resume};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -20,8 +24,12 @@ Examples:
   train --device cpu --epochs 1 --run quick one CPU epoch into models/quick/
   train --config configs/simplecnn.toml --lr 0.0005 --optimizer sgd
 
+  train --resume                            continue models/simplecnn/ where it stopped
+
 Each run writes models/<run>/: config.toml (the resolved settings), metrics.csv (one row per
-epoch), last.safetensors and best.safetensors (weights with PyTorch parameter names).
+epoch), last.safetensors and best.safetensors (weights with PyTorch parameter names), and
+checkpoints/ (everything --resume needs). Ctrl-C stops after the current step with a checkpoint
+(exit 130); a second Ctrl-C stops at once.
 Logs: RUST_LOG=info (or debug) for more detail on stderr.";
 
 /// Train a model: the PyTorch tutorials' SimpleCNN on CIFAR-10, or the linear set-up check.
@@ -40,7 +48,12 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// Where to train: auto (Metal, then CUDA, then CPU), cpu, cuda, cuda:N, metal, metal:N
-    #[arg(long, default_value = "auto", value_name = "DEVICE", help_heading = "Run")]
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "DEVICE",
+        help_heading = "Run"
+    )]
     device: DeviceRequest,
 
     /// CPU threads for the CPU backend [default: all cores, or RAYON_NUM_THREADS]
@@ -86,7 +99,12 @@ struct Cli {
     seed: Option<u64>,
 
     /// Where run directories go
-    #[arg(long, default_value = "models", value_name = "DIR", help_heading = "Output")]
+    #[arg(
+        long,
+        default_value = "models",
+        value_name = "DIR",
+        help_heading = "Output"
+    )]
     models_dir: PathBuf,
 
     /// Name of this run's directory under --models-dir [default: the model name]
@@ -94,8 +112,32 @@ struct Cli {
     run: Option<String>,
 
     /// Replace the results of an earlier run in the same directory
-    #[arg(long, help_heading = "Output")]
+    #[arg(long, help_heading = "Output", conflicts_with = "resume")]
     overwrite: bool,
+
+    /// Continue the run in --models-dir/--run from its newest complete checkpoint, or from
+    /// the checkpoint file PATH. --epochs is the total. With no checkpoint yet, the run starts
+    /// from scratch, so the same command can be repeated after any crash
+    #[arg(long, value_name = "PATH", num_args = 0..=1, help_heading = "Checkpoints")]
+    resume: Option<Option<PathBuf>>,
+
+    /// Start from a safetensors weights file with PyTorch parameter names (for example one
+    /// saved by the tutorial's PyTorch code); names and shapes must match the model
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "resume",
+        help_heading = "Checkpoints"
+    )]
+    init_weights: Option<PathBuf>,
+
+    /// Also checkpoint every N steps (a checkpoint is always written after each epoch)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
+    checkpoint_every: Option<u64>,
+
+    /// End-of-epoch checkpoints to keep in <run>/checkpoints (best.safetensors is always kept)
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
+    keep: u64,
 }
 
 /// The CLI, with the model list filled in from the registry.
@@ -147,7 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         momentum: cli.momentum,
         weight_decay: cli.weight_decay,
         seed: cli.seed,
-        data_dir: cli.data_dir,
+        data_dir: cli.data_dir.clone(),
         no_shuffle: cli.no_shuffle,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
@@ -156,8 +198,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
     match spec.task {
         Task::LinearFit => {
+            let run_only = [
+                ("--resume", cli.resume.is_some()),
+                ("--init-weights", cli.init_weights.is_some()),
+                ("--checkpoint-every", cli.checkpoint_every.is_some()),
+            ];
+            if let Some((flag, _)) = run_only.iter().find(|(_, given)| *given) {
+                anyhow::bail!("{flag} does not apply to --model {}: the set-up check saves nothing to resume or start from", spec.name);
+            }
             let fit = linear_fit::run(spec, &config, &device)?;
-            println!("weight={:.4} bias={:.4} (loss {:.5})", fit.weight, fit.bias, fit.final_loss);
+            println!(
+                "weight={:.4} bias={:.4} (loss {:.5})",
+                fit.weight, fit.bias, fit.final_loss
+            );
             if fit.looks_right() {
                 println!("set-up looks right: kiln trains on this device (expected about weight=3, bias=2)");
                 Ok(ExitCode::SUCCESS)
@@ -166,12 +219,87 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        Task::ImageClassification => {
-            let run_name = cli.run.as_deref().unwrap_or(spec.name);
-            let data = cifar::load(&config.data_dir)?;
-            let run_dir = RunDir::create(&cli.models_dir, run_name, cli.overwrite)?;
-            let summary = classify::run(spec, &config, &data, &device, &run_dir)
-                .with_context(|| format!("training {} failed", spec.name))?;
+        Task::ImageClassification => train_classifier(&cli, spec, config, &overrides, &device),
+    }
+}
+
+fn train_classifier(
+    cli: &Cli,
+    spec: &'static ModelSpec,
+    config: Config,
+    overrides: &Overrides,
+    device: &Device,
+) -> anyhow::Result<ExitCode> {
+    let run_name = cli.run.as_deref().unwrap_or(spec.name);
+    let run_dir = RunDir::at(&cli.models_dir, run_name);
+    let (spec, config, start) = match &cli.resume {
+        None => {
+            let start = match &cli.init_weights {
+                Some(path) => Start::Weights(path.clone()),
+                None => Start::Fresh,
+            };
+            (spec, config, start)
+        }
+        Some(explicit) => {
+            let found = match explicit {
+                Some(path) => Some((path.clone(), checkpoint::load_checkpoint(path, device)?)),
+                None => resume::newest(&run_dir, device)?,
+            };
+            match found {
+                None => {
+                    println!(
+                        "no complete checkpoint in {} yet: starting from scratch",
+                        run_dir.checkpoints().display()
+                    );
+                    (spec, config, Start::Fresh)
+                }
+                Some((path, saved)) => {
+                    let named = cli.model.is_some() || cli.config.is_some();
+                    if named && saved.model != spec.name {
+                        anyhow::bail!(
+                            "{} holds a {} checkpoint, but this command trains {}; drop --model/--config to continue it",
+                            path.display(),
+                            saved.model,
+                            spec.name
+                        );
+                    }
+                    // Without --config, the run goes on with the settings it was started with.
+                    let config = match &cli.config {
+                        Some(_) => config,
+                        None => saved.config.clone().apply(overrides)?,
+                    };
+                    let spec = models::find(&saved.model)?;
+                    for note in resume::reconcile(&saved.config, &config)? {
+                        println!("resume: {note}");
+                    }
+                    let here = device::describe(device);
+                    if !saved.device.is_empty() && saved.device != here {
+                        println!("resume: device {} -> {here}", saved.device);
+                    }
+                    let p = &saved.progress;
+                    println!(
+                        "resuming from {} ({} epochs done, {} steps into the next)",
+                        path.display(),
+                        p.epochs_done,
+                        p.steps_into_epoch
+                    );
+                    (spec, config, Start::Resume(path, Box::new(saved)))
+                }
+            }
+        }
+    };
+    let data = cifar::load(&config.data_dir)?;
+    let options = Options {
+        checkpoint_every: cli.checkpoint_every.map(|n| n as usize),
+        keep: cli.keep as usize,
+        stop: stop_on_signals()?,
+        // A resume that found no checkpoint owns the directory it was pointed at.
+        overwrite: cli.overwrite || cli.resume.is_some(),
+    };
+    let outcome = classify::run(spec, &config, &data, device, &run_dir, start, &options)
+        .with_context(|| format!("training {} failed", spec.name))?;
+    match outcome {
+        Outcome::Finished(summary) => {
             println!(
                 "done: {} epochs in {:.1}s; best test accuracy {:.4} (epoch {})\n  weights: {} (last), {} (best)",
                 summary.epochs,
@@ -183,7 +311,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Outcome::AlreadyDone { epochs } => {
+            println!(
+                "run {} has already done {epochs} of {} epochs; pass a larger --epochs to train on",
+                run_dir.path().display(),
+                config.epochs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { checkpoint } => {
+            eprintln!("interrupted: checkpoint saved to {}", checkpoint.display());
+            eprintln!("resume with: {}", resume_command(cli));
+            Ok(ExitCode::from(130))
+        }
     }
+}
+
+/// The command that continues this run.
+fn resume_command(cli: &Cli) -> String {
+    let mut command = String::from("train --resume");
+    if let Some(run) = &cli.run {
+        command.push_str(&format!(" --run {run}"));
+    }
+    if cli.models_dir != Path::new("models") {
+        command.push_str(&format!(" --models-dir {}", cli.models_dir.display()));
+    }
+    command
+}
+
+/// A flag raised by the first SIGINT (Ctrl-C) or SIGTERM, which training answers by stopping
+/// after the current step with a checkpoint; a second signal exits at once.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag before the second handler sets it.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))
+            .context("cannot install the Ctrl-C handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install the Ctrl-C handler")?;
+    }
+    Ok(stop)
 }
 
 #[cfg(test)]
@@ -199,7 +367,11 @@ mod tests {
     fn every_model_is_named_in_help() {
         let help = command().render_long_help().to_string();
         for spec in models::MODELS {
-            assert!(help.contains(spec.name), "{} missing from --help", spec.name);
+            assert!(
+                help.contains(spec.name),
+                "{} missing from --help",
+                spec.name
+            );
         }
     }
 }

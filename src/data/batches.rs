@@ -129,6 +129,9 @@ mod tests {
         let mut sorted = order(7);
         sorted.sort_unstable();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
-        assert_eq!(set.epoch_order(None::<&mut ChaCha8Rng>), (0..50).collect::<Vec<_>>());
+        assert_eq!(
+            set.epoch_order(None::<&mut ChaCha8Rng>),
+            (0..50).collect::<Vec<_>>()
+        );
     }
 }

@@ -45,44 +45,53 @@ pub struct Cifar10 {
 
 /// Loads the training files and the test file from `dir`.
 pub fn load(dir: &Path) -> Result<Cifar10> {
-    let paths = |names: &[&str]| -> Result<Vec<PathBuf>> {
-        names
-            .iter()
-            .map(|name| {
-                let path = dir.join(name);
-                if path.is_file() {
-                    Ok(path)
-                } else {
-                    Err(Error::DataMissing {
-                        dir: dir.to_path_buf(),
-                        missing: name.to_string(),
-                    })
-                }
-            })
-            .collect()
-    };
-    let train_paths = paths(&TRAIN_FILES)?;
-    let test_paths = paths(&[TEST_FILE])?;
+    let train_paths = TRAIN_FILES
+        .iter()
+        .map(|name| require(dir, name))
+        .collect::<Result<Vec<_>>>()?;
+    let test_path = require(dir, TEST_FILE)?;
     let mut train = ImageSet::default();
     for path in &train_paths {
         train.extend(read_records(path)?);
     }
-    let test = read_records(&test_paths[0])?;
-    for (set, path) in [(&train, &train_paths[0]), (&test, &test_paths[0])] {
-        if set.is_empty() {
-            return Err(Error::DataInvalid {
-                path: path.clone(),
-                message: "holds no records".into(),
-            });
-        }
+    let test = read_nonempty(&test_path)?;
+    if train.is_empty() {
+        return Err(Error::DataInvalid {
+            path: train_paths[0].clone(),
+            message: "the training files hold no records".into(),
+        });
     }
-    tracing::info!(
-        train = train.len(),
-        test = test.len(),
-        dir = %dir.display(),
-        "loaded CIFAR-10"
-    );
+    tracing::info!(train = train.len(), test = test.len(), dir = %dir.display(), "loaded CIFAR-10");
     Ok(Cifar10 { train, test })
+}
+
+/// Loads only the test file from `dir` (all that evaluation needs).
+pub fn load_test(dir: &Path) -> Result<ImageSet> {
+    read_nonempty(&require(dir, TEST_FILE)?)
+}
+
+/// `dir/name`, or the error that says where to get the data.
+fn require(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::DataMissing {
+            dir: dir.to_path_buf(),
+            missing: name.to_string(),
+        })
+    }
+}
+
+fn read_nonempty(path: &Path) -> Result<ImageSet> {
+    let set = read_records(path)?;
+    if set.is_empty() {
+        return Err(Error::DataInvalid {
+            path: path.to_path_buf(),
+            message: "holds no records".into(),
+        });
+    }
+    Ok(set)
 }
 
 /// Reads one binary file, checking its size and every label.
@@ -154,31 +163,50 @@ mod tests {
     #[test]
     fn a_truncated_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        write_dir(dir.path(), &synthetic::generate(10, 1), &synthetic::generate(4, 2)).unwrap();
+        write_dir(
+            dir.path(),
+            &synthetic::generate(10, 1),
+            &synthetic::generate(4, 2),
+        )
+        .unwrap();
         let victim = dir.path().join("data_batch_3.bin");
         let bytes = std::fs::read(&victim).unwrap();
         std::fs::write(&victim, &bytes[..bytes.len() - 100]).unwrap();
         let err = load(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("data_batch_3.bin") && err.contains("whole number"), "{err}");
+        assert!(
+            err.contains("data_batch_3.bin") && err.contains("whole number"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_label_above_nine_is_an_error_naming_file_and_record() {
         let dir = tempfile::tempdir().unwrap();
-        write_dir(dir.path(), &synthetic::generate(10, 1), &synthetic::generate(4, 2)).unwrap();
+        write_dir(
+            dir.path(),
+            &synthetic::generate(10, 1),
+            &synthetic::generate(4, 2),
+        )
+        .unwrap();
         let victim = dir.path().join(TEST_FILE);
         let mut bytes = std::fs::read(&victim).unwrap();
         bytes[2 * RECORD_BYTES] = 10;
         std::fs::write(&victim, bytes).unwrap();
         let err = load(dir.path()).err().unwrap().to_string();
-        assert!(err.contains(TEST_FILE) && err.contains("record 2 has label 10"), "{err}");
+        assert!(
+            err.contains(TEST_FILE) && err.contains("record 2 has label 10"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_data_says_where_to_get_it() {
         let dir = tempfile::tempdir().unwrap();
         let err = load(&dir.path().join("nowhere")).err().unwrap().to_string();
-        assert!(err.contains("data_batch_1.bin") && err.contains("cifar-10-binary.tar.gz"), "{err}");
+        assert!(
+            err.contains("data_batch_1.bin") && err.contains("cifar-10-binary.tar.gz"),
+            "{err}"
+        );
         assert!(err.contains("--data-dir"), "{err}");
     }
 }

@@ -46,7 +46,9 @@ impl ParamStore {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock only means another thread panicked mid-init; the data is still whole.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -108,7 +110,11 @@ pub fn pytorch_uniform(fan_in: usize) -> Init {
 }
 
 /// `nn.Linear(in_features, out_features)`: `weight` [out, in] and `bias` [out].
-pub fn linear(in_features: usize, out_features: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+pub fn linear(
+    in_features: usize,
+    out_features: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
     let init = pytorch_uniform(in_features);
     let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
     let bias = vb.get_with_hints(out_features, "bias", init)?;
@@ -138,18 +144,37 @@ mod tests {
         let draw = |seed| {
             let store = ParamStore::new(seed);
             let layer = linear(16, 4, store.var_builder(&Device::Cpu).pp("fc")).unwrap();
-            (store, layer.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            (
+                store,
+                layer
+                    .weight()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
         };
         let (store, a) = draw(1);
         assert_eq!(a, draw(1).1, "same seed, same init");
         assert_ne!(a, draw(2).1);
         assert!(a.iter().all(|w| w.abs() <= 0.25), "within 1/sqrt(16)");
-        assert!(a.iter().any(|w| w.abs() > 0.2), "spread over the whole range");
+        assert!(
+            a.iter().any(|w| w.abs() > 0.2),
+            "spread over the whole range"
+        );
         let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["fc.weight", "fc.bias"]);
         // Asking again returns the same variable, not a new draw.
-        let again = store.var_builder(&Device::Cpu).pp("fc").get((4, 16), "weight").unwrap();
+        let again = store
+            .var_builder(&Device::Cpu)
+            .pp("fc")
+            .get((4, 16), "weight")
+            .unwrap();
         assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), a);
-        assert!(store.var_builder(&Device::Cpu).pp("fc").get((5, 16), "weight").is_err());
+        assert!(store
+            .var_builder(&Device::Cpu)
+            .pp("fc")
+            .get((5, 16), "weight")
+            .is_err());
     }
 }

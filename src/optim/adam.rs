@@ -1,10 +1,12 @@
 //! Adam (Kingma & Ba), written as `torch.optim.Adam` computes it, L2 `weight_decay` included.
 
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use std::collections::HashMap;
 
-use super::Optimizer;
-use crate::error::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+
+use super::{restore, Optimizer};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -16,6 +18,7 @@ pub struct Settings {
 }
 
 struct Slot {
+    name: String,
     param: Var,
     /// First moment (PyTorch's `exp_avg`).
     m: Tensor,
@@ -30,13 +33,13 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(params: Vec<Var>, settings: Settings) -> Result<Self> {
+    pub fn new(params: Vec<(String, Var)>, settings: Settings) -> Result<Self> {
         let slots = params
             .into_iter()
-            .map(|param| {
+            .map(|(name, param)| {
                 let m = param.zeros_like()?;
                 let v = param.zeros_like()?;
-                Ok(Slot { param, m, v })
+                Ok(Slot { name, param, m, v })
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -82,7 +85,52 @@ impl Optimizer for Adam {
     fn learning_rate(&self) -> f64 {
         self.settings.lr
     }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        // f64 holds every step count a run can reach exactly.
+        let mut state = vec![(
+            STEP.to_string(),
+            Tensor::new(self.step as f64, &Device::Cpu)?,
+        )];
+        for slot in &self.slots {
+            state.push((format!("exp_avg/{}", slot.name), slot.m.clone()));
+            state.push((format!("exp_avg_sq/{}", slot.name), slot.v.clone()));
+        }
+        Ok(state)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let step = state.get(STEP).ok_or_else(|| {
+            Error::CheckpointMismatch(
+                "Adam's step count is missing (a checkpoint of another optimizer?)".into(),
+            )
+        })?;
+        let step = step.to_scalar::<f64>()? as u64;
+        let mut restored = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let m = restore(
+                state,
+                &format!("exp_avg/{}", slot.name),
+                slot.param.as_tensor(),
+            )?;
+            let v = restore(
+                state,
+                &format!("exp_avg_sq/{}", slot.name),
+                slot.param.as_tensor(),
+            )?;
+            restored.push((m, v));
+        }
+        // Only once everything checked out: a failed load leaves the optimizer as it was.
+        for (slot, (m, v)) in self.slots.iter_mut().zip(restored) {
+            slot.m = m;
+            slot.v = v;
+        }
+        self.step = step;
+        Ok(())
+    }
 }
+
+const STEP: &str = "step";
 
 #[cfg(test)]
 mod tests {
@@ -93,14 +141,27 @@ mod tests {
     #[test]
     fn matches_pytorch_on_a_quadratic() {
         let p = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let settings = Settings { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        let mut adam = Adam::new(vec![p.clone()], settings).unwrap();
+        let settings = Settings {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut adam = Adam::new(vec![("p".into(), p.clone())], settings).unwrap();
         for _ in 0..2 {
-            let grads = p.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = p
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             adam.step(&grads).unwrap();
         }
-        // Step 1 moves each coordinate by lr against its gradient's sign: [0.9, -1.9].
-        // Step 2: g = [1.8, -3.8]; m = [0.38, -0.78]/..., worked in f64 below.
+        // Step 1 moves each coordinate by lr against its gradient's sign; step 2 is worked out
+        // in f64 below, following PyTorch's update (bias corrections 1 - beta^2).
         let expected: Vec<f32> = [1.0f64, -2.0]
             .iter()
             .map(|&p0| {
@@ -118,5 +179,50 @@ mod tests {
         for (g, e) in got.iter().zip(&expected) {
             assert!((g - e).abs() < 1e-5, "got {got:?}, expected {expected:?}");
         }
+    }
+
+    #[test]
+    fn state_round_trips_and_continues_identically() {
+        let settings = Settings {
+            lr: 0.05,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let quadratic_step = |opt: &mut Adam, p: &Var| {
+            let grads = p
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            opt.step(&grads).unwrap();
+        };
+        let p = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+        let mut straight = Adam::new(vec![("p".into(), p.clone())], settings).unwrap();
+        for _ in 0..3 {
+            quadratic_step(&mut straight, &p);
+        }
+        let saved: HashMap<String, Tensor> = straight.state().unwrap().into_iter().collect();
+        let q = Var::from_tensor(p.as_tensor()).unwrap();
+        let mut resumed = Adam::new(vec![("p".into(), q.clone())], settings).unwrap();
+        resumed.load_state(&saved).unwrap();
+        quadratic_step(&mut straight, &p);
+        quadratic_step(&mut resumed, &q);
+        let bits = |v: &Var| -> Vec<u32> {
+            v.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&p), bits(&q));
+
+        let mut wrong = Adam::new(vec![("other".into(), q)], settings).unwrap();
+        let err = wrong.load_state(&saved).unwrap_err().to_string();
+        assert!(err.contains("exp_avg/other"), "{err}");
     }
 }

@@ -4,11 +4,13 @@
 pub mod adam;
 pub mod sgd;
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 
 use crate::config::{Config, OptimizerKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub use adam::Adam;
 pub use sgd::Sgd;
@@ -17,14 +19,32 @@ pub trait Optimizer {
     /// Applies one update to every parameter that has a gradient in `grads`.
     fn step(&mut self, grads: &GradStore) -> Result<()>;
     fn learning_rate(&self) -> f64;
+    /// Everything the optimizer has learnt so far, as named tensors (for checkpoints).
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Restores what [`Optimizer::state`] returned; names and shapes must match.
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+/// `state[name]`, checked to have `like`'s shape, moved to `like`'s device.
+fn restore(state: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result<Tensor> {
+    let tensor = state
+        .get(name)
+        .ok_or_else(|| Error::CheckpointMismatch(format!("optimizer state {name} is missing")))?;
+    if tensor.shape() != like.shape() {
+        return Err(Error::CheckpointMismatch(format!(
+            "optimizer state {name} has shape {:?}, the model needs {:?}",
+            tensor.dims(),
+            like.dims()
+        )));
+    }
+    Ok(tensor.to_device(like.device())?.to_dtype(like.dtype())?)
 }
 
 /// The optimizer that `config` names, over `params` (name, variable).
 pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Optimizer>> {
-    let vars = params.into_iter().map(|(_, v)| v).collect();
     Ok(match config.optimizer {
         OptimizerKind::Adam => Box::new(Adam::new(
-            vars,
+            params,
             adam::Settings {
                 lr: config.lr,
                 beta1: config.betas[0],
@@ -34,7 +54,7 @@ pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Opti
             },
         )?),
         OptimizerKind::Sgd => Box::new(Sgd::new(
-            vars,
+            params,
             sgd::Settings {
                 lr: config.lr,
                 momentum: config.momentum,

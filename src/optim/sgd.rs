@@ -1,9 +1,11 @@
 //! SGD with momentum and L2 weight decay, as `torch.optim.SGD` (no dampening, no Nesterov).
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use super::Optimizer;
+use super::{restore, Optimizer};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Copy)]
@@ -14,6 +16,7 @@ pub struct Settings {
 }
 
 struct Slot {
+    name: String,
     param: Var,
     /// PyTorch's `momentum_buffer`: absent until the first step, which sets it to the gradient.
     velocity: Option<Tensor>,
@@ -25,10 +28,11 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    pub fn new(params: Vec<Var>, settings: Settings) -> Self {
+    pub fn new(params: Vec<(String, Var)>, settings: Settings) -> Self {
         let slots = params
             .into_iter()
-            .map(|param| Slot {
+            .map(|(name, param)| Slot {
+                name,
                 param,
                 velocity: None,
             })
@@ -69,6 +73,37 @@ impl Optimizer for Sgd {
     fn learning_rate(&self) -> f64 {
         self.settings.lr
     }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                Some((
+                    format!("momentum_buffer/{}", slot.name),
+                    slot.velocity.clone()?,
+                ))
+            })
+            .collect())
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let mut restored = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let name = format!("momentum_buffer/{}", slot.name);
+            // A buffer is absent until the first step with momentum, as in PyTorch.
+            let velocity = if state.contains_key(&name) {
+                Some(restore(state, &name, slot.param.as_tensor())?)
+            } else {
+                None
+            };
+            restored.push(velocity);
+        }
+        for (slot, velocity) in self.slots.iter_mut().zip(restored) {
+            slot.velocity = velocity;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -82,9 +117,23 @@ mod tests {
         // step 1: d = 2 + 0.5 = 2.5, buf = 2.5, p = 0.75
         // step 2: d = 1.5 + 0.375 = 1.875, buf = 0.9 * 2.5 + 1.875 = 4.125, p = 0.3375
         let p = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-        let mut sgd = Sgd::new(vec![p.clone()], Settings { lr: 0.1, momentum: 0.9, weight_decay: 0.5 });
+        let mut sgd = Sgd::new(
+            vec![("p".into(), p.clone())],
+            Settings {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 0.5,
+            },
+        );
         for _ in 0..2 {
-            let grads = p.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = p
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             sgd.step(&grads).unwrap();
         }
         let got = p.as_tensor().to_vec1::<f32>().unwrap()[0];

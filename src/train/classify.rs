@@ -1,25 +1,61 @@
 //! Image classification: epochs of shuffled mini-batches, cross-entropy, an evaluation on the
-//! test set after each epoch, metrics and weights written to the run directory as it goes.
+//! test set after each epoch; weights, checkpoints and metrics written to the run directory as
+//! it goes, so a run can stop at any moment and continue exactly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Var};
 
 use super::{rng, Stream};
-use crate::checkpoint::{self, RunDir};
+use crate::checkpoint::{self, Checkpoint, Progress, RunDir, Snapshot};
 use crate::config::Config;
 use crate::data::cifar::{Cifar10, MEAN, STD};
 use crate::error::{Error, Result};
 use crate::evaluate::evaluate;
 use crate::metrics::{EpochRecord, Tally};
 use crate::models::{self, ModelSpec};
-use crate::optim;
+use crate::optim::{self, Optimizer};
 use crate::progress::{self, EpochProgress};
 
 /// How often (in steps) the progress bar reads the running loss back from the device.
 const PROGRESS_EVERY: usize = 20;
+
+/// Where a run's parameters come from.
+pub enum Start {
+    /// The model's seeded initialisation.
+    Fresh,
+    /// A weights file with PyTorch names (`--init-weights`).
+    Weights(PathBuf),
+    /// A checkpoint: weights, optimizer state and position (`--resume`).
+    Resume(PathBuf, Box<Checkpoint>),
+}
+
+pub struct Options {
+    /// Also checkpoint every N steps within epochs.
+    pub checkpoint_every: Option<usize>,
+    /// End-of-epoch checkpoints to keep.
+    pub keep: usize,
+    /// Set (by a signal handler) to stop after the current step, with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+    /// A run not resumed from a checkpoint may replace an earlier run in its directory.
+    pub overwrite: bool,
+}
+
+pub enum Outcome {
+    Finished(Summary),
+    /// The run had already done every epoch asked for.
+    AlreadyDone {
+        epochs: usize,
+    },
+    /// Stopped on request; the run continues from `checkpoint`.
+    Interrupted {
+        checkpoint: PathBuf,
+    },
+}
 
 pub struct Summary {
     pub epochs: usize,
@@ -37,17 +73,48 @@ pub fn run(
     data: &Cifar10,
     device: &Device,
     run_dir: &RunDir,
-) -> Result<Summary> {
+    start: Start,
+    options: &Options,
+) -> Result<Outcome> {
     let built = models::build(spec, config.seed, device)?;
     let params = built.params.vars();
     let mut optimizer = optim::build(config, params.clone())?;
-    let mut shuffle_rng = rng(config.seed, Stream::Shuffle);
+    // Everything is loaded and checked before the run directory is touched, so a bad input
+    // never costs an earlier run its files.
+    let (mut progress, mut resumed_tally) = match start {
+        Start::Fresh => (Progress::default(), None),
+        Start::Weights(path) => {
+            let weights = checkpoint::load_weights(&path, device)?;
+            checkpoint::assign(&params, &weights.tensors, &path)?;
+            (Progress::default(), None)
+        }
+        Start::Resume(path, saved) => {
+            checkpoint::assign(&params, &saved.weights, &path)?;
+            optimizer.load_state(&saved.optimizer)?;
+            let tally = Tally::from_state(&saved.tally, saved.tally_seen, device)?;
+            (saved.progress, Some(tally))
+        }
+    };
+    if progress.global_step == 0 {
+        run_dir.start_fresh(options.overwrite)?;
+    } else if progress.epochs_done >= config.epochs {
+        return Ok(Outcome::AlreadyDone {
+            epochs: progress.epochs_done,
+        });
+    } else {
+        run_dir.create_dirs()?;
+    }
     checkpoint::write_atomic(&run_dir.config(), config.to_toml().as_bytes())?;
+    if !progress.history.is_empty() {
+        // The checkpoint's history is the truth: rows written after it was taken are dropped.
+        checkpoint::write_atomic(&run_dir.metrics(), progress.history.as_bytes())?;
+    }
     println!(
-        "training {} on {} images ({} test), {} epochs, batch {}, {} lr {}; writing to {}",
+        "training {} on {} images ({} test), epochs {}..={}, batch {}, {} lr {}; writing to {}",
         spec.name,
         data.train.len(),
         data.test.len(),
+        progress.epochs_done + 1,
         config.epochs,
         config.batch_size,
         config.optimizer,
@@ -55,24 +122,54 @@ pub fn run(
         run_dir.path().display()
     );
 
+    let trainer = Trainer {
+        spec,
+        config,
+        device,
+        run_dir,
+        params: &params,
+        options,
+    };
     let started = Instant::now();
-    let mut best: Option<(usize, f64)> = None;
-    for epoch in 1..=config.epochs {
+    for epoch in progress.epochs_done + 1..=config.epochs {
         let epoch_start = Instant::now();
-        let order = data.train.epoch_order(config.shuffle.then_some(&mut shuffle_rng));
-        let progress = EpochProgress::start(epoch, config.epochs, order.len());
-        let mut tally = Tally::default();
-        for (step, indices) in order.chunks(config.batch_size).enumerate() {
+        let mut order_rng = rng(config.seed, Stream::Shuffle, epoch);
+        let order = data
+            .train
+            .epoch_order(config.shuffle.then_some(&mut order_rng));
+        let skip = progress.steps_into_epoch;
+        let mut tally = match resumed_tally.take() {
+            Some(tally) if skip > 0 => tally,
+            _ => Tally::default(),
+        };
+        let seen_before = tally.seen();
+        let bar = EpochProgress::start(epoch, config.epochs, order.len());
+        for (step, indices) in order.chunks(config.batch_size).enumerate().skip(skip) {
             let (images, labels) = data.train.batch(indices, device)?;
             let logits = built.module.forward(&images)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let grads = loss.backward()?;
             optimizer.step(&grads)?;
             tally.add(&loss, &logits, &labels)?;
-            if progress.is_visible() && (step + 1) % PROGRESS_EVERY == 0 {
+            progress.steps_into_epoch = step + 1;
+            progress.global_step += 1;
+
+            let stop = options.stop.load(Ordering::SeqCst);
+            let due = options
+                .checkpoint_every
+                .is_some_and(|n| progress.global_step % n as u64 == 0);
+            if stop || due {
+                let path = trainer.save_checkpoint(&progress, optimizer.as_ref(), &tally)?;
+                if stop {
+                    bar.finish();
+                    return Ok(Outcome::Interrupted { checkpoint: path });
+                }
+            }
+            if bar.is_visible() && (step + 1) % PROGRESS_EVERY == 0 {
                 let (loss, _) = tally.read()?;
-                let rate = tally.seen() as f64 / epoch_start.elapsed().as_secs_f64();
-                progress.update(tally.seen(), loss, rate);
+                let rate =
+                    (tally.seen() - seen_before) as f64 / epoch_start.elapsed().as_secs_f64();
+                bar.update(tally.seen(), loss, rate);
             }
         }
         let (train_loss, train_acc) = tally.read()?;
@@ -82,9 +179,14 @@ pub fn run(
             )));
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
-        progress.finish();
+        bar.finish();
 
-        let eval = evaluate(built.module.as_ref(), &data.test, device, config.eval_batch_size)?;
+        let eval = evaluate(
+            built.module.as_ref(),
+            &data.test,
+            device,
+            config.eval_batch_size,
+        )?;
         let record = EpochRecord {
             epoch,
             train_loss,
@@ -92,37 +194,89 @@ pub fn run(
             test_loss: eval.loss,
             test_acc: eval.accuracy(),
             seconds: epoch_start.elapsed().as_secs_f64(),
-            images_per_s: order.len() as f64 / train_seconds,
+            images_per_s: (tally.seen() - seen_before) as f64 / train_seconds,
             lr: optimizer.learning_rate(),
         };
-        let is_best = best.is_none_or(|(_, acc)| record.test_acc > acc);
+        let is_best = progress.best.is_none_or(|(_, acc)| record.test_acc > acc);
+        // Weights first, then the checkpoint that records them, then the history it holds:
+        // a run killed between any two of these redoes the epoch and writes the same files.
         let metadata = weights_metadata(spec, epoch);
         checkpoint::save_weights(&run_dir.last(), &params, metadata.clone())?;
         if is_best {
             checkpoint::save_weights(&run_dir.best(), &params, metadata)?;
-            best = Some((epoch, record.test_acc));
+            progress.best = Some((epoch, record.test_acc));
         }
-        record.append_to(&run_dir.metrics())?;
+        record.push_to(&mut progress.history);
+        progress.epochs_done = epoch;
+        progress.steps_into_epoch = 0;
+        let path = trainer.save_checkpoint(&progress, optimizer.as_ref(), &Tally::default())?;
+        run_dir.prune_checkpoints(options.keep)?;
+        checkpoint::write_atomic(&run_dir.metrics(), progress.history.as_bytes())?;
         println!("{}", progress::epoch_line(&record, config.epochs, is_best));
+        if options.stop.load(Ordering::SeqCst) && epoch < config.epochs {
+            return Ok(Outcome::Interrupted { checkpoint: path });
+        }
     }
-    let (best_epoch, best_accuracy) = best.unwrap_or((0, f64::NAN));
-    Ok(Summary {
+    let (best_epoch, best_accuracy) = progress.best.unwrap_or((0, f64::NAN));
+    Ok(Outcome::Finished(Summary {
         epochs: config.epochs,
         best_accuracy,
         best_epoch,
         last: run_dir.last(),
         best: run_dir.best(),
         seconds: started.elapsed().as_secs_f64(),
-    })
+    }))
+}
+
+/// What the loop needs to write a checkpoint, gathered once.
+struct Trainer<'a> {
+    spec: &'a ModelSpec,
+    config: &'a Config,
+    device: &'a Device,
+    run_dir: &'a RunDir,
+    params: &'a [(String, Var)],
+    options: &'a Options,
+}
+
+impl Trainer<'_> {
+    fn save_checkpoint(
+        &self,
+        progress: &Progress,
+        optimizer: &dyn Optimizer,
+        tally: &Tally,
+    ) -> Result<PathBuf> {
+        let path = self.run_dir.checkpoint_path(progress);
+        checkpoint::save_checkpoint(
+            &path,
+            Snapshot {
+                model: self.spec.name,
+                config: self.config,
+                device: &crate::device::describe(self.device),
+                progress,
+                params: self.params,
+                optimizer: optimizer.state()?,
+                tally: tally.state(),
+                tally_seen: tally.seen(),
+            },
+        )?;
+        if progress.steps_into_epoch > 0 {
+            self.run_dir.prune_checkpoints(self.options.keep)?;
+        }
+        tracing::info!(path = %path.display(), "checkpoint written");
+        Ok(path)
+    }
 }
 
 /// What a reader of a weights file needs to reproduce kiln's predictions.
-fn weights_metadata(spec: &ModelSpec, epoch: usize) -> HashMap<String, String> {
+pub fn weights_metadata(spec: &ModelSpec, epoch: usize) -> HashMap<String, String> {
     let list = |v: &[f32]| v.iter().map(f32::to_string).collect::<Vec<_>>().join(",");
     HashMap::from([
         ("model".to_string(), spec.name.to_string()),
         ("epoch".to_string(), epoch.to_string()),
-        ("input".to_string(), "float32 [N,3,32,32], RGB scaled to [0,1] then normalised".to_string()),
+        (
+            "input".to_string(),
+            "float32 [N,3,32,32], RGB scaled to [0,1] then normalised".to_string(),
+        ),
         ("normalize_mean".to_string(), list(&MEAN)),
         ("normalize_std".to_string(), list(&STD)),
     ])

@@ -30,7 +30,7 @@ impl Fit {
 }
 
 pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
-    let mut data_rng = rng(config.seed, Stream::Data);
+    let mut data_rng = rng(config.seed, Stream::Data, 0);
     let xs: Vec<f32> = (0..POINTS).map(|_| data_rng.random::<f32>()).collect();
     let ys: Vec<f32> = xs
         .iter()
@@ -41,7 +41,7 @@ pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
 
     let built = models::build(spec, config.seed, device)?;
     let mut optimizer = optim::build(config, built.params.vars())?;
-    let mut shuffle_rng = rng(config.seed, Stream::Shuffle);
+    let mut shuffle_rng = rng(config.seed, Stream::Shuffle, 0);
     let mut final_loss = f32::NAN;
     for epoch in 1..=config.epochs {
         let mut order: Vec<u32> = (0..POINTS as u32).collect();
@@ -63,7 +63,9 @@ pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
     let scalar = |name: &str| -> Result<f32> {
         match params.iter().find(|(n, _)| n == name) {
             Some((_, var)) => Ok(var.sum_all()?.to_scalar::<f32>()?),
-            None => Err(candle_core::Error::Msg(format!("{} has no parameter {name}", spec.name)).into()),
+            None => Err(
+                candle_core::Error::Msg(format!("{} has no parameter {name}", spec.name)).into(),
+            ),
         }
     };
     Ok(Fit {
@@ -81,11 +83,23 @@ mod tests {
     #[test]
     fn lands_near_three_and_two_for_any_seed() {
         for seed in 0..20 {
-            let overrides = Overrides { seed: Some(seed), ..Default::default() };
+            let overrides = Overrides {
+                seed: Some(seed),
+                ..Default::default()
+            };
             let (spec, config) = resolve(Some("linear"), None, &overrides).unwrap();
             let fit = run(spec, &config, &Device::Cpu).unwrap();
-            assert!(fit.looks_right(), "seed {seed}: weight {} bias {}", fit.weight, fit.bias);
-            assert!(fit.final_loss < 0.03, "seed {seed}: loss {}", fit.final_loss);
+            assert!(
+                fit.looks_right(),
+                "seed {seed}: weight {} bias {}",
+                fit.weight,
+                fit.bias
+            );
+            assert!(
+                fit.final_loss < 0.03,
+                "seed {seed}: loss {}",
+                fit.final_loss
+            );
         }
     }
 }

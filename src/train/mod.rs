@@ -1,7 +1,9 @@
-//! The training loops, one per kind of task a model has (see [`crate::models::Task`]).
+//! The training loops, one per kind of task a model has (see [`crate::models::Task`]), and
+//! what it takes to resume one.
 
 pub mod classify;
 pub mod linear_fit;
+pub mod resume;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -14,8 +16,10 @@ pub enum Stream {
     Data = 2,
 }
 
-pub fn rng(seed: u64, stream: Stream) -> ChaCha8Rng {
+/// The generator for `stream` in `epoch` (0 for streams used once per run). Deriving it from
+/// (seed, stream, epoch) means a checkpoint's epoch is all it takes to restore it exactly.
+pub fn rng(seed: u64, stream: Stream, epoch: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream as u64);
+    rng.set_stream(((stream as u64) << 32) | epoch as u64);
     rng
 }

@@ -1,0 +1,133 @@
+//! `evaluate`: test loss, accuracy, per-class accuracy and confusion matrix of saved weights.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use serde_json::json;
+
+use kiln::data::cifar::{self, CLASSES};
+use kiln::device::{self, DeviceRequest};
+use kiln::evaluate::{evaluate, load_model, Evaluation};
+
+const EXAMPLES: &str = "\
+Examples:
+  evaluate --checkpoint models/simplecnn/best.safetensors
+  evaluate --checkpoint models/simplecnn/checkpoints/epoch-0004.safetensors --json
+  evaluate --checkpoint from_pytorch.safetensors --model simplecnn --device cpu";
+
+/// Evaluate saved weights on the CIFAR-10 test set.
+///
+/// Needs nothing but the file: the model comes from its metadata (or --model). Works with
+/// last/best.safetensors, with checkpoints, and with weights saved by the tutorial's PyTorch
+/// code under the same parameter names.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, after_help = EXAMPLES)]
+struct Cli {
+    /// Weights file or checkpoint (.safetensors)
+    #[arg(long, value_name = "PATH")]
+    checkpoint: PathBuf,
+
+    /// Directory holding test_batch.bin
+    #[arg(long, value_name = "DIR", default_value = cifar::DEFAULT_DIR)]
+    data_dir: PathBuf,
+
+    /// auto, cpu, cuda, cuda:N, metal, metal:N
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: DeviceRequest,
+
+    /// The model, for files whose metadata names none
+    #[arg(long, value_name = "NAME")]
+    model: Option<String>,
+
+    /// Images per evaluation batch
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+
+    /// Print one JSON object (accuracy, loss, per_class, confusion, ...) instead of tables
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let device = device::open(cli.device)?;
+    let loaded = load_model(&cli.checkpoint, cli.model.as_deref(), &device)?;
+    let test = cifar::load_test(&cli.data_dir)?;
+    let eval = evaluate(
+        loaded.built.module.as_ref(),
+        &test,
+        &device,
+        cli.batch_size as usize,
+    )?;
+    if cli.json {
+        let per_class: serde_json::Map<String, serde_json::Value> = CLASSES
+            .iter()
+            .zip(eval.per_class())
+            .map(|(name, acc)| (name.to_string(), json!(acc)))
+            .collect();
+        let report = json!({
+            "checkpoint": cli.checkpoint.display().to_string(),
+            "model": loaded.spec.name,
+            "epoch": loaded.epoch,
+            "device": device::describe(&device),
+            "images": eval.total(),
+            "loss": eval.loss,
+            "accuracy": eval.accuracy(),
+            "per_class": per_class,
+            "classes": CLASSES,
+            "confusion": eval.confusion,
+        });
+        println!("{report}");
+    } else {
+        println!("device: {}", device::describe(&device));
+        let epoch = loaded
+            .epoch
+            .map(|e| format!(", epoch {e}"))
+            .unwrap_or_default();
+        println!("{} ({}{epoch})", cli.checkpoint.display(), loaded.spec.name);
+        println!("{}", report(&eval));
+    }
+    Ok(())
+}
+
+/// The tables a person reads: totals, per-class accuracy, and the confusion matrix.
+fn report(eval: &Evaluation) -> String {
+    let mut out = format!(
+        "test images {}: loss {:.4}, accuracy {:.4}\n\nper class:\n",
+        eval.total(),
+        eval.loss,
+        eval.accuracy()
+    );
+    for (name, acc) in CLASSES.iter().zip(eval.per_class()) {
+        out.push_str(&format!("  {name:<11} {acc:.4}\n"));
+    }
+    out.push_str("\nconfusion matrix (rows: true class, columns: predicted):\n            ");
+    for name in CLASSES {
+        out.push_str(&format!("{:>6}", &name[..5.min(name.len())]));
+    }
+    for (name, row) in CLASSES.iter().zip(&eval.confusion) {
+        out.push_str(&format!("\n  {name:<10}"));
+        for count in row {
+            out.push_str(&format!("{count:>6}"));
+        }
+    }
+    out
+}

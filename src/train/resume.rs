@@ -1,0 +1,95 @@
+//! Continuing a run: its newest checkpoint, and whether today's settings still fit it.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+use crate::checkpoint::{load_checkpoint, Checkpoint, RunDir};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Settings that a checkpoint is bound to: another model or optimizer cannot use its state, and
+/// another batch size, seed or shuffling would make the continued run differ from a straight one.
+pub const BINDING: &[&str] = &["model", "optimizer", "batch_size", "seed", "shuffle"];
+
+/// Compares the checkpoint's settings with today's. A change to a [`BINDING`] setting is an
+/// error naming each difference; any other change (more epochs, a new learning rate, another
+/// data directory) is allowed and returned as a note to log.
+pub fn reconcile(saved: &Config, now: &Config) -> Result<Vec<String>> {
+    let table = |c: &Config| toml::Table::try_from(c).unwrap_or_default();
+    let (saved, now) = (table(saved), table(now));
+    let mut refused = Vec::new();
+    let mut notes = Vec::new();
+    for (key, old) in &saved {
+        let Some(new) = now.get(key) else { continue };
+        if old == new {
+            continue;
+        }
+        let change = format!("{key} {old} -> {new}");
+        if BINDING.contains(&key.as_str()) {
+            refused.push(change);
+        } else {
+            notes.push(change);
+        }
+    }
+    if refused.is_empty() {
+        Ok(notes)
+    } else {
+        Err(Error::CheckpointMismatch(format!(
+            "the run was trained with other settings ({}); resume with its settings, or start a new run with --run NAME",
+            refused.join(", ")
+        )))
+    }
+}
+
+/// The newest checkpoint in `run_dir` that loads; an unreadable one is skipped with a warning
+/// and the one before it tried.
+pub fn newest(run_dir: &RunDir, device: &Device) -> Result<Option<(PathBuf, Checkpoint)>> {
+    for (path, _) in run_dir.list_checkpoints()? {
+        match load_checkpoint(&path, device) {
+            Ok(checkpoint) => return Ok(Some((path, checkpoint))),
+            Err(err) => tracing::warn!("skipping checkpoint that does not load: {err}"),
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{resolve, Overrides};
+
+    #[test]
+    fn binding_changes_are_refused_and_others_noted() {
+        let (_, saved) = resolve(Some("simplecnn"), None, &Overrides::default()).unwrap();
+        let more = saved
+            .clone()
+            .apply(&Overrides {
+                epochs: Some(20),
+                lr: Some(0.0005),
+                ..Default::default()
+            })
+            .unwrap();
+        let notes = reconcile(&saved, &more).unwrap();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.starts_with("epochs 10 -> 20")),
+            "{notes:?}"
+        );
+
+        let other = saved
+            .clone()
+            .apply(&Overrides {
+                batch_size: Some(32),
+                seed: Some(1),
+                ..Default::default()
+            })
+            .unwrap();
+        let err = reconcile(&saved, &other).unwrap_err().to_string();
+        assert!(
+            err.contains("batch_size 64 -> 32") && err.contains("seed 42 -> 1"),
+            "{err}"
+        );
+        assert!(reconcile(&saved, &saved).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,82 @@
+//! Helpers shared by the integration tests: fixture data, running the binaries, reading results.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use kiln::checkpoint::load_weights;
+use kiln::data::{cifar, synthetic};
+
+pub fn binary(name: &str) -> Command {
+    let path = match name {
+        "train" => env!("CARGO_BIN_EXE_train"),
+        _ => env!("CARGO_BIN_EXE_evaluate"),
+    };
+    Command::new(path)
+}
+
+pub fn run(name: &str, args: &[&str], cwd: &Path) -> Output {
+    binary(name)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("the binary runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A small synthetic data set in the binary layout under `root/data`: 600 training and 200 test images.
+pub fn fixture_dir(root: &Path) -> String {
+    let dir = root.join("data");
+    cifar::write_dir(
+        &dir,
+        &synthetic::generate(600, 1),
+        &synthetic::generate(200, 2),
+    )
+    .unwrap();
+    dir.display().to_string()
+}
+
+/// The values of one column of a CSV text.
+pub fn column(csv: &str, name: &str) -> Vec<f64> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let at = header.iter().position(|h| *h == name).unwrap();
+    lines
+        .map(|l| l.split(',').nth(at).unwrap().parse().unwrap())
+        .collect()
+}
+
+/// metrics.csv without its timing columns (seconds, images_per_s), which no two runs share.
+pub fn metrics_without_timing(run: &Path) -> Vec<String> {
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    csv.lines()
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            [&cells[..5], &cells[7..]].concat().join(",")
+        })
+        .collect()
+}
+
+/// Every tensor of a safetensors file as raw f32 bits, sorted by name.
+pub fn weight_bits(path: &Path) -> Vec<(String, Vec<u32>)> {
+    let mut tensors: Vec<(String, Vec<u32>)> = load_weights(path, &Device::Cpu)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (name, values.iter().map(|v| v.to_bits()).collect())
+        })
+        .collect();
+    tensors.sort();
+    tensors
+}
+
+pub fn models_dir(root: &Path) -> PathBuf {
+    root.join("models")
+}

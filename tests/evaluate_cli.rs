@@ -1,0 +1,284 @@
+//! `evaluate` against training's own figures, `--init-weights`, and bad input to both binaries.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{column, fixture_dir, models_dir, run, text};
+
+fn train_ok(root: &Path, args: &[&str]) {
+    let out = run("train", args, root);
+    assert!(
+        out.status.success(),
+        "train {args:?}:\n{}",
+        text(&out.stderr)
+    );
+}
+
+fn evaluate_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let out = run("evaluate", args, root);
+    assert!(
+        out.status.success(),
+        "evaluate {args:?}:\n{}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
+}
+
+#[test]
+fn evaluate_reproduces_the_accuracy_training_recorded() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    train_ok(
+        root.path(),
+        &[
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--epochs",
+            "2",
+            "--lr",
+            "0.0002",
+        ],
+    );
+    let run_dir = models_dir(root.path()).join("simplecnn");
+    let csv = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let (accuracy, loss) = (column(&csv, "test_acc"), column(&csv, "test_loss"));
+
+    let best = run_dir.join("best.safetensors").display().to_string();
+    let epoch1 = run_dir
+        .join("checkpoints/epoch-0001.safetensors")
+        .display()
+        .to_string();
+    let best_epoch = if accuracy[1] > accuracy[0] { 1 } else { 0 };
+    for (file, epoch) in [(&best, best_epoch), (&epoch1, 0)] {
+        let report = evaluate_json(
+            root.path(),
+            &[
+                "--checkpoint",
+                file,
+                "--data-dir",
+                &data,
+                "--device",
+                "cpu",
+                "--json",
+            ],
+        );
+        assert!(
+            (report["accuracy"].as_f64().unwrap() - accuracy[epoch]).abs() < 1e-6,
+            "{file}: {report}"
+        );
+        assert!(
+            (report["loss"].as_f64().unwrap() - loss[epoch]).abs() < 1e-4,
+            "{file}: {report}"
+        );
+        assert_eq!(report["model"], "simplecnn");
+        assert_eq!(report["images"], 200);
+        let confusion: Vec<Vec<u64>> = serde_json::from_value(report["confusion"].clone()).unwrap();
+        assert_eq!(confusion.iter().flatten().sum::<u64>(), 200);
+        assert_eq!(report["per_class"].as_object().unwrap().len(), 10);
+    }
+
+    let out = run(
+        "evaluate",
+        &[
+            "--checkpoint",
+            &best,
+            "--data-dir",
+            &data,
+            "--device",
+            "cpu",
+        ],
+        root.path(),
+    );
+    let table = text(&out.stdout);
+    for part in ["accuracy", "per class:", "automobile", "confusion matrix"] {
+        assert!(table.contains(part), "{part} missing:\n{table}");
+    }
+}
+
+#[test]
+fn init_weights_starts_from_a_weights_file_and_refuses_one_that_does_not_fit() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let base = ["--device", "cpu", "--data-dir", &data, "--epochs", "1"];
+    train_ok(root.path(), &[&base[..], &["--run", "first"]].concat());
+    let trained = models_dir(root.path())
+        .join("first/last.safetensors")
+        .display()
+        .to_string();
+    train_ok(
+        root.path(),
+        &[&base[..], &["--run", "second", "--init-weights", &trained]].concat(),
+    );
+    let first_loss = |run: &str| {
+        let csv =
+            std::fs::read_to_string(models_dir(root.path()).join(run).join("metrics.csv")).unwrap();
+        column(&csv, "train_loss")[0]
+    };
+    assert!(
+        first_loss("second") < first_loss("first") / 2.0,
+        "training went on from the trained weights"
+    );
+
+    // Wrong names, shapes and dtype: one error listing them, and the earlier run untouched.
+    let bad = root.path().join("bad.safetensors");
+    let tensors = HashMap::from([
+        (
+            "conv1.weight".to_string(),
+            Tensor::zeros((16, 3, 5, 5), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "conv1.bias".to_string(),
+            Tensor::zeros(16, DType::F64, &Device::Cpu).unwrap(),
+        ),
+        (
+            "fc.weight".to_string(),
+            Tensor::zeros((10, 4096), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "head.bias".to_string(),
+            Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &bad).unwrap();
+    let before = std::fs::read(models_dir(root.path()).join("first/metrics.csv")).unwrap();
+    let out = run(
+        "train",
+        &[
+            &base[..],
+            &[
+                "--run",
+                "first",
+                "--overwrite",
+                "--init-weights",
+                bad.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+        root.path(),
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    for part in [
+        "bad.safetensors",
+        "conv1.weight has shape [16, 3, 5, 5]",
+        "conv1.bias is F64",
+        "missing fc.bias",
+        "unexpected head.bias",
+    ] {
+        assert!(stderr.contains(part), "{part} missing: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read(models_dir(root.path()).join("first/metrics.csv")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn bad_files_are_one_clear_error_and_never_a_panic() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    train_ok(
+        root.path(),
+        &["--device", "cpu", "--data-dir", &data, "--epochs", "1"],
+    );
+    let run_dir = models_dir(root.path()).join("simplecnn");
+    let best = run_dir.join("best.safetensors");
+    let bytes = std::fs::read(&best).unwrap();
+    let truncated = root.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = root.path().join("garbage.safetensors");
+    std::fs::write(
+        &garbage,
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+    )
+    .unwrap();
+    let path = |p: &Path| p.display().to_string();
+    let checkpoint = path(&run_dir.join("checkpoints/epoch-0001.safetensors"));
+
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "evaluate",
+            vec!["--checkpoint".into(), "missing.safetensors".into()],
+            "cannot read missing.safetensors",
+        ),
+        (
+            "evaluate",
+            vec!["--checkpoint".into(), path(&truncated)],
+            "truncated.safetensors",
+        ),
+        (
+            "evaluate",
+            vec!["--checkpoint".into(), path(&garbage)],
+            "not a safetensors file",
+        ),
+        (
+            "evaluate",
+            vec![
+                "--checkpoint".into(),
+                path(&best),
+                "--model".into(),
+                "linear".into(),
+            ],
+            "holds a simplecnn model, not linear",
+        ),
+        (
+            "evaluate",
+            vec![
+                "--checkpoint".into(),
+                path(&best),
+                "--data-dir".into(),
+                "nowhere".into(),
+            ],
+            "test_batch.bin is missing",
+        ),
+        (
+            "train",
+            vec!["--resume".into(), path(&truncated)],
+            "truncated.safetensors",
+        ),
+        (
+            "train",
+            vec!["--resume".into(), path(&best)],
+            "not a kiln checkpoint",
+        ),
+        (
+            "train",
+            vec![
+                "--resume".into(),
+                checkpoint,
+                "--model".into(),
+                "linear".into(),
+            ],
+            "--resume does not apply to --model linear",
+        ),
+        (
+            "train",
+            vec!["--models-dir".into(), "/proc/kiln-cannot-write-here".into()],
+            "cannot create run directory",
+        ),
+    ];
+    let before = std::fs::read(run_dir.join("metrics.csv")).unwrap();
+    for (binary, args, expected) in cases {
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(["--device", "cpu"]);
+        if binary == "train" {
+            args.extend(["--data-dir", &data]);
+        }
+        let out = run(binary, &args, root.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{binary} {args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{binary} {args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read(run_dir.join("metrics.csv")).unwrap(),
+        before,
+        "nothing saved was touched"
+    );
+    assert!(best.exists());
+}
