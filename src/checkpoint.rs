@@ -50,7 +50,7 @@ impl RunDir {
                     dir: self.path.clone(),
                 });
             }
-            for file in [self.metrics(), self.last(), self.best()] {
+            for file in [self.metrics(), self.last(), self.best(), self.plot()] {
                 if file.exists() {
                     std::fs::remove_file(&file).map_err(Error::io("cannot remove", file))?;
                 }
@@ -97,6 +97,9 @@ impl RunDir {
     }
     pub fn checkpoints(&self) -> PathBuf {
         self.path.join("checkpoints")
+    }
+    pub fn plot(&self) -> PathBuf {
+        self.path.join("metrics.png")
     }
 
     /// The file for a checkpoint at `progress`: `epoch-0003.safetensors` at the end of an epoch,

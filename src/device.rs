@@ -115,6 +115,18 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// Device memory in use now (by every process), where the backend tells: CUDA does.
+pub fn memory_in_use(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some((total - free) as u64)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,9 @@ pub enum Error {
         cause: std::io::Error,
     },
 
+    #[error("cannot draw {path}: {message}")]
+    Plot { path: PathBuf, message: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

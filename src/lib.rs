@@ -12,7 +12,9 @@ pub mod evaluate;
 pub mod metrics;
 pub mod models;
 pub mod optim;
-pub mod progress;
+pub mod plots;
+pub mod profile;
+pub mod report;
 pub mod train;
 
 pub use error::{Error, Result};

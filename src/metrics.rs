@@ -74,6 +74,31 @@ impl Tally {
     }
 }
 
+/// The process's peak resident memory so far, where the platform reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes a complete rusage into the pointer it is given.
+        let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
+        if !ok {
+            return None;
+        }
+        // SAFETY: initialised by the successful call above.
+        let max = unsafe { usage.assume_init() }.ru_maxrss.max(0) as u64;
+        // Linux reports KiB, macOS bytes.
+        Some(if cfg!(target_os = "macos") {
+            max
+        } else {
+            max * 1024
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// One row of `metrics.csv`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRecord {
@@ -105,6 +130,30 @@ impl EpochRecord {
             self.images_per_s,
             self.lr
         )
+    }
+
+    /// Reads the rows of a metrics.csv text (as written by [`EpochRecord::push_to`]).
+    pub fn parse_history(history: &str) -> Vec<EpochRecord> {
+        history
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let v: Vec<f64> = line
+                    .split(',')
+                    .map(|c| c.parse().ok())
+                    .collect::<Option<_>>()?;
+                (v.len() == 8).then(|| EpochRecord {
+                    epoch: v[0] as usize,
+                    train_loss: v[1],
+                    train_acc: v[2],
+                    test_loss: v[3],
+                    test_acc: v[4],
+                    seconds: v[5],
+                    images_per_s: v[6],
+                    lr: v[7],
+                })
+            })
+            .collect()
     }
 
     /// Adds this row to `history` (the text of metrics.csv), with the header if it is empty.
@@ -144,6 +193,14 @@ mod tests {
     }
 
     #[test]
+    fn peak_rss_is_at_least_what_this_test_holds() {
+        let held = vec![1u8; 64 << 20];
+        let peak = peak_rss_bytes().unwrap();
+        assert!(peak >= 64 << 20, "{peak}");
+        drop(held);
+    }
+
+    #[test]
     fn history_gets_one_header_and_a_row_per_epoch() {
         let mut history = String::new();
         let mut record = EpochRecord {
@@ -163,5 +220,8 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0], CSV_HEADER);
         assert!(lines[2].starts_with("2,2.000000,0.250000,1.900000,0.300000,1.500,1000.0,0.001"));
+        let parsed = EpochRecord::parse_history(&history);
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1], record);
     }
 }

@@ -174,3 +174,112 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
         "failed runs leave no run directory"
     );
 }
+
+/// A decodable PNG of a real size that is not one flat colour.
+fn assert_picture(path: &Path, min_size: (u32, u32)) {
+    let picture = image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8();
+    assert!(
+        picture.width() >= min_size.0 && picture.height() >= min_size.1,
+        "{}",
+        path.display()
+    );
+    let first = picture.get_pixel(0, 0);
+    let differing = picture.pixels().filter(|p| *p != first).count();
+    assert!(differing > 10_000, "{} is nearly blank", path.display());
+}
+
+#[test]
+fn plots_trace_and_machine_readable_output() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let trace = root.path().join("trace.json");
+    let out = train(
+        &[
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--epochs",
+            "2",
+            "--json-logs",
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+        root.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // --json-logs: stdout is JSON lines only: one per epoch, then the summary.
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        (lines[0]["event"].as_str(), lines[0]["epoch"].as_u64()),
+        (Some("epoch"), Some(1))
+    );
+    assert!(lines[1]["test_acc"].as_f64().unwrap() > 0.3);
+    assert!(lines[1]["phases"]["backward"].as_f64().unwrap() > 0.0);
+    assert_eq!(lines[2]["event"], "summary");
+    assert!(lines[2]["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+
+    let run = root.path().join("models/simplecnn");
+    assert_picture(&run.join("metrics.png"), (1000, 800));
+
+    // The trace is a JSON array of events with a span for each phase.
+    let events: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    for name in [
+        "step",
+        "data",
+        "forward",
+        "backward",
+        "optimizer",
+        "evaluate",
+        "checkpoint",
+    ] {
+        assert!(
+            events.iter().any(|e| e["name"] == name),
+            "no {name} span in the trace"
+        );
+    }
+
+    // evaluate draws the confusion matrix next to the checkpoint.
+    let best = run.join("best.safetensors");
+    let eval = common::run(
+        "evaluate",
+        &[
+            "--checkpoint",
+            best.to_str().unwrap(),
+            "--data-dir",
+            &data,
+            "--device",
+            "cpu",
+        ],
+        root.path(),
+    );
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    assert_picture(&run.join("confusion.png"), (800, 800));
+
+    // --quiet: nothing on stdout, the same results on disk.
+    let quiet = train(
+        &[
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--epochs",
+            "1",
+            "--run",
+            "q",
+            "--quiet",
+        ],
+        root.path(),
+    );
+    assert!(quiet.status.success());
+    assert!(quiet.stdout.is_empty(), "{}", text(&quiet.stdout));
+    assert!(root.path().join("models/q/metrics.csv").exists());
+}

@@ -9,6 +9,7 @@ use serde_json::json;
 use kiln::data::cifar::{self, CLASSES};
 use kiln::device::{self, DeviceRequest};
 use kiln::evaluate::{evaluate, load_model, Evaluation};
+use kiln::plots;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -20,7 +21,8 @@ Examples:
 ///
 /// Needs nothing but the file: the model comes from its metadata (or --model). Works with
 /// last/best.safetensors, with checkpoints, and with weights saved by the tutorial's PyTorch
-/// code under the same parameter names.
+/// code under the same parameter names. Draws the confusion matrix to confusion.png next to
+/// the file.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
@@ -77,6 +79,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         &device,
         cli.batch_size as usize,
     )?;
+    let picture = cli.checkpoint.with_file_name("confusion.png");
+    let name = cli
+        .checkpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let title = format!("{name}: test accuracy {:.4}", eval.accuracy());
+    plots::confusion_png(&picture, &eval, &title)?;
     if cli.json {
         let per_class: serde_json::Map<String, serde_json::Value> = CLASSES
             .iter()
@@ -94,6 +104,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             "per_class": per_class,
             "classes": CLASSES,
             "confusion": eval.confusion,
+            "confusion_png": picture.display().to_string(),
         });
         println!("{report}");
     } else {
@@ -104,6 +115,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .unwrap_or_default();
         println!("{} ({}{epoch})", cli.checkpoint.display(), loaded.spec.name);
         println!("{}", report(&eval));
+        println!("\nconfusion matrix drawn to {}", picture.display());
     }
     Ok(())
 }

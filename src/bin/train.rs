@@ -14,6 +14,7 @@ use kiln::config::{self, Config, OptimizerKind, Overrides};
 use kiln::data::cifar;
 use kiln::device::{self, DeviceRequest};
 use kiln::models::{self, ModelSpec, Task};
+use kiln::report::{Output, Reporter};
 use kiln::train::classify::{self, Options, Outcome, Start};
 use kiln::train::{linear_fit, resume};
 
@@ -135,6 +136,19 @@ struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
     checkpoint_every: Option<u64>,
 
+    /// Write a Chrome/Perfetto trace of every step's phases (data, forward, backward,
+    /// optimizer, evaluate, checkpoint) to FILE; open it at https://ui.perfetto.dev
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    trace: Option<PathBuf>,
+
+    /// Print nothing but errors
+    #[arg(long, conflicts_with = "json_logs", help_heading = "Output")]
+    quiet: bool,
+
+    /// Print one JSON object per epoch (and a summary) on stdout, for scripts
+    #[arg(long, help_heading = "Output")]
+    json_logs: bool,
+
     /// End-of-epoch checkpoints to keep in <run>/checkpoints (best.safetensors is always kept)
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
     keep: u64,
@@ -160,13 +174,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Held to the end: dropping it finishes the trace file.
+    let _trace = match init_logging(cli.trace.as_deref()) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -174,6 +189,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr as RUST_LOG says (warnings by default); with `trace`, also every kiln span
+/// into a Chrome trace file.
+fn init_logging(trace: Option<&Path>) -> anyhow::Result<Option<tracing_chrome::FlushGuard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
+    let (chrome, guard) = match trace {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create trace file {}", path.display()))?;
+            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
+                .writer(file)
+                .include_args(true)
+                .build();
+            let only_kiln = tracing_subscriber::filter::Targets::new()
+                .with_target("kiln", tracing::Level::TRACE);
+            (Some(layer.with_filter(only_kiln)), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(chrome)
+        .init();
+    Ok(guard)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -193,8 +241,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         no_shuffle: cli.no_shuffle,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
+    let reporter = Reporter::new(if cli.quiet {
+        Output::Quiet
+    } else if cli.json_logs {
+        Output::Json
+    } else {
+        Output::Human
+    });
     let device = device::open(cli.device)?;
-    println!("device: {}", device::describe(&device));
+    reporter.note(&format!("device: {}", device::describe(&device)));
 
     match spec.task {
         Task::LinearFit => {
@@ -207,19 +262,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("{flag} does not apply to --model {}: the set-up check saves nothing to resume or start from", spec.name);
             }
             let fit = linear_fit::run(spec, &config, &device)?;
-            println!(
-                "weight={:.4} bias={:.4} (loss {:.5})",
-                fit.weight, fit.bias, fit.final_loss
-            );
+            let verdict = if fit.looks_right() {
+                "set-up looks right: kiln trains on this device (expected about weight=3, bias=2)"
+            } else {
+                "expected about weight=3 and bias=2: training on this device is not working as it should"
+            };
+            match reporter.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"event": "linear_fit", "weight": fit.weight, "bias": fit.bias,
+                                       "loss": fit.final_loss, "looks_right": fit.looks_right()})
+                ),
+                _ => reporter.note(&format!(
+                    "weight={:.4} bias={:.4} (loss {:.5})\n{verdict}",
+                    fit.weight, fit.bias, fit.final_loss
+                )),
+            }
             if fit.looks_right() {
-                println!("set-up looks right: kiln trains on this device (expected about weight=3, bias=2)");
                 Ok(ExitCode::SUCCESS)
             } else {
-                eprintln!("error: expected about weight=3 and bias=2; training on this device is not working as it should");
-                Ok(ExitCode::FAILURE)
+                anyhow::bail!("{verdict} (weight={:.4} bias={:.4})", fit.weight, fit.bias)
             }
         }
-        Task::ImageClassification => train_classifier(&cli, spec, config, &overrides, &device),
+        Task::ImageClassification => {
+            train_classifier(&cli, spec, config, &overrides, &device, reporter)
+        }
     }
 }
 
@@ -229,6 +296,7 @@ fn train_classifier(
     config: Config,
     overrides: &Overrides,
     device: &Device,
+    reporter: Reporter,
 ) -> anyhow::Result<ExitCode> {
     let run_name = cli.run.as_deref().unwrap_or(spec.name);
     let run_dir = RunDir::at(&cli.models_dir, run_name);
@@ -247,10 +315,10 @@ fn train_classifier(
             };
             match found {
                 None => {
-                    println!(
+                    reporter.note(&format!(
                         "no complete checkpoint in {} yet: starting from scratch",
                         run_dir.checkpoints().display()
-                    );
+                    ));
                     (spec, config, Start::Fresh)
                 }
                 Some((path, saved)) => {
@@ -270,19 +338,19 @@ fn train_classifier(
                     };
                     let spec = models::find(&saved.model)?;
                     for note in resume::reconcile(&saved.config, &config)? {
-                        println!("resume: {note}");
+                        reporter.note(&format!("resume: {note}"));
                     }
                     let here = device::describe(device);
                     if !saved.device.is_empty() && saved.device != here {
-                        println!("resume: device {} -> {here}", saved.device);
+                        reporter.note(&format!("resume: device {} -> {here}", saved.device));
                     }
                     let p = &saved.progress;
-                    println!(
+                    reporter.note(&format!(
                         "resuming from {} ({} epochs done, {} steps into the next)",
                         path.display(),
                         p.epochs_done,
                         p.steps_into_epoch
-                    );
+                    ));
                     (spec, config, Start::Resume(path, Box::new(saved)))
                 }
             }
@@ -293,6 +361,8 @@ fn train_classifier(
         checkpoint_every: cli.checkpoint_every.map(|n| n as usize),
         keep: cli.keep as usize,
         stop: stop_on_signals()?,
+        trace: cli.trace.is_some(),
+        reporter,
         // A resume that found no checkpoint owns the directory it was pointed at.
         overwrite: cli.overwrite || cli.resume.is_some(),
     };
@@ -300,23 +370,15 @@ fn train_classifier(
         .with_context(|| format!("training {} failed", spec.name))?;
     match outcome {
         Outcome::Finished(summary) => {
-            println!(
-                "done: {} epochs in {:.1}s; best test accuracy {:.4} (epoch {})\n  weights: {} (last), {} (best)",
-                summary.epochs,
-                summary.seconds,
-                summary.best_accuracy,
-                summary.best_epoch,
-                summary.last.display(),
-                summary.best.display()
-            );
+            reporter.summary(&summary);
             Ok(ExitCode::SUCCESS)
         }
         Outcome::AlreadyDone { epochs } => {
-            println!(
+            reporter.note(&format!(
                 "run {} has already done {epochs} of {} epochs; pass a larger --epochs to train on",
                 run_dir.path().display(),
                 config.epochs
-            );
+            ));
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted { checkpoint } => {

@@ -16,10 +16,12 @@ use crate::config::Config;
 use crate::data::cifar::{Cifar10, MEAN, STD};
 use crate::error::{Error, Result};
 use crate::evaluate::evaluate;
-use crate::metrics::{EpochRecord, Tally};
+use crate::metrics::{self, EpochRecord, Tally};
 use crate::models::{self, ModelSpec};
 use crate::optim::{self, Optimizer};
-use crate::progress::{self, EpochProgress};
+use crate::plots;
+use crate::profile::{Phase, PhaseTimer};
+use crate::report::{Reporter, RunSummary};
 
 /// How often (in steps) the progress bar reads the running loss back from the device.
 const PROGRESS_EVERY: usize = 20;
@@ -43,10 +45,13 @@ pub struct Options {
     pub stop: Arc<AtomicBool>,
     /// A run not resumed from a checkpoint may replace an earlier run in its directory.
     pub overwrite: bool,
+    /// Tracing is recording (`--trace`): phases wait for the device, so spans time real work.
+    pub trace: bool,
+    pub reporter: Reporter,
 }
 
 pub enum Outcome {
-    Finished(Summary),
+    Finished(RunSummary),
     /// The run had already done every epoch asked for.
     AlreadyDone {
         epochs: usize,
@@ -55,15 +60,6 @@ pub enum Outcome {
     Interrupted {
         checkpoint: PathBuf,
     },
-}
-
-pub struct Summary {
-    pub epochs: usize,
-    pub best_accuracy: f64,
-    pub best_epoch: usize,
-    pub last: PathBuf,
-    pub best: PathBuf,
-    pub seconds: f64,
 }
 
 /// Trains `spec` on `data` as `config` says, writing into `run_dir`.
@@ -109,7 +105,8 @@ pub fn run(
         // The checkpoint's history is the truth: rows written after it was taken are dropped.
         checkpoint::write_atomic(&run_dir.metrics(), progress.history.as_bytes())?;
     }
-    println!(
+    let reporter = options.reporter;
+    reporter.note(&format!(
         "training {} on {} images ({} test), epochs {}..={}, batch {}, {} lr {}; writing to {}",
         spec.name,
         data.train.len(),
@@ -120,7 +117,7 @@ pub fn run(
         config.optimizer,
         config.lr,
         run_dir.path().display()
-    );
+    ));
 
     let trainer = Trainer {
         spec,
@@ -131,7 +128,14 @@ pub fn run(
         options,
     };
     let started = Instant::now();
-    for epoch in progress.epochs_done + 1..=config.epochs {
+    let first_epoch = progress.epochs_done + 1;
+    let (mut images_trained, mut train_seconds_total) = (0usize, 0f64);
+    let mut phases = PhaseTimer::new(device, options.trace);
+    // Phase shares are honest on the CPU, or on a GPU when phases wait for it.
+    let show_phases = options.trace || device.is_cpu();
+    for epoch in first_epoch..=config.epochs {
+        let _epoch_span = tracing::info_span!("epoch", epoch).entered();
+        phases.reset();
         let epoch_start = Instant::now();
         let mut order_rng = rng(config.seed, Stream::Shuffle, epoch);
         let order = data
@@ -143,13 +147,18 @@ pub fn run(
             _ => Tally::default(),
         };
         let seen_before = tally.seen();
-        let bar = EpochProgress::start(epoch, config.epochs, order.len());
+        let bar = reporter.epoch_bar(epoch, config.epochs, order.len());
         for (step, indices) in order.chunks(config.batch_size).enumerate().skip(skip) {
-            let (images, labels) = data.train.batch(indices, device)?;
-            let logits = built.module.forward(&images)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let grads = loss.backward()?;
-            optimizer.step(&grads)?;
+            let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
+            let (images, labels) =
+                phases.time(Phase::Data, || data.train.batch(indices, device))?;
+            let (logits, loss) = phases.time(Phase::Forward, || {
+                let logits = built.module.forward(&images)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                Ok((logits, loss))
+            })?;
+            let grads = phases.time(Phase::Backward, || Ok(loss.backward()?))?;
+            phases.time(Phase::Optimizer, || optimizer.step(&grads))?;
             tally.add(&loss, &logits, &labels)?;
             progress.steps_into_epoch = step + 1;
             progress.global_step += 1;
@@ -159,7 +168,9 @@ pub fn run(
                 .checkpoint_every
                 .is_some_and(|n| progress.global_step % n as u64 == 0);
             if stop || due {
-                let path = trainer.save_checkpoint(&progress, optimizer.as_ref(), &tally)?;
+                let path = phases.time(Phase::Checkpoint, || {
+                    trainer.save_checkpoint(&progress, optimizer.as_ref(), &tally)
+                })?;
                 if stop {
                     bar.finish();
                     return Ok(Outcome::Interrupted { checkpoint: path });
@@ -180,13 +191,17 @@ pub fn run(
         }
         let train_seconds = epoch_start.elapsed().as_secs_f64();
         bar.finish();
+        images_trained += tally.seen() - seen_before;
+        train_seconds_total += train_seconds;
 
-        let eval = evaluate(
-            built.module.as_ref(),
-            &data.test,
-            device,
-            config.eval_batch_size,
-        )?;
+        let eval = phases.time(Phase::Evaluate, || {
+            evaluate(
+                built.module.as_ref(),
+                &data.test,
+                device,
+                config.eval_batch_size,
+            )
+        })?;
         let record = EpochRecord {
             epoch,
             train_loss,
@@ -200,31 +215,53 @@ pub fn run(
         let is_best = progress.best.is_none_or(|(_, acc)| record.test_acc > acc);
         // Weights first, then the checkpoint that records them, then the history it holds:
         // a run killed between any two of these redoes the epoch and writes the same files.
-        let metadata = weights_metadata(spec, epoch);
-        checkpoint::save_weights(&run_dir.last(), &params, metadata.clone())?;
-        if is_best {
-            checkpoint::save_weights(&run_dir.best(), &params, metadata)?;
-            progress.best = Some((epoch, record.test_acc));
+        let path = phases.time(Phase::Checkpoint, || {
+            let metadata = weights_metadata(spec, epoch);
+            checkpoint::save_weights(&run_dir.last(), &params, metadata.clone())?;
+            if is_best {
+                checkpoint::save_weights(&run_dir.best(), &params, metadata)?;
+                progress.best = Some((epoch, record.test_acc));
+            }
+            record.push_to(&mut progress.history);
+            progress.epochs_done = epoch;
+            progress.steps_into_epoch = 0;
+            let path = trainer.save_checkpoint(&progress, optimizer.as_ref(), &Tally::default())?;
+            run_dir.prune_checkpoints(options.keep)?;
+            checkpoint::write_atomic(&run_dir.metrics(), progress.history.as_bytes())?;
+            Ok(path)
+        })?;
+        let history = EpochRecord::parse_history(&progress.history);
+        if let Err(err) =
+            plots::metrics_png(&run_dir.plot(), &history, progress.best.map(|(e, _)| e))
+        {
+            // A picture that cannot be drawn is worth a warning, not the run.
+            tracing::warn!("{err}");
         }
-        record.push_to(&mut progress.history);
-        progress.epochs_done = epoch;
-        progress.steps_into_epoch = 0;
-        let path = trainer.save_checkpoint(&progress, optimizer.as_ref(), &Tally::default())?;
-        run_dir.prune_checkpoints(options.keep)?;
-        checkpoint::write_atomic(&run_dir.metrics(), progress.history.as_bytes())?;
-        println!("{}", progress::epoch_line(&record, config.epochs, is_best));
+        tracing::info!(epoch, phases = %phases.shares(), "time per phase");
+        reporter.epoch(
+            &record,
+            config.epochs,
+            is_best,
+            show_phases.then_some(&phases),
+        );
         if options.stop.load(Ordering::SeqCst) && epoch < config.epochs {
             return Ok(Outcome::Interrupted { checkpoint: path });
         }
     }
     let (best_epoch, best_accuracy) = progress.best.unwrap_or((0, f64::NAN));
-    Ok(Outcome::Finished(Summary {
+    Ok(Outcome::Finished(RunSummary {
         epochs: config.epochs,
-        best_accuracy,
+        trained_here: first_epoch..=config.epochs,
         best_epoch,
+        best_accuracy,
+        seconds: started.elapsed().as_secs_f64(),
+        mean_images_per_s: images_trained as f64 / train_seconds_total.max(1e-9),
+        peak_rss_bytes: metrics::peak_rss_bytes(),
+        device_memory_bytes: crate::device::memory_in_use(device),
         last: run_dir.last(),
         best: run_dir.best(),
-        seconds: started.elapsed().as_secs_f64(),
+        plot: run_dir.plot(),
+        checkpoints: run_dir.checkpoints(),
     }))
 }
 
