@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::models::{self, ModelSpec};
 
@@ -83,9 +84,15 @@ pub struct Config {
     pub seed: u64,
     /// Reshuffle the training set every epoch; off keeps file order.
     pub shuffle: bool,
+    /// cifar10 (from `data_dir`) or synthetic (generated); image models only.
+    #[serde(default)]
+    pub dataset: Dataset,
     /// Where the CIFAR-10 binary files are; models that generate their data ignore it.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Training images generated for `dataset = "synthetic"`.
+    #[serde(default = "default_synthetic_images")]
+    pub synthetic_images: usize,
     pub optimizer: OptimizerKind,
     pub lr: f64,
     /// SGD momentum (PyTorch's, no dampening); ignored by Adam.
@@ -102,6 +109,10 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from(crate::data::cifar::DEFAULT_DIR)
 }
 
+fn default_synthetic_images() -> usize {
+    5000
+}
+
 /// Values given on the command line; each replaces the config's when present.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -113,6 +124,7 @@ pub struct Overrides {
     pub weight_decay: Option<f64>,
     pub seed: Option<u64>,
     pub data_dir: Option<PathBuf>,
+    pub dataset: Option<Dataset>,
     pub no_shuffle: bool,
 }
 
@@ -163,6 +175,9 @@ impl Config {
         if let Some(v) = &o.data_dir {
             self.data_dir = v.clone();
         }
+        if let Some(v) = o.dataset {
+            self.dataset = v;
+        }
         if o.no_shuffle {
             self.shuffle = false;
         }
@@ -180,6 +195,12 @@ impl Config {
         };
         if self.epochs == 0 {
             return Err("epochs must be at least 1".into());
+        }
+        if self.synthetic_images < 10 {
+            return Err(format!(
+                "synthetic_images must be at least 10, got {}",
+                self.synthetic_images
+            ));
         }
         if self.batch_size == 0 || self.eval_batch_size == 0 {
             return Err("batch_size and eval_batch_size must be at least 1".into());

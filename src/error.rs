@@ -33,8 +33,18 @@ pub enum Error {
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
 
-    #[error("no CIFAR-10 data in {dir}: {missing} is missing. Get the binary version (cifar-10-binary.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that {dir} holds data_batch_1.bin .. data_batch_5.bin and test_batch.bin, or pass --data-dir DIR")]
+    #[error("no CIFAR-10 data in {dir}: {missing} is missing. Let kiln fetch it (drop --no-download), or get the binary version (cifar-10-binary.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that {dir} holds data_batch_1.bin .. data_batch_5.bin and test_batch.bin, or pass --data-dir DIR; to run without it, use --dataset synthetic")]
     DataMissing { dir: PathBuf, missing: String },
+
+    #[error("cannot fetch CIFAR-10 from {url} into {dir}: {message}. To do it by hand: download cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that {dir} holds data_batch_1.bin .. data_batch_5.bin and test_batch.bin. To run offline: --dataset synthetic")]
+    Download {
+        url: String,
+        dir: PathBuf,
+        message: String,
+    },
+
+    #[error("the archive from {url} is not usable: {message}; nothing was written to the data directory")]
+    ArchiveInvalid { url: String, message: String },
 
     #[error("{path}: {message}")]
     DataInvalid { path: PathBuf, message: String },

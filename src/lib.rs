@@ -4,6 +4,7 @@
 //! optimizer ([`optim`]) -> weights on disk ([`checkpoint`]), driven by [`train`].
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;

@@ -233,6 +233,7 @@ fn bad_files_are_one_clear_error_and_never_a_panic() {
                 path(&best),
                 "--data-dir".into(),
                 "nowhere".into(),
+                "--no-download".into(),
             ],
             "test_batch.bin is missing",
         ),

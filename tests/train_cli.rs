@@ -154,7 +154,7 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
         ),
         (&["--device", "tpu"], "expected auto, cpu, cuda"),
         (
-            &["--device", "cpu", "--data-dir", "missing"],
+            &["--device", "cpu", "--data-dir", "missing", "--no-download"],
             "cifar-10-binary.tar.gz",
         ),
         (

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde_json::json;
 
+use kiln::cli::DataArgs;
+use kiln::data;
 use kiln::data::cifar::{self, CLASSES};
 use kiln::device::{self, DeviceRequest};
 use kiln::evaluate::{evaluate, load_model, Evaluation};
@@ -30,9 +32,8 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     checkpoint: PathBuf,
 
-    /// Directory holding test_batch.bin
-    #[arg(long, value_name = "DIR", default_value = cifar::DEFAULT_DIR)]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
 
     /// auto, cpu, cuda, cuda:N, metal, metal:N
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
@@ -72,7 +73,13 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let device = device::open(cli.device)?;
     let loaded = load_model(&cli.checkpoint, cli.model.as_deref(), &device)?;
-    let test = cifar::load_test(&cli.data_dir)?;
+    let dir = cli
+        .data
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(cifar::DEFAULT_DIR));
+    let dataset = cli.data.dataset.unwrap_or_default();
+    let test = data::load_test(dataset, &dir, cli.data.source().as_ref())?;
     let eval = evaluate(
         loaded.built.module.as_ref(),
         &test,

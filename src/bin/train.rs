@@ -10,8 +10,9 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 use candle_core::Device;
 use kiln::checkpoint::{self, RunDir};
+use kiln::cli::DataArgs;
 use kiln::config::{self, Config, OptimizerKind, Overrides};
-use kiln::data::cifar;
+use kiln::data;
 use kiln::device::{self, DeviceRequest};
 use kiln::models::{self, ModelSpec, Task};
 use kiln::report::{Output, Reporter};
@@ -26,6 +27,7 @@ Examples:
   train --config configs/simplecnn.toml --lr 0.0005 --optimizer sgd
 
   train --resume                            continue models/simplecnn/ where it stopped
+  train --dataset synthetic --epochs 2      no data at hand: ten classes of generated images
 
 Each run writes models/<run>/: config.toml (the resolved settings), metrics.csv (one row per
 epoch), last.safetensors and best.safetensors (weights with PyTorch parameter names), and
@@ -61,10 +63,8 @@ struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
     threads: Option<u16>,
 
-    /// Directory holding the CIFAR-10 binary files (data_batch_1.bin .. test_batch.bin)
-    /// [config default: data/cifar-10-batches-bin]
-    #[arg(long, value_name = "DIR", help_heading = "Data")]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
 
     /// Keep the training files' order instead of reshuffling every epoch (to compare runs
     /// side by side with other frameworks)
@@ -237,7 +237,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         momentum: cli.momentum,
         weight_decay: cli.weight_decay,
         seed: cli.seed,
-        data_dir: cli.data_dir.clone(),
+        data_dir: cli.data.data_dir.clone(),
+        dataset: cli.data.dataset,
         no_shuffle: cli.no_shuffle,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
@@ -356,7 +357,12 @@ fn train_classifier(
             }
         }
     };
-    let data = cifar::load(&config.data_dir)?;
+    let data = data::load(
+        config.dataset,
+        &config.data_dir,
+        config.synthetic_images,
+        cli.data.source().as_ref(),
+    )?;
     let options = Options {
         checkpoint_every: cli.checkpoint_every.map(|n| n as usize),
         keep: cli.keep as usize,

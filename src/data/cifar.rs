@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use super::batches::ImageSet;
+use super::DataSets;
 use crate::error::{Error, Result};
 
 pub const DEFAULT_DIR: &str = "data/cifar-10-batches-bin";
@@ -38,13 +39,8 @@ pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
 
-pub struct Cifar10 {
-    pub train: ImageSet,
-    pub test: ImageSet,
-}
-
 /// Loads the training files and the test file from `dir`.
-pub fn load(dir: &Path) -> Result<Cifar10> {
+pub fn load(dir: &Path) -> Result<DataSets> {
     let train_paths = TRAIN_FILES
         .iter()
         .map(|name| require(dir, name))
@@ -62,12 +58,21 @@ pub fn load(dir: &Path) -> Result<Cifar10> {
         });
     }
     tracing::info!(train = train.len(), test = test.len(), dir = %dir.display(), "loaded CIFAR-10");
-    Ok(Cifar10 { train, test })
+    Ok(DataSets { train, test })
 }
 
 /// Loads only the test file from `dir` (all that evaluation needs).
 pub fn load_test(dir: &Path) -> Result<ImageSet> {
     read_nonempty(&require(dir, TEST_FILE)?)
+}
+
+/// The first of the six files that `dir` lacks, if any.
+pub fn missing_file(dir: &Path) -> Option<String> {
+    TRAIN_FILES
+        .iter()
+        .chain([&TEST_FILE])
+        .find(|name| !dir.join(name).is_file())
+        .map(|name| name.to_string())
 }
 
 /// `dir/name`, or the error that says where to get the data.

@@ -13,7 +13,8 @@ use candle_core::{Device, Var};
 use super::{rng, Stream};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir, Snapshot};
 use crate::config::Config;
-use crate::data::cifar::{Cifar10, MEAN, STD};
+use crate::data::cifar::{MEAN, STD};
+use crate::data::DataSets;
 use crate::error::{Error, Result};
 use crate::evaluate::evaluate;
 use crate::metrics::{self, EpochRecord, Tally};
@@ -66,7 +67,7 @@ pub enum Outcome {
 pub fn run(
     spec: &ModelSpec,
     config: &Config,
-    data: &Cifar10,
+    data: &DataSets,
     device: &Device,
     run_dir: &RunDir,
     start: Start,

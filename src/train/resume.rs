@@ -9,8 +9,16 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// Settings that a checkpoint is bound to: another model or optimizer cannot use its state, and
-/// another batch size, seed or shuffling would make the continued run differ from a straight one.
-pub const BINDING: &[&str] = &["model", "optimizer", "batch_size", "seed", "shuffle"];
+/// another batch size, seed, shuffling or data set would make the continued run differ from a straight one.
+pub const BINDING: &[&str] = &[
+    "model",
+    "optimizer",
+    "batch_size",
+    "seed",
+    "shuffle",
+    "dataset",
+    "synthetic_images",
+];
 
 /// Compares the checkpoint's settings with today's. A change to a [`BINDING`] setting is an
 /// error naming each difference; any other change (more epochs, a new learning rate, another

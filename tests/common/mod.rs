@@ -9,12 +9,19 @@ use candle_core::Device;
 use kiln::checkpoint::load_weights;
 use kiln::data::{cifar, synthetic};
 
+/// A kiln binary. Tests never fetch from the internet: unless a test names its own
+/// `--data-url`, a fetch goes to a closed port on the loopback and fails at once.
 pub fn binary(name: &str) -> Command {
     let path = match name {
         "train" => env!("CARGO_BIN_EXE_train"),
         _ => env!("CARGO_BIN_EXE_evaluate"),
     };
-    Command::new(path)
+    let mut command = Command::new(path);
+    command.env(
+        "KILN_DATA_URL",
+        "http://127.0.0.1:9/tests-never-fetch-from-the-internet",
+    );
+    command
 }
 
 pub fn run(name: &str, args: &[&str], cwd: &Path) -> Output {
