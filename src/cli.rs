@@ -1,9 +1,10 @@
 //! Command-line pieces shared by the binaries.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::data::download::Source;
 use crate::data::Dataset;
+use crate::error::{Error, Result};
 
 /// Where the data comes from, and how missing CIFAR-10 is fetched.
 #[derive(clap::Args, Debug, Clone)]
@@ -51,4 +52,37 @@ impl DataArgs {
             )
         })
     }
+}
+
+/// Logs to stderr as RUST_LOG says (warnings by default); with `trace`, also every kiln span
+/// into a Chrome trace file.
+pub fn init_logging(trace: Option<&Path>) -> Result<Option<tracing_chrome::FlushGuard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
+    let (chrome, guard) = match trace {
+        Some(path) => {
+            let file =
+                std::fs::File::create(path).map_err(Error::io("cannot create trace file", path))?;
+            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
+                .writer(file)
+                .include_args(true)
+                .build();
+            let only_kiln = tracing_subscriber::filter::Targets::new()
+                .with_target("kiln", tracing::Level::TRACE);
+            (Some(layer.with_filter(only_kiln)), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(chrome)
+        .init();
+    Ok(guard)
 }

@@ -175,7 +175,7 @@ fn main() -> ExitCode {
         Err(err) => err.exit(),
     };
     // Held to the end: dropping it finishes the trace file.
-    let _trace = match init_logging(cli.trace.as_deref()) {
+    let _trace = match kiln::cli::init_logging(cli.trace.as_deref()) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -189,39 +189,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr as RUST_LOG says (warnings by default); with `trace`, also every kiln span
-/// into a Chrome trace file.
-fn init_logging(trace: Option<&Path>) -> anyhow::Result<Option<tracing_chrome::FlushGuard>> {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(filter);
-    let (chrome, guard) = match trace {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("cannot create trace file {}", path.display()))?;
-            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
-                .writer(file)
-                .include_args(true)
-                .build();
-            let only_kiln = tracing_subscriber::filter::Targets::new()
-                .with_target("kiln", tracing::Level::TRACE);
-            (Some(layer.with_filter(only_kiln)), Some(guard))
-        }
-        None => (None, None),
-    };
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(chrome)
-        .init();
-    Ok(guard)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

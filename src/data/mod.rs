@@ -71,14 +71,12 @@ pub fn load(
 ) -> Result<DataSets> {
     match dataset {
         Dataset::Cifar10 => {
-            if let Some(source) = fetch {
-                download::ensure(dir, source)?;
-            }
+            fetch_if_missing(dir, fetch)?;
             cifar::load(dir)
         }
         Dataset::Synthetic => Ok(DataSets {
             train: synthetic::generate(synthetic_images, SYNTHETIC_TRAIN_SEED),
-            test: synthetic::generate(SYNTHETIC_TEST_IMAGES, SYNTHETIC_TEST_SEED),
+            test: synthetic_test_set(),
         }),
     }
 }
@@ -91,14 +89,20 @@ pub fn load_test(
 ) -> Result<ImageSet> {
     match dataset {
         Dataset::Cifar10 => {
-            if let Some(source) = fetch {
-                download::ensure(dir, source)?;
-            }
+            fetch_if_missing(dir, fetch)?;
             cifar::load_test(dir)
         }
-        Dataset::Synthetic => Ok(synthetic::generate(
-            SYNTHETIC_TEST_IMAGES,
-            SYNTHETIC_TEST_SEED,
-        )),
+        Dataset::Synthetic => Ok(synthetic_test_set()),
     }
+}
+
+fn fetch_if_missing(dir: &Path, fetch: Option<&download::Source>) -> Result<()> {
+    match fetch {
+        Some(source) => download::ensure(dir, source),
+        None => Ok(()),
+    }
+}
+
+fn synthetic_test_set() -> ImageSet {
+    synthetic::generate(SYNTHETIC_TEST_IMAGES, SYNTHETIC_TEST_SEED)
 }

@@ -135,6 +135,7 @@ const STEP: &str = "step";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::quadratic_grads;
     use candle_core::Device;
 
     /// Two steps on f(p) = sum(p^2) against values worked out with torch.optim.Adam's formulas.
@@ -150,14 +151,7 @@ mod tests {
         };
         let mut adam = Adam::new(vec![("p".into(), p.clone())], settings).unwrap();
         for _ in 0..2 {
-            let grads = p
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = quadratic_grads(&p);
             adam.step(&grads).unwrap();
         }
         // Step 1 moves each coordinate by lr against its gradient's sign; step 2 is worked out
@@ -191,14 +185,7 @@ mod tests {
             weight_decay: 0.01,
         };
         let quadratic_step = |opt: &mut Adam, p: &Var| {
-            let grads = p
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = quadratic_grads(p);
             opt.step(&grads).unwrap();
         };
         let p = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();

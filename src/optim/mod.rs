@@ -63,3 +63,11 @@ pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Opti
         )),
     })
 }
+
+/// Gradients of f(p) = sum(p^2), that is 2p: a problem whose every step is known in closed form.
+#[cfg(test)]
+fn quadratic_grads(p: &Var) -> GradStore {
+    let f = p.as_tensor().sqr().and_then(|t| t.sum_all());
+    f.and_then(|f| f.backward())
+        .expect("the gradient of sum(p^2) exists")
+}

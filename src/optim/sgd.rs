@@ -109,6 +109,7 @@ impl Optimizer for Sgd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::quadratic_grads;
     use candle_core::Device;
 
     #[test]
@@ -126,14 +127,7 @@ mod tests {
             },
         );
         for _ in 0..2 {
-            let grads = p
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = quadratic_grads(&p);
             sgd.step(&grads).unwrap();
         }
         let got = p.as_tensor().to_vec1::<f32>().unwrap()[0];
