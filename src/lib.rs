@@ -12,6 +12,7 @@ pub mod error;
 pub mod evaluate;
 pub mod metrics;
 pub mod models;
+pub mod ops;
 pub mod optim;
 pub mod plots;
 pub mod profile;

@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::ops::conv2d::{Conv2d, ConvParams};
 
 #[derive(Clone)]
 pub struct ParamStore {
@@ -121,18 +123,23 @@ pub fn linear(
     Ok(Linear::new(weight, Some(bias)))
 }
 
-/// `nn.Conv2d(in, out, kernel)` with square kernels: `weight` [out, in, k, k] and `bias` [out].
+/// `nn.Conv2d(in, out, kernel)` with square kernels: `weight` [out, in, k, k] and `bias` [out],
+/// running on kiln's own convolution.
 pub fn conv2d(
     in_channels: usize,
     out_channels: usize,
     kernel: usize,
-    config: Conv2dConfig,
+    params: ConvParams,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
     let init = pytorch_uniform(in_channels * kernel * kernel);
     let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
     let bias = vb.get_with_hints(out_channels, "bias", init)?;
-    Ok(Conv2d::new(weight, Some(bias), config))
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
+        params,
+    })
 }
 
 #[cfg(test)]

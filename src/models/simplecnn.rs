@@ -2,9 +2,10 @@
 //! Conv2d(3, 16, 3, padding 1) -> ReLU -> MaxPool2d(2) -> flatten -> Linear(16*16*16, 10).
 
 use candle_core::Tensor;
-use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 use super::{init, ModelSpec, Task};
+use crate::ops::conv2d::{Conv2d, ConvParams};
 
 pub const SPEC: ModelSpec = ModelSpec {
     name: "simplecnn",
@@ -21,9 +22,9 @@ pub struct SimpleCnn {
 
 impl SimpleCnn {
     pub fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-        let same = Conv2dConfig {
+        let same = ConvParams {
+            stride: 1,
             padding: 1,
-            ..Default::default()
         };
         Ok(Self {
             conv1: init::conv2d(3, 16, 3, same, vb.pp("conv1"))?,

@@ -1,0 +1,517 @@
+//! 2-D convolution, NCHW, any kernel size, stride and padding (no dilation, no groups).
+//!
+//! On the CPU with f32, kiln's own kernels: im2col + one matrix multiply per image, images in
+//! parallel. The weight gradient, which candle computes slowly, is one multiply per image too,
+//! summed over fixed chunks of images in a fixed order, so results do not depend on the
+//! thread count. Elsewhere (CUDA, Metal, other dtypes), candle's own conv2d: the reference that
+//! the tests hold the kernels to.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Matrix};
+
+/// Images per partial weight-gradient sum: fixed, so the summation order is too.
+const IMAGES_PER_CHUNK: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// `nn.Conv2d`'s forward: `x` [N, C, H, W], `weight` [CO, C, KH, KW], `bias` [CO].
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+) -> candle_core::Result<Tensor> {
+    let ours = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    let y = if ours {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, Conv2dOp { p })?
+    } else {
+        x.conv2d(weight, p.padding, p.stride, 1, 1)?
+    };
+    add_bias(y, bias)
+}
+
+/// candle's composition of the same convolution: the reference for tests.
+pub fn conv2d_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+) -> candle_core::Result<Tensor> {
+    add_bias(x.conv2d(weight, p.padding, p.stride, 1, 1)?, bias)
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// A convolution layer over [`conv2d`], with PyTorch's parameter layout.
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub params: ConvParams,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.params)
+    }
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    p: ConvParams,
+}
+
+impl Geometry {
+    fn new(
+        x: (usize, usize, usize, usize),
+        weight: (usize, usize, usize, usize),
+        p: ConvParams,
+    ) -> candle_core::Result<Self> {
+        let (n, c, h, w) = x;
+        let (co, ci, kh, kw) = weight;
+        if ci != c {
+            candle_core::bail!("conv2d: input has {c} channels, the kernel expects {ci}");
+        }
+        if p.stride == 0 || h + 2 * p.padding < kh || w + 2 * p.padding < kw {
+            candle_core::bail!(
+                "conv2d: kernel {kh}x{kw} does not fit input {h}x{w} with padding {}",
+                p.padding
+            );
+        }
+        let oh = (h + 2 * p.padding - kh) / p.stride + 1;
+        let ow = (w + 2 * p.padding - kw) / p.stride + 1;
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            co,
+            kh,
+            kw,
+            oh,
+            ow,
+            p,
+        })
+    }
+    /// Rows of the unfolded input: one per (channel, ky, kx).
+    fn patch(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn out_pixels(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// The input row and column that output (oy, ox) reads through kernel tap (ky, kx).
+    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        (o * self.p.stride + k)
+            .checked_sub(self.p.padding)
+            .filter(|&i| i < size)
+    }
+
+    /// Unfolds one image into `col` [patch x out_pixels], zeros where the kernel overhangs.
+    fn im2col(&self, image: &[f32], col: &mut [f32]) {
+        let (hw, ohw) = (self.h * self.w, self.out_pixels());
+        for ci in 0..self.c {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = &mut col[((ci * self.kh + ky) * self.kw + kx) * ohw..][..ohw];
+                    for oy in 0..self.oh {
+                        let out = &mut row[oy * self.ow..][..self.ow];
+                        let Some(iy) = self.source(oy, ky, self.h) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let line = &image[ci * hw + iy * self.w..][..self.w];
+                        for (ox, v) in out.iter_mut().enumerate() {
+                            *v = self.source(ox, kx, self.w).map_or(0.0, |ix| line[ix]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Folds `col` back onto one image, adding overlapping taps: the adjoint of `im2col`.
+    fn col2im(&self, col: &[f32], image: &mut [f32]) {
+        let (hw, ohw) = (self.h * self.w, self.out_pixels());
+        image.fill(0.0);
+        for ci in 0..self.c {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = &col[((ci * self.kh + ky) * self.kw + kx) * ohw..][..ohw];
+                    for oy in 0..self.oh {
+                        let Some(iy) = self.source(oy, ky, self.h) else {
+                            continue;
+                        };
+                        let line = &mut image[ci * hw + iy * self.w..][..self.w];
+                        for (ox, &v) in row[oy * self.ow..][..self.ow].iter().enumerate() {
+                            if let Some(ix) = self.source(ox, kx, self.w) {
+                                line[ix] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor argument.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("kiln conv2d: {what} must be f32");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("kiln conv2d: {what} must be contiguous"),
+    }
+}
+
+struct Conv2dOp {
+    p: ConvParams,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.shape().dims4()?, wl.shape().dims4()?, self.p)?;
+        let (x, weight) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(ws, wl, "weight")?,
+        );
+        let kernel = Matrix::rows(weight, g.co, g.patch());
+        let mut out = vec![0f32; g.n * g.co * g.out_pixels()];
+        out.par_chunks_mut(g.co * g.out_pixels())
+            .zip(x.par_chunks(g.image()))
+            .for_each_init(
+                || vec![0f32; g.patch() * g.out_pixels()],
+                |col, (out_image, image)| {
+                    g.im2col(image, col);
+                    matmul(
+                        kernel,
+                        Matrix::rows(col, g.patch(), g.out_pixels()),
+                        out_image,
+                        false,
+                    );
+                },
+            );
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.co, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let grad_weight = x.apply_op2_no_bwd(
+            &grad,
+            &WeightGrad {
+                p: self.p,
+                kernel: weight.dims4()?,
+            },
+        )?;
+        // Inputs that are data, not parameters or results of other ops, need no gradient.
+        let grad_x = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                weight,
+                &InputGrad {
+                    p: self.p,
+                    input: x.dims4()?,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((grad_x, Some(grad_weight)))
+    }
+}
+
+/// dL/dW from the input and dL/dY: the sum over images of dY_i [CO x OHW] * col_i^T.
+struct WeightGrad {
+    p: ConvParams,
+    kernel: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.shape().dims4()?, self.kernel, self.p)?;
+        let (x, grad) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "gradient")?,
+        );
+        let size = g.co * g.patch();
+        let images: Vec<usize> = (0..g.n).collect();
+        let partials: Vec<Vec<f32>> = images
+            .par_chunks(IMAGES_PER_CHUNK)
+            .map(|chunk| {
+                let mut sum = vec![0f32; size];
+                let mut col = vec![0f32; g.patch() * g.out_pixels()];
+                for &i in chunk {
+                    g.im2col(&x[i * g.image()..][..g.image()], &mut col);
+                    let grad_i = &grad[i * g.co * g.out_pixels()..][..g.co * g.out_pixels()];
+                    let cols = Matrix::rows(&col, g.patch(), g.out_pixels()).t();
+                    matmul(
+                        Matrix::rows(grad_i, g.co, g.out_pixels()),
+                        cols,
+                        &mut sum,
+                        true,
+                    );
+                }
+                sum
+            })
+            .collect();
+        // Chunks in index order: the same sum whatever the number of threads.
+        let mut total = vec![0f32; size];
+        for partial in &partials {
+            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+        }
+        Ok((CpuStorage::F32(total), Shape::from(self.kernel)))
+    }
+}
+
+/// dL/dX from dL/dY and the weight: col2im(W^T [patch x CO] * dY_i) per image.
+struct InputGrad {
+    p: ConvParams,
+    input: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(self.input, wl.shape().dims4()?, self.p)?;
+        let (grad, weight) = (
+            contiguous_f32(gs, gl, "gradient")?,
+            contiguous_f32(ws, wl, "weight")?,
+        );
+        let kernel_t = Matrix::rows(weight, g.co, g.patch()).t();
+        let mut dx = vec![0f32; g.n * g.image()];
+        dx.par_chunks_mut(g.image())
+            .zip(grad.par_chunks(g.co * g.out_pixels()))
+            .for_each_init(
+                || vec![0f32; g.patch() * g.out_pixels()],
+                |col, (dx_image, grad_image)| {
+                    matmul(
+                        kernel_t,
+                        Matrix::rows(grad_image, g.co, g.out_pixels()),
+                        col,
+                        false,
+                    );
+                    g.col2im(col, dx_image);
+                },
+            );
+        Ok((CpuStorage::F32(dx), Shape::from(self.input)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use proptest::prelude::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        diff / scale
+    }
+
+    /// Output and every gradient (input, weight, bias) of `f`, under a random upstream gradient.
+    fn run(
+        f: fn(&Tensor, &Tensor, Option<&Tensor>, ConvParams) -> candle_core::Result<Tensor>,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        p: ConvParams,
+        transposed_input: bool,
+    ) -> Vec<Tensor> {
+        let (xv, wv, bv) = (
+            Var::from_tensor(x).unwrap(),
+            Var::from_tensor(w).unwrap(),
+            Var::from_tensor(b).unwrap(),
+        );
+        // A non-contiguous view of the same values: NCWH storage seen as NCHW.
+        let input = if transposed_input {
+            xv.as_tensor()
+                .transpose(2, 3)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap()
+        } else {
+            xv.as_tensor().clone()
+        };
+        let y = f(&input, wv.as_tensor(), Some(bv.as_tensor()), p).unwrap();
+        let upstream = random(y.dims(), 99);
+        let grads = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = |v: &Var| grads.get(v).unwrap().clone();
+        vec![y, grad(&xv), grad(&wv), grad(&bv)]
+    }
+
+    /// <a, b>, and <|a|, |b|> as the scale its rounding error grows with.
+    fn dot(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        let value = (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = (a.abs().unwrap() * b.abs().unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        (value, scale.max(1.0))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn kernels_match_the_reference_composition(
+            n in 1usize..4, c in 1usize..4, co in 1usize..5, h in 1usize..9, w in 1usize..9,
+            k in 1usize..4, stride in 1usize..3, padding in 0usize..3, transposed in any::<bool>(), seed in 0u64..1000,
+        ) {
+            prop_assume!(h + 2 * padding >= k && w + 2 * padding >= k);
+            let p = ConvParams { stride, padding };
+            let x = random(&[n, c, h, w], seed);
+            let weight = random(&[co, c, k, k], seed + 1);
+            let bias = random(&[co], seed + 2);
+            let ours = run(conv2d, &x, &weight, &bias, p, transposed);
+            let (output, grad_x, grad_w, grad_b) = (&ours[0], &ours[1], &ours[2], &ours[3]);
+            let reference_output = conv2d_reference(&x, &weight, Some(&bias), p).unwrap();
+            prop_assert!(max_diff(output, &reference_output) < 1e-5);
+
+            // Convolution is linear in x and in w, so its gradients are its adjoints: for any
+            // probe, <conv(probe, w), u> = <probe, dX> and <conv(x, probe), u> = <probe, dW>.
+            // These need only candle's forward.
+            let upstream = random(output.dims(), 99);
+            for j in 0..4 {
+                let probe = random(x.dims(), 1000 + j);
+                let (want, scale) = dot(&conv2d_reference(&probe, &weight, None, p).unwrap(), &upstream);
+                let (got, _) = dot(&probe, grad_x);
+                prop_assert!((want - got).abs() < 1e-5 * scale, "input grad: {} vs {}", got, want);
+                let probe = random(weight.dims(), 2000 + j);
+                let (want, scale) = dot(&conv2d_reference(&x, &probe, None, p).unwrap(), &upstream);
+                let (got, _) = dot(&probe, grad_w);
+                prop_assert!((want - got).abs() < 1e-5 * scale, "weight grad: {} vs {}", got, want);
+            }
+            let want_b = upstream.sum((0, 2, 3)).unwrap();
+            prop_assert!(max_diff(grad_b, &want_b) < 1e-5);
+
+            // candle's own backward, where it works: its input gradient comes out a column or
+            // row short when the stride does not tile the padded input exactly.
+            let tiles = (h + 2 * padding - k) % stride == 0 && (w + 2 * padding - k) % stride == 0;
+            if tiles {
+                let reference = run(conv2d_reference, &x, &weight, &bias, p, transposed);
+                for (name, (a, b)) in ["input grad", "weight grad", "bias grad"].iter().zip(ours[1..].iter().zip(&reference[1..])) {
+                    let d = max_diff(a, b);
+                    prop_assert!(d < 1e-5, "{} differs by {} (relative)", name, d);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simplecnn_shape_and_data_inputs_get_no_gradient() {
+        let p = ConvParams {
+            stride: 1,
+            padding: 1,
+        };
+        let x = random(&[64, 3, 32, 32], 1);
+        let w = Var::from_tensor(&random(&[16, 3, 3, 3], 2)).unwrap();
+        let y = conv2d(&x, w.as_tensor(), None, p).unwrap();
+        assert_eq!(y.dims(), &[64, 16, 32, 32]);
+        let reference = conv2d_reference(&x, w.as_tensor(), None, p).unwrap();
+        assert!(max_diff(&y, &reference) < 1e-5);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none(), "the data tensor gets no gradient");
+        assert!(grads.get(&w).is_some());
+    }
+}

@@ -1,0 +1,8 @@
+//! kiln's own hot operations, as candle custom ops with a forward and a backward. Each keeps
+//! candle's plain composition as its reference (the tests hold the kernels to it) and as the
+//! path for backends and dtypes it does not cover (CUDA, Metal).
+
+pub mod conv2d;
+mod gemm;
+
+pub use conv2d::{conv2d, ConvParams};
