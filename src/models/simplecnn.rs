@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::{Linear, Module, VarBuilder};
 
 use super::{init, ModelSpec, Task};
-use crate::ops::conv2d::{Conv2d, ConvParams};
+use crate::ops::{self, conv2d::Conv2d, ConvParams};
 
 pub const SPEC: ModelSpec = ModelSpec {
     name: "simplecnn",
@@ -35,7 +35,7 @@ impl SimpleCnn {
 
 impl Module for SimpleCnn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
+        let x = ops::relu_max_pool2d(&self.conv1.forward(x)?, 2)?;
         self.fc.forward(&x.flatten_from(1)?)
     }
 }

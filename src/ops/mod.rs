@@ -4,5 +4,7 @@
 
 pub mod conv2d;
 mod gemm;
+pub mod relu_maxpool;
 
 pub use conv2d::{conv2d, ConvParams};
+pub use relu_maxpool::relu_max_pool2d;
