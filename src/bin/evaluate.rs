@@ -1,5 +1,9 @@
 //! `evaluate`: test loss, accuracy, per-class accuracy and confusion matrix of saved weights.
 
+// See Cargo.toml: large tensors are allocated and freed every step.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

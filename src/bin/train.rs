@@ -1,5 +1,9 @@
 //! `train`: the command line over `kiln::train`.
 
+// See Cargo.toml: large tensors are allocated and freed every step.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
