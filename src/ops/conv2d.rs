@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul, Matrix};
 
 /// Images per partial weight-gradient sum: fixed, so the summation order is too.
-const IMAGES_PER_CHUNK: usize = 8;
+pub(super) const IMAGES_PER_CHUNK: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
@@ -76,21 +76,21 @@ impl Module for Conv2d {
 
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    co: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Geometry {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) co: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     p: ConvParams,
 }
 
 impl Geometry {
-    fn new(
+    pub(super) fn new(
         x: (usize, usize, usize, usize),
         weight: (usize, usize, usize, usize),
         p: ConvParams,
@@ -122,13 +122,13 @@ impl Geometry {
         })
     }
     /// Rows of the unfolded input: one per (channel, ky, kx).
-    fn patch(&self) -> usize {
+    pub(super) fn patch(&self) -> usize {
         self.c * self.kh * self.kw
     }
-    fn out_pixels(&self) -> usize {
+    pub(super) fn out_pixels(&self) -> usize {
         self.oh * self.ow
     }
-    fn image(&self) -> usize {
+    pub(super) fn image(&self) -> usize {
         self.c * self.h * self.w
     }
 
@@ -140,7 +140,7 @@ impl Geometry {
     }
 
     /// Unfolds one image into `col` [patch x out_pixels], zeros where the kernel overhangs.
-    fn im2col(&self, image: &[f32], col: &mut [f32]) {
+    pub(super) fn im2col(&self, image: &[f32], col: &mut [f32]) {
         let (hw, ohw) = (self.h * self.w, self.out_pixels());
         for ci in 0..self.c {
             for ky in 0..self.kh {
@@ -163,7 +163,7 @@ impl Geometry {
     }
 
     /// Folds `col` back onto one image, adding overlapping taps: the adjoint of `im2col`.
-    fn col2im(&self, col: &[f32], image: &mut [f32]) {
+    pub(super) fn col2im(&self, col: &[f32], image: &mut [f32]) {
         let (hw, ohw) = (self.h * self.w, self.out_pixels());
         image.fill(0.0);
         for ci in 0..self.c {
@@ -188,7 +188,7 @@ impl Geometry {
 }
 
 /// The f32 data of a contiguous CPU tensor argument.
-fn contiguous_f32<'a>(
+pub(super) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
@@ -398,9 +398,9 @@ impl CustomOp2 for WeightGrad {
 }
 
 /// dL/dX from dL/dY and the weight: col2im(W^T [patch x CO] * dY_i) per image.
-struct InputGrad {
-    p: ConvParams,
-    input: (usize, usize, usize, usize),
+pub(super) struct InputGrad {
+    pub(super) p: ConvParams,
+    pub(super) input: (usize, usize, usize, usize),
 }
 
 impl CustomOp2 for InputGrad {
