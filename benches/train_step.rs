@@ -84,8 +84,8 @@ fn pytorch(batch: usize, steps: usize, repeats: usize, threads: usize) -> Result
 fn main() {
     let threads = arg("--threads")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // Before candle or rayon start their thread pools.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // Before candle or rayon start their thread pools, as the binaries do.
+    kiln::device::prepare_cpu_threads(Some(threads));
     let repeats = arg("--repeats").unwrap_or(5);
     println!("SimpleCNN training step (Adam, random batch in memory), {threads} threads, median of {repeats} repeats");
     println!(

@@ -72,6 +72,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    device::prepare_cpu_threads(None);
     let device = device::open(cli.device)?;
     let loaded = load_model(&cli.checkpoint, cli.model.as_deref(), &device)?;
     let dir = cli

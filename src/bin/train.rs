@@ -196,10 +196,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Some(n) = cli.threads {
-        // candle's CPU backend sizes its thread pool from this variable when first used.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    device::prepare_cpu_threads(cli.threads.map(usize::from));
     let overrides = Overrides {
         epochs: cli.epochs,
         batch_size: cli.batch_size,
