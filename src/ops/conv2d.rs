@@ -9,10 +9,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous_f32;
 use super::gemm::{matmul, Matrix};
 
 /// Images per partial weight-gradient sum: fixed, so the summation order is too.
-pub(super) const IMAGES_PER_CHUNK: usize = 8;
+const IMAGES_PER_CHUNK: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
@@ -162,6 +163,43 @@ impl Geometry {
         }
     }
 
+    /// dL/dW = the sum over images of dY_i [CO x OHW] * col_i^T, where `output_grad(i, dy)`
+    /// fills image i's dY. Images are summed in fixed chunks, and the chunks in index order, so
+    /// the result does not depend on the number of threads.
+    pub(super) fn weight_grad(
+        &self,
+        x: &[f32],
+        output_grad: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Vec<f32> {
+        let size = self.co * self.patch();
+        let images: Vec<usize> = (0..self.n).collect();
+        let partials: Vec<Vec<f32>> = images
+            .par_chunks(IMAGES_PER_CHUNK)
+            .map(|chunk| {
+                let mut sum = vec![0f32; size];
+                let mut col = vec![0f32; self.patch() * self.out_pixels()];
+                let mut dy = vec![0f32; self.co * self.out_pixels()];
+                for &i in chunk {
+                    output_grad(i, &mut dy);
+                    self.im2col(&x[i * self.image()..][..self.image()], &mut col);
+                    let cols = Matrix::rows(&col, self.patch(), self.out_pixels()).t();
+                    matmul(
+                        Matrix::rows(&dy, self.co, self.out_pixels()),
+                        cols,
+                        &mut sum,
+                        true,
+                    );
+                }
+                sum
+            })
+            .collect();
+        let mut total = vec![0f32; size];
+        for partial in &partials {
+            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+        }
+        total
+    }
+
     /// Folds `col` back onto one image, adding overlapping taps: the adjoint of `im2col`.
     pub(super) fn col2im(&self, col: &[f32], image: &mut [f32]) {
         let (hw, ohw) = (self.h * self.w, self.out_pixels());
@@ -184,21 +222,6 @@ impl Geometry {
                 }
             }
         }
-    }
-}
-
-/// The f32 data of a contiguous CPU tensor argument.
-pub(super) fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("kiln conv2d: {what} must be f32");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("kiln conv2d: {what} must be contiguous"),
     }
 }
 
@@ -367,32 +390,10 @@ impl CustomOp2 for WeightGrad {
             contiguous_f32(xs, xl, "input")?,
             contiguous_f32(gs, gl, "gradient")?,
         );
-        let size = g.co * g.patch();
-        let images: Vec<usize> = (0..g.n).collect();
-        let partials: Vec<Vec<f32>> = images
-            .par_chunks(IMAGES_PER_CHUNK)
-            .map(|chunk| {
-                let mut sum = vec![0f32; size];
-                let mut col = vec![0f32; g.patch() * g.out_pixels()];
-                for &i in chunk {
-                    g.im2col(&x[i * g.image()..][..g.image()], &mut col);
-                    let grad_i = &grad[i * g.co * g.out_pixels()..][..g.co * g.out_pixels()];
-                    let cols = Matrix::rows(&col, g.patch(), g.out_pixels()).t();
-                    matmul(
-                        Matrix::rows(grad_i, g.co, g.out_pixels()),
-                        cols,
-                        &mut sum,
-                        true,
-                    );
-                }
-                sum
-            })
-            .collect();
-        // Chunks in index order: the same sum whatever the number of threads.
-        let mut total = vec![0f32; size];
-        for partial in &partials {
-            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
-        }
+        let per_image = g.co * g.out_pixels();
+        let total = g.weight_grad(x, |i, dy| {
+            dy.copy_from_slice(&grad[i * per_image..][..per_image])
+        });
         Ok((CpuStorage::F32(total), Shape::from(self.kernel)))
     }
 }

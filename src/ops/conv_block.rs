@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv2d::{contiguous_f32, conv2d, ConvParams, Geometry, InputGrad, IMAGES_PER_CHUNK};
+use super::contiguous_f32;
+use super::conv2d::{conv2d, ConvParams, Geometry, InputGrad};
 use super::gemm::{matmul, Matrix};
-use super::relu_maxpool::relu_max_pool2d;
+use super::relu_maxpool::{relu_max_pool2d, Pool};
 
 /// A window whose maximum was not positive: ReLU passes no gradient back through it.
 const NO_WINNER: u32 = u32::MAX;
@@ -117,6 +118,12 @@ impl CustomOp3 for ConvReluPool {
         let per_image = g.co * block.pooled();
         let mut out = vec![0f32; g.n * per_image];
         let mut winners = vec![NO_WINNER; g.n * per_image];
+        // Pooling runs over the conv output's planes.
+        let pool = Pool {
+            h: g.oh,
+            w: g.ow,
+            k: self.k,
+        };
         if per_image > 0 {
             out.par_chunks_mut(per_image)
                 .zip(winners.par_chunks_mut(per_image))
@@ -139,24 +146,14 @@ impl CustomOp3 for ConvReluPool {
                             conv,
                             true,
                         );
-                        for c in 0..g.co {
+                        for (c, plane) in conv.chunks(g.out_pixels()).enumerate() {
                             for py in 0..block.ph {
                                 for px in 0..block.pw {
-                                    let (mut best, mut at) = (f32::NEG_INFINITY, 0);
-                                    for dy in 0..self.k {
-                                        let row = c * g.out_pixels()
-                                            + (py * self.k + dy) * g.ow
-                                            + px * self.k;
-                                        for (dx, &v) in conv[row..row + self.k].iter().enumerate() {
-                                            if v > best {
-                                                (best, at) = (v, row + dx);
-                                            }
-                                        }
-                                    }
+                                    let (at, best) = pool.window_max(plane, py, px);
                                     let o = (c * block.ph + py) * block.pw + px;
                                     if best > 0.0 {
                                         out[o] = best;
-                                        winners[o] = at as u32;
+                                        winners[o] = (c * g.out_pixels() + at) as u32;
                                     }
                                 }
                             }
@@ -241,36 +238,10 @@ impl CustomOp2 for BlockWeightGrad {
             contiguous_f32(gs, gl, "gradient")?,
         );
         let per_image = g.co * b.pooled();
-        let size = g.co * g.patch();
-        let images: Vec<usize> = (0..g.n).collect();
-        let partials: Vec<Vec<f32>> = images
-            .par_chunks(IMAGES_PER_CHUNK)
-            .map(|chunk| {
-                let mut sum = vec![0f32; size];
-                let mut col = vec![0f32; g.patch() * g.out_pixels()];
-                let mut dconv = vec![0f32; g.co * g.out_pixels()];
-                for &i in chunk {
-                    b.scatter(
-                        &grad[i * per_image..][..per_image],
-                        &self.winners[i * per_image..][..per_image],
-                        &mut dconv,
-                    );
-                    g.im2col(&x[i * g.image()..][..g.image()], &mut col);
-                    let cols = Matrix::rows(&col, g.patch(), g.out_pixels()).t();
-                    matmul(
-                        Matrix::rows(&dconv, g.co, g.out_pixels()),
-                        cols,
-                        &mut sum,
-                        true,
-                    );
-                }
-                sum
-            })
-            .collect();
-        let mut total = vec![0f32; size];
-        for partial in &partials {
-            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
-        }
+        let total = g.weight_grad(x, |i, dconv| {
+            let at = i * per_image..(i + 1) * per_image;
+            b.scatter(&grad[at.clone()], &self.winners[at], dconv)
+        });
         Ok((CpuStorage::F32(total), Shape::from((g.co, g.c, g.kh, g.kw))))
     }
 }

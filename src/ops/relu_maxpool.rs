@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous_f32;
+
 /// `max_pool2d(relu(x), k)` on `x` [N, C, H, W]; odd edges are dropped, as PyTorch does.
 pub fn relu_max_pool2d(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
@@ -39,19 +41,19 @@ pub fn relu_max_pool2d_reference(x: &Tensor, k: usize) -> candle_core::Result<Te
 
 /// The input plane geometry and its pooled size.
 #[derive(Clone, Copy)]
-struct Pool {
-    h: usize,
-    w: usize,
-    k: usize,
+pub(super) struct Pool {
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
 }
 
 impl Pool {
-    fn out(&self) -> (usize, usize) {
+    pub(super) fn out(&self) -> (usize, usize) {
         (self.h / self.k, self.w / self.k)
     }
 
     /// The flat index (within the plane) of the first maximum of window (oy, ox), and its value.
-    fn window_max(&self, plane: &[f32], oy: usize, ox: usize) -> (usize, f32) {
+    pub(super) fn window_max(&self, plane: &[f32], oy: usize, ox: usize) -> (usize, f32) {
         let mut best = (oy * self.k * self.w + ox * self.k, f32::NEG_INFINITY);
         for dy in 0..self.k {
             let row = (oy * self.k + dy) * self.w + ox * self.k;
@@ -62,13 +64,6 @@ impl Pool {
             }
         }
         best
-    }
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("kiln relu_max_pool2d: needs a contiguous f32 tensor"),
     }
 }
 
@@ -89,7 +84,7 @@ impl CustomOp1 for ReluMaxPool {
         let (n, c, h, w) = layout.shape().dims4()?;
         let pool = Pool { h, w, k: self.k };
         let (oh, ow) = pool.out();
-        let x = contiguous_f32(storage, layout)?;
+        let x = contiguous_f32(storage, layout, "input")?;
         let mut out = vec![0f32; n * c * oh * ow];
         if oh * ow > 0 {
             out.par_chunks_mut(oh * ow)
@@ -133,7 +128,10 @@ impl CustomOp2 for ReluMaxPoolGrad {
         let (n, c, h, w) = xl.shape().dims4()?;
         let pool = Pool { h, w, k: self.k };
         let (oh, ow) = pool.out();
-        let (x, grad) = (contiguous_f32(xs, xl)?, contiguous_f32(gs, gl)?);
+        let (x, grad) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "gradient")?,
+        );
         let mut dx = vec![0f32; n * c * h * w];
         if oh * ow > 0 {
             dx.par_chunks_mut(h * w)
