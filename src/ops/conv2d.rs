@@ -444,16 +444,9 @@ impl CustomOp2 for InputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::ops::random_tensor as random;
+    use candle_core::Var;
     use proptest::prelude::*;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let scale = b

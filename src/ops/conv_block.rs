@@ -313,18 +313,10 @@ impl CustomOp1 for Scatter {
 mod tests {
     use super::*;
     use crate::ops::conv2d::conv2d_reference;
+    use crate::ops::random_tensor as random;
     use crate::ops::relu_maxpool::relu_max_pool2d_reference;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
     use proptest::prelude::*;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..shape.iter().product())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     type Block = fn(&Tensor, &Tensor, &Tensor, ConvParams, usize) -> candle_core::Result<Tensor>;
 

@@ -24,3 +24,15 @@ fn contiguous_f32<'a>(
         _ => candle_core::bail!("kiln op: {what} must be a contiguous f32 tensor"),
     }
 }
+
+/// A tensor of values uniform in [-1, 1), the same for the same seed (for the ops' tests).
+#[cfg(test)]
+fn random_tensor(shape: &[usize], seed: u64) -> candle_core::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..shape.iter().product())
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu)
+        .expect("the shape fits the values")
+}

@@ -155,17 +155,9 @@ impl CustomOp2 for ReluMaxPoolGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::random_tensor as random;
     use candle_core::{Device, Var};
     use proptest::prelude::*;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..shape.iter().product())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn output_and_grad(
         f: fn(&Tensor, usize) -> candle_core::Result<Tensor>,
