@@ -376,10 +376,37 @@ pub fn save_checkpoint(path: &Path, snapshot: Snapshot) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Reads a checkpoint's position (used to find the newest checkpoint).
+/// Reads a checkpoint's position (used to find and prune checkpoints, as often as every step):
+/// only the header, an 8-byte length and that much JSON, not the tensors.
 pub fn read_progress(path: &Path) -> Result<Progress> {
-    let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
-    Ok(parse_progress(path, &read_header(path, &bytes)?)?.0)
+    use std::io::Read;
+    let invalid = |message: String| Error::WeightsInvalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut file = File::open(path).map_err(Error::io("cannot read", path))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)
+        .map_err(|e| invalid(format!("not a safetensors file, or truncated ({e})")))?;
+    let mut header = Vec::new();
+    let length = u64::from_le_bytes(length);
+    let read = file
+        .take(length)
+        .read_to_end(&mut header)
+        .map_err(Error::io("cannot read", path))?;
+    if read as u64 != length {
+        return Err(invalid(
+            "not a safetensors file, or truncated (short header)".into(),
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let header: Header = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("not a safetensors file ({e})")))?;
+    Ok(parse_progress(path, &header.metadata)?.0)
 }
 
 fn parse_progress(path: &Path, meta: &HashMap<String, String>) -> Result<(Progress, usize)> {

@@ -227,7 +227,6 @@ pub fn run(
             progress.epochs_done = epoch;
             progress.steps_into_epoch = 0;
             let path = trainer.save_checkpoint(&progress, optimizer.as_ref(), &Tally::default())?;
-            run_dir.prune_checkpoints(options.keep)?;
             checkpoint::write_atomic(&run_dir.metrics(), progress.history.as_bytes())?;
             Ok(path)
         })?;
@@ -297,9 +296,8 @@ impl Trainer<'_> {
                 tally_seen: tally.seen(),
             },
         )?;
-        if progress.steps_into_epoch > 0 {
-            self.run_dir.prune_checkpoints(self.options.keep)?;
-        }
+        // Keeps --keep epoch checkpoints, and no mid-epoch one older than this.
+        self.run_dir.prune_checkpoints(self.options.keep)?;
         tracing::info!(path = %path.display(), "checkpoint written");
         Ok(path)
     }
