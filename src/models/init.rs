@@ -123,8 +123,7 @@ pub fn linear(
     Ok(Linear::new(weight, Some(bias)))
 }
 
-/// `nn.Conv2d(in, out, kernel)` with square kernels: `weight` [out, in, k, k] and `bias` [out],
-/// running on kiln's own convolution.
+/// `nn.Conv2d(in, out, kernel)` with square kernels: `weight` [out, in, k, k] and `bias` [out].
 pub fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -137,7 +136,7 @@ pub fn conv2d(
     let bias = vb.get_with_hints(out_channels, "bias", init)?;
     Ok(Conv2d {
         weight,
-        bias: Some(bias),
+        bias,
         params,
     })
 }

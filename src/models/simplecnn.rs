@@ -36,10 +36,7 @@ impl SimpleCnn {
 impl Module for SimpleCnn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let conv = &self.conv1;
-        let x = match &conv.bias {
-            Some(bias) => ops::conv_relu_pool(x, &conv.weight, bias, conv.params, 2)?,
-            None => ops::relu_max_pool2d(&conv.forward(x)?, 2)?,
-        };
+        let x = ops::conv_relu_pool(x, &conv.weight, &conv.bias, conv.params, 2)?;
         self.fc.forward(&x.flatten_from(1)?)
     }
 }

@@ -6,7 +6,7 @@
 //! thread count. Elsewhere (CUDA, Metal, other dtypes), candle's own conv2d: the reference that
 //! the tests hold the kernels to.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
@@ -62,17 +62,12 @@ fn add_bias_reference(y: Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
 }
 
-/// A convolution layer over [`conv2d`], with PyTorch's parameter layout.
+/// A convolution layer's parameters, in PyTorch's layout (`nn.Conv2d` with its default bias);
+/// models pass them to [`conv2d`] or to a fused op such as `conv_relu_pool`.
 pub struct Conv2d {
     pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    pub bias: Tensor,
     pub params: ConvParams,
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d(x, &self.weight, self.bias.as_ref(), self.params)
-    }
 }
 
 /// Sizes of one convolution.
@@ -444,7 +439,7 @@ impl CustomOp2 for InputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::random_tensor as random;
+    use crate::ops::{non_contiguous, random_tensor as random};
     use candle_core::Var;
     use proptest::prelude::*;
 
@@ -482,15 +477,8 @@ mod tests {
             Var::from_tensor(w).unwrap(),
             Var::from_tensor(b).unwrap(),
         );
-        // A non-contiguous view of the same values: NCWH storage seen as NCHW.
         let input = if transposed_input {
-            xv.as_tensor()
-                .transpose(2, 3)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .transpose(2, 3)
-                .unwrap()
+            non_contiguous(xv.as_tensor())
         } else {
             xv.as_tensor().clone()
         };

@@ -36,3 +36,12 @@ fn random_tensor(shape: &[usize], seed: u64) -> candle_core::Tensor {
     candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu)
         .expect("the shape fits the values")
 }
+
+/// The same values as `t` [N, C, H, W] in a non-contiguous view: NCWH storage seen as NCHW.
+#[cfg(test)]
+fn non_contiguous(t: &candle_core::Tensor) -> candle_core::Tensor {
+    let transposed = t.transpose(2, 3).and_then(|t| t.contiguous());
+    transposed
+        .and_then(|t| t.transpose(2, 3))
+        .expect("a rank-4 tensor")
+}

@@ -155,7 +155,7 @@ impl CustomOp2 for ReluMaxPoolGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::random_tensor as random;
+    use crate::ops::{non_contiguous, random_tensor as random};
     use candle_core::{Device, Var};
     use proptest::prelude::*;
 
@@ -167,13 +167,7 @@ mod tests {
     ) -> (Vec<f32>, Vec<f32>) {
         let var = Var::from_tensor(x).unwrap();
         let input = if transposed {
-            var.as_tensor()
-                .transpose(2, 3)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .transpose(2, 3)
-                .unwrap()
+            non_contiguous(var.as_tensor())
         } else {
             var.as_tensor().clone()
         };
