@@ -2,7 +2,10 @@
 //! one random batch held in memory, Adam lr 1e-3, cross-entropy, warm-up excluded, the median of
 //! several repeats at batch 64 and 512.
 //!
-//!     cargo bench --bench train_step -- [--threads N] [--repeats N]
+//!     cargo bench --bench train_step -- [--device cpu|cuda] [--threads N] [--repeats N] [--steps N]
+//!
+//! Peak device memory (CUDA): kiln's allocator pool at its fullest and PyTorch's
+//! `max_memory_reserved`, the CUDA context left out of both.
 //!
 //! PyTorch's figures come from pytorch/train_step.py (needs `python3` with torch); without it
 //! they are skipped with a message.
@@ -16,6 +19,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use kiln::config::{resolve, Overrides};
+use kiln::device::DeviceRequest;
+use kiln::ops::cross_entropy;
 use kiln::{models, optim};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -23,25 +28,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn arg(name: &str) -> Option<usize> {
+fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
     let args: Vec<String> = std::env::args().collect();
     let at = args.iter().position(|a| a == name)?;
     args.get(at + 1)?.parse().ok()
 }
 
-/// kiln's images/s for each repeat of `steps` steps at `batch`.
-fn kiln(batch: usize, steps: usize, repeats: usize) -> kiln::Result<Vec<f64>> {
-    let device = Device::Cpu;
+/// kiln's images/s for each repeat of `steps` steps at `batch`, and the peak device memory.
+fn kiln(
+    device: &Device,
+    batch: usize,
+    steps: usize,
+    repeats: usize,
+) -> kiln::Result<(Vec<f64>, Option<u64>)> {
     let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default())?;
-    let built = models::build(spec, 0, &device)?;
+    let built = models::build(spec, 0, device)?;
     let mut optimizer = optim::build(&config, built.params.vars())?;
-    let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &device)?;
-    let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, &device)?;
+    let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
+    let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
-            let loss = candle_nn::loss::cross_entropy(&built.module.forward(&images)?, &labels)?;
+            let loss = cross_entropy(&built.module.forward(&images)?, &labels)?;
             optimizer.step(&loss.backward()?)?;
         }
+        // Queued GPU work counts: the clock stops when it is done.
+        device.synchronize()?;
         Ok(())
     };
     run((steps / 10).max(10))?;
@@ -51,26 +62,32 @@ fn kiln(batch: usize, steps: usize, repeats: usize) -> kiln::Result<Vec<f64>> {
         run(steps)?;
         rates.push((steps * batch) as f64 / start.elapsed().as_secs_f64());
     }
-    Ok(rates)
+    Ok((rates, kiln::device::peak_memory(device)))
 }
 
-/// PyTorch's images/s for each repeat, or why there are none.
-fn pytorch(batch: usize, steps: usize, repeats: usize, threads: usize) -> Result<Vec<f64>, String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/pytorch/train_step.py");
+/// PyTorch's images/s for each repeat and its peak device memory, or why there are none.
+fn pytorch(
+    device: DeviceRequest,
+    batch: usize,
+    steps: usize,
+    repeats: usize,
+    threads: usize,
+) -> Result<(Vec<f64>, Option<u64>), String> {
+    // From the working directory when it is a checkout (a binary carried to a GPU machine runs
+    // there), else from the one this was built in.
+    let script = [
+        "pytorch/train_step.py",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/pytorch/train_step.py"),
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .ok_or("pytorch/train_step.py not found")?;
     let out = Command::new("python3")
-        .args([
-            script,
-            "--batch",
-            &batch.to_string(),
-            "--steps",
-            &steps.to_string(),
-        ])
-        .args([
-            "--repeats",
-            &repeats.to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
+        .args([script, "--batch", &batch.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .args(["--repeats", &repeats.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--device", &device.to_string()])
         .output()
         .map_err(|e| format!("cannot run python3: {e}"))?;
     if !out.status.success() {
@@ -78,45 +95,83 @@ fn pytorch(batch: usize, steps: usize, repeats: usize, threads: usize) -> Result
         return Err(err.lines().last().unwrap_or("failed").to_string());
     }
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    serde_json::from_value(line["images_per_s"].clone()).map_err(|e| e.to_string())
+    let rates = serde_json::from_value(line["images_per_s"].clone()).map_err(|e| e.to_string())?;
+    Ok((rates, line["peak_device_bytes"].as_u64()))
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".to_string(), |b| {
+        format!("{:.1}", b as f64 / (1 << 20) as f64)
+    })
 }
 
 fn main() {
     let threads = arg("--threads")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let request: DeviceRequest = arg("--device").unwrap_or(DeviceRequest::Cpu);
     // Before candle or rayon start their thread pools, as the binaries do.
     kiln::device::prepare_cpu_threads(Some(threads));
+    let device = match kiln::device::open(request) {
+        Ok(device) => device,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+    };
     let repeats = arg("--repeats").unwrap_or(5);
-    println!("SimpleCNN training step (Adam, random batch in memory), {threads} threads, median of {repeats} repeats");
+    let on_gpu = !device.is_cpu();
     println!(
-        "{:>6} {:>12} {:>10} {:>14} {:>10} {:>8}",
-        "batch", "kiln img/s", "ms/step", "pytorch img/s", "ms/step", "ratio"
+        "SimpleCNN training step (Adam, random batch on the device) on {}, median of {repeats} repeats",
+        kiln::device::describe(&device)
     );
-    for (batch, steps) in [(64, 300), (512, 40)] {
-        let ours = match kiln(batch, steps, repeats) {
-            Ok(rates) => median(rates),
+    println!(
+        "{:>6} {:>7} {:>12} {:>9} {:>14} {:>9} {:>8} {:>10} {:>10}",
+        "batch",
+        "steps",
+        "kiln img/s",
+        "ms/step",
+        "pytorch img/s",
+        "ms/step",
+        "ratio",
+        "kiln MiB",
+        "torch MiB"
+    );
+    // At least 1000 timed steps on a GPU, where small batches take well under a millisecond.
+    let sizes = if on_gpu {
+        [(64, 2000), (512, 1000)]
+    } else {
+        [(64, 300), (512, 40)]
+    };
+    for (batch, steps) in sizes {
+        let steps = arg("--steps").unwrap_or(steps);
+        let (ours, our_peak) = match kiln(&device, batch, steps, repeats) {
+            Ok((rates, peak)) => (median(rates), peak),
             Err(err) => {
                 eprintln!("kiln failed at batch {batch}: {err}");
                 std::process::exit(1);
             }
         };
         let ms = |rate: f64| 1000.0 * batch as f64 / rate;
-        match pytorch(batch, steps, repeats, threads) {
-            Ok(rates) => {
+        match pytorch(request, batch, steps, repeats, threads) {
+            Ok((rates, their_peak)) => {
                 let theirs = median(rates);
                 println!(
-                    "{batch:>6} {ours:>12.0} {:>10.2} {theirs:>14.0} {:>10.2} {:>7.2}x",
+                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {theirs:>14.0} {:>9.3} {:>7.2}x {:>10} {:>10}",
                     ms(ours),
                     ms(theirs),
-                    ours / theirs
+                    ours / theirs,
+                    mib(our_peak),
+                    mib(their_peak),
                 );
             }
             Err(why) => {
                 println!(
-                    "{batch:>6} {ours:>12.0} {:>10.2} {:>14} {:>10} {:>8}",
+                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {:>14} {:>9} {:>8} {:>10} {:>10}",
                     ms(ours),
                     "-",
                     "-",
+                    "-",
+                    mib(our_peak),
                     "-"
                 );
                 eprintln!("PyTorch reference skipped: {why}");

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch's side of kiln's step benchmark: SimpleCNN training steps on one random batch held in
 memory (Adam, lr 1e-3, cross-entropy), warm-up excluded. Prints one JSON line:
-{"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat]}.
+{"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat],
+"peak_device_bytes": max_memory_reserved on CUDA, else null}.
 
     python3 pytorch/train_step.py --batch 64 --steps 200 --repeats 5 --threads 2 [--device cpu]
 """
@@ -48,8 +49,9 @@ def main():
         start = time.perf_counter()
         steps(args.steps)
         rates.append(args.steps * args.batch / (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     print(json.dumps({"framework": "pytorch", "version": torch.__version__, "batch": args.batch,
-                      "threads": args.threads, "images_per_s": rates}))
+                      "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak}))
 
 
 if __name__ == "__main__":

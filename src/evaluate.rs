@@ -3,14 +3,15 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use candle_nn::Module;
 
 use crate::checkpoint;
+use crate::data::batches::{batch_ranges, DeviceSet};
 use crate::data::cifar::CLASSES;
-use crate::data::ImageSet;
 use crate::error::{Error, Result};
 use crate::models::{self, Built, ModelSpec, Task};
+use crate::ops::cross_entropy;
 
 pub struct Evaluation {
     /// Mean cross-entropy.
@@ -91,28 +92,42 @@ pub fn load_model(path: &Path, model: Option<&str>, device: &Device) -> Result<L
     Ok(Loaded { spec, built, epoch })
 }
 
-/// Runs `model` over every image of `set` in batches of `batch_size`.
-pub fn evaluate(
-    model: &dyn Module,
-    set: &ImageSet,
-    device: &Device,
-    batch_size: usize,
-) -> Result<Evaluation> {
-    let mut loss_sum = 0.0;
+/// Runs `model` over every image of `set` in batches of `batch_size`. The sums stay on the
+/// device until the end: one read, not one per batch.
+pub fn evaluate(model: &dyn Module, set: &DeviceSet, batch_size: usize) -> Result<Evaluation> {
     let mut confusion = [[0u64; CLASSES.len()]; CLASSES.len()];
-    let order = set.epoch_order(None::<&mut rand_chacha::ChaCha8Rng>);
-    for indices in order.chunks(batch_size) {
-        let (images, labels) = set.batch(indices, device)?;
+    if set.is_empty() {
+        return Ok(Evaluation {
+            loss: f64::NAN,
+            confusion,
+        });
+    }
+    let order = set.order(&(0..set.len()).collect::<Vec<_>>())?;
+    let mut loss_sum: Option<Tensor> = None;
+    let mut predicted = Vec::new();
+    for range in batch_ranges(set.len(), batch_size) {
+        let n = range.len() as f64;
+        let (images, labels) = set.batch(&order, range)?;
         let logits = model.forward(&images)?.detach();
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * indices.len() as f64;
-        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
-        for (&i, &p) in indices.iter().zip(&predicted) {
-            confusion[set.labels()[i] as usize][p as usize] += 1;
+        let loss = (cross_entropy(&logits, &labels)? * n)?;
+        loss_sum = Some(match loss_sum {
+            Some(sum) => (sum + loss)?,
+            None => loss,
+        });
+        predicted.push(logits.argmax(1)?);
+    }
+    let predicted = Tensor::cat(&predicted, 0)?.to_vec1::<u32>()?;
+    for (&label, &p) in set.labels().iter().zip(&predicted) {
+        let row = confusion.get_mut(label as usize).ok_or_else(|| {
+            Error::InvalidSetting(format!("label {label} is not a CIFAR-10 class"))
+        })?;
+        if let Some(cell) = row.get_mut(p as usize) {
+            *cell += 1;
         }
     }
+    let loss_sum = loss_sum.map_or(Ok(0.0), |t| t.to_scalar::<f32>())?;
     Ok(Evaluation {
-        loss: loss_sum / set.len().max(1) as f64,
+        loss: loss_sum as f64 / set.len() as f64,
         confusion,
     })
 }
@@ -120,7 +135,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Tensor};
+    use candle_core::DType;
 
     /// A "model" that always predicts class 3.
     struct AlwaysThree;
@@ -137,7 +152,8 @@ mod tests {
     #[test]
     fn confusion_accuracy_and_loss_of_a_constant_model() {
         let set = crate::data::synthetic::generate(30, 0);
-        let eval = evaluate(&AlwaysThree, &set, &Device::Cpu, 7).unwrap();
+        let set = DeviceSet::new(&set, &Device::Cpu).unwrap();
+        let eval = evaluate(&AlwaysThree, &set, 7).unwrap();
         assert_eq!(eval.total(), 30);
         assert!(
             (eval.accuracy() - 0.1).abs() < 1e-12,

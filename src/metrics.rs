@@ -3,35 +3,26 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::ops::batch_tally;
 
 /// Loss and correct predictions summed over an epoch, on the training device, so a step never
 /// waits for the device unless a figure is read.
 #[derive(Default)]
 pub struct Tally {
-    loss_sum: Option<Tensor>,
-    correct: Option<Tensor>,
+    /// [loss sum, correct predictions]
+    sums: Option<Tensor>,
     seen: usize,
 }
 
 impl Tally {
     /// Adds a batch: its mean `loss`, its `logits` [n, classes] and `labels` [n].
     pub fn add(&mut self, loss: &Tensor, logits: &Tensor, labels: &Tensor) -> Result<()> {
-        let n = labels.dim(0)?;
-        let loss_sum = (loss.detach() * n as f64)?;
-        let correct = logits
-            .argmax(1)?
-            .eq(labels)?
-            .to_dtype(DType::F32)?
-            .sum_all()?;
-        self.loss_sum = Some(match self.loss_sum.take() {
-            Some(sum) => (sum + loss_sum)?,
-            None => loss_sum,
+        let batch = batch_tally(logits, labels, loss)?;
+        self.sums = Some(match self.sums.take() {
+            Some(sums) => (sums + batch)?,
+            None => batch,
         });
-        self.correct = Some(match self.correct.take() {
-            Some(sum) => (sum + correct)?,
-            None => correct,
-        });
-        self.seen += n;
+        self.seen += labels.dim(0)?;
         Ok(())
     }
 
@@ -40,11 +31,14 @@ impl Tally {
     }
 
     /// The running sums as named tensors, for a checkpoint taken mid-epoch.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        [("loss_sum", &self.loss_sum), ("correct", &self.correct)]
-            .into_iter()
-            .filter_map(|(name, t)| Some((name.to_string(), t.clone()?)))
-            .collect()
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let Some(sums) = &self.sums else {
+            return Ok(Vec::new());
+        };
+        Ok(vec![
+            (LOSS_SUM.to_string(), sums.get(0)?),
+            (CORRECT.to_string(), sums.get(1)?),
+        ])
     }
 
     /// Restores a tally from [`Tally::state`] and the number of images it had seen.
@@ -53,26 +47,29 @@ impl Tally {
         seen: usize,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        let get = |name: &str| state.get(name).map(|t| t.to_device(device)).transpose();
-        Ok(Self {
-            loss_sum: get("loss_sum")?,
-            correct: get("correct")?,
-            seen,
-        })
+        let sums = match (state.get(LOSS_SUM), state.get(CORRECT)) {
+            (Some(loss), Some(correct)) => {
+                let sums = Tensor::stack(&[loss, correct], 0)?;
+                Some(sums.to_dtype(DType::F32)?.to_device(device)?)
+            }
+            _ => None,
+        };
+        Ok(Self { sums, seen })
     }
 
     /// Mean loss and accuracy so far (reads from the device).
     pub fn read(&self) -> Result<(f64, f64)> {
-        let (Some(loss), Some(correct)) = (&self.loss_sum, &self.correct) else {
+        let Some(sums) = &self.sums else {
             return Ok((f64::NAN, f64::NAN));
         };
         let n = self.seen as f64;
-        Ok((
-            loss.to_scalar::<f32>()? as f64 / n,
-            correct.to_scalar::<f32>()? as f64 / n,
-        ))
+        let sums = sums.to_vec1::<f32>()?;
+        Ok((sums[0] as f64 / n, sums[1] as f64 / n))
     }
 }
+
+const LOSS_SUM: &str = "loss_sum";
+const CORRECT: &str = "correct";
 
 /// The process's peak resident memory so far, where the platform reports it.
 pub fn peak_rss_bytes() -> Option<u64> {

@@ -35,6 +35,7 @@ pub struct RunSummary {
     pub seconds: f64,
     pub mean_images_per_s: f64,
     pub peak_rss_bytes: Option<u64>,
+    /// Peak device memory of the allocations (see `device::peak_memory`).
     pub device_memory_bytes: Option<u64>,
     pub last: PathBuf,
     pub best: PathBuf,
@@ -129,7 +130,10 @@ impl Reporter {
                     .peak_rss_bytes
                     .map_or("unknown".to_string(), |b| format!("{} RSS", gib(b)));
                 if let Some(b) = s.device_memory_bytes {
-                    memory.push_str(&format!(", {} in use on the device", gib(b)));
+                    memory.push_str(&format!(
+                        ", {} peak on the device (context not included)",
+                        gib(b)
+                    ));
                 }
                 let rows = [
                     (

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use kiln::cli::DataArgs;
 use kiln::data;
+use kiln::data::batches::DeviceSet;
 use kiln::data::cifar::{self, CLASSES};
 use kiln::device::{self, DeviceRequest};
 use kiln::evaluate::{evaluate, load_model, Evaluation};
@@ -82,12 +83,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(cifar::DEFAULT_DIR));
     let dataset = cli.data.dataset.unwrap_or_default();
     let test = data::load_test(dataset, &dir, cli.data.source().as_ref())?;
-    let eval = evaluate(
-        loaded.built.module.as_ref(),
-        &test,
-        &device,
-        cli.batch_size as usize,
-    )?;
+    let test = DeviceSet::new(&test, &device)?;
+    let eval = evaluate(loaded.built.module.as_ref(), &test, cli.batch_size as usize)?;
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli
         .checkpoint

@@ -8,6 +8,7 @@ use rand::Rng;
 
 use super::cifar::{CHANNELS, IMAGE_BYTES, MEAN, SIDE, STD};
 use crate::error::Result;
+use crate::ops::{gather_normalise, Normalisation};
 
 /// Labelled CHW images, 3072 bytes each, in one contiguous buffer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -67,36 +68,73 @@ impl ImageSet {
         }
         order
     }
+}
 
-    /// Gathers the images at `indices` into a normalised f32 batch `[n, 3, 32, 32]` and their
-    /// labels `[n]` (u32), on `device`.
-    pub fn batch(&self, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
-        let table = normalisation_table();
-        let plane = SIDE * SIDE;
-        let mut pixels = Vec::with_capacity(indices.len() * IMAGE_BYTES);
-        let mut labels = Vec::with_capacity(indices.len());
-        for &i in indices {
-            for (c, channel) in self.image(i).chunks_exact(plane).enumerate() {
-                pixels.extend(channel.iter().map(|&b| table[c][b as usize]));
-            }
-            labels.push(u32::from(self.labels[i]));
-        }
-        let n = indices.len();
-        let images = Tensor::from_vec(pixels, (n, CHANNELS, SIDE, SIDE), &Device::Cpu)?;
-        let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
-        Ok((images.to_device(device)?, labels.to_device(device)?))
+/// A labelled set held where training runs, as u8 (CIFAR-10's training set: 150 MB): each batch
+/// is gathered, converted and normalised there in one pass (kiln's op), so a GPU step copies
+/// nothing from the host.
+pub struct DeviceSet {
+    /// [N, 3072] u8
+    images: Tensor,
+    /// [N] u32
+    labels: Tensor,
+    /// The labels on the host too, for figures such as a confusion matrix.
+    host_labels: Vec<u8>,
+}
+
+impl DeviceSet {
+    pub fn new(set: &ImageSet, device: &Device) -> Result<Self> {
+        let labels: Vec<u32> = set.labels.iter().map(|&l| u32::from(l)).collect();
+        Ok(Self {
+            images: Tensor::from_slice(&set.images, (set.len(), IMAGE_BYTES), device)?,
+            labels: Tensor::from_vec(labels, set.len(), device)?,
+            host_labels: set.labels.clone(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.host_labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host_labels.is_empty()
+    }
+
+    pub fn labels(&self) -> &[u8] {
+        &self.host_labels
+    }
+
+    /// An epoch's order (from [`ImageSet::epoch_order`]) on the device, copied there once.
+    pub fn order(&self, order: &[usize]) -> Result<Tensor> {
+        let order: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+        let len = order.len();
+        Ok(Tensor::from_vec(order, len, self.labels.device())?)
+    }
+
+    /// The images at `order[range]` as a normalised f32 batch [n, 3, 32, 32], and their labels
+    /// [n] (u32).
+    pub fn batch(&self, order: &Tensor, range: Range<usize>) -> Result<(Tensor, Tensor)> {
+        let n = range.len();
+        let indices = order.narrow(0, range.start, n)?;
+        let norm = Normalisation {
+            mean: &MEAN,
+            std: &STD,
+            plane: SIDE * SIDE,
+        };
+        let images = gather_normalise(&self.images, &indices, norm)?;
+        Ok((
+            images.reshape((n, CHANNELS, SIDE, SIDE))?,
+            self.labels.index_select(&indices, 0)?,
+        ))
     }
 }
 
-/// `(byte / 255 - mean[c]) / std[c]` for every channel and byte value.
-fn normalisation_table() -> [[f32; 256]; CHANNELS] {
-    let mut table = [[0f32; 256]; CHANNELS];
-    for (c, row) in table.iter_mut().enumerate() {
-        for (b, value) in row.iter_mut().enumerate() {
-            *value = (b as f32 / 255.0 - MEAN[c]) / STD[c];
-        }
-    }
-    table
+/// `range`s of `batch_size` (the last one shorter) covering `len` items.
+pub fn batch_ranges(len: usize, batch_size: usize) -> impl Iterator<Item = Range<usize>> {
+    let batch_size = batch_size.max(1);
+    (0..len)
+        .step_by(batch_size)
+        .map(move |start| start..(start + batch_size).min(len))
 }
 
 #[cfg(test)]
@@ -109,7 +147,9 @@ mod tests {
     #[test]
     fn batches_are_normalised_chw_with_their_labels() {
         let set = synthetic::generate(5, 3);
-        let (x, y) = set.batch(&[4, 1], &Device::Cpu).unwrap();
+        let on_device = DeviceSet::new(&set, &Device::Cpu).unwrap();
+        let order = on_device.order(&[0, 4, 1, 2]).unwrap();
+        let (x, y) = on_device.batch(&order, 1..3).unwrap();
         assert_eq!(x.dims(), &[2, 3, 32, 32]);
         let expected: Vec<u32> = [4, 1].iter().map(|&i| set.labels()[i] as u32).collect();
         assert_eq!(y.to_vec1::<u32>().unwrap(), expected);
@@ -117,7 +157,14 @@ mod tests {
         // Second image of the batch (index 1), green channel, pixel 5.
         let byte = set.image(1)[1024 + 5] as f32;
         let want = (byte / 255.0 - MEAN[1]) / STD[1];
-        assert!((pixels[IMAGE_BYTES + 1024 + 5] - want).abs() < 1e-6);
+        assert_eq!(pixels[IMAGE_BYTES + 1024 + 5], want);
+    }
+
+    #[test]
+    fn batch_ranges_cover_everything_once() {
+        let ranges: Vec<_> = batch_ranges(10, 4).collect();
+        assert_eq!(ranges, [0..4, 4..8, 8..10]);
+        assert_eq!(batch_ranges(0, 4).count(), 0);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub(super) struct Geometry {
     pub(super) kw: usize,
     pub(super) oh: usize,
     pub(super) ow: usize,
-    p: ConvParams,
+    pub(super) p: ConvParams,
 }
 
 impl Geometry {

@@ -4,11 +4,13 @@
 //! zero-fills and adds into (4 MB per stage at batch 64). Fused, the forward pass keeps each
 //! window's winner (the first maximum, if positive) and the backward pass goes straight from
 //! the pooled gradient to the weight and bias gradients, one chunk of images at a time.
-//! Elsewhere (CUDA, Metal, other dtypes) it is the unfused composition of kiln's ops.
+//! On the CPU, and on CUDA where the input needs no gradient (a first layer, as in SimpleCNN);
+//! elsewhere (Metal, other dtypes, a CUDA block fed by another layer) it is the unfused
+//! composition of kiln's ops.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
@@ -27,10 +29,16 @@ pub fn conv_relu_pool(
     p: ConvParams,
     k: usize,
 ) -> candle_core::Result<Tensor> {
-    let ours = x.device().is_cpu()
-        && [x.dtype(), weight.dtype(), bias.dtype()]
-            .iter()
-            .all(|d| *d == DType::F32);
+    let f32s = [x.dtype(), weight.dtype(), bias.dtype()]
+        .iter()
+        .all(|d| *d == DType::F32);
+    let ours = f32s
+        && match x.device() {
+            Device::Cpu => true,
+            // The CUDA kernels compute no input gradient.
+            Device::Cuda(_) => cfg!(feature = "cuda") && !x.track_op(),
+            Device::Metal(_) => false,
+        };
     if ours {
         let op = ConvReluPool {
             p,
@@ -48,6 +56,7 @@ pub fn conv_relu_pool(
 #[derive(Clone, Copy)]
 struct Block {
     g: Geometry,
+    k: usize,
     ph: usize,
     pw: usize,
 }
@@ -59,12 +68,16 @@ impl Block {
         }
         Ok(Self {
             g,
+            k,
             ph: g.oh / k,
             pw: g.ow / k,
         })
     }
     fn pooled(&self) -> usize {
         self.ph * self.pw
+    }
+    fn per_image(&self) -> usize {
+        self.g.co * self.pooled()
     }
 
     /// Routes one image's pooled gradient [CO x pooled] to its winners in `dconv` [CO x OHW].
@@ -76,6 +89,40 @@ impl Block {
             }
         }
     }
+
+    /// The sizes as kernels.cu's `Block`.
+    #[cfg(feature = "cuda")]
+    fn to_cuda(self) -> candle_core::Result<cuda::BlockSizes> {
+        let g = self.g;
+        let int = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| candle_core::Error::Msg(format!("conv_relu_pool: {v} is too large")))
+        };
+        Ok(cuda::BlockSizes {
+            n: int(g.n)?,
+            c: int(g.c)?,
+            h: int(g.h)?,
+            w: int(g.w)?,
+            co: int(g.co)?,
+            kh: int(g.kh)?,
+            kw: int(g.kw)?,
+            stride: int(g.p.stride)?,
+            pad: int(g.p.padding)?,
+            oh: int(g.oh)?,
+            ow: int(g.ow)?,
+            k: int(self.k)?,
+            ph: int(self.ph)?,
+            pw: int(self.pw)?,
+        })
+    }
+}
+
+/// The winners as a slice of a CPU tensor's storage.
+fn winners_of<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [u32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::U32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("conv_relu_pool: winners must be a contiguous u32 tensor"),
+    }
 }
 
 struct ConvReluPool {
@@ -83,7 +130,13 @@ struct ConvReluPool {
     k: usize,
     /// Per pooled output, the index in the image's conv output [CO x OHW] of its window's
     /// winner, or NO_WINNER: set by the forward pass, read by the backward pass.
-    winners: Mutex<Option<Arc<Vec<u32>>>>,
+    winners: Mutex<Option<Tensor>>,
+}
+
+impl ConvReluPool {
+    fn keep_winners(&self, winners: Tensor) {
+        *self.winners.lock().unwrap_or_else(|p| p.into_inner()) = Some(winners);
+    }
 }
 
 impl CustomOp3 for ConvReluPool {
@@ -107,22 +160,16 @@ impl CustomOp3 for ConvReluPool {
             contiguous_f32(ws, wl, "weight")?,
             contiguous_f32(bs, bl, "bias")?,
         );
-        if bias.len() != g.co {
-            candle_core::bail!(
-                "conv_relu_pool: {} biases for {} channels",
-                bias.len(),
-                g.co
-            );
-        }
+        check_bias(bias.len(), g.co)?;
         let kernel = Matrix::rows(weight, g.co, g.patch());
-        let per_image = g.co * block.pooled();
+        let per_image = block.per_image();
         let mut out = vec![0f32; g.n * per_image];
         let mut winners = vec![NO_WINNER; g.n * per_image];
         // Pooling runs over the conv output's planes.
         let pool = Pool {
             h: g.oh,
             w: g.ow,
-            k: self.k,
+            k: block.k,
         };
         if per_image > 0 {
             out.par_chunks_mut(per_image)
@@ -161,9 +208,32 @@ impl CustomOp3 for ConvReluPool {
                     },
                 );
         }
-        *self.winners.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(winners));
+        let count = winners.len();
+        self.keep_winners(Tensor::from_vec(winners, count, &Device::Cpu)?);
         Ok((
             CpuStorage::F32(out),
+            Shape::from((g.n, g.co, block.ph, block.pw)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geometry::new(xl.shape().dims4()?, wl.shape().dims4()?, self.p)?;
+        let block = Block::new(g, self.k)?;
+        check_bias(bl.shape().elem_count(), g.co)?;
+        let (out, winners) = cuda::forward(xs, xl, ws, wl, bs, bl, block)?;
+        let count = g.n * block.per_image();
+        self.keep_winners(super::cuda::tensor(winners, &xs.device, count));
+        Ok((
+            super::cuda::storage(out, &xs.device),
             Shape::from((g.n, g.co, block.ph, block.pw)),
         ))
     }
@@ -187,19 +257,13 @@ impl CustomOp3 for ConvReluPool {
         let grad = grad.contiguous()?;
         let g = Geometry::new(x.dims4()?, weight.dims4()?, self.p)?;
         let block = Block::new(g, self.k)?;
-        let grad_weight = x.apply_op2_no_bwd(
-            &grad,
-            &BlockWeightGrad {
-                block,
-                winners: winners.clone(),
-            },
-        )?;
-        let grad_bias = grad.apply_op1_no_bwd(&BlockBiasGrad {
-            block,
-            winners: winners.clone(),
-        })?;
+        // One buffer: the weight gradient, then the bias gradient.
+        let both = x.apply_op3_no_bwd(&grad, &winners, &BlockGrads { block })?;
+        let weights = g.co * g.patch();
+        let grad_weight = both.narrow(0, 0, weights)?.reshape(weight.shape())?;
+        let grad_bias = both.narrow(0, weights, g.co)?;
         let grad_x = if x.track_op() {
-            let dconv = grad.apply_op1_no_bwd(&Scatter { block, winners })?;
+            let dconv = grad.apply_op2_no_bwd(&winners, &Scatter { block })?;
             Some(dconv.apply_op2_no_bwd(
                 weight,
                 &InputGrad {
@@ -214,15 +278,22 @@ impl CustomOp3 for ConvReluPool {
     }
 }
 
-/// dL/dW: per image, the pooled gradient routed to its winners, times the unfolded input.
-struct BlockWeightGrad {
-    block: Block,
-    winners: Arc<Vec<u32>>,
+fn check_bias(biases: usize, channels: usize) -> candle_core::Result<()> {
+    if biases != channels {
+        candle_core::bail!("conv_relu_pool: {biases} biases for {channels} channels");
+    }
+    Ok(())
 }
 
-impl CustomOp2 for BlockWeightGrad {
+/// dL/dW then dL/db, in one buffer [CO * patch + CO]: per image, the pooled gradient routed to
+/// its winners, times the unfolded input (and summed, for the bias).
+struct BlockGrads {
+    block: Block,
+}
+
+impl CustomOp3 for BlockGrads {
     fn name(&self) -> &'static str {
-        "kiln-conv-relu-pool-weight-grad"
+        "kiln-conv-relu-pool-grads"
     }
 
     fn cpu_fwd(
@@ -231,81 +302,216 @@ impl CustomOp2 for BlockWeightGrad {
         xl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, g) = (self.block, self.block.g);
-        let (x, grad) = (
+        let (x, grad, winners) = (
             contiguous_f32(xs, xl, "input")?,
             contiguous_f32(gs, gl, "gradient")?,
+            winners_of(ws, wl)?,
         );
-        let per_image = g.co * b.pooled();
-        let total = g.weight_grad(x, |i, dconv| {
+        let per_image = b.per_image();
+        let mut both = g.weight_grad(x, |i, dconv| {
             let at = i * per_image..(i + 1) * per_image;
-            b.scatter(&grad[at.clone()], &self.winners[at], dconv)
+            b.scatter(&grad[at.clone()], &winners[at], dconv)
         });
-        Ok((CpuStorage::F32(total), Shape::from((g.co, g.c, g.kh, g.kw))))
-    }
-}
-
-/// dL/db: per channel, the sum of the pooled gradient over windows that had a winner.
-struct BlockBiasGrad {
-    block: Block,
-    winners: Arc<Vec<u32>>,
-}
-
-impl CustomOp1 for BlockBiasGrad {
-    fn name(&self) -> &'static str {
-        "kiln-conv-relu-pool-bias-grad"
-    }
-
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, g) = (self.block, self.block.g);
-        let grad = contiguous_f32(gs, gl, "gradient")?;
         let pooled = b.pooled();
-        let sums = (0..g.co)
-            .map(|c| {
-                (0..g.n)
-                    .map(|i| {
-                        let at = (i * g.co + c) * pooled;
-                        grad[at..at + pooled]
-                            .iter()
-                            .zip(&self.winners[at..at + pooled])
-                            .filter(|(_, &w)| w != NO_WINNER)
-                            .map(|(v, _)| v)
-                            .sum::<f32>()
-                    })
-                    .sum()
-            })
-            .collect();
-        Ok((CpuStorage::F32(sums), Shape::from(g.co)))
+        both.extend((0..g.co).map(|c| {
+            (0..g.n)
+                .map(|i| {
+                    let at = (i * g.co + c) * pooled;
+                    grad[at..at + pooled]
+                        .iter()
+                        .zip(&winners[at..at + pooled])
+                        .filter(|(_, &w)| w != NO_WINNER)
+                        .map(|(v, _)| v)
+                        .sum::<f32>()
+                })
+                .sum::<f32>()
+        }));
+        let len = both.len();
+        Ok((CpuStorage::F32(both), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.block.g;
+        let both = cuda::grads(xs, xl, gs, gl, ws, wl, self.block)?;
+        Ok((
+            super::cuda::storage(both, &xs.device),
+            Shape::from(g.co * g.patch() + g.co),
+        ))
     }
 }
 
-/// The pooled gradient routed to the conv output's shape [N, CO, OH, OW] (for dL/dX).
+/// The pooled gradient routed to the conv output's shape [N, CO, OH, OW] (for dL/dX, CPU only).
 struct Scatter {
     block: Block,
-    winners: Arc<Vec<u32>>,
 }
 
-impl CustomOp1 for Scatter {
+impl CustomOp2 for Scatter {
     fn name(&self) -> &'static str {
         "kiln-conv-relu-pool-scatter"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, g) = (self.block, self.block.g);
-        let grad = contiguous_f32(gs, gl, "gradient")?;
-        let per_image = g.co * b.pooled();
+        let (grad, winners) = (contiguous_f32(gs, gl, "gradient")?, winners_of(ws, wl)?);
+        let per_image = b.per_image();
         let mut dconv = vec![0f32; g.n * g.co * g.out_pixels()];
         if per_image > 0 {
             for (i, out) in dconv.chunks_mut(g.co * g.out_pixels()).enumerate() {
                 b.scatter(
                     &grad[i * per_image..][..per_image],
-                    &self.winners[i * per_image..][..per_image],
+                    &winners[i * per_image..][..per_image],
                     out,
                 );
             }
         }
         Ok((CpuStorage::F32(dconv), Shape::from((g.n, g.co, g.oh, g.ow))))
+    }
+}
+
+/// The block's kernels (kernels.cu: conv_relu_pool_fwd, conv_relu_pool_wgrad, sum_chunks).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout};
+
+    use super::Block;
+    use crate::ops::cuda::{kernel, output, per_item, view, THREADS};
+
+    /// Images whose gradients one block sums before the chunks are added in order.
+    const IMAGES_PER_CHUNK: usize = 8;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub(super) struct BlockSizes {
+        pub n: i32,
+        pub c: i32,
+        pub h: i32,
+        pub w: i32,
+        pub co: i32,
+        pub kh: i32,
+        pub kw: i32,
+        pub stride: i32,
+        pub pad: i32,
+        pub oh: i32,
+        pub ow: i32,
+        pub k: i32,
+        pub ph: i32,
+        pub pw: i32,
+    }
+
+    // SAFETY: plain i32 fields, laid out as kernels.cu's `Block`.
+    unsafe impl DeviceRepr for BlockSizes {}
+
+    /// The pooled output and each window's winner.
+    pub(super) fn forward(
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+        block: Block,
+    ) -> candle_core::Result<(CudaSlice<f32>, CudaSlice<u32>)> {
+        let dev = &xs.device;
+        let (x, w, b) = (
+            view::<f32>(xs, xl, "input")?,
+            view::<f32>(ws, wl, "weight")?,
+            view::<f32>(bs, bl, "bias")?,
+        );
+        let sizes = block.to_cuda()?;
+        let items = block.g.n * block.per_image();
+        let out = output::<f32>(dev, items)?;
+        let winners = output::<u32>(dev, items)?;
+        let func = kernel(dev, "conv_relu_pool_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(&w)
+            .arg(&b)
+            .arg(&sizes)
+            .arg(&out)
+            .arg(&winners);
+        // SAFETY: the arguments match the kernel's signature; it writes `items` of each output.
+        unsafe { launch.launch(per_item(items)) }.w()?;
+        Ok((out, winners))
+    }
+
+    /// The weight gradient [CO * patch] followed by the bias gradient [CO].
+    pub(super) fn grads(
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        block: Block,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &xs.device;
+        let (x, grad, winners) = (
+            view::<f32>(xs, xl, "input")?,
+            view::<f32>(gs, gl, "gradient")?,
+            view::<u32>(ws, wl, "winners")?,
+        );
+        let g = block.g;
+        let sizes = block.to_cuda()?;
+        let chunks = g.n.div_ceil(IMAGES_PER_CHUNK).max(1);
+        let row = g.patch() + 1;
+        let partial = output::<f32>(dev, chunks * g.co * row)?;
+        let stream = dev.cuda_stream();
+        let func = kernel(dev, "conv_relu_pool_wgrad")?;
+        let mut launch = stream.launch_builder(&func);
+        let per_chunk = IMAGES_PER_CHUNK as i32;
+        launch
+            .arg(&x)
+            .arg(&grad)
+            .arg(&winners)
+            .arg(&sizes)
+            .arg(&per_chunk)
+            .arg(&partial);
+        let cfg = LaunchConfig {
+            grid_dim: (g.co as u32, chunks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; block (co, chunk) writes its row.
+        unsafe { launch.launch(cfg) }.w()?;
+
+        let both = output::<f32>(dev, g.co * row)?;
+        let func = kernel(dev, "sum_chunks")?;
+        let mut launch = stream.launch_builder(&func);
+        let (chunks, co, patch) = (chunks as i32, g.co as i32, g.patch() as i32);
+        launch
+            .arg(&partial)
+            .arg(&chunks)
+            .arg(&co)
+            .arg(&patch)
+            .arg(&both);
+        // SAFETY: as above; one thread per output element.
+        unsafe { launch.launch(per_item(g.co * row)) }.w()?;
+        Ok(both)
     }
 }
 

@@ -1,14 +1,21 @@
 //! kiln's own hot operations, as candle custom ops with a forward and a backward. Each keeps
 //! candle's plain composition as its reference (the tests hold the kernels to it) and as the
-//! path for backends and dtypes it does not cover (CUDA, Metal).
+//! path for backends and dtypes it does not cover (Metal; CUDA where no kernel is written).
+//! With the `cuda` feature, `kernels.cu` holds the CUDA kernels (compiled by build.rs).
 
 pub mod conv2d;
 pub mod conv_block;
+pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+pub mod gather;
 mod gemm;
 pub mod relu_maxpool;
 
 pub use conv2d::{conv2d, ConvParams};
 pub use conv_block::conv_relu_pool;
+pub use cross_entropy::{batch_tally, cross_entropy};
+pub use gather::{gather_normalise, Normalisation};
 pub use relu_maxpool::relu_max_pool2d;
 
 use candle_core::{CpuStorage, Layout};
@@ -27,7 +34,7 @@ fn contiguous_f32<'a>(
 
 /// A tensor of values uniform in [-1, 1), the same for the same seed (for the ops' tests).
 #[cfg(test)]
-fn random_tensor(shape: &[usize], seed: u64) -> candle_core::Tensor {
+pub(crate) fn random_tensor(shape: &[usize], seed: u64) -> candle_core::Tensor {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let values: Vec<f32> = (0..shape.iter().product())

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use super::{restore, Optimizer};
 use crate::error::{Error, Result};
@@ -20,10 +20,15 @@ pub struct Settings {
 struct Slot {
     name: String,
     param: Var,
-    /// First moment (PyTorch's `exp_avg`).
-    m: Tensor,
-    /// Second moment (PyTorch's `exp_avg_sq`).
-    v: Tensor,
+    /// PyTorch's `exp_avg` then `exp_avg_sq`, as one [2, numel] tensor: the fused step updates
+    /// both in place.
+    moments: Tensor,
+}
+
+impl Slot {
+    fn moment(&self, which: usize) -> Result<Tensor> {
+        Ok(self.moments.get(which)?.reshape(self.param.shape())?)
+    }
 }
 
 pub struct Adam {
@@ -37,9 +42,13 @@ impl Adam {
         let slots = params
             .into_iter()
             .map(|(name, param)| {
-                let m = param.zeros_like()?;
-                let v = param.zeros_like()?;
-                Ok(Slot { name, param, m, v })
+                let moments =
+                    Tensor::zeros((2, param.elem_count()), param.dtype(), param.device())?;
+                Ok(Slot {
+                    name,
+                    param,
+                    moments,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -50,34 +59,86 @@ impl Adam {
     }
 }
 
+/// Step `t`'s figures, each computed in f64 and rounded to f32 once, as candle's scalar
+/// operations round them: the fused step and the reference composition agree to the bit.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct StepFigures {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    /// lr / (1 - beta1^t)
+    step_size: f32,
+    /// 1 / sqrt(1 - beta2^t)
+    inv_bias_correction2_sqrt: f32,
+}
+
+impl StepFigures {
+    fn new(s: &Settings, t: u64) -> Self {
+        let t = t as i32;
+        Self {
+            beta1: s.beta1 as f32,
+            one_minus_beta1: (1.0 - s.beta1) as f32,
+            beta2: s.beta2 as f32,
+            one_minus_beta2: (1.0 - s.beta2) as f32,
+            eps: s.eps as f32,
+            weight_decay: s.weight_decay as f32,
+            step_size: (s.lr / (1.0 - s.beta1.powi(t))) as f32,
+            inv_bias_correction2_sqrt: (1.0 / (1.0 - s.beta2.powi(t)).sqrt()) as f32,
+        }
+    }
+
+    /// The gradient with weight decay, and the new moments.
+    fn moments(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32) {
+        let g = if self.weight_decay != 0.0 {
+            g + p * self.weight_decay
+        } else {
+            g
+        };
+        (
+            m * self.beta1 + g * self.one_minus_beta1,
+            v * self.beta2 + (g * g) * self.one_minus_beta2,
+        )
+    }
+
+    fn param(&self, p: f32, m: f32, v: f32) -> f32 {
+        let denom = v.sqrt() * self.inv_bias_correction2_sqrt + self.eps;
+        p - (m / denom) * self.step_size
+    }
+}
+
 impl Optimizer for Adam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
-        let Settings {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.settings;
-        let t = self.step as i32;
-        let step_size = lr / (1.0 - beta1.powi(t));
-        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        for slot in &mut self.slots {
-            let Some(grad) = grads.get(&slot.param) else {
-                continue;
-            };
-            let param = slot.param.as_tensor();
-            let grad = if weight_decay != 0.0 {
-                (grad + param.affine(weight_decay, 0.0)?)?
-            } else {
-                grad.clone()
-            };
-            slot.m = ((&slot.m * beta1)? + (&grad * (1.0 - beta1))?)?;
-            slot.v = ((&slot.v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let denom = ((slot.v.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let update = ((&slot.m / denom)? * step_size)?;
-            slot.param.set(&(param - update)?)?;
+        let figures = StepFigures::new(&self.settings, self.step);
+        let updates: Vec<(&Slot, Tensor)> = self
+            .slots
+            .iter()
+            .filter_map(|slot| Some((slot, grads.get(&slot.param)?.contiguous())))
+            .map(|(slot, grad)| Ok((slot, grad?)))
+            .collect::<Result<_>>()?;
+        let Some((first, _)) = updates.first() else {
+            return Ok(());
+        };
+        let fused = updates
+            .iter()
+            .all(|(s, g)| s.param.dtype() == DType::F32 && g.dtype() == DType::F32);
+        match first.param.device() {
+            Device::Cpu if fused => {
+                for (slot, grad) in &updates {
+                    cpu_step(slot, grad, figures)?;
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(device) if fused => cuda::step(device, &updates, figures)?,
+            _ => {
+                for (slot, grad) in &updates {
+                    reference_step(slot, grad, &self.settings, self.step)?;
+                }
+            }
         }
         Ok(())
     }
@@ -93,8 +154,8 @@ impl Optimizer for Adam {
             Tensor::new(self.step as f64, &Device::Cpu)?,
         )];
         for slot in &self.slots {
-            state.push((format!("exp_avg/{}", slot.name), slot.m.clone()));
-            state.push((format!("exp_avg_sq/{}", slot.name), slot.v.clone()));
+            state.push((format!("exp_avg/{}", slot.name), slot.moment(0)?));
+            state.push((format!("exp_avg_sq/{}", slot.name), slot.moment(1)?));
         }
         Ok(state)
     }
@@ -108,24 +169,181 @@ impl Optimizer for Adam {
         let step = step.to_scalar::<f64>()? as u64;
         let mut restored = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
-            let m = restore(
-                state,
-                &format!("exp_avg/{}", slot.name),
-                slot.param.as_tensor(),
-            )?;
-            let v = restore(
-                state,
-                &format!("exp_avg_sq/{}", slot.name),
-                slot.param.as_tensor(),
-            )?;
-            restored.push((m, v));
+            let param = slot.param.as_tensor();
+            let m = restore(state, &format!("exp_avg/{}", slot.name), param)?;
+            let v = restore(state, &format!("exp_avg_sq/{}", slot.name), param)?;
+            restored.push(Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?);
         }
         // Only once everything checked out: a failed load leaves the optimizer as it was.
-        for (slot, (m, v)) in self.slots.iter_mut().zip(restored) {
-            slot.m = m;
-            slot.v = v;
+        for (slot, moments) in self.slots.iter_mut().zip(restored) {
+            slot.moments = moments;
         }
         self.step = step;
+        Ok(())
+    }
+}
+
+/// One parameter's update in two in-place passes and no temporary: the moments, then the
+/// parameter (candle lends one tensor at a time for writing).
+fn cpu_step(slot: &Slot, grad: &Tensor, figures: StepFigures) -> Result<()> {
+    slot.moments
+        .inplace_op3(grad, slot.param.as_tensor(), &UpdateMoments(figures))?;
+    slot.param
+        .as_tensor()
+        .inplace_op2(&slot.moments, &UpdateParam(figures))?;
+    Ok(())
+}
+
+/// The same update composed from candle's tensor operations: the reference the fused steps are
+/// tested against, and the path for other backends and dtypes.
+fn reference_step(slot: &Slot, grad: &Tensor, s: &Settings, t: u64) -> Result<()> {
+    let t = t as i32;
+    let step_size = s.lr / (1.0 - s.beta1.powi(t));
+    let bias_correction2_sqrt = (1.0 - s.beta2.powi(t)).sqrt();
+    let param = slot.param.as_tensor();
+    let grad = if s.weight_decay != 0.0 {
+        (grad + param.affine(s.weight_decay, 0.0)?)?
+    } else {
+        grad.clone()
+    };
+    let m = ((slot.moment(0)? * s.beta1)? + (&grad * (1.0 - s.beta1))?)?;
+    let v = ((slot.moment(1)? * s.beta2)? + (grad.sqr()? * (1.0 - s.beta2))?)?;
+    let denom = ((v.sqrt()? / bias_correction2_sqrt)? + s.eps)?;
+    let update = ((&m / denom)? * step_size)?;
+    slot.param.set(&(param - update)?)?;
+    let moments = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?;
+    slot.moments.slice_set(&moments, 0, 0)?;
+    Ok(())
+}
+
+fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("adam: contiguous f32 tensors expected"),
+    }
+}
+
+fn f32s_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("adam: contiguous f32 tensors expected"),
+    }
+}
+
+/// moments [2, n] <- (grad, param): the new exp_avg and exp_avg_sq.
+struct UpdateMoments(StepFigures);
+
+impl InplaceOp3 for UpdateMoments {
+    fn name(&self) -> &'static str {
+        "kiln-adam-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ms: &mut CpuStorage,
+        ml: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (grad, param) = (f32s(gs, gl)?, f32s(ps, pl)?);
+        let (m, v) = f32s_mut(ms, ml)?.split_at_mut(param.len());
+        for (((m, v), &g), &p) in m.iter_mut().zip(v).zip(grad).zip(param) {
+            (*m, *v) = self.0.moments(p, g, *m, *v);
+        }
+        Ok(())
+    }
+}
+
+/// param <- moments [2, n]: the step itself.
+struct UpdateParam(StepFigures);
+
+impl InplaceOp2 for UpdateParam {
+    fn name(&self) -> &'static str {
+        "kiln-adam-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &mut CpuStorage,
+        pl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<()> {
+        let param = f32s_mut(ps, pl)?;
+        let (m, v) = f32s(ms, ml)?.split_at(param.len());
+        for ((p, &m), &v) in param.iter_mut().zip(m).zip(v) {
+            *p = self.0.param(*p, m, v);
+        }
+        Ok(())
+    }
+}
+
+/// Every parameter's update in one launch per group of eight (kernels.cu: adam_step).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, Tensor};
+
+    use super::{Slot, StepFigures};
+    use crate::error::Result;
+    use crate::ops::cuda::{address, kernel, per_tensor, GROUP};
+
+    #[repr(C)]
+    struct AdamGroup {
+        param: [u64; GROUP],
+        grad: [u64; GROUP],
+        m: [u64; GROUP],
+        v: [u64; GROUP],
+        len: [u32; GROUP],
+    }
+
+    // SAFETY: device addresses and lengths, laid out as kernels.cu's `AdamGroup`.
+    unsafe impl DeviceRepr for AdamGroup {}
+    // SAFETY: f32 figures, laid out as kernels.cu's `AdamStep`.
+    unsafe impl DeviceRepr for StepFigures {}
+
+    pub(super) fn step(
+        device: &CudaDevice,
+        updates: &[(&Slot, Tensor)],
+        figures: StepFigures,
+    ) -> Result<()> {
+        let func = kernel(device, "adam_step")?;
+        let stream = device.cuda_stream();
+        for group in updates.chunks(GROUP) {
+            let mut args = AdamGroup {
+                param: [0; GROUP],
+                grad: [0; GROUP],
+                m: [0; GROUP],
+                v: [0; GROUP],
+                len: [0; GROUP],
+            };
+            let mut longest = 0;
+            for (at, (slot, grad)) in group.iter().enumerate() {
+                let len = slot.param.elem_count();
+                args.param[at] = address(slot.param.as_tensor(), &stream)?;
+                args.grad[at] = address(grad, &stream)?;
+                args.m[at] = address(&slot.moments, &stream)?;
+                args.v[at] = args.m[at] + (len * std::mem::size_of::<f32>()) as u64;
+                args.len[at] = u32::try_from(len).map_err(|_| {
+                    candle_core::Error::Msg(format!("adam: {} has {len} elements", slot.name))
+                })?;
+                longest = longest.max(len);
+            }
+            let cfg = per_tensor(group.len(), longest);
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&args).arg(&figures);
+            // SAFETY: every address is a live contiguous f32 buffer of `len` elements (two for
+            // the moments) held by this optimizer or the gradient store until the launch is
+            // queued; candle orders all work on this one stream. The kernel writes only the
+            // parameters and moments, which nothing else reads until the next step.
+            unsafe { launch.launch(cfg) }.w()?;
+        }
         Ok(())
     }
 }
@@ -175,6 +393,61 @@ mod tests {
         }
     }
 
+    /// The fused step against the composition of candle operations, five steps with weight
+    /// decay on a matrix and a vector: the same bits.
+    #[test]
+    fn fused_step_matches_the_reference_bit_for_bit() {
+        let settings = Settings {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        };
+        let init = |seed| crate::ops::random_tensor(&[3, 7], seed);
+        let run = |fused: bool| -> Vec<u32> {
+            let (a, b) = (
+                Var::from_tensor(&init(1)).unwrap(),
+                Var::from_tensor(&init(2).get(0).unwrap()).unwrap(),
+            );
+            let mut adam = Adam::new(
+                vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+                settings,
+            )
+            .unwrap();
+            for _ in 0..5 {
+                let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap()
+                    + (b.as_tensor() * 3.0)
+                        .unwrap()
+                        .sin()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap())
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                if fused {
+                    adam.step(&grads).unwrap();
+                } else {
+                    adam.step += 1;
+                    for slot in &adam.slots {
+                        reference_step(slot, grads.get(&slot.param).unwrap(), &settings, adam.step)
+                            .unwrap();
+                    }
+                }
+            }
+            [
+                a.as_tensor().flatten_all().unwrap(),
+                b.as_tensor().clone(),
+                adam.slots[0].moments.flatten_all().unwrap(),
+            ]
+            .iter()
+            .flat_map(|t| t.to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect()
+        };
+        assert_eq!(run(true), run(false));
+    }
+
     #[test]
     fn state_round_trips_and_continues_identically() {
         let settings = Settings {
@@ -194,7 +467,8 @@ mod tests {
             quadratic_step(&mut straight, &p);
         }
         let saved: HashMap<String, Tensor> = straight.state().unwrap().into_iter().collect();
-        let q = Var::from_tensor(p.as_tensor()).unwrap();
+        // A copy: Var::from_tensor would share p's storage, and the two runs would step it twice.
+        let q = Var::new(p.to_vec1::<f32>().unwrap(), &Device::Cpu).unwrap();
         let mut resumed = Adam::new(vec![("p".into(), q.clone())], settings).unwrap();
         resumed.load_state(&saved).unwrap();
         quadratic_step(&mut straight, &p);

@@ -43,29 +43,14 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let Settings {
-            lr,
-            momentum,
-            weight_decay,
-        } = self.settings;
+        #[cfg(feature = "cuda")]
+        if let Some(device) = self.fused_on(grads) {
+            return cuda::step(&device, &mut self.slots, grads, self.settings);
+        }
         for slot in &mut self.slots {
-            let Some(grad) = grads.get(&slot.param) else {
-                continue;
-            };
-            let param = slot.param.as_tensor();
-            let mut direction = if weight_decay != 0.0 {
-                (grad + param.affine(weight_decay, 0.0)?)?
-            } else {
-                grad.clone()
-            };
-            if momentum != 0.0 {
-                direction = match &slot.velocity {
-                    Some(v) => ((v * momentum)? + direction)?,
-                    None => direction,
-                };
-                slot.velocity = Some(direction.clone());
+            if let Some(grad) = grads.get(&slot.param) {
+                reference_step(slot, grad, self.settings)?;
             }
-            slot.param.set(&(param - (direction * lr)?)?)?;
         }
         Ok(())
     }
@@ -101,6 +86,135 @@ impl Optimizer for Sgd {
         }
         for (slot, velocity) in self.slots.iter_mut().zip(restored) {
             slot.velocity = velocity;
+        }
+        Ok(())
+    }
+}
+
+/// One parameter's update composed from candle's tensor operations (the CPU path: SGD is the
+/// set-up check's optimizer, a handful of numbers).
+fn reference_step(slot: &mut Slot, grad: &Tensor, s: Settings) -> Result<()> {
+    let param = slot.param.as_tensor();
+    let mut direction = if s.weight_decay != 0.0 {
+        (grad + param.affine(s.weight_decay, 0.0)?)?
+    } else {
+        grad.clone()
+    };
+    if s.momentum != 0.0 {
+        direction = match &slot.velocity {
+            Some(v) => ((v * s.momentum)? + direction)?,
+            None => direction,
+        };
+        slot.velocity = Some(direction.clone());
+    }
+    slot.param.set(&(param - (direction * s.lr)?)?)?;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+impl Sgd {
+    /// The CUDA device, when every parameter is f32 there and kernels.cu's step applies.
+    fn fused_on(&self, grads: &GradStore) -> Option<candle_core::CudaDevice> {
+        let first = self.slots.first()?;
+        let candle_core::Device::Cuda(device) = first.param.device() else {
+            return None;
+        };
+        let f32s = self.slots.iter().all(|slot| {
+            slot.param.dtype() == candle_core::DType::F32
+                && grads
+                    .get(&slot.param)
+                    .is_none_or(|g| g.dtype() == candle_core::DType::F32)
+        });
+        f32s.then(|| device.clone())
+    }
+}
+
+/// Every parameter's update in one launch per group of eight (kernels.cu: sgd_step).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backprop::GradStore;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, Tensor};
+
+    use super::{Settings, Slot};
+    use crate::error::Result;
+    use crate::ops::cuda::{address, kernel, per_tensor, GROUP};
+
+    #[repr(C)]
+    struct SgdGroup {
+        param: [u64; GROUP],
+        grad: [u64; GROUP],
+        velocity: [u64; GROUP],
+        len: [u32; GROUP],
+        first: [u32; GROUP],
+    }
+
+    #[repr(C)]
+    struct SgdStep {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    }
+
+    // SAFETY: device addresses, lengths and flags, laid out as kernels.cu's `SgdGroup`.
+    unsafe impl DeviceRepr for SgdGroup {}
+    // SAFETY: f32 figures, laid out as kernels.cu's `SgdStep`.
+    unsafe impl DeviceRepr for SgdStep {}
+
+    pub(super) fn step(
+        device: &CudaDevice,
+        slots: &mut [Slot],
+        grads: &GradStore,
+        s: Settings,
+    ) -> Result<()> {
+        let with_momentum = s.momentum != 0.0;
+        let mut updates: Vec<(&Slot, Tensor, bool)> = Vec::new();
+        for slot in slots.iter_mut() {
+            let Some(grad) = grads.get(&slot.param) else {
+                continue;
+            };
+            // The buffer's first value is the first direction; the kernel writes it whole.
+            let first = with_momentum && slot.velocity.is_none();
+            if first {
+                slot.velocity = Some(slot.param.zeros_like()?);
+            }
+            updates.push((slot, grad.contiguous()?, first));
+        }
+        let figures = SgdStep {
+            lr: s.lr as f32,
+            momentum: s.momentum as f32,
+            weight_decay: s.weight_decay as f32,
+        };
+        let func = kernel(device, "sgd_step")?;
+        let stream = device.cuda_stream();
+        for group in updates.chunks(GROUP) {
+            let mut args = SgdGroup {
+                param: [0; GROUP],
+                grad: [0; GROUP],
+                velocity: [0; GROUP],
+                len: [0; GROUP],
+                first: [0; GROUP],
+            };
+            let mut longest = 0;
+            for (at, (slot, grad, first)) in group.iter().enumerate() {
+                let len = slot.param.elem_count();
+                args.param[at] = address(slot.param.as_tensor(), &stream)?;
+                args.grad[at] = address(grad, &stream)?;
+                if let Some(velocity) = &slot.velocity {
+                    args.velocity[at] = address(velocity, &stream)?;
+                }
+                args.len[at] = u32::try_from(len).map_err(|_| {
+                    candle_core::Error::Msg(format!("sgd: {} has {len} elements", slot.name))
+                })?;
+                args.first[at] = u32::from(*first);
+                longest = longest.max(len);
+            }
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&args).arg(&figures);
+            // SAFETY: as in Adam's step: live contiguous f32 buffers of `len` elements, one
+            // stream; the velocity address is read only with momentum, when it is set.
+            unsafe { launch.launch(per_tensor(group.len(), longest)) }.w()?;
         }
         Ok(())
     }

@@ -13,12 +13,14 @@ use candle_core::{Device, Var};
 use super::{rng, Stream};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir, Snapshot};
 use crate::config::Config;
+use crate::data::batches::{batch_ranges, DeviceSet};
 use crate::data::cifar::{MEAN, STD};
 use crate::data::DataSets;
 use crate::error::{Error, Result};
 use crate::evaluate::evaluate;
 use crate::metrics::{self, EpochRecord, Tally};
 use crate::models::{self, ModelSpec};
+use crate::ops::cross_entropy;
 use crate::optim::{self, Optimizer};
 use crate::plots;
 use crate::profile::{Phase, PhaseTimer};
@@ -128,6 +130,9 @@ pub fn run(
         params: &params,
         options,
     };
+    // The whole data set lives where training runs; batches are cut from it there.
+    let train_set = DeviceSet::new(&data.train, device)?;
+    let test_set = DeviceSet::new(&data.test, device)?;
     let started = Instant::now();
     let first_epoch = progress.epochs_done + 1;
     let (mut images_trained, mut train_seconds_total) = (0usize, 0f64);
@@ -142,20 +147,21 @@ pub fn run(
         let order = data
             .train
             .epoch_order(config.shuffle.then_some(&mut order_rng));
+        let order = train_set.order(&order)?;
         let skip = progress.steps_into_epoch;
         let mut tally = match resumed_tally.take() {
             Some(tally) if skip > 0 => tally,
             _ => Tally::default(),
         };
         let seen_before = tally.seen();
-        let bar = reporter.epoch_bar(epoch, config.epochs, order.len());
-        for (step, indices) in order.chunks(config.batch_size).enumerate().skip(skip) {
+        let bar = reporter.epoch_bar(epoch, config.epochs, train_set.len());
+        let batches = batch_ranges(train_set.len(), config.batch_size);
+        for (step, range) in batches.enumerate().skip(skip) {
             let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
-            let (images, labels) =
-                phases.time(Phase::Data, || data.train.batch(indices, device))?;
+            let (images, labels) = phases.time(Phase::Data, || train_set.batch(&order, range))?;
             let (logits, loss) = phases.time(Phase::Forward, || {
                 let logits = built.module.forward(&images)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let loss = cross_entropy(&logits, &labels)?;
                 Ok((logits, loss))
             })?;
             let grads = phases.time(Phase::Backward, || Ok(loss.backward()?))?;
@@ -196,12 +202,7 @@ pub fn run(
         train_seconds_total += train_seconds;
 
         let eval = phases.time(Phase::Evaluate, || {
-            evaluate(
-                built.module.as_ref(),
-                &data.test,
-                device,
-                config.eval_batch_size,
-            )
+            evaluate(built.module.as_ref(), &test_set, config.eval_batch_size)
         })?;
         let record = EpochRecord {
             epoch,
@@ -257,7 +258,7 @@ pub fn run(
         seconds: started.elapsed().as_secs_f64(),
         mean_images_per_s: images_trained as f64 / train_seconds_total.max(1e-9),
         peak_rss_bytes: metrics::peak_rss_bytes(),
-        device_memory_bytes: crate::device::memory_in_use(device),
+        device_memory_bytes: crate::device::peak_memory(device),
         last: run_dir.last(),
         best: run_dir.best(),
         plot: run_dir.plot(),
@@ -292,7 +293,7 @@ impl Trainer<'_> {
                 progress,
                 params: self.params,
                 optimizer: optimizer.state()?,
-                tally: tally.state(),
+                tally: tally.state()?,
                 tally_seen: tally.seen(),
             },
         )?;

@@ -1,0 +1,36 @@
+//! With the `cuda` feature, compiles kiln's CUDA kernels (src/ops/kernels.cu) to PTX with nvcc,
+//! as candle-kernels does; the driver finishes the compile for the GPU it runs on. A CPU build
+//! needs no CUDA at all.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let source = "src/ops/kernels.cu";
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    // PTX for this virtual architecture runs on it and every newer GPU (default: Volta, 7.0).
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "70".to_string());
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kiln.ptx");
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg(source)
+        .arg("-o")
+        .arg(&out)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("`{nvcc}` failed ({s}) compiling {source}"),
+        Err(e) => panic!(
+            "the `cuda` feature needs NVIDIA's CUDA compiler: cannot run `{nvcc}` ({e}). \
+             Install the CUDA toolkit and put nvcc on PATH (or set NVCC)"
+        ),
+    }
+}

@@ -1,0 +1,399 @@
+//! Softmax cross-entropy fused: one pass forward (the mean loss), one pass backward
+//! ((softmax - onehot) * dL/dloss / n), where candle composes log-softmax, gather and mean from
+//! a handful of tensors each way. And a batch's figures for the epoch's running sums in one
+//! pass. CPU and CUDA; elsewhere (Metal, other dtypes) candle's composition, which is also the
+//! reference the tests hold these to.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+
+use super::contiguous_f32;
+
+/// Whether kiln's kernels take these arguments: f32 logits [n, k], u32 labels, CPU or CUDA.
+fn ours(logits: &Tensor, labels: &Tensor) -> bool {
+    let device = match logits.device() {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        Device::Metal(_) => false,
+    };
+    device
+        && logits.dtype() == DType::F32
+        && labels.dtype() == DType::U32
+        && logits.rank() == 2
+        && labels.rank() == 1
+}
+
+/// The mean cross-entropy of `logits` [n, k] against class `labels` [n] (u32).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    if ours(logits, labels) {
+        logits
+            .contiguous()?
+            .apply_op2(&labels.contiguous()?, CrossEntropy)
+    } else {
+        candle_nn::loss::cross_entropy(logits, labels)
+    }
+}
+
+/// `[loss * n, correct]` for a batch: its mean `loss`, and how many rows of `logits` have their
+/// first maximum at the label. No gradient.
+pub fn batch_tally(logits: &Tensor, labels: &Tensor, loss: &Tensor) -> candle_core::Result<Tensor> {
+    let (logits, loss) = (logits.detach(), loss.detach());
+    if ours(&logits, labels) && loss.dtype() == DType::F32 {
+        logits
+            .contiguous()?
+            .apply_op3_no_bwd(&labels.contiguous()?, &loss, &BatchTally)
+    } else {
+        let n = labels.dim(0)? as f64;
+        let correct = logits
+            .argmax(1)?
+            .eq(labels)?
+            .to_dtype(DType::F32)?
+            .sum_all()?;
+        Tensor::stack(&[(loss.to_dtype(DType::F32)? * n)?, correct], 0)
+    }
+}
+
+fn labels_u32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [u32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::U32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("cross_entropy: labels must be a contiguous u32 tensor"),
+    }
+}
+
+/// Rows and classes of `logits`, checked against `labels`.
+fn sizes(logits: &Layout, labels: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (n, k) = logits.shape().dims2()?;
+    if labels.shape().elem_count() != n {
+        candle_core::bail!(
+            "cross_entropy: {} labels for {n} rows of logits",
+            labels.shape().elem_count()
+        );
+    }
+    Ok((n, k))
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    top + row.iter().map(|v| (v - top).exp()).sum::<f32>().ln()
+}
+
+/// The first maximum's index.
+fn argmax(row: &[f32]) -> usize {
+    (1..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best })
+}
+
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "kiln-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = sizes(ll, yl)?;
+        let (logits, labels) = (contiguous_f32(ls, ll, "logits")?, labels_u32(ys, yl)?);
+        let sum: f32 = logits
+            .chunks_exact(k.max(1))
+            .zip(labels)
+            .map(|(row, &y)| match row.get(y as usize) {
+                Some(v) => log_sum_exp(row) - v,
+                None => f32::NAN,
+            })
+            .sum();
+        Ok((CpuStorage::F32(vec![sum / n as f32]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = sizes(ll, yl)?;
+        let loss = cuda::forward(ls, ll, ys, yl, n, k)?;
+        Ok((super::cuda::storage(loss, &ls.device), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let grad_logits = logits.apply_op3_no_bwd(labels, &grad, &CrossEntropyGrad)?;
+        Ok((Some(grad_logits), None))
+    }
+}
+
+/// (softmax(row) - onehot(label)) * dL/dloss / n, the loss gradient staying on the device.
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "kiln-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = sizes(ll, yl)?;
+        let (logits, labels) = (contiguous_f32(ls, ll, "logits")?, labels_u32(ys, yl)?);
+        let scale = contiguous_f32(gs, gl, "loss gradient")?[0] / n as f32;
+        let mut grad = vec![0f32; n * k];
+        for ((row, out), &y) in logits
+            .chunks_exact(k.max(1))
+            .zip(grad.chunks_exact_mut(k.max(1)))
+            .zip(labels)
+        {
+            let lse = log_sum_exp(row);
+            for (j, (v, g)) in row.iter().zip(out.iter_mut()).enumerate() {
+                let hot = if j == y as usize { 1.0 } else { 0.0 };
+                *g = ((v - lse).exp() - hot) * scale;
+            }
+        }
+        Ok((CpuStorage::F32(grad), Shape::from((n, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = sizes(ll, yl)?;
+        let grad = cuda::backward(ls, ll, ys, yl, gs, gl, n, k)?;
+        Ok((super::cuda::storage(grad, &ls.device), Shape::from((n, k))))
+    }
+}
+
+struct BatchTally;
+
+impl CustomOp3 for BatchTally {
+    fn name(&self) -> &'static str {
+        "kiln-batch-tally"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = sizes(ll, yl)?;
+        let (logits, labels) = (contiguous_f32(ls, ll, "logits")?, labels_u32(ys, yl)?);
+        let loss = contiguous_f32(ss, sl, "loss")?[0];
+        let correct = logits
+            .chunks_exact(k.max(1))
+            .zip(labels)
+            .filter(|(row, &y)| argmax(row) == y as usize)
+            .count();
+        Ok((
+            CpuStorage::F32(vec![loss * n as f32, correct as f32]),
+            Shape::from(2),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = sizes(ll, yl)?;
+        let sums = cuda::tally(ls, ll, ys, yl, ss, sl, n, k)?;
+        Ok((super::cuda::storage(sums, &ls.device), Shape::from(2)))
+    }
+}
+
+/// kernels.cu: cross_entropy_fwd, cross_entropy_bwd, batch_tally.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout};
+
+    use crate::ops::cuda::{kernel, one_block, output, per_item, view};
+
+    fn int(v: usize) -> candle_core::Result<i32> {
+        i32::try_from(v)
+            .map_err(|_| candle_core::Error::Msg(format!("cross_entropy: {v} rows or classes")))
+    }
+
+    pub(super) fn forward(
+        ls: &CudaStorage,
+        ll: &Layout,
+        ys: &CudaStorage,
+        yl: &Layout,
+        n: usize,
+        k: usize,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &ls.device;
+        let (logits, labels) = (
+            view::<f32>(ls, ll, "logits")?,
+            view::<u32>(ys, yl, "labels")?,
+        );
+        let loss = output::<f32>(dev, 1)?;
+        let func = kernel(dev, "cross_entropy_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        let (n, k) = (int(n)?, int(k)?);
+        launch.arg(&logits).arg(&labels).arg(&n).arg(&k).arg(&loss);
+        // SAFETY: the arguments match the kernel's signature; thread 0 writes the one output.
+        unsafe { launch.launch(one_block()) }.w()?;
+        Ok(loss)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        ls: &CudaStorage,
+        ll: &Layout,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        n: usize,
+        k: usize,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &ls.device;
+        let (logits, labels) = (
+            view::<f32>(ls, ll, "logits")?,
+            view::<u32>(ys, yl, "labels")?,
+        );
+        let grad_loss = view::<f32>(gs, gl, "loss gradient")?;
+        let grad = output::<f32>(dev, n * k)?;
+        let func = kernel(dev, "cross_entropy_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        let (rows, k) = (int(n)?, int(k)?);
+        launch
+            .arg(&logits)
+            .arg(&labels)
+            .arg(&grad_loss)
+            .arg(&rows)
+            .arg(&k)
+            .arg(&grad);
+        // SAFETY: as above; one thread per row writes the row's k gradients.
+        unsafe { launch.launch(per_item(n)) }.w()?;
+        Ok(grad)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tally(
+        ls: &CudaStorage,
+        ll: &Layout,
+        ys: &CudaStorage,
+        yl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+        n: usize,
+        k: usize,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &ls.device;
+        let (logits, labels) = (
+            view::<f32>(ls, ll, "logits")?,
+            view::<u32>(ys, yl, "labels")?,
+        );
+        let loss = view::<f32>(ss, sl, "loss")?;
+        let sums = output::<f32>(dev, 2)?;
+        let func = kernel(dev, "batch_tally")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        let (n, k) = (int(n)?, int(k)?);
+        launch
+            .arg(&logits)
+            .arg(&labels)
+            .arg(&loss)
+            .arg(&n)
+            .arg(&k)
+            .arg(&sums);
+        // SAFETY: as above; thread 0 writes both sums.
+        unsafe { launch.launch(one_block()) }.w()?;
+        Ok(sums)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::random_tensor as random;
+    use candle_core::Var;
+    use proptest::prelude::*;
+
+    fn labels(n: usize, k: usize, seed: u64) -> Tensor {
+        let values: Vec<u32> = (0..n as u64)
+            .map(|i| ((i * 7 + seed) % k as u64) as u32)
+            .collect();
+        Tensor::from_vec(values, n, &Device::Cpu).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn loss_and_gradient_match_candles_composition(
+            n in 1usize..40, k in 1usize..12, seed in 0u64..1000, scale in 0.1f64..30.0,
+        ) {
+            let logits = Var::from_tensor(&(random(&[n, k], seed) * scale).unwrap()).unwrap();
+            let y = labels(n, k, seed);
+            let ours = cross_entropy(logits.as_tensor(), &y).unwrap();
+            let reference = candle_nn::loss::cross_entropy(logits.as_tensor(), &y).unwrap();
+            let (a, b) = (ours.to_scalar::<f32>().unwrap(), reference.to_scalar::<f32>().unwrap());
+            prop_assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+            // An upstream gradient other than 1, as when the loss is scaled.
+            let grad = |loss: Tensor| {
+                let g = (loss * 3.0).unwrap().backward().unwrap();
+                g.get(&logits).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            for (x, r) in grad(ours).iter().zip(grad(reference)) {
+                prop_assert!((x - r).abs() <= 1e-6, "gradient {x} vs {r}");
+            }
+        }
+
+        #[test]
+        fn tally_matches_candles_argmax(n in 1usize..40, k in 1usize..12, seed in 0u64..1000) {
+            let logits = random(&[n, k], seed);
+            let y = labels(n, k, seed);
+            let loss = Tensor::new(0.75f32, &Device::Cpu).unwrap();
+            let ours = batch_tally(&logits, &y, &loss).unwrap().to_vec1::<f32>().unwrap();
+            let correct = logits.argmax(1).unwrap().eq(&y).unwrap()
+                .to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            prop_assert_eq!(ours, vec![0.75 * n as f32, correct]);
+        }
+    }
+
+    #[test]
+    fn a_label_out_of_range_gives_nan_not_a_crash() {
+        let logits = random(&[2, 3], 1);
+        let y = Tensor::new(&[0u32, 7], &Device::Cpu).unwrap();
+        let loss = cross_entropy(&logits, &y)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(loss.is_nan());
+    }
+}

@@ -1,0 +1,108 @@
+//! Launching kiln's CUDA kernels (src/ops/kernels.cu, compiled to PTX by build.rs) from candle
+//! custom ops: loading, argument views, output buffers, launch shapes.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln.ptx"));
+
+/// Tensors per launch of a group kernel (GROUP in kernels.cu: `AdamGroup`, `SgdGroup`).
+pub const GROUP: usize = 8;
+
+/// Threads per block; the kernels' block reductions assume it (BLOCK in kernels.cu).
+pub const THREADS: u32 = 256;
+
+/// A kernel of kiln's module, loaded on first use (candle caches the module per device).
+pub fn kernel(device: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+    Ok(device
+        .get_or_load_custom_func(name, "kiln", PTX)?
+        .into_cuda_function())
+}
+
+/// The elements of a contiguous tensor argument (`what` names it in the error).
+pub fn view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("kiln op: {what} must be contiguous");
+    };
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// An uninitialised buffer of `len` elements, which the kernel about to run fills entirely.
+pub fn output<T: CudaDType + DeviceRepr>(
+    device: &CudaDevice,
+    len: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: callers launch a kernel that writes every element before anything reads them.
+    unsafe { device.alloc::<T>(len.max(1)) }
+}
+
+pub fn storage<T: CudaDType>(slice: CudaSlice<T>, device: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, device.clone())
+}
+
+/// A tensor (outside any graph) over a buffer a kernel wrote, such as the pool's winners.
+pub fn tensor<T: CudaDType>(
+    slice: CudaSlice<T>,
+    device: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(storage(slice, device)),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+/// Enough blocks of [`THREADS`] for one thread per item (grid-stride loops take any excess).
+pub fn per_item(items: usize) -> LaunchConfig {
+    let blocks = items.div_ceil(THREADS as usize).clamp(1, 65_535);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block: for kernels that reduce a batch to a few numbers.
+pub fn one_block() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The device address of a contiguous f32 tensor's first element, for kernels that take many
+/// tensors at once (the optimizers' steps); the tensor must outlive the launch.
+pub fn address(t: &Tensor, stream: &CudaStream) -> candle_core::Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        candle_core::bail!("kiln op: a tensor is not on the CUDA device");
+    };
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("kiln op: a tensor is not contiguous");
+    };
+    let (base, _) = storage.as_cuda_slice::<f32>()?.device_ptr(stream);
+    Ok(base + (start * std::mem::size_of::<f32>()) as u64)
+}
+
+/// Launch shape for a group kernel: `tensors` along y, enough blocks along x for the longest.
+pub fn per_tensor(tensors: usize, longest: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            longest.div_ceil(THREADS as usize).clamp(1, 1024) as u32,
+            tensors as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

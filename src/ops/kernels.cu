@@ -1,0 +1,302 @@
+// kiln's CUDA kernels. f32 data, contiguous tensors, row-major (NCHW) layouts.
+//
+// build.rs compiles this file to PTX with nvcc when the `cuda` feature is on; src/ops/cuda.rs
+// loads it through candle's CudaDevice and launches the kernels from candle custom ops. Each
+// kernel mirrors a CPU implementation in src/ops or src/optim, which the tests compare against.
+#include <stdint.h>
+
+#define NO_WINNER 0xffffffffu
+#define BLOCK 256
+
+// Sums `value` over the block, in a fixed order (the same result every run). All threads must
+// call it; thread 0 gets the total. `scratch` holds BLOCK floats.
+__device__ float block_sum(float value, float* scratch) {
+    scratch[threadIdx.x] = value;
+    __syncthreads();
+    for (int half = BLOCK / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+        __syncthreads();
+    }
+    float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+// ---- data: u8 images gathered by index, scaled to [0,1] and normalised per channel ----------
+
+struct Normalisation {
+    float mean[4];
+    float std[4];
+};
+
+// out[i, r] = (images[order[i], r] / 255 - mean[c]) / std[c], c = r / plane: the CPU's formula,
+// operation for operation (division is correctly rounded here too), so batches are bit-identical.
+extern "C" __global__ void gather_normalise(
+    const uint8_t* images, const uint32_t* order, uint32_t n, uint32_t image_bytes,
+    uint32_t plane, Normalisation norm, float* out) {
+    size_t total = (size_t)n * image_bytes;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t i = idx / image_bytes, r = idx % image_bytes;
+        uint32_t c = r / plane;
+        float byte = images[(size_t)order[i] * image_bytes + r];
+        out[idx] = (byte / 255.0f - norm.mean[c]) / norm.std[c];
+    }
+}
+
+// ---- conv2d + bias -> ReLU -> max-pool (kernel = stride = k) ---------------------------------
+
+struct Block {
+    int n, c, h, w;      // input
+    int co, kh, kw;      // weight
+    int stride, pad;     // convolution
+    int oh, ow;          // convolution output
+    int k, ph, pw;       // pooling window and pooled output
+};
+
+__device__ float conv_at(const float* image, const float* kernel, float bias, const Block& b,
+                         int oy, int ox) {
+    float sum = bias;
+    for (int ci = 0; ci < b.c; ++ci) {
+        for (int ky = 0; ky < b.kh; ++ky) {
+            int iy = oy * b.stride - b.pad + ky;
+            if (iy < 0 || iy >= b.h) continue;
+            const float* row = image + ((size_t)ci * b.h + iy) * b.w;
+            const float* taps = kernel + (ci * b.kh + ky) * b.kw;
+            for (int kx = 0; kx < b.kw; ++kx) {
+                int ix = ox * b.stride - b.pad + kx;
+                if (ix >= 0 && ix < b.w) sum += row[ix] * taps[kx];
+            }
+        }
+    }
+    return sum;
+}
+
+// One thread per pooled output: the window's conv outputs, their first maximum, ReLU. Keeps the
+// winner's index in the image's conv output [CO x OH*OW] for the backward pass (or NO_WINNER
+// where the maximum was not positive and ReLU passes no gradient).
+extern "C" __global__ void conv_relu_pool_fwd(
+    const float* x, const float* weight, const float* bias, Block b, float* out,
+    uint32_t* winners) {
+    size_t total = (size_t)b.n * b.co * b.ph * b.pw;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        int px = idx % b.pw;
+        size_t t = idx / b.pw;
+        int py = t % b.ph;
+        t /= b.ph;
+        int co = t % b.co;
+        size_t i = t / b.co;
+        const float* image = x + i * b.c * b.h * b.w;
+        const float* kernel = weight + (size_t)co * b.c * b.kh * b.kw;
+        float best = -INFINITY;
+        int at = 0;
+        for (int dy = 0; dy < b.k; ++dy) {
+            for (int dx = 0; dx < b.k; ++dx) {
+                int oy = py * b.k + dy, ox = px * b.k + dx;
+                float v = conv_at(image, kernel, bias[co], b, oy, ox);
+                if (v > best) {
+                    best = v;
+                    at = oy * b.ow + ox;
+                }
+            }
+        }
+        bool passes = best > 0.0f;
+        out[idx] = passes ? best : 0.0f;
+        winners[idx] = passes ? (uint32_t)(co * b.oh * b.ow + at) : NO_WINNER;
+    }
+}
+
+#define SLICE 32
+
+// dL/dW and dL/db, per chunk of images: block (co, chunk) sums, over the chunk's pooled outputs
+// that had a winner, grad * the input under each weight tap (and grad alone for the bias).
+// partial[chunk][co][patch + 1]: the taps, then the bias. `sum_chunks` adds the chunks in order,
+// so the result does not depend on scheduling.
+extern "C" __global__ void conv_relu_pool_wgrad(
+    const float* x, const float* grad, const uint32_t* winners, Block b, int images_per_chunk,
+    float* partial) {
+    __shared__ float scratch[BLOCK];
+    int co = blockIdx.x, chunk = blockIdx.y;
+    int taps = b.kh * b.kw, patch = b.c * taps, pooled = b.ph * b.pw;
+    int first = chunk * images_per_chunk;
+    int count = min(b.n - first, images_per_chunk);
+    size_t items = (size_t)max(count, 0) * pooled;
+    for (int base = 0; base <= patch; base += SLICE) {
+        float acc[SLICE];
+#pragma unroll
+        for (int j = 0; j < SLICE; ++j) acc[j] = 0.0f;
+        for (size_t t = threadIdx.x; t < items; t += BLOCK) {
+            size_t i = first + t / pooled;
+            size_t at = (i * b.co + co) * pooled + t % pooled;
+            uint32_t winner = winners[at];
+            if (winner == NO_WINNER) continue;
+            float g = grad[at];
+            int pos = winner - co * b.oh * b.ow;
+            int oy = pos / b.ow, ox = pos % b.ow;
+            const float* image = x + i * b.c * b.h * b.w;
+#pragma unroll
+            for (int j = 0; j < SLICE; ++j) {
+                int p = base + j;
+                if (p < patch) {
+                    int ci = p / taps, ky = (p % taps) / b.kw, kx = p % b.kw;
+                    int iy = oy * b.stride - b.pad + ky, ix = ox * b.stride - b.pad + kx;
+                    if (iy >= 0 && iy < b.h && ix >= 0 && ix < b.w)
+                        acc[j] += g * image[((size_t)ci * b.h + iy) * b.w + ix];
+                } else if (p == patch) {
+                    acc[j] += g;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < SLICE; ++j) {
+            int p = base + j;
+            if (p > patch) break;  // uniform across the block: no thread skips the barrier
+            float total = block_sum(acc[j], scratch);
+            if (threadIdx.x == 0)
+                partial[((size_t)chunk * b.co + co) * (patch + 1) + p] = total;
+        }
+    }
+}
+
+// Adds the chunks' partial sums [chunks][co][patch + 1] in chunk order, into the weight gradient
+// [co * patch] followed by the bias gradient [co].
+extern "C" __global__ void sum_chunks(const float* partial, int chunks, int co, int patch,
+                                      float* out) {
+    int len = co * (patch + 1);
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < len;
+         idx += gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int chunk = 0; chunk < chunks; ++chunk) sum += partial[(size_t)chunk * len + idx];
+        int c = idx / (patch + 1), p = idx % (patch + 1);
+        out[p == patch ? co * patch + c : c * patch + p] = sum;
+    }
+}
+
+// ---- softmax cross-entropy -------------------------------------------------------------------
+
+__device__ float row_log_sum_exp(const float* row, int k) {
+    float top = -INFINITY;
+    for (int j = 0; j < k; ++j) top = fmaxf(top, row[j]);
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) sum += expf(row[j] - top);
+    return top + logf(sum);
+}
+
+// The mean over rows of logsumexp(row) - row[label]; one block. A label out of range gives NaN.
+extern "C" __global__ void cross_entropy_fwd(const float* logits, const uint32_t* labels, int n,
+                                             int k, float* loss) {
+    __shared__ float scratch[BLOCK];
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += BLOCK) {
+        const float* row = logits + (size_t)i * k;
+        uint32_t label = labels[i];
+        sum += label < (uint32_t)k ? row_log_sum_exp(row, k) - row[label] : NAN;
+    }
+    float total = block_sum(sum, scratch);
+    if (threadIdx.x == 0) loss[0] = total / n;
+}
+
+// dL/dlogits = (softmax(row) - onehot(label)) * dL/dloss / n; dL/dloss stays on the device.
+extern "C" __global__ void cross_entropy_bwd(const float* logits, const uint32_t* labels,
+                                             const float* grad_loss, int n, int k,
+                                             float* grad) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float* row = logits + (size_t)i * k;
+        float lse = row_log_sum_exp(row, k);
+        float scale = grad_loss[0] / n;
+        for (int j = 0; j < k; ++j) {
+            float p = expf(row[j] - lse);
+            grad[(size_t)i * k + j] = (p - (j == (int)labels[i] ? 1.0f : 0.0f)) * scale;
+        }
+    }
+}
+
+// A batch's figures for the epoch's running sums: [mean loss * n, rows whose first maximum is
+// at the label]; one block.
+extern "C" __global__ void batch_tally(const float* logits, const uint32_t* labels,
+                                       const float* loss, int n, int k, float* out) {
+    __shared__ float scratch[BLOCK];
+    float correct = 0.0f;
+    for (int i = threadIdx.x; i < n; i += BLOCK) {
+        const float* row = logits + (size_t)i * k;
+        int best = 0;
+        for (int j = 1; j < k; ++j)
+            if (row[j] > row[best]) best = j;
+        correct += best == (int)labels[i] ? 1.0f : 0.0f;
+    }
+    float total = block_sum(correct, scratch);
+    if (threadIdx.x == 0) {
+        out[0] = loss[0] * n;
+        out[1] = total;
+    }
+}
+
+// ---- optimizers: every parameter of a group in one launch (blockIdx.y picks the tensor) -------
+
+#define GROUP 8
+
+struct AdamGroup {
+    float* param[GROUP];
+    const float* grad[GROUP];
+    float* m[GROUP];
+    float* v[GROUP];
+    uint32_t len[GROUP];
+};
+
+struct AdamStep {
+    // Each figure computed in f64 on the host, as candle's scalar ops on the CPU have it.
+    float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
+    float step_size;                  // lr / (1 - beta1^t)
+    float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
+};
+
+// torch.optim.Adam's update, operation for operation as src/optim/adam.rs computes it on the
+// CPU (the _rn intrinsics keep nvcc from fusing multiply-adds), so both give the same bits.
+extern "C" __global__ void adam_step(AdamGroup group, AdamStep s) {
+    int t = blockIdx.y;
+    float *param = group.param[t], *m = group.m[t], *v = group.v[t];
+    const float* grad = group.grad[t];
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < group.len[t];
+         i += gridDim.x * blockDim.x) {
+        float p = param[i];
+        float g = grad[i];
+        if (s.weight_decay != 0.0f) g = __fadd_rn(g, __fmul_rn(p, s.weight_decay));
+        float mi = __fadd_rn(__fmul_rn(m[i], s.beta1), __fmul_rn(g, s.one_minus_beta1));
+        float vi = __fadd_rn(__fmul_rn(v[i], s.beta2), __fmul_rn(__fmul_rn(g, g), s.one_minus_beta2));
+        m[i] = mi;
+        v[i] = vi;
+        float denom = __fadd_rn(__fmul_rn(sqrtf(vi), s.inv_bias_correction2_sqrt), s.eps);
+        param[i] = __fsub_rn(p, __fmul_rn(__fdiv_rn(mi, denom), s.step_size));
+    }
+}
+
+struct SgdGroup {
+    float* param[GROUP];
+    const float* grad[GROUP];
+    float* velocity[GROUP];  // PyTorch's momentum_buffer; unused without momentum
+    uint32_t len[GROUP];
+    uint32_t first[GROUP];   // the buffer starts as the first step's direction
+};
+
+struct SgdStep {
+    float lr, momentum, weight_decay;
+};
+
+// torch.optim.SGD's update (no dampening, no Nesterov), as src/optim/sgd.rs composes it.
+extern "C" __global__ void sgd_step(SgdGroup group, SgdStep s) {
+    int t = blockIdx.y;
+    float *param = group.param[t], *velocity = group.velocity[t];
+    const float* grad = group.grad[t];
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < group.len[t];
+         i += gridDim.x * blockDim.x) {
+        float p = param[i];
+        float d = grad[i];
+        if (s.weight_decay != 0.0f) d = __fadd_rn(d, __fmul_rn(p, s.weight_decay));
+        if (s.momentum != 0.0f) {
+            d = group.first[t] ? d : __fadd_rn(__fmul_rn(velocity[i], s.momentum), d);
+            velocity[i] = d;
+        }
+        param[i] = __fsub_rn(p, __fmul_rn(d, s.lr));
+    }
+}
