@@ -13,10 +13,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
 use super::conv2d::{conv2d, ConvParams, Geometry, InputGrad};
 use super::gemm::{matmul, Matrix};
 use super::relu_maxpool::{relu_max_pool2d, Pool};
+use super::{contiguous_f32, contiguous_u32};
 
 /// A window whose maximum was not positive: ReLU passes no gradient back through it.
 const NO_WINNER: u32 = u32::MAX;
@@ -114,14 +114,6 @@ impl Block {
             ph: int(self.ph)?,
             pw: int(self.pw)?,
         })
-    }
-}
-
-/// The winners as a slice of a CPU tensor's storage.
-fn winners_of<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [u32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::U32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("conv_relu_pool: winners must be a contiguous u32 tensor"),
     }
 }
 
@@ -309,7 +301,7 @@ impl CustomOp3 for BlockGrads {
         let (x, grad, winners) = (
             contiguous_f32(xs, xl, "input")?,
             contiguous_f32(gs, gl, "gradient")?,
-            winners_of(ws, wl)?,
+            contiguous_u32(ws, wl, "winners")?,
         );
         let per_image = b.per_image();
         let mut both = g.weight_grad(x, |i, dconv| {
@@ -371,7 +363,10 @@ impl CustomOp2 for Scatter {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, g) = (self.block, self.block.g);
-        let (grad, winners) = (contiguous_f32(gs, gl, "gradient")?, winners_of(ws, wl)?);
+        let (grad, winners) = (
+            contiguous_f32(gs, gl, "gradient")?,
+            contiguous_u32(ws, wl, "winners")?,
+        );
         let per_image = b.per_image();
         let mut dconv = vec![0f32; g.n * g.co * g.out_pixels()];
         if per_image > 0 {

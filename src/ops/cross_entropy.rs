@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
-use super::contiguous_f32;
+use super::{contiguous_f32, contiguous_u32};
 
 /// Whether kiln's kernels take these arguments: f32 logits [n, k], u32 labels, CPU or CUDA.
 fn ours(logits: &Tensor, labels: &Tensor) -> bool {
@@ -52,13 +52,6 @@ pub fn batch_tally(logits: &Tensor, labels: &Tensor, loss: &Tensor) -> candle_co
     }
 }
 
-fn labels_u32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [u32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::U32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("cross_entropy: labels must be a contiguous u32 tensor"),
-    }
-}
-
 /// Rows and classes of `logits`, checked against `labels`.
 fn sizes(logits: &Layout, labels: &Layout) -> candle_core::Result<(usize, usize)> {
     let (n, k) = logits.shape().dims2()?;
@@ -96,7 +89,10 @@ impl CustomOp2 for CrossEntropy {
         yl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = sizes(ll, yl)?;
-        let (logits, labels) = (contiguous_f32(ls, ll, "logits")?, labels_u32(ys, yl)?);
+        let (logits, labels) = (
+            contiguous_f32(ls, ll, "logits")?,
+            contiguous_u32(ys, yl, "labels")?,
+        );
         let sum: f32 = logits
             .chunks_exact(k.max(1))
             .zip(labels)
@@ -152,7 +148,10 @@ impl CustomOp3 for CrossEntropyGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = sizes(ll, yl)?;
-        let (logits, labels) = (contiguous_f32(ls, ll, "logits")?, labels_u32(ys, yl)?);
+        let (logits, labels) = (
+            contiguous_f32(ls, ll, "logits")?,
+            contiguous_u32(ys, yl, "labels")?,
+        );
         let scale = contiguous_f32(gs, gl, "loss gradient")?[0] / n as f32;
         let mut grad = vec![0f32; n * k];
         for ((row, out), &y) in logits
@@ -202,7 +201,10 @@ impl CustomOp3 for BatchTally {
         sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = sizes(ll, yl)?;
-        let (logits, labels) = (contiguous_f32(ls, ll, "logits")?, labels_u32(ys, yl)?);
+        let (logits, labels) = (
+            contiguous_f32(ls, ll, "logits")?,
+            contiguous_u32(ys, yl, "labels")?,
+        );
         let loss = contiguous_f32(ss, sl, "loss")?[0];
         let correct = logits
             .chunks_exact(k.max(1))

@@ -5,6 +5,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous_u32;
+
 /// Per-channel normalisation: `(byte / 255 - mean[c]) / std[c]`, channels being planes of
 /// `plane` bytes.
 #[derive(Debug, Clone, Copy)]
@@ -101,14 +103,10 @@ impl CustomOp2 for GatherNormalise {
         ol: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (count, bytes, n) = self.sizes(il, ol)?;
-        let (CpuStorage::U8(images), CpuStorage::U32(order)) = (is, os) else {
-            candle_core::bail!("gather_normalise: u8 images and u32 indices expected");
+        let (CpuStorage::U8(images), Some((i0, i1))) = (is, il.contiguous_offsets()) else {
+            candle_core::bail!("gather_normalise: images must be a contiguous u8 tensor");
         };
-        let (Some((i0, i1)), Some((o0, o1))) = (il.contiguous_offsets(), ol.contiguous_offsets())
-        else {
-            candle_core::bail!("gather_normalise: contiguous arguments expected");
-        };
-        let (images, order) = (&images[i0..i1], &order[o0..o1]);
+        let (images, order) = (&images[i0..i1], contiguous_u32(os, ol, "indices")?);
         if let Some(bad) = order.iter().find(|&&i| i as usize >= count) {
             candle_core::bail!("gather_normalise: index {bad} is past the {count} images");
         }

@@ -21,7 +21,7 @@ pub use relu_maxpool::relu_max_pool2d;
 use candle_core::{CpuStorage, Layout};
 
 /// The f32 data of a contiguous CPU tensor argument (`what` names it in the error).
-fn contiguous_f32<'a>(
+pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
@@ -29,6 +29,30 @@ fn contiguous_f32<'a>(
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
         _ => candle_core::bail!("kiln op: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+/// The same, for a tensor an in-place op writes.
+pub(crate) fn contiguous_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("kiln op: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+/// The u32 data (labels, indices) of a contiguous CPU tensor argument.
+fn contiguous_u32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [u32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::U32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("kiln op: {what} must be a contiguous u32 tensor"),
     }
 }
 

@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Ten
 
 use super::{restore, Optimizer};
 use crate::error::{Error, Result};
+use crate::ops::{contiguous_f32, contiguous_f32_mut};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -216,23 +217,6 @@ fn reference_step(slot: &Slot, grad: &Tensor, s: &Settings, t: u64) -> Result<()
     Ok(())
 }
 
-fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("adam: contiguous f32 tensors expected"),
-    }
-}
-
-fn f32s_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("adam: contiguous f32 tensors expected"),
-    }
-}
-
 /// moments [2, n] <- (grad, param): the new exp_avg and exp_avg_sq.
 struct UpdateMoments(StepFigures);
 
@@ -250,8 +234,11 @@ impl InplaceOp3 for UpdateMoments {
         ps: &CpuStorage,
         pl: &Layout,
     ) -> candle_core::Result<()> {
-        let (grad, param) = (f32s(gs, gl)?, f32s(ps, pl)?);
-        let (m, v) = f32s_mut(ms, ml)?.split_at_mut(param.len());
+        let (grad, param) = (
+            contiguous_f32(gs, gl, "gradient")?,
+            contiguous_f32(ps, pl, "parameter")?,
+        );
+        let (m, v) = contiguous_f32_mut(ms, ml, "moments")?.split_at_mut(param.len());
         for (((m, v), &g), &p) in m.iter_mut().zip(v).zip(grad).zip(param) {
             (*m, *v) = self.0.moments(p, g, *m, *v);
         }
@@ -274,8 +261,8 @@ impl InplaceOp2 for UpdateParam {
         ms: &CpuStorage,
         ml: &Layout,
     ) -> candle_core::Result<()> {
-        let param = f32s_mut(ps, pl)?;
-        let (m, v) = f32s(ms, ml)?.split_at(param.len());
+        let param = contiguous_f32_mut(ps, pl, "parameter")?;
+        let (m, v) = contiguous_f32(ms, ml, "moments")?.split_at(param.len());
         for ((p, &m), &v) in param.iter_mut().zip(m).zip(v) {
             *p = self.0.param(*p, m, v);
         }
