@@ -243,8 +243,7 @@ mod cuda {
     use crate::ops::cuda::{kernel, one_block, output, per_item, view};
 
     fn int(v: usize) -> candle_core::Result<i32> {
-        i32::try_from(v)
-            .map_err(|_| candle_core::Error::Msg(format!("cross_entropy: {v} rows or classes")))
+        crate::ops::cuda::int(v, "cross_entropy")
     }
 
     pub(super) fn forward(
@@ -372,7 +371,8 @@ mod tests {
                 g.get(&logits).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
             for (x, r) in grad(ours).iter().zip(grad(reference)) {
-                prop_assert!((x - r).abs() <= 1e-6, "gradient {x} vs {r}");
+                // Relative above 1: the upstream 3 makes gradients up to 3, a few f32 steps apart.
+                prop_assert!((x - r).abs() <= 1e-6 * r.abs().max(1.0), "gradient {x} vs {r}");
             }
         }
 
