@@ -79,6 +79,10 @@ impl Block {
     fn per_image(&self) -> usize {
         self.g.co * self.pooled()
     }
+    /// The pooled output's shape [N, CO, PH, PW].
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.g.n, self.g.co, self.ph, self.pw))
+    }
 
     /// Routes one image's pooled gradient [CO x pooled] to its winners in `dconv` [CO x OHW].
     fn scatter(&self, grad: &[f32], winners: &[u32], dconv: &mut [f32]) {
@@ -94,10 +98,7 @@ impl Block {
     #[cfg(feature = "cuda")]
     fn to_cuda(self) -> candle_core::Result<cuda::BlockSizes> {
         let g = self.g;
-        let int = |v: usize| {
-            i32::try_from(v)
-                .map_err(|_| candle_core::Error::Msg(format!("conv_relu_pool: {v} is too large")))
-        };
+        let int = |v| super::cuda::int(v, "conv_relu_pool");
         Ok(cuda::BlockSizes {
             n: int(g.n)?,
             c: int(g.c)?,
@@ -202,10 +203,7 @@ impl CustomOp3 for ConvReluPool {
         }
         let count = winners.len();
         self.keep_winners(Tensor::from_vec(winners, count, &Device::Cpu)?);
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((g.n, g.co, block.ph, block.pw)),
-        ))
+        Ok((CpuStorage::F32(out), block.out_shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -224,10 +222,7 @@ impl CustomOp3 for ConvReluPool {
         let (out, winners) = cuda::forward(xs, xl, ws, wl, bs, bl, block)?;
         let count = g.n * block.per_image();
         self.keep_winners(super::cuda::tensor(winners, &xs.device, count));
-        Ok((
-            super::cuda::storage(out, &xs.device),
-            Shape::from((g.n, g.co, block.ph, block.pw)),
-        ))
+        Ok((super::cuda::storage(out, &xs.device), block.out_shape()))
     }
 
     fn bwd(

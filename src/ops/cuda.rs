@@ -15,6 +15,13 @@ pub const GROUP: usize = 8;
 /// Threads per block; the kernels' block reductions assume it (BLOCK in kernels.cu).
 pub const THREADS: u32 = 256;
 
+/// A size as the kernels' `int` (`what` names it in the error).
+pub fn int(v: usize, what: &str) -> candle_core::Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        candle_core::Error::Msg(format!("{what}: {v} is too large for the CUDA kernels"))
+    })
+}
+
 /// A kernel of kiln's module, loaded on first use (candle caches the module per device).
 pub fn kernel(device: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
     Ok(device
