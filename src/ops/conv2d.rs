@@ -6,11 +6,13 @@
 //! thread count. Elsewhere (CUDA, Metal, other dtypes), candle's own conv2d: the reference that
 //! the tests hold the kernels to.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
-use super::gemm::{matmul, Matrix};
+use super::gemm::{matmul, matmul_nt, Matrix};
 
 /// Images per partial weight-gradient sum: fixed, so the summation order is too.
 const IMAGES_PER_CHUNK: usize = 8;
@@ -135,13 +137,29 @@ impl Geometry {
             .filter(|&i| i < size)
     }
 
+    /// The outputs `o` in `0..outs` whose tap `k` reads inside `0..size` (the rest read padding),
+    /// and the input index the first of them reads: each row of the unfolded input is then a
+    /// slice copy (stride 1) or a strided gather, with no per-element test.
+    fn inside(&self, k: usize, size: usize, outs: usize) -> (Range<usize>, usize) {
+        let (s, pad) = (self.p.stride, self.p.padding);
+        let start = pad.saturating_sub(k).div_ceil(s).min(outs);
+        let end = (size + pad)
+            .saturating_sub(k)
+            .div_ceil(s)
+            .clamp(start, outs);
+        // Where none reads inside, nothing is read: 0 keeps the slicing in bounds.
+        let first = if start < end { start * s + k - pad } else { 0 };
+        (start..end, first)
+    }
+
     /// Unfolds one image into `col` [patch x out_pixels], zeros where the kernel overhangs.
     pub(super) fn im2col(&self, image: &[f32], col: &mut [f32]) {
-        let (hw, ohw) = (self.h * self.w, self.out_pixels());
+        let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
         for ci in 0..self.c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = &mut col[((ci * self.kh + ky) * self.kw + kx) * ohw..][..ohw];
+                    let (cols, first) = self.inside(kx, self.w, self.ow);
                     for oy in 0..self.oh {
                         let out = &mut row[oy * self.ow..][..self.ow];
                         let Some(iy) = self.source(oy, ky, self.h) else {
@@ -149,8 +167,14 @@ impl Geometry {
                             continue;
                         };
                         let line = &image[ci * hw + iy * self.w..][..self.w];
-                        for (ox, v) in out.iter_mut().enumerate() {
-                            *v = self.source(ox, kx, self.w).map_or(0.0, |ix| line[ix]);
+                        out[..cols.start].fill(0.0);
+                        out[cols.end..].fill(0.0);
+                        let out = &mut out[cols.clone()];
+                        if stride == 1 {
+                            out.copy_from_slice(&line[first..][..out.len()]);
+                        } else {
+                            let taps = line[first..].iter().step_by(stride);
+                            out.iter_mut().zip(taps).for_each(|(v, x)| *v = *x);
                         }
                     }
                 }
@@ -177,13 +201,7 @@ impl Geometry {
                 for &i in chunk {
                     output_grad(i, &mut dy);
                     self.im2col(&x[i * self.image()..][..self.image()], &mut col);
-                    let cols = Matrix::rows(&col, self.patch(), self.out_pixels()).t();
-                    matmul(
-                        Matrix::rows(&dy, self.co, self.out_pixels()),
-                        cols,
-                        &mut sum,
-                        true,
-                    );
+                    matmul_nt(&dy, &col, self.out_pixels(), &mut sum);
                 }
                 sum
             })
@@ -197,21 +215,21 @@ impl Geometry {
 
     /// Folds `col` back onto one image, adding overlapping taps: the adjoint of `im2col`.
     pub(super) fn col2im(&self, col: &[f32], image: &mut [f32]) {
-        let (hw, ohw) = (self.h * self.w, self.out_pixels());
+        let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
         image.fill(0.0);
         for ci in 0..self.c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = &col[((ci * self.kh + ky) * self.kw + kx) * ohw..][..ohw];
+                    let (cols, first) = self.inside(kx, self.w, self.ow);
                     for oy in 0..self.oh {
                         let Some(iy) = self.source(oy, ky, self.h) else {
                             continue;
                         };
                         let line = &mut image[ci * hw + iy * self.w..][..self.w];
-                        for (ox, &v) in row[oy * self.ow..][..self.ow].iter().enumerate() {
-                            if let Some(ix) = self.source(ox, kx, self.w) {
-                                line[ix] += v;
-                            }
+                        let taps = line[first..].iter_mut().step_by(stride);
+                        for (x, v) in taps.zip(&row[oy * self.ow..][cols.clone()]) {
+                            *x += v;
                         }
                     }
                 }

@@ -12,14 +12,28 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use wide::f32x8;
 
 use super::conv2d::{conv2d, ConvParams, Geometry, InputGrad};
 use super::gemm::{matmul, Matrix};
-use super::relu_maxpool::{relu_max_pool2d, Pool};
+use super::relu_maxpool::relu_max_pool2d;
 use super::{contiguous_f32, contiguous_u32};
 
 /// A window whose maximum was not positive: ReLU passes no gradient back through it.
 const NO_WINNER: u32 = u32::MAX;
+
+/// Channels the CPU forward pass pools at once (one `f32x8`: two SSE or one AVX vector).
+const LANES: usize = 8;
+
+/// The CPU forward pass carries pixel indices in f32 lanes, exact below 2^24.
+const MAX_POOLED_PIXELS: usize = 1 << 24;
+
+/// The first `LANES` values of `values` (callers pass at least that many).
+fn lanes(values: &[f32]) -> [f32; LANES] {
+    let mut lanes = [0.0; LANES];
+    lanes.copy_from_slice(&values[..LANES]);
+    lanes
+}
 
 /// `max_pool2d(relu(conv2d(x, weight) + bias), k)`.
 pub fn conv_relu_pool(
@@ -82,6 +96,60 @@ impl Block {
     /// The pooled output's shape [N, CO, PH, PW].
     fn out_shape(&self) -> Shape {
         Shape::from((self.g.n, self.g.co, self.ph, self.pw))
+    }
+
+    /// Bias, ReLU and max-pool of one image's conv output `conv` [OHW x CO] into `out`
+    /// [CO x pooled], keeping each window's winner (its first maximum, if positive) as an index
+    /// into the channel-major [CO x OHW] output that the backward pass and the CUDA kernels
+    /// use. The bias is the same across a window, so it is added to the maximum alone.
+    fn pool(&self, conv: &[f32], bias: &[f32], out: &mut [f32], winners: &mut [u32]) {
+        let (co, ow, k) = (self.g.co, self.g.ow, self.k);
+        let vectors = co / LANES;
+        let (ohw, pooled) = (self.g.out_pixels(), self.pooled());
+        let mut keep = |c: usize, o: usize, best: f32, at: u32| {
+            let positive = best > 0.0;
+            out[c * pooled + o] = if positive { best } else { 0.0 };
+            winners[c * pooled + o] = if positive {
+                (c * ohw) as u32 + at
+            } else {
+                NO_WINNER
+            };
+        };
+        for py in 0..self.ph {
+            for px in 0..self.pw {
+                let o = py * self.pw + px;
+                let corner = py * k * ow + px * k;
+                // Eight channels at a time as one vector, comparing each pixel's row in order;
+                // the pixel index rides along as an f32 lane (exact: see MAX_POOLED_PIXELS).
+                for v in 0..vectors {
+                    let first = v * LANES;
+                    let mut best = f32x8::splat(f32::NEG_INFINITY);
+                    let mut at = f32x8::splat(0.0);
+                    for pixel in (0..k).flat_map(|dy| (0..k).map(move |dx| dy * ow + dx)) {
+                        let pixel = corner + pixel;
+                        let row = f32x8::from(lanes(&conv[pixel * co + first..]));
+                        let wins = row.simd_gt(best);
+                        best = wins.bitselect(row, best);
+                        at = wins.bitselect(f32x8::splat(pixel as f32), at);
+                    }
+                    let best: [f32; LANES] = (best + f32x8::from(lanes(&bias[first..]))).into();
+                    let at: [f32; LANES] = at.into();
+                    for l in 0..LANES {
+                        keep(first + l, o, best[l], at[l] as u32);
+                    }
+                }
+                for c in vectors * LANES..co {
+                    let (mut best, mut at) = (f32::NEG_INFINITY, 0);
+                    for pixel in (0..k).flat_map(|dy| (0..k).map(move |dx| dy * ow + dx)) {
+                        let pixel = corner + pixel;
+                        if conv[pixel * co + c] > best {
+                            (best, at) = (conv[pixel * co + c], pixel as u32);
+                        }
+                    }
+                    keep(c, o, best + bias[c], at);
+                }
+            }
+        }
     }
 
     /// Routes one image's pooled gradient [CO x pooled] to its winners in `dconv` [CO x OHW].
@@ -154,16 +222,17 @@ impl CustomOp3 for ConvReluPool {
             contiguous_f32(bs, bl, "bias")?,
         );
         check_bias(bias.len(), g.co)?;
+        if g.out_pixels() > MAX_POOLED_PIXELS {
+            candle_core::bail!(
+                "conv_relu_pool: {}x{} conv outputs are past the CPU kernel's 2^24 pixels",
+                g.oh,
+                g.ow
+            );
+        }
         let kernel = Matrix::rows(weight, g.co, g.patch());
         let per_image = block.per_image();
         let mut out = vec![0f32; g.n * per_image];
         let mut winners = vec![NO_WINNER; g.n * per_image];
-        // Pooling runs over the conv output's planes.
-        let pool = Pool {
-            h: g.oh,
-            w: g.ow,
-            k: block.k,
-        };
         if per_image > 0 {
             out.par_chunks_mut(per_image)
                 .zip(winners.par_chunks_mut(per_image))
@@ -172,32 +241,16 @@ impl CustomOp3 for ConvReluPool {
                     || {
                         (
                             vec![0f32; g.patch() * g.out_pixels()],
-                            vec![0f32; g.co * g.out_pixels()],
+                            vec![0f32; g.out_pixels() * g.co],
                         )
                     },
                     |(col, conv), ((out, winners), image)| {
                         g.im2col(image, col);
-                        for (plane, b) in conv.chunks_mut(g.out_pixels()).zip(bias) {
-                            plane.fill(*b);
-                        }
-                        matmul(
-                            kernel,
-                            Matrix::rows(col, g.patch(), g.out_pixels()),
-                            conv,
-                            true,
-                        );
-                        for (c, plane) in conv.chunks(g.out_pixels()).enumerate() {
-                            for py in 0..block.ph {
-                                for px in 0..block.pw {
-                                    let (at, best) = pool.window_max(plane, py, px);
-                                    let o = (c * block.ph + py) * block.pw + px;
-                                    if best > 0.0 {
-                                        out[o] = best;
-                                        winners[o] = (c * g.out_pixels() + at) as u32;
-                                    }
-                                }
-                            }
-                        }
+                        // Pixel-major [OHW x CO]: a window's pixels are then rows of CO
+                        // channels, compared a whole row at a time.
+                        let cols = Matrix::rows(col, g.patch(), g.out_pixels());
+                        matmul(cols.t(), kernel.t(), conv, false);
+                        block.pool(conv, bias, out, winners);
                     },
                 );
         }
