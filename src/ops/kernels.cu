@@ -175,12 +175,14 @@ extern "C" __global__ void sum_chunks(const float* partial, int chunks, int co, 
 
 // ---- softmax cross-entropy -------------------------------------------------------------------
 
-__device__ float row_log_sum_exp(const float* row, int k) {
+// A row's maximum (x) and the sum of exp(v - maximum) (y); as cross_entropy.rs says, the
+// maximum is never added back to a logarithm, which would round away a confident row's gradient.
+__device__ float2 row_max_sum_exp(const float* row, int k) {
     float top = -INFINITY;
     for (int j = 0; j < k; ++j) top = fmaxf(top, row[j]);
     float sum = 0.0f;
     for (int j = 0; j < k; ++j) sum += expf(row[j] - top);
-    return top + logf(sum);
+    return make_float2(top, sum);
 }
 
 // The mean over rows of logsumexp(row) - row[label]; one block. A label out of range gives NaN.
@@ -191,7 +193,8 @@ extern "C" __global__ void cross_entropy_fwd(const float* logits, const uint32_t
     for (int i = threadIdx.x; i < n; i += BLOCK) {
         const float* row = logits + (size_t)i * k;
         uint32_t label = labels[i];
-        sum += label < (uint32_t)k ? row_log_sum_exp(row, k) - row[label] : NAN;
+        float2 ms = row_max_sum_exp(row, k);
+        sum += label < (uint32_t)k ? (ms.x - row[label]) + logf(ms.y) : NAN;
     }
     float total = block_sum(sum, scratch);
     if (threadIdx.x == 0) loss[0] = total / n;
@@ -203,10 +206,10 @@ extern "C" __global__ void cross_entropy_bwd(const float* logits, const uint32_t
                                              float* grad) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float* row = logits + (size_t)i * k;
-        float lse = row_log_sum_exp(row, k);
+        float2 ms = row_max_sum_exp(row, k);
         float scale = grad_loss[0] / n;
         for (int j = 0; j < k; ++j) {
-            float p = expf(row[j] - lse);
+            float p = expf(row[j] - ms.x) / ms.y;
             grad[(size_t)i * k + j] = (p - (j == (int)labels[i] ? 1.0f : 0.0f)) * scale;
         }
     }
