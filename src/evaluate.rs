@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::Module;
 
 use crate::checkpoint;
-use crate::data::batches::{batch_ranges, DeviceSet};
+use crate::data::batches::{batch_ranges, BatchBuffer, DeviceSet};
 use crate::data::cifar::CLASSES;
 use crate::error::{Error, Result};
 use crate::models::{self, Built, ModelSpec, Task};
@@ -92,9 +92,14 @@ pub fn load_model(path: &Path, model: Option<&str>, device: &Device) -> Result<L
     Ok(Loaded { spec, built, epoch })
 }
 
-/// Runs `model` over every image of `set` in batches of `batch_size`. The sums stay on the
-/// device until the end: one read, not one per batch.
-pub fn evaluate(model: &dyn Module, set: &DeviceSet, batch_size: usize) -> Result<Evaluation> {
+/// Runs `model` over every image of `set` in batches of `batch_size`, written into `buffer`.
+/// The sums stay on the device until the end: one read, not one per batch.
+pub fn evaluate(
+    model: &dyn Module,
+    set: &DeviceSet,
+    batch_size: usize,
+    buffer: &mut BatchBuffer,
+) -> Result<Evaluation> {
     let mut confusion = [[0u64; CLASSES.len()]; CLASSES.len()];
     if set.is_empty() {
         return Ok(Evaluation {
@@ -107,7 +112,7 @@ pub fn evaluate(model: &dyn Module, set: &DeviceSet, batch_size: usize) -> Resul
     let mut predicted = Vec::new();
     for range in batch_ranges(set.len(), batch_size) {
         let n = range.len() as f64;
-        let (images, labels) = set.batch(&order, range)?;
+        let (images, labels) = set.batch(&order, range, buffer)?;
         let logits = model.forward(&images)?.detach();
         let loss = (cross_entropy(&logits, &labels)? * n)?;
         loss_sum = Some(match loss_sum {
@@ -152,8 +157,8 @@ mod tests {
     #[test]
     fn confusion_accuracy_and_loss_of_a_constant_model() {
         let set = crate::data::synthetic::generate(30, 0);
-        let set = DeviceSet::new(&set, &Device::Cpu).unwrap();
-        let eval = evaluate(&AlwaysThree, &set, 7).unwrap();
+        let set = DeviceSet::new(set, &Device::Cpu).unwrap();
+        let eval = evaluate(&AlwaysThree, &set, 7, &mut BatchBuffer::default()).unwrap();
         assert_eq!(eval.total(), 30);
         assert!(
             (eval.accuracy() - 0.1).abs() < 1e-12,

@@ -6,7 +6,7 @@
 //! was skipped and passes.
 
 use candle_core::{DType, Device, Tensor, Var};
-use kiln::data::batches::DeviceSet;
+use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::synthetic;
 use kiln::device::DeviceRequest;
 use kiln::models::{self, Task, MODELS};
@@ -55,9 +55,10 @@ fn gradients(spec: &models::ModelSpec, device: &Device) -> Vec<(String, Tensor)>
     let built = models::build(spec, 7, device).expect("the model builds");
     let loss = match spec.task {
         Task::ImageClassification => {
-            let set = DeviceSet::new(&synthetic::generate(48, 3), device).expect("data fits");
+            let set = DeviceSet::new(synthetic::generate(48, 3), device).expect("data fits");
             let order = set.order(&(0..48).rev().collect::<Vec<_>>()).unwrap();
-            let (images, labels) = set.batch(&order, 0..48).unwrap();
+            let mut buffer = BatchBuffer::default();
+            let (images, labels) = set.batch(&order, 0..48, &mut buffer).unwrap();
             let logits = built.module.forward(&images).unwrap();
             ops::cross_entropy(&logits, &labels).unwrap()
         }
@@ -102,11 +103,15 @@ fn every_parameter_gradient_of_every_model_matches_the_cpu() {
 fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
     let Some(gpu) = cuda() else { return };
     let set = synthetic::generate(40, 1);
+    // A full batch, then a shorter one written over it in the same buffer.
     let batch = |device: &Device| {
-        let on_device = DeviceSet::new(&set, device).unwrap();
-        let order = on_device.order(&[39, 0, 17, 17, 5]).unwrap();
-        let (x, y) = on_device.batch(&order, 1..5).unwrap();
-        (values(&x), y.to_vec1::<u32>().unwrap())
+        let on_device = DeviceSet::new(set.clone(), device).unwrap();
+        let order = on_device.order(&[39, 0, 17, 17, 5, 21]).unwrap();
+        let mut buffer = BatchBuffer::default();
+        let (first, _) = on_device.batch(&order, 1..5, &mut buffer).unwrap();
+        let first = values(&first);
+        let (x, y) = on_device.batch(&order, 4..6, &mut buffer).unwrap();
+        (first, values(&x), y.to_vec1::<u32>().unwrap())
     };
     assert_eq!(batch(&Device::Cpu), batch(&gpu));
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use kiln::cli::DataArgs;
 use kiln::data;
-use kiln::data::batches::DeviceSet;
+use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::cifar::{self, CLASSES};
 use kiln::device::{self, DeviceRequest};
 use kiln::evaluate::{evaluate, load_model, Evaluation};
@@ -83,8 +83,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(cifar::DEFAULT_DIR));
     let dataset = cli.data.dataset.unwrap_or_default();
     let test = data::load_test(dataset, &dir, cli.data.source().as_ref())?;
-    let test = DeviceSet::new(&test, &device)?;
-    let eval = evaluate(loaded.built.module.as_ref(), &test, cli.batch_size as usize)?;
+    let test = DeviceSet::new(test, &device)?;
+    let mut buffer = BatchBuffer::default();
+    let eval = evaluate(
+        loaded.built.module.as_ref(),
+        &test,
+        cli.batch_size as usize,
+        &mut buffer,
+    )?;
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli
         .checkpoint

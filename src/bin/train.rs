@@ -340,7 +340,7 @@ fn train_classifier(
         // A resume that found no checkpoint owns the directory it was pointed at.
         overwrite: cli.overwrite || cli.resume.is_some(),
     };
-    let outcome = classify::run(spec, &config, &data, device, &run_dir, start, &options)
+    let outcome = classify::run(spec, &config, data, device, &run_dir, start, &options)
         .with_context(|| format!("training {} failed", spec.name))?;
     match outcome {
         Outcome::Finished(summary) => {

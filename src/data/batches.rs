@@ -2,13 +2,13 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::cifar::{CHANNELS, IMAGE_BYTES, MEAN, SIDE, STD};
 use crate::error::Result;
-use crate::ops::{gather_normalise, Normalisation};
+use crate::ops::{gather_normalise_into, Normalisation};
 
 /// Labelled CHW images, 3072 bytes each, in one contiguous buffer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,14 +59,34 @@ impl ImageSet {
             labels: self.labels[range].to_vec(),
         }
     }
+}
 
-    /// The order of one epoch: shuffled with `rng`, or file order.
-    pub fn epoch_order(&self, rng: Option<&mut impl Rng>) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.len()).collect();
-        if let Some(rng) = rng {
-            order.shuffle(rng);
+/// The order of one epoch over `len` items: shuffled with `rng`, or file order.
+pub fn epoch_order(len: usize, rng: Option<&mut impl Rng>) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    if let Some(rng) = rng {
+        order.shuffle(rng);
+    }
+    order
+}
+
+/// The f32 tensor a [`DeviceSet`]'s batches are written into, kept from batch to batch so that
+/// a step allocates nothing for its input. A batch shares its storage: the next batch written
+/// into the same buffer overwrites it.
+#[derive(Default)]
+pub struct BatchBuffer(Option<Tensor>);
+
+impl BatchBuffer {
+    /// The first `n` rows [n, 3072], the buffer made (or grown) on first need.
+    fn rows(&mut self, n: usize, device: &Device) -> Result<Tensor> {
+        if let Some(buffer) = &self.0 {
+            if buffer.dim(0)? >= n {
+                return Ok(buffer.narrow(0, 0, n)?);
+            }
         }
-        order
+        let buffer = Tensor::zeros((n, IMAGE_BYTES), DType::F32, device)?;
+        self.0 = Some(buffer.clone());
+        Ok(buffer)
     }
 }
 
@@ -83,12 +103,16 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    pub fn new(set: &ImageSet, device: &Device) -> Result<Self> {
-        let labels: Vec<u32> = set.labels.iter().map(|&l| u32::from(l)).collect();
+    /// Takes `set` where training runs: on the CPU its bytes move into the tensor (one copy of
+    /// the data set in memory, not two); on a GPU they are uploaded once.
+    pub fn new(set: ImageSet, device: &Device) -> Result<Self> {
+        let ImageSet { images, labels } = set;
+        let count = labels.len();
+        let device_labels: Vec<u32> = labels.iter().map(|&l| u32::from(l)).collect();
         Ok(Self {
-            images: Tensor::from_slice(&set.images, (set.len(), IMAGE_BYTES), device)?,
-            labels: Tensor::from_vec(labels, set.len(), device)?,
-            host_labels: set.labels.clone(),
+            images: Tensor::from_vec(images, (count, IMAGE_BYTES), device)?,
+            labels: Tensor::from_vec(device_labels, count, device)?,
+            host_labels: labels,
         })
     }
 
@@ -104,16 +128,21 @@ impl DeviceSet {
         &self.host_labels
     }
 
-    /// An epoch's order (from [`ImageSet::epoch_order`]) on the device, copied there once.
+    /// An epoch's order (from [`epoch_order`]) on the device, copied there once.
     pub fn order(&self, order: &[usize]) -> Result<Tensor> {
         let order: Vec<u32> = order.iter().map(|&i| i as u32).collect();
         let len = order.len();
         Ok(Tensor::from_vec(order, len, self.labels.device())?)
     }
 
-    /// The images at `order[range]` as a normalised f32 batch [n, 3, 32, 32], and their labels
-    /// [n] (u32).
-    pub fn batch(&self, order: &Tensor, range: Range<usize>) -> Result<(Tensor, Tensor)> {
+    /// The images at `order[range]` as a normalised f32 batch [n, 3, 32, 32], written into
+    /// `buffer`, and their labels [n] (u32).
+    pub fn batch(
+        &self,
+        order: &Tensor,
+        range: Range<usize>,
+        buffer: &mut BatchBuffer,
+    ) -> Result<(Tensor, Tensor)> {
         let n = range.len();
         let indices = order.narrow(0, range.start, n)?;
         let norm = Normalisation {
@@ -121,7 +150,8 @@ impl DeviceSet {
             std: &STD,
             plane: SIDE * SIDE,
         };
-        let images = gather_normalise(&self.images, &indices, norm)?;
+        let images = buffer.rows(n, self.images.device())?;
+        gather_normalise_into(&images, &self.images, &indices, norm)?;
         Ok((
             images.reshape((n, CHANNELS, SIDE, SIDE))?,
             self.labels.index_select(&indices, 0)?,
@@ -147,9 +177,10 @@ mod tests {
     #[test]
     fn batches_are_normalised_chw_with_their_labels() {
         let set = synthetic::generate(5, 3);
-        let on_device = DeviceSet::new(&set, &Device::Cpu).unwrap();
+        let on_device = DeviceSet::new(set.clone(), &Device::Cpu).unwrap();
         let order = on_device.order(&[0, 4, 1, 2]).unwrap();
-        let (x, y) = on_device.batch(&order, 1..3).unwrap();
+        let mut buffer = BatchBuffer::default();
+        let (x, y) = on_device.batch(&order, 1..3, &mut buffer).unwrap();
         assert_eq!(x.dims(), &[2, 3, 32, 32]);
         let expected: Vec<u32> = [4, 1].iter().map(|&i| set.labels()[i] as u32).collect();
         assert_eq!(y.to_vec1::<u32>().unwrap(), expected);
@@ -170,14 +201,14 @@ mod tests {
     #[test]
     fn shuffling_is_a_seeded_permutation() {
         let set = synthetic::generate(50, 1);
-        let order = |seed| set.epoch_order(Some(&mut ChaCha8Rng::seed_from_u64(seed)));
+        let order = |seed| epoch_order(set.len(), Some(&mut ChaCha8Rng::seed_from_u64(seed)));
         assert_eq!(order(7), order(7));
         assert_ne!(order(7), order(8));
         let mut sorted = order(7);
         sorted.sort_unstable();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
         assert_eq!(
-            set.epoch_order(None::<&mut ChaCha8Rng>),
+            epoch_order(set.len(), None::<&mut ChaCha8Rng>),
             (0..50).collect::<Vec<_>>()
         );
     }

@@ -46,7 +46,13 @@ pub fn load(dir: &Path) -> Result<DataSets> {
         .map(|name| require(dir, name))
         .collect::<Result<Vec<_>>>()?;
     let test_path = require(dir, TEST_FILE)?;
-    let mut train = ImageSet::default();
+    // Room for every record at once: grown by doubling instead, the buffer passed through a
+    // 240 MB allocation with the 120 MB one still held, which set the run's peak memory.
+    let records = train_paths
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len() as usize / RECORD_BYTES))
+        .sum();
+    let mut train = ImageSet::with_capacity(records);
     for path in &train_paths {
         train.extend(read_records(path)?);
     }

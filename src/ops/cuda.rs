@@ -2,7 +2,7 @@
 //! custom ops: loading, argument views, output buffers, launch shapes.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
@@ -39,6 +39,18 @@ pub fn view<'a, T: CudaDType>(
         candle_core::bail!("kiln op: {what} must be contiguous");
     };
     Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// The same, for the tensor an in-place op writes.
+pub fn view_mut<'a, T: CudaDType>(
+    storage: &'a mut CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaViewMut<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("kiln op: {what} must be contiguous");
+    };
+    Ok(storage.as_cuda_slice_mut::<T>()?.slice_mut(start..end))
 }
 
 /// An uninitialised buffer of `len` elements, which the kernel about to run fills entirely.

@@ -1,11 +1,12 @@
 //! A batch from a data set kept on the device as u8: images gathered by index, scaled to [0, 1]
-//! and normalised per channel, in one pass where the data lives (CPU or CUDA). Elsewhere
-//! (Metal): candle's index-select, cast and broadcast arithmetic, which is also the reference.
+//! and normalised per channel, in one pass where the data lives (CPU or CUDA), into a buffer the
+//! caller keeps from batch to batch. Elsewhere (Metal): candle's index-select, cast and broadcast
+//! arithmetic, which is also the reference, copied into the buffer.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_u32;
+use super::{contiguous_f32_mut, contiguous_u32};
 
 /// Per-channel normalisation: `(byte / 255 - mean[c]) / std[c]`, channels being planes of
 /// `plane` bytes.
@@ -19,12 +20,26 @@ pub struct Normalisation<'a> {
 /// Most channels the CUDA kernel takes (its argument holds four of each figure).
 const MAX_CHANNELS: usize = 4;
 
-/// `images` [N, bytes] (u8) at the rows `order` [n] (u32), normalised: f32 [n, bytes].
+/// `images` [N, bytes] (u8) at the rows `order` [n] (u32), normalised: f32 [n, bytes], in a
+/// new tensor.
 pub fn gather_normalise(
     images: &Tensor,
     order: &Tensor,
     norm: Normalisation,
 ) -> candle_core::Result<Tensor> {
+    let out = Tensor::zeros((order.dim(0)?, images.dim(1)?), DType::F32, images.device())?;
+    gather_normalise_into(&out, images, order, norm)?;
+    Ok(out)
+}
+
+/// The same, written into `out` (contiguous f32 [n, bytes]), so that one buffer serves every
+/// batch of an epoch.
+pub fn gather_normalise_into(
+    out: &Tensor,
+    images: &Tensor,
+    order: &Tensor,
+    norm: Normalisation,
+) -> candle_core::Result<()> {
     let (_, bytes) = images.dims2()?;
     if norm.plane == 0 || bytes % norm.plane != 0 || norm.mean.len() != bytes / norm.plane {
         candle_core::bail!(
@@ -35,6 +50,14 @@ pub fn gather_normalise(
     }
     if norm.std.len() != norm.mean.len() {
         candle_core::bail!("gather_normalise: as many std figures as means are needed");
+    }
+    let n = order.dim(0)?;
+    if out.dims() != [n, bytes] || out.dtype() != DType::F32 || !out.is_contiguous() {
+        candle_core::bail!(
+            "gather_normalise: the output must be a contiguous f32 [{n}, {bytes}] tensor, not {:?} {:?}",
+            out.dtype(),
+            out.dims()
+        );
     }
     let ours = match images.device() {
         Device::Cpu => true,
@@ -47,11 +70,9 @@ pub fn gather_normalise(
             std: norm.std.to_vec(),
             plane: norm.plane,
         };
-        images
-            .contiguous()?
-            .apply_op2_no_bwd(&order.contiguous()?, &op)
+        out.inplace_op3(&images.contiguous()?, &order.contiguous()?, &op)
     } else {
-        gather_normalise_reference(images, order, norm)
+        out.slice_set(&gather_normalise_reference(images, order, norm)?, 0, 0)
     }
 }
 
@@ -90,19 +111,22 @@ impl GatherNormalise {
     }
 }
 
-impl CustomOp2 for GatherNormalise {
+impl InplaceOp3 for GatherNormalise {
     fn name(&self) -> &'static str {
         "kiln-gather-normalise"
     }
 
     fn cpu_fwd(
         &self,
+        out: &mut CpuStorage,
+        out_layout: &Layout,
         is: &CpuStorage,
         il: &Layout,
         os: &CpuStorage,
         ol: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> candle_core::Result<()> {
         let (count, bytes, n) = self.sizes(il, ol)?;
+        let out = contiguous_f32_mut(out, out_layout, "output")?;
         let (CpuStorage::U8(images), Some((i0, i1))) = (is, il.contiguous_offsets()) else {
             candle_core::bail!("gather_normalise: images must be a contiguous u8 tensor");
         };
@@ -117,7 +141,12 @@ impl CustomOp2 for GatherNormalise {
             .zip(&self.std)
             .map(|(m, s)| std::array::from_fn(|b| (b as f32 / 255.0 - m) / s))
             .collect();
-        let mut out = vec![0f32; n * bytes];
+        if out.len() != n * bytes {
+            candle_core::bail!(
+                "gather_normalise: the output holds {} values, not {n} x {bytes}",
+                out.len()
+            );
+        }
         if bytes > 0 {
             out.par_chunks_mut(bytes).zip(order).for_each(|(out, &i)| {
                 let image = &images[i as usize * bytes..][..bytes];
@@ -132,21 +161,23 @@ impl CustomOp2 for GatherNormalise {
                 }
             });
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, bytes))))
+        Ok(())
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
+        out: &mut candle_core::CudaStorage,
+        out_layout: &Layout,
         is: &candle_core::CudaStorage,
         il: &Layout,
         os: &candle_core::CudaStorage,
         ol: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    ) -> candle_core::Result<()> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
-        use super::cuda::{kernel, output, per_item, view};
+        use super::cuda::{kernel, per_item, view, view_mut};
 
         #[repr(C)]
         struct Norm {
@@ -168,7 +199,13 @@ impl CustomOp2 for GatherNormalise {
         };
         norm.mean[..self.mean.len()].copy_from_slice(&self.mean);
         norm.std[..self.std.len()].copy_from_slice(&self.std);
-        let out = output::<f32>(dev, n * bytes)?;
+        let mut out = view_mut::<f32>(out, out_layout, "output")?;
+        if out.len() != n * bytes {
+            candle_core::bail!(
+                "gather_normalise: the output holds {} values, not {n} x {bytes}",
+                out.len()
+            );
+        }
         let func = kernel(dev, "gather_normalise")?;
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
@@ -180,11 +217,11 @@ impl CustomOp2 for GatherNormalise {
             .arg(&bytes32)
             .arg(&plane)
             .arg(&norm)
-            .arg(&out);
+            .arg(&mut out);
         // SAFETY: the arguments match the kernel's signature; it writes all n * bytes outputs.
         // Indices are the epoch's permutation of the set, made and checked on the host.
         unsafe { launch.launch(per_item(n * bytes)) }.w()?;
-        Ok((super::cuda::storage(out, dev), Shape::from((n, bytes))))
+        Ok(())
     }
 }
 
@@ -212,6 +249,36 @@ mod tests {
             ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             reference.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn writes_into_a_kept_buffer_and_its_leading_rows() {
+        let bytes: Vec<u8> = (0..5 * 12).map(|i| (i * 53 % 256) as u8).collect();
+        let images = Tensor::from_vec(bytes, (5, 12), &Device::Cpu).unwrap();
+        let norm = Normalisation {
+            mean: &MEAN,
+            std: &STD,
+            plane: 4,
+        };
+        let buffer = Tensor::full(7f32, (3, 12), &Device::Cpu).unwrap();
+        let full = Tensor::new(&[1u32, 3, 0], &Device::Cpu).unwrap();
+        gather_normalise_into(&buffer, &images, &full, norm).unwrap();
+        let expected = gather_normalise_reference(&images, &full, norm).unwrap();
+        assert_eq!(
+            buffer.to_vec2::<f32>().unwrap(),
+            expected.to_vec2::<f32>().unwrap()
+        );
+        // A short last batch: the first rows of the same buffer, the rest untouched.
+        let short = Tensor::new(&[4u32], &Device::Cpu).unwrap();
+        gather_normalise_into(&buffer.narrow(0, 0, 1).unwrap(), &images, &short, norm).unwrap();
+        let rows = buffer.to_vec2::<f32>().unwrap();
+        let expected_short = gather_normalise_reference(&images, &short, norm).unwrap();
+        assert_eq!(rows[0], expected_short.to_vec2::<f32>().unwrap()[0]);
+        assert_eq!(rows[1..], expected.to_vec2::<f32>().unwrap()[1..]);
+
+        let wrong = Tensor::zeros((2, 12), DType::F32, &Device::Cpu).unwrap();
+        let err = gather_normalise_into(&wrong, &images, &full, norm).unwrap_err();
+        assert!(err.to_string().contains("[3, 12]"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod relu_maxpool;
 pub use conv2d::{conv2d, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};
-pub use gather::{gather_normalise, Normalisation};
+pub use gather::{gather_normalise, gather_normalise_into, Normalisation};
 pub use relu_maxpool::relu_max_pool2d;
 
 use candle_core::{CpuStorage, Layout};

@@ -13,7 +13,7 @@ use candle_core::{Device, Var};
 use super::{rng, Stream};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir, Snapshot};
 use crate::config::Config;
-use crate::data::batches::{batch_ranges, DeviceSet};
+use crate::data::batches::{batch_ranges, epoch_order, BatchBuffer, DeviceSet};
 use crate::data::cifar::{MEAN, STD};
 use crate::data::DataSets;
 use crate::error::{Error, Result};
@@ -69,7 +69,7 @@ pub enum Outcome {
 pub fn run(
     spec: &ModelSpec,
     config: &Config,
-    data: &DataSets,
+    data: DataSets,
     device: &Device,
     run_dir: &RunDir,
     start: Start,
@@ -131,8 +131,9 @@ pub fn run(
         options,
     };
     // The whole data set lives where training runs; batches are cut from it there.
-    let train_set = DeviceSet::new(&data.train, device)?;
-    let test_set = DeviceSet::new(&data.test, device)?;
+    let train_set = DeviceSet::new(data.train, device)?;
+    let test_set = DeviceSet::new(data.test, device)?;
+    let (mut train_buffer, mut test_buffer) = (BatchBuffer::default(), BatchBuffer::default());
     let started = Instant::now();
     let first_epoch = progress.epochs_done + 1;
     let (mut images_trained, mut train_seconds_total) = (0usize, 0f64);
@@ -144,9 +145,7 @@ pub fn run(
         phases.reset();
         let epoch_start = Instant::now();
         let mut order_rng = rng(config.seed, Stream::Shuffle, epoch);
-        let order = data
-            .train
-            .epoch_order(config.shuffle.then_some(&mut order_rng));
+        let order = epoch_order(train_set.len(), config.shuffle.then_some(&mut order_rng));
         let order = train_set.order(&order)?;
         let skip = progress.steps_into_epoch;
         let mut tally = match resumed_tally.take() {
@@ -158,7 +157,9 @@ pub fn run(
         let batches = batch_ranges(train_set.len(), config.batch_size);
         for (step, range) in batches.enumerate().skip(skip) {
             let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
-            let (images, labels) = phases.time(Phase::Data, || train_set.batch(&order, range))?;
+            let (images, labels) = phases.time(Phase::Data, || {
+                train_set.batch(&order, range, &mut train_buffer)
+            })?;
             let (logits, loss) = phases.time(Phase::Forward, || {
                 let logits = built.module.forward(&images)?;
                 let loss = cross_entropy(&logits, &labels)?;
@@ -202,7 +203,12 @@ pub fn run(
         train_seconds_total += train_seconds;
 
         let eval = phases.time(Phase::Evaluate, || {
-            evaluate(built.module.as_ref(), &test_set, config.eval_batch_size)
+            evaluate(
+                built.module.as_ref(),
+                &test_set,
+                config.eval_batch_size,
+                &mut test_buffer,
+            )
         })?;
         let record = EpochRecord {
             epoch,
