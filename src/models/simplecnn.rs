@@ -44,3 +44,66 @@ impl Module for SimpleCnn {
 fn build(vb: VarBuilder) -> candle_core::Result<Box<dyn Module>> {
     Ok(Box::new(SimpleCnn::new(vb)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{resolve, Overrides};
+    use crate::data::batches::{BatchBuffer, DeviceSet};
+    use crate::data::synthetic;
+    use crate::models::init::ParamStore;
+    use crate::ops::conv2d::conv2d_reference;
+    use crate::ops::relu_maxpool::relu_max_pool2d_reference;
+    use crate::optim;
+    use candle_core::Device;
+
+    /// The same model through candle's composition of the same maths (the ops' reference).
+    fn reference_forward(model: &SimpleCnn, x: &Tensor) -> candle_core::Result<Tensor> {
+        let conv = &model.conv1;
+        let x = conv2d_reference(x, &conv.weight, Some(&conv.bias), conv.params)?;
+        let x = relu_max_pool2d_reference(&x, 2)?;
+        model.fc.forward(&x.flatten_from(1)?)
+    }
+
+    /// Losses of `steps` Adam steps on one batch, from the seed's initial weights.
+    fn losses(reference: bool, steps: usize) -> Vec<f32> {
+        let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default()).unwrap();
+        assert_eq!(spec.name, "simplecnn");
+        let params = ParamStore::new(3);
+        let model = SimpleCnn::new(params.var_builder(&Device::Cpu)).unwrap();
+        let mut optimizer = optim::build(&config, params.vars()).unwrap();
+        let set = DeviceSet::new(synthetic::generate(40, 9), &Device::Cpu).unwrap();
+        let order = set.order(&(0..40).collect::<Vec<_>>()).unwrap();
+        let (x, y) = set
+            .batch(&order, 0..40, &mut BatchBuffer::default())
+            .unwrap();
+        (0..steps)
+            .map(|_| {
+                let (logits, loss) = if reference {
+                    let logits = reference_forward(&model, &x).unwrap();
+                    (logits.clone(), candle_nn::loss::cross_entropy(&logits, &y))
+                } else {
+                    let logits = model.forward(&x).unwrap();
+                    (logits.clone(), ops::cross_entropy(&logits, &y))
+                };
+                let loss = loss.unwrap();
+                assert_eq!(logits.dims(), &[40, 10]);
+                optimizer.step(&loss.backward().unwrap()).unwrap();
+                loss.to_scalar::<f32>().unwrap()
+            })
+            .collect()
+    }
+
+    /// kiln's ops train the model as candle's composition does: the same loss, step by step.
+    #[test]
+    fn trains_as_the_reference_composition_does() {
+        let (ours, reference) = (losses(false, 8), losses(true, 8));
+        for (step, (a, b)) in ours.iter().zip(&reference).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "step {step}: {a} vs {b}"
+            );
+        }
+        assert!(ours[7] < 0.8 * ours[0], "the loss falls: {ours:?}");
+    }
+}
