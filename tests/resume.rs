@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -105,25 +106,28 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_finishes_exactly() {
     let data = fixture_dir(root.path());
     let reference = straight(root.path(), &data);
 
-    let child = common::binary("train")
+    let mut child = common::binary("train")
         .args(args(&data, "interrupted", &["--epochs", EPOCHS]))
         .current_dir(root.path())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the first epoch's checkpoint, then interrupt in the middle of epoch 2.
-    let first = models_dir(root.path()).join("interrupted/checkpoints/epoch-0001.safetensors");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !first.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
+    // Interrupt as soon as epoch 1's line is out: it comes after that epoch's checkpoint and
+    // plot, so epoch 2's steps (about 0.2 s on two cores) are what runs next. A fixed wait after
+    // the checkpoint file appeared once let all of epoch 2 finish first.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 1/") {
+        line.clear();
     }
-    std::thread::sleep(Duration::from_millis(150));
+    assert!(line.contains("epoch 1/"), "no epoch line before the end");
     let status = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
