@@ -64,6 +64,22 @@ fn sizes(logits: &Layout, labels: &Layout) -> candle_core::Result<(usize, usize)
     Ok((n, k))
 }
 
+/// Rows, classes and the data of the logits and labels every CPU kernel here reads.
+fn cpu_rows<'a>(
+    ls: &'a CpuStorage,
+    ll: &Layout,
+    ys: &'a CpuStorage,
+    yl: &Layout,
+) -> candle_core::Result<(usize, usize, &'a [f32], &'a [u32])> {
+    let (n, k) = sizes(ll, yl)?;
+    Ok((
+        n,
+        k,
+        contiguous_f32(ls, ll, "logits")?,
+        contiguous_u32(ys, yl, "labels")?,
+    ))
+}
+
 /// A row's maximum and the sum of exp(v - maximum). The loss and the softmax are formed from
 /// these two without adding the maximum back: `max + ln(sum)` rounds to the maximum's f32 steps
 /// (2e-6 at 20), which cost a confident row's gradient (softmax - 1, about -5e-5) 5% of its
@@ -92,11 +108,7 @@ impl CustomOp2 for CrossEntropy {
         ys: &CpuStorage,
         yl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = sizes(ll, yl)?;
-        let (logits, labels) = (
-            contiguous_f32(ls, ll, "logits")?,
-            contiguous_u32(ys, yl, "labels")?,
-        );
+        let (n, k, logits, labels) = cpu_rows(ls, ll, ys, yl)?;
         let sum: f32 = logits
             .chunks_exact(k.max(1))
             .zip(labels)
@@ -154,11 +166,7 @@ impl CustomOp3 for CrossEntropyGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = sizes(ll, yl)?;
-        let (logits, labels) = (
-            contiguous_f32(ls, ll, "logits")?,
-            contiguous_u32(ys, yl, "labels")?,
-        );
+        let (n, k, logits, labels) = cpu_rows(ls, ll, ys, yl)?;
         let scale = contiguous_f32(gs, gl, "loss gradient")?[0] / n as f32;
         let mut grad = vec![0f32; n * k];
         for ((row, out), &y) in logits
@@ -207,11 +215,7 @@ impl CustomOp3 for BatchTally {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = sizes(ll, yl)?;
-        let (logits, labels) = (
-            contiguous_f32(ls, ll, "logits")?,
-            contiguous_u32(ys, yl, "labels")?,
-        );
+        let (n, k, logits, labels) = cpu_rows(ls, ll, ys, yl)?;
         let loss = contiguous_f32(ss, sl, "loss")?[0];
         let correct = logits
             .chunks_exact(k.max(1))
@@ -243,7 +247,7 @@ impl CustomOp3 for BatchTally {
 /// kernels.cu: cross_entropy_fwd, cross_entropy_bwd, batch_tally.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout};
 
@@ -251,6 +255,19 @@ mod cuda {
 
     fn int(v: usize) -> candle_core::Result<i32> {
         crate::ops::cuda::int(v, "cross_entropy")
+    }
+
+    /// The logits and labels every kernel here reads.
+    fn views<'a>(
+        ls: &'a CudaStorage,
+        ll: &Layout,
+        ys: &'a CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CudaView<'a, f32>, CudaView<'a, u32>)> {
+        Ok((
+            view::<f32>(ls, ll, "logits")?,
+            view::<u32>(ys, yl, "labels")?,
+        ))
     }
 
     pub(super) fn forward(
@@ -262,10 +279,7 @@ mod cuda {
         k: usize,
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &ls.device;
-        let (logits, labels) = (
-            view::<f32>(ls, ll, "logits")?,
-            view::<u32>(ys, yl, "labels")?,
-        );
+        let (logits, labels) = views(ls, ll, ys, yl)?;
         let loss = output::<f32>(dev, 1)?;
         let func = kernel(dev, "cross_entropy_fwd")?;
         let stream = dev.cuda_stream();
@@ -289,10 +303,7 @@ mod cuda {
         k: usize,
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &ls.device;
-        let (logits, labels) = (
-            view::<f32>(ls, ll, "logits")?,
-            view::<u32>(ys, yl, "labels")?,
-        );
+        let (logits, labels) = views(ls, ll, ys, yl)?;
         let grad_loss = view::<f32>(gs, gl, "loss gradient")?;
         let grad = output::<f32>(dev, n * k)?;
         let func = kernel(dev, "cross_entropy_bwd")?;
@@ -323,10 +334,7 @@ mod cuda {
         k: usize,
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &ls.device;
-        let (logits, labels) = (
-            view::<f32>(ls, ll, "logits")?,
-            view::<u32>(ys, yl, "labels")?,
-        );
+        let (logits, labels) = views(ls, ll, ys, yl)?;
         let loss = view::<f32>(ss, sl, "loss")?;
         let sums = output::<f32>(dev, 2)?;
         let func = kernel(dev, "batch_tally")?;
