@@ -55,6 +55,12 @@ pub enum Error {
     #[error("cannot read {path}: {message}")]
     WeightsInvalid { path: PathBuf, message: String },
 
+    #[error(
+        "cannot resume {dir}: it holds results but no checkpoint that loads{}\nnothing was changed; resume from a good checkpoint with --resume PATH, or start the run again with --overwrite (its results are then replaced)",
+        problems.iter().map(|p| format!("\n  {p}")).collect::<String>()
+    )]
+    NothingToResume { dir: PathBuf, problems: Vec<String> },
+
     #[error("checkpoint does not fit: {0}")]
     CheckpointMismatch(String),
 

@@ -90,7 +90,7 @@ fn simplecnn_trains_on_fixture_data_and_writes_its_run_directory() {
 }
 
 #[test]
-fn same_seed_same_run_on_the_cpu() {
+fn same_seed_same_run_on_the_cpu_and_the_same_bytes() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let run = |name: &str| {
@@ -107,17 +107,40 @@ fn same_seed_same_run_on_the_cpu() {
             "9",
         ];
         assert!(train(&args, root.path()).status.success());
-        weight_bits(
-            &root
-                .path()
-                .join("models")
-                .join(name)
-                .join("last.safetensors"),
-        )
+        root.path().join("models").join(name)
     };
     let (a, b) = (run("a"), run("b"));
-    assert_eq!(a.len(), 4);
-    assert!(a == b, "two runs with seed 9 ended with different weights");
+    assert_eq!(weight_bits(&a.join("last.safetensors")).len(), 4);
+    for file in ["last.safetensors", "best.safetensors"] {
+        assert!(
+            std::fs::read(a.join(file)).unwrap() == std::fs::read(b.join(file)).unwrap(),
+            "two runs with seed 9 wrote different {file} files"
+        );
+    }
+    // A checkpoint also records the metrics history, whose timings differ from run to run:
+    // everything else in it, tensor bytes and header alike, is the same.
+    let checkpoint = |run: &Path| {
+        let bytes = std::fs::read(run.join("checkpoints/epoch-0001.safetensors")).unwrap();
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..header_end]).unwrap();
+        let history = header["__metadata__"]["history"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let untimed: Vec<String> = history
+            .lines()
+            .map(|line| {
+                let cells: Vec<&str> = line.split(',').collect();
+                [&cells[..5], &cells[7..]].concat().join(",")
+            })
+            .collect();
+        header["__metadata__"]["history"] = untimed.join("\n").into();
+        (header, bytes[header_end..].to_vec())
+    };
+    assert!(
+        checkpoint(&a) == checkpoint(&b),
+        "checkpoints differ beyond their timings"
+    );
 }
 
 #[test]

@@ -120,9 +120,10 @@ struct Cli {
     #[arg(long, help_heading = "Output", conflicts_with = "resume")]
     overwrite: bool,
 
-    /// Continue the run in --models-dir/--run from its newest complete checkpoint, or from
-    /// the checkpoint file PATH. --epochs is the total. With no checkpoint yet, the run starts
-    /// from scratch, so the same command can be repeated after any crash
+    /// Continue the run in --models-dir/--run from its newest checkpoint that loads and
+    /// verifies, or from the checkpoint file PATH. --epochs is the total. A run directory with
+    /// no results yet starts from scratch, so the same command can be repeated after any crash;
+    /// one with results but no usable checkpoint is refused and left as it is
     #[arg(long, value_name = "PATH", num_args = 0..=1, help_heading = "Checkpoints")]
     resume: Option<Option<PathBuf>>,
 
@@ -285,8 +286,8 @@ fn train_classifier(
             match found {
                 None => {
                     reporter.note(&format!(
-                        "no complete checkpoint in {} yet: starting from scratch",
-                        run_dir.checkpoints().display()
+                        "nothing to resume in {} yet (no results): starting from scratch",
+                        run_dir.path().display()
                     ));
                     (spec, config, Start::Fresh)
                 }

@@ -2,7 +2,7 @@
 //! test set after each epoch; weights, checkpoints and metrics written to the run directory as
 //! it goes, so a run can stop at any moment and continue exactly.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -311,9 +311,9 @@ impl Trainer<'_> {
 }
 
 /// What a reader of a weights file needs to reproduce kiln's predictions.
-pub fn weights_metadata(spec: &ModelSpec, epoch: usize) -> HashMap<String, String> {
+pub fn weights_metadata(spec: &ModelSpec, epoch: usize) -> BTreeMap<String, String> {
     let list = |v: &[f32]| v.iter().map(f32::to_string).collect::<Vec<_>>().join(",");
-    HashMap::from([
+    BTreeMap::from([
         ("model".to_string(), spec.name.to_string()),
         ("epoch".to_string(), epoch.to_string()),
         (

@@ -50,16 +50,44 @@ pub fn reconcile(saved: &Config, now: &Config) -> Result<Vec<String>> {
     }
 }
 
-/// The newest checkpoint in `run_dir` that loads; an unreadable one is skipped with a warning
-/// and the one before it tried.
+/// The newest checkpoint in `run_dir` that loads and verifies; a damaged one is skipped with a
+/// warning naming it, and the one before it tried. None only where the directory holds no
+/// results at all (a new run, or one killed before its first checkpoint); a directory with
+/// results but no usable checkpoint is an error listing what is wrong with each file, so that
+/// nothing there is replaced by a fresh start.
 pub fn newest(run_dir: &RunDir, device: &Device) -> Result<Option<(PathBuf, Checkpoint)>> {
-    for (path, _) in run_dir.list_checkpoints()? {
+    let scan = run_dir.scan_checkpoints()?;
+    let mut problems: Vec<(PathBuf, String)> = scan
+        .unreadable
+        .into_iter()
+        .map(|(path, err)| (path, err.to_string()))
+        .collect();
+    for (path, _) in scan.readable {
         match load_checkpoint(&path, device) {
-            Ok(checkpoint) => return Ok(Some((path, checkpoint))),
-            Err(err) => tracing::warn!("skipping checkpoint that does not load: {err}"),
+            Ok(checkpoint) => {
+                for (_, problem) in &problems {
+                    tracing::warn!("skipped a damaged checkpoint: {problem}");
+                }
+                return Ok(Some((path, checkpoint)));
+            }
+            Err(err) => problems.push((path, err.to_string())),
         }
     }
-    Ok(None)
+    if !run_dir.holds_results() {
+        return Ok(None);
+    }
+    problems.sort();
+    let mut problems: Vec<String> = problems.into_iter().map(|(_, p)| p).collect();
+    if problems.is_empty() {
+        problems.push(format!(
+            "{} holds no checkpoint file",
+            run_dir.checkpoints().display()
+        ));
+    }
+    Err(Error::NothingToResume {
+        dir: run_dir.path().to_path_buf(),
+        problems,
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The run directory (`models/<run>/`) and the files in it, each written atomically: a file
 //! becomes visible under its name only once complete, so a killed process leaves the previous
-//! version intact.
+//! version intact. Every safetensors file kiln writes is byte-reproducible and carries a
+//! checksum of its tensor bytes, verified on every load ([`file`]).
 //!
 //! Two kinds of safetensors files:
 //! - weights (`last.safetensors`, `best.safetensors`): parameters under their PyTorch names, with
@@ -10,234 +11,33 @@
 //!   (`tally/...`), and in the header the position, best result, config and metrics history.
 //!   Random streams are derived from the seed and the epoch, so the position restores them.
 
-use std::collections::HashMap;
+mod file;
+mod run_dir;
+
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
+pub use file::{load_weights, save_tensors, write_atomic, Weights, CHECKSUM_KEY};
+pub use run_dir::{CheckpointScan, RunDir};
+
 use crate::config::Config;
 use crate::error::{Error, Result};
-
-/// `models/<run>/`: the resolved config, the metrics history and the weights of one run.
-pub struct RunDir {
-    path: PathBuf,
-}
-
-impl RunDir {
-    /// The run directory `<models_dir>/<run>`, which may not exist yet.
-    pub fn at(models_dir: &Path, run: &str) -> Self {
-        Self {
-            path: models_dir.join(run),
-        }
-    }
-
-    /// Whether an earlier run left results here.
-    pub fn holds_run(&self) -> bool {
-        [self.config(), self.metrics(), self.checkpoints()]
-            .iter()
-            .any(|p| p.exists())
-    }
-
-    /// Prepares the directory for a new run. A directory that already holds one is refused
-    /// unless `overwrite`, so no earlier results are replaced by accident; with `overwrite`
-    /// its history and checkpoints are removed.
-    pub fn start_fresh(&self, overwrite: bool) -> Result<()> {
-        if self.holds_run() {
-            if !overwrite {
-                return Err(Error::RunExists {
-                    dir: self.path.clone(),
-                });
-            }
-            for file in [self.metrics(), self.last(), self.best(), self.plot()] {
-                if file.exists() {
-                    std::fs::remove_file(&file).map_err(Error::io("cannot remove", file))?;
-                }
-            }
-            if self.checkpoints().exists() {
-                std::fs::remove_dir_all(self.checkpoints())
-                    .map_err(Error::io("cannot remove", self.checkpoints()))?;
-            }
-        }
-        self.create_dirs()
-    }
-
-    /// Creates the directories, and removes temporary files that a killed process left
-    /// mid-write (only one process trains in a run directory at a time).
-    pub fn create_dirs(&self) -> Result<()> {
-        std::fs::create_dir_all(self.checkpoints())
-            .map_err(Error::io("cannot create run directory", &self.path))?;
-        for dir in [self.path.clone(), self.checkpoints()] {
-            let entries = std::fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))?;
-            for entry in entries.flatten() {
-                if is_temp_file(&entry.file_name().to_string_lossy()) {
-                    let path = entry.path();
-                    std::fs::remove_file(&path).map_err(Error::io("cannot remove", path))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-    pub fn config(&self) -> PathBuf {
-        self.path.join("config.toml")
-    }
-    pub fn metrics(&self) -> PathBuf {
-        self.path.join("metrics.csv")
-    }
-    pub fn last(&self) -> PathBuf {
-        self.path.join("last.safetensors")
-    }
-    pub fn best(&self) -> PathBuf {
-        self.path.join("best.safetensors")
-    }
-    pub fn checkpoints(&self) -> PathBuf {
-        self.path.join("checkpoints")
-    }
-    pub fn plot(&self) -> PathBuf {
-        self.path.join("metrics.png")
-    }
-
-    /// The file for a checkpoint at `progress`: `epoch-0003.safetensors` at the end of an epoch,
-    /// `step-00001234.safetensors` (the global step) within one.
-    pub fn checkpoint_path(&self, progress: &Progress) -> PathBuf {
-        let name = if progress.steps_into_epoch == 0 {
-            format!("epoch-{:04}.safetensors", progress.epochs_done)
-        } else {
-            format!("step-{:08}.safetensors", progress.global_step)
-        };
-        self.checkpoints().join(name)
-    }
-
-    /// Complete checkpoints here (temporary files are never listed), newest first.
-    pub fn list_checkpoints(&self) -> Result<Vec<(PathBuf, Progress)>> {
-        let dir = self.checkpoints();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io("cannot list", &dir)(e)),
-        };
-        let mut found = Vec::new();
-        for entry in entries {
-            let path = entry.map_err(Error::io("cannot list", &dir))?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if is_temp_file(&name) || !name.ends_with(".safetensors") {
-                continue;
-            }
-            match read_progress(&path) {
-                Ok(progress) => found.push((path, progress)),
-                Err(err) => tracing::warn!("skipping unreadable checkpoint: {err}"),
-            }
-        }
-        found.sort_by_key(|(_, progress)| std::cmp::Reverse(progress.global_step));
-        Ok(found)
-    }
-
-    /// Deletes all but the newest `keep` end-of-epoch checkpoints, and every mid-epoch one older
-    /// than the newest checkpoint.
-    pub fn prune_checkpoints(&self, keep: usize) -> Result<()> {
-        let all = self.list_checkpoints()?;
-        let mut epochs_kept = 0;
-        for (i, (path, progress)) in all.iter().enumerate() {
-            let remove = if progress.steps_into_epoch == 0 {
-                epochs_kept += 1;
-                epochs_kept > keep
-            } else {
-                i > 0
-            };
-            if remove {
-                std::fs::remove_file(path).map_err(Error::io("cannot remove", path))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-const TEMP_MARK: &str = ".tmp-";
-
-/// Whether `name` is one of [`write_atomic`]'s temporary files.
-fn is_temp_file(name: &str) -> bool {
-    name.starts_with('.') && name.contains(TEMP_MARK)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory: write, fsync,
-/// rename over the target, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}{TEMP_MARK}{}", std::process::id()));
-    let written = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // The rename is durable only once the directory entry is.
-        File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        // Best effort: the error below is what matters; a leftover temp file is only clutter.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(Error::io("cannot write", path))
-}
 
 /// Saves parameters under their PyTorch names as a weights-only safetensors file, with
 /// `metadata` (model name, input normalisation, ...) in its header.
 pub fn save_weights(
     path: &Path,
     params: &[(String, Var)],
-    metadata: HashMap<String, String>,
+    metadata: BTreeMap<String, String>,
 ) -> Result<()> {
     let tensors = params
         .iter()
-        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
-        .collect::<Result<Vec<(String, Tensor)>>>()?;
-    let bytes =
-        safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::WeightsInvalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    write_atomic(path, &bytes)
-}
-
-/// A safetensors file's tensors by name, and its header metadata.
-pub struct Weights {
-    pub tensors: HashMap<String, Tensor>,
-    pub metadata: HashMap<String, String>,
-}
-
-pub fn load_weights(path: &Path, device: &Device) -> Result<Weights> {
-    let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
-    let metadata = read_header(path, &bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
-        Error::WeightsInvalid {
-            path: path.to_path_buf(),
-            message: format!("corrupt tensor data ({e})"),
-        }
-    })?;
-    Ok(Weights { tensors, metadata })
-}
-
-fn read_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::WeightsInvalid {
-            path: path.to_path_buf(),
-            message: format!("not a safetensors file, or truncated ({e})"),
-        })?;
-    Ok(header.metadata().clone().unwrap_or_default())
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    save_tensors(path, tensors, metadata)
 }
 
 /// Copies `tensors` (PyTorch names) into `params`. The names, shapes and dtypes must match
@@ -345,12 +145,8 @@ pub fn save_checkpoint(path: &Path, snapshot: Snapshot) -> Result<()> {
                 .map(|(name, t)| (format!("{prefix}/{name}"), t)),
         );
     }
-    let tensors = tensors
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
-        .collect::<Result<Vec<_>>>()?;
     let p = snapshot.progress;
-    let mut meta = HashMap::from([
+    let mut meta = BTreeMap::from([
         (FORMAT_KEY.to_string(), FORMAT.to_string()),
         ("model".to_string(), snapshot.model.to_string()),
         ("config".to_string(), snapshot.config.to_toml()),
@@ -369,11 +165,7 @@ pub fn save_checkpoint(path: &Path, snapshot: Snapshot) -> Result<()> {
         // Rust prints the shortest decimal that parses back to the same f64.
         meta.insert("best_accuracy".to_string(), accuracy.to_string());
     }
-    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::WeightsInvalid {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    write_atomic(path, &bytes)
+    save_tensors(path, tensors, meta)
 }
 
 /// Reads a checkpoint's position (used to find and prune checkpoints, as often as every step):
@@ -496,10 +288,14 @@ mod tests {
             ("fc.weight".to_string(), w.clone()),
             ("fc.bias".to_string(), b),
         ];
-        let meta = HashMap::from([("model".to_string(), "simplecnn".to_string())]);
-        save_weights(&path, &params, meta.clone()).unwrap();
-        let loaded = load_weights(&path, &Device::Cpu).unwrap();
-        assert_eq!(loaded.metadata, meta);
+        let meta = BTreeMap::from([("model".to_string(), "simplecnn".to_string())]);
+        save_weights(&path, &params, meta).unwrap();
+        let mut loaded = load_weights(&path, &Device::Cpu).unwrap();
+        assert!(loaded.metadata.remove(CHECKSUM_KEY).is_some());
+        assert_eq!(
+            loaded.metadata,
+            HashMap::from([("model".to_string(), "simplecnn".to_string())])
+        );
         let bits = |t: &Tensor| -> Vec<u32> {
             t.flatten_all()
                 .unwrap()
@@ -612,7 +408,7 @@ mod tests {
         assert_eq!(loaded.optimizer["step"].to_scalar::<f64>().unwrap(), 3.0);
 
         // A weights-only file is not a checkpoint, and says what it is for instead.
-        save_weights(&run.last(), &params, HashMap::new()).unwrap();
+        save_weights(&run.last(), &params, BTreeMap::new()).unwrap();
         let err = load_checkpoint(&run.last(), &Device::Cpu)
             .err()
             .unwrap()
