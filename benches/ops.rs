@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::{Linear, Module};
 use criterion::{criterion_group, Criterion, Throughput};
 use kiln::config::{resolve, Overrides};
-use kiln::ops::conv2d::conv2d_reference;
+use kiln::ops::conv::conv2d_reference;
 use kiln::ops::relu_maxpool::relu_max_pool2d_reference;
 use kiln::ops::{self, ConvParams, Normalisation};
 use kiln::{models, optim};
@@ -49,7 +49,7 @@ fn conv_block(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("conv_relu_pool/batch {batch}"));
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function("kiln forward", |b| {
-            b.iter(|| ops::conv_relu_pool(&x, &weight, &bias, SAME, 2).expect("forward"))
+            b.iter(|| ops::conv_relu_pool(&x, &weight, Some(&bias), SAME, 2).expect("forward"))
         });
         let reference =
             || relu_max_pool2d_reference(&conv2d_reference(&x, &weight, Some(&bias), SAME)?, 2);
@@ -58,7 +58,7 @@ fn conv_block(c: &mut Criterion) {
         });
         group.bench_function("kiln forward+backward", |b| {
             b.iter(|| {
-                let y = ops::conv_relu_pool(&x, &weight, &bias, SAME, 2).expect("forward");
+                let y = ops::conv_relu_pool(&x, &weight, Some(&bias), SAME, 2).expect("forward");
                 y.sum_all().and_then(|s| s.backward()).expect("backward")
             })
         });

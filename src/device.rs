@@ -66,6 +66,27 @@ pub fn open(request: DeviceRequest) -> Result<Device> {
     }
 }
 
+/// Runs a backend's device constructor with its panics contained: a panic inside it (candle
+/// has shipped some, see `open_metal`) becomes an error with the panic's message, and the
+/// default hook does not print it.
+fn contained<T>(open: impl FnOnce() -> candle_core::Result<T>) -> std::result::Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .map_or("the backend panicked".to_string(), |m| {
+                format!("the backend panicked: {m}")
+            })),
+    }
+}
+
 fn open_cuda(ordinal: usize) -> Result<Device> {
     let name = format!("cuda:{ordinal}");
     if !candle_core::utils::cuda_is_available() {
@@ -74,7 +95,7 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
             feature: "cuda",
         });
     }
-    let device = Device::new_cuda(ordinal).map_err(|e| Error::DeviceUnavailable {
+    let device = contained(|| Device::new_cuda(ordinal)).map_err(|e| Error::DeviceUnavailable {
         device: name,
         reason: format!("{e} (is an NVIDIA driver installed and `nvidia-smi` working?)"),
     })?;
@@ -121,9 +142,32 @@ fn open_metal(ordinal: usize) -> Result<Device> {
             feature: "metal",
         });
     }
-    Device::new_metal(ordinal).map_err(|e| Error::DeviceUnavailable {
-        device: name,
-        reason: format!("{e} (Metal needs a Mac with Apple Silicon or a Metal-capable GPU)"),
+    let unavailable = |reason: String| Error::DeviceUnavailable {
+        device: name.clone(),
+        reason,
+    };
+    // candle 0.11 opens metal:N as element N of MTLCopyAllDevices() with `swap_remove`, which
+    // panics past the list's end: asking for metal:1 on a one-GPU Mac, or for any device where
+    // that list comes back empty (seen on Apple Silicon, huggingface/candle#3839). Count first.
+    #[cfg(feature = "metal")]
+    {
+        let count = candle_metal_kernels::metal::Device::all().len();
+        if ordinal >= count {
+            return Err(unavailable(match count {
+                0 => "Metal lists no GPU on this machine (MTLCopyAllDevices returned none, and \
+                      candle opens Metal devices only from that list)"
+                    .to_string(),
+                n => format!(
+                    "this machine has {n} Metal device(s): metal:0 to metal:{}",
+                    n - 1
+                ),
+            }));
+        }
+    }
+    contained(|| Device::new_metal(ordinal)).map_err(|e| {
+        unavailable(format!(
+            "{e} (Metal needs a Mac with Apple Silicon or a Metal-capable GPU)"
+        ))
     })
 }
 
@@ -277,6 +321,24 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_panic_in_a_device_constructor_becomes_an_error() {
+        let err = contained(|| -> candle_core::Result<()> {
+            let empty: Vec<u8> = Vec::new();
+            let mut list = empty;
+            list.swap_remove(1);
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(
+            err.starts_with("the backend panicked: swap_remove index"),
+            "{err}"
+        );
+        assert_eq!(contained(|| Ok(7)), Ok(7));
+        // The default hook is back: the next panic elsewhere is reported as usual.
+        assert!(std::panic::catch_unwind(|| panic!("later")).is_err());
     }
 
     #[test]

@@ -133,7 +133,7 @@ fn the_fused_block_and_the_loss_match_the_cpu_on_odd_shapes() {
             Var::from_tensor(&b.to_device(device).unwrap()).unwrap(),
         );
         let x = x.to_device(device).unwrap();
-        let y = ops::conv_relu_pool(&x, w.as_tensor(), b.as_tensor(), p, 2).unwrap();
+        let y = ops::conv_relu_pool(&x, w.as_tensor(), Some(b.as_tensor()), p, 2).unwrap();
         let logits = y.flatten_from(1).unwrap();
         let labels =
             Tensor::from_vec((0..13u32).map(|i| i % 5).collect::<Vec<_>>(), 13, device).unwrap();

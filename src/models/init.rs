@@ -14,7 +14,8 @@ use candle_nn::{Init, Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::ops::conv2d::{Conv2d, ConvParams};
+use super::layers::Conv2d;
+use crate::ops::ConvParams;
 
 #[derive(Clone)]
 pub struct ParamStore {
@@ -123,7 +124,8 @@ pub fn linear(
     Ok(Linear::new(weight, Some(bias)))
 }
 
-/// `nn.Conv2d(in, out, kernel)` with square kernels: `weight` [out, in, k, k] and `bias` [out].
+/// `nn.Conv2d(in, out, kernel)` with square kernels and PyTorch's default init: `weight`
+/// [out, in, k, k] and `bias` [out].
 pub fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -136,7 +138,7 @@ pub fn conv2d(
     let bias = vb.get_with_hints(out_channels, "bias", init)?;
     Ok(Conv2d {
         weight,
-        bias,
+        bias: Some(bias),
         params,
     })
 }

@@ -1,6 +1,7 @@
 //! The model registry: a model is one file here and one line in [`MODELS`].
 
 pub mod init;
+pub mod layers;
 pub mod linear;
 pub mod simplecnn;
 

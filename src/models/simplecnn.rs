@@ -4,8 +4,9 @@
 use candle_core::Tensor;
 use candle_nn::{Linear, Module, VarBuilder};
 
+use super::layers::Conv2d;
 use super::{init, ModelSpec, Task};
-use crate::ops::{self, conv2d::Conv2d, ConvParams};
+use crate::ops::{self, ConvParams};
 
 pub const SPEC: ModelSpec = ModelSpec {
     name: "simplecnn",
@@ -36,7 +37,7 @@ impl SimpleCnn {
 impl Module for SimpleCnn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let conv = &self.conv1;
-        let x = ops::conv_relu_pool(x, &conv.weight, &conv.bias, conv.params, 2)?;
+        let x = ops::conv_relu_pool(x, &conv.weight, conv.bias.as_ref(), conv.params, 2)?;
         self.fc.forward(&x.flatten_from(1)?)
     }
 }
@@ -52,7 +53,7 @@ mod tests {
     use crate::data::batches::{BatchBuffer, DeviceSet};
     use crate::data::synthetic;
     use crate::models::init::ParamStore;
-    use crate::ops::conv2d::conv2d_reference;
+    use crate::ops::conv::conv2d_reference;
     use crate::ops::relu_maxpool::relu_max_pool2d_reference;
     use crate::optim;
     use candle_core::Device;
@@ -60,7 +61,7 @@ mod tests {
     /// The same model through candle's composition of the same maths (the ops' reference).
     fn reference_forward(model: &SimpleCnn, x: &Tensor) -> candle_core::Result<Tensor> {
         let conv = &model.conv1;
-        let x = conv2d_reference(x, &conv.weight, Some(&conv.bias), conv.params)?;
+        let x = conv2d_reference(x, &conv.weight, conv.bias.as_ref(), conv.params)?;
         let x = relu_max_pool2d_reference(&x, 2)?;
         model.fc.forward(&x.flatten_from(1)?)
     }

@@ -3,7 +3,7 @@
 //! path for backends and dtypes it does not cover (Metal; CUDA where no kernel is written).
 //! With the `cuda` feature, `kernels.cu` holds the CUDA kernels (compiled by build.rs).
 
-pub mod conv2d;
+pub mod conv;
 pub mod conv_block;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -12,7 +12,7 @@ pub mod gather;
 mod gemm;
 pub mod relu_maxpool;
 
-pub use conv2d::{conv2d, ConvParams};
+pub use conv::{conv2d, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};
 pub use gather::{gather_normalise, gather_normalise_into, Normalisation};

@@ -1,94 +1,47 @@
-//! 2-D convolution, NCHW, any kernel size, stride and padding (no dilation, no groups).
-//!
-//! On the CPU with f32, kiln's own kernels: im2col + one matrix multiply per image, images in
-//! parallel. The weight gradient, which candle computes slowly, is one multiply per image too,
-//! summed over fixed chunks of images in a fixed order, so results do not depend on the
-//! thread count. Elsewhere (CUDA, Metal, other dtypes), candle's own conv2d: the reference that
-//! the tests hold the kernels to.
+//! kiln's CPU convolution (f32): im2col + one matrix multiply per image, images in parallel.
+//! The weight gradient, which candle computes slowly, is one multiply per image too, summed over
+//! fixed chunks of images in a fixed order, so results do not depend on the thread count.
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
-use super::gemm::{matmul, matmul_nt, Matrix};
+use super::ConvParams;
+use crate::ops::contiguous_f32;
+use crate::ops::gemm::{matmul, matmul_nt, Matrix};
+
+/// `x` [N, C, H, W] convolved with `weight` [CO, C, KH, KW], no bias: contiguous f32 on the CPU.
+pub(super) fn conv2d(x: &Tensor, weight: &Tensor, p: ConvParams) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Conv2dOp { p })
+}
+
+/// `y + bias` over the channels, contiguous f32 on the CPU.
+pub(super) fn add_bias(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    y.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias)
+}
 
 /// Images per partial weight-gradient sum: fixed, so the summation order is too.
 const IMAGES_PER_CHUNK: usize = 8;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvParams {
-    pub stride: usize,
-    pub padding: usize,
-}
-
-/// `nn.Conv2d`'s forward: `x` [N, C, H, W], `weight` [CO, C, KH, KW], `bias` [CO].
-pub fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    p: ConvParams,
-) -> candle_core::Result<Tensor> {
-    let ours = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
-    let y = if ours {
-        x.contiguous()?
-            .apply_op2(&weight.contiguous()?, Conv2dOp { p })?
-    } else {
-        x.conv2d(weight, p.padding, p.stride, 1, 1)?
-    };
-    add_bias(y, bias)
-}
-
-/// candle's composition of the same convolution: the reference for tests.
-pub fn conv2d_reference(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    p: ConvParams,
-) -> candle_core::Result<Tensor> {
-    add_bias(x.conv2d(weight, p.padding, p.stride, 1, 1)?, bias)
-}
-
-fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    match bias {
-        Some(b) if y.device().is_cpu() && y.dtype() == DType::F32 && b.dtype() == DType::F32 => {
-            y.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias)
-        }
-        Some(b) => add_bias_reference(y, b),
-        None => Ok(y),
-    }
-}
-
-fn add_bias_reference(y: Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
-}
-
-/// A convolution layer's parameters, in PyTorch's layout (`nn.Conv2d` with its default bias);
-/// models pass them to [`conv2d`] or to a fused op such as `conv_relu_pool`.
-pub struct Conv2d {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub params: ConvParams,
-}
-
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Geometry {
-    pub(super) n: usize,
-    pub(super) c: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
-    pub(super) co: usize,
-    pub(super) kh: usize,
-    pub(super) kw: usize,
-    pub(super) oh: usize,
-    pub(super) ow: usize,
-    pub(super) p: ConvParams,
+pub(crate) struct Geometry {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) co: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    pub(crate) p: ConvParams,
 }
 
 impl Geometry {
-    pub(super) fn new(
+    pub(crate) fn new(
         x: (usize, usize, usize, usize),
         weight: (usize, usize, usize, usize),
         p: ConvParams,
@@ -120,13 +73,13 @@ impl Geometry {
         })
     }
     /// Rows of the unfolded input: one per (channel, ky, kx).
-    pub(super) fn patch(&self) -> usize {
+    pub(crate) fn patch(&self) -> usize {
         self.c * self.kh * self.kw
     }
-    pub(super) fn out_pixels(&self) -> usize {
+    pub(crate) fn out_pixels(&self) -> usize {
         self.oh * self.ow
     }
-    pub(super) fn image(&self) -> usize {
+    pub(crate) fn image(&self) -> usize {
         self.c * self.h * self.w
     }
 
@@ -153,7 +106,7 @@ impl Geometry {
     }
 
     /// Unfolds one image into `col` [patch x out_pixels], zeros where the kernel overhangs.
-    pub(super) fn im2col(&self, image: &[f32], col: &mut [f32]) {
+    pub(crate) fn im2col(&self, image: &[f32], col: &mut [f32]) {
         let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
         for ci in 0..self.c {
             for ky in 0..self.kh {
@@ -185,7 +138,7 @@ impl Geometry {
     /// dL/dW = the sum over images of dY_i [CO x OHW] * col_i^T, where `output_grad(i, dy)`
     /// fills image i's dY. Images are summed in fixed chunks, and the chunks in index order, so
     /// the result does not depend on the number of threads.
-    pub(super) fn weight_grad(
+    pub(crate) fn weight_grad(
         &self,
         x: &[f32],
         output_grad: impl Fn(usize, &mut [f32]) + Sync,
@@ -214,7 +167,7 @@ impl Geometry {
     }
 
     /// Folds `col` back onto one image, adding overlapping taps: the adjoint of `im2col`.
-    pub(super) fn col2im(&self, col: &[f32], image: &mut [f32]) {
+    pub(crate) fn col2im(&self, col: &[f32], image: &mut [f32]) {
         let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
         image.fill(0.0);
         for ci in 0..self.c {
@@ -412,9 +365,9 @@ impl CustomOp2 for WeightGrad {
 }
 
 /// dL/dX from dL/dY and the weight: col2im(W^T [patch x CO] * dY_i) per image.
-pub(super) struct InputGrad {
-    pub(super) p: ConvParams,
-    pub(super) input: (usize, usize, usize, usize),
+pub(crate) struct InputGrad {
+    pub(crate) p: ConvParams,
+    pub(crate) input: (usize, usize, usize, usize),
 }
 
 impl CustomOp2 for InputGrad {
@@ -451,145 +404,5 @@ impl CustomOp2 for InputGrad {
                 },
             );
         Ok((CpuStorage::F32(dx), Shape::from(self.input)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::{non_contiguous, random_tensor as random};
-    use candle_core::Var;
-    use proptest::prelude::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0);
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff / scale
-    }
-
-    /// Output and every gradient (input, weight, bias) of `f`, under a random upstream gradient.
-    fn run(
-        f: fn(&Tensor, &Tensor, Option<&Tensor>, ConvParams) -> candle_core::Result<Tensor>,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        p: ConvParams,
-        transposed_input: bool,
-    ) -> Vec<Tensor> {
-        let (xv, wv, bv) = (
-            Var::from_tensor(x).unwrap(),
-            Var::from_tensor(w).unwrap(),
-            Var::from_tensor(b).unwrap(),
-        );
-        let input = if transposed_input {
-            non_contiguous(xv.as_tensor())
-        } else {
-            xv.as_tensor().clone()
-        };
-        let y = f(&input, wv.as_tensor(), Some(bv.as_tensor()), p).unwrap();
-        let upstream = random(y.dims(), 99);
-        let grads = (&y * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grad = |v: &Var| grads.get(v).unwrap().clone();
-        vec![y, grad(&xv), grad(&wv), grad(&bv)]
-    }
-
-    /// <a, b>, and <|a|, |b|> as the scale its rounding error grows with.
-    fn dot(a: &Tensor, b: &Tensor) -> (f32, f32) {
-        let value = (a * b)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = (a.abs().unwrap() * b.abs().unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        (value, scale.max(1.0))
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
-        #[test]
-        fn kernels_match_the_reference_composition(
-            n in 1usize..4, c in 1usize..4, co in 1usize..5, h in 1usize..9, w in 1usize..9,
-            k in 1usize..4, stride in 1usize..3, padding in 0usize..3, transposed in any::<bool>(), seed in 0u64..1000,
-        ) {
-            prop_assume!(h + 2 * padding >= k && w + 2 * padding >= k);
-            let p = ConvParams { stride, padding };
-            let x = random(&[n, c, h, w], seed);
-            let weight = random(&[co, c, k, k], seed + 1);
-            let bias = random(&[co], seed + 2);
-            let ours = run(conv2d, &x, &weight, &bias, p, transposed);
-            let (output, grad_x, grad_w, grad_b) = (&ours[0], &ours[1], &ours[2], &ours[3]);
-            let reference_output = conv2d_reference(&x, &weight, Some(&bias), p).unwrap();
-            prop_assert!(max_diff(output, &reference_output) < 1e-5);
-
-            // Convolution is linear in x and in w, so its gradients are its adjoints: for any
-            // probe, <conv(probe, w), u> = <probe, dX> and <conv(x, probe), u> = <probe, dW>.
-            // These need only candle's forward.
-            let upstream = random(output.dims(), 99);
-            for j in 0..4 {
-                let probe = random(x.dims(), 1000 + j);
-                let (want, scale) = dot(&conv2d_reference(&probe, &weight, None, p).unwrap(), &upstream);
-                let (got, _) = dot(&probe, grad_x);
-                prop_assert!((want - got).abs() < 1e-5 * scale, "input grad: {} vs {}", got, want);
-                let probe = random(weight.dims(), 2000 + j);
-                let (want, scale) = dot(&conv2d_reference(&x, &probe, None, p).unwrap(), &upstream);
-                let (got, _) = dot(&probe, grad_w);
-                prop_assert!((want - got).abs() < 1e-5 * scale, "weight grad: {} vs {}", got, want);
-            }
-            let want_b = upstream.sum((0, 2, 3)).unwrap();
-            prop_assert!(max_diff(grad_b, &want_b) < 1e-5);
-
-            // candle's own backward, where it works: its input gradient comes out a column or
-            // row short when the stride does not tile the padded input exactly.
-            let tiles = (h + 2 * padding - k) % stride == 0 && (w + 2 * padding - k) % stride == 0;
-            if tiles {
-                let reference = run(conv2d_reference, &x, &weight, &bias, p, transposed);
-                for (name, (a, b)) in ["input grad", "weight grad", "bias grad"].iter().zip(ours[1..].iter().zip(&reference[1..])) {
-                    let d = max_diff(a, b);
-                    prop_assert!(d < 1e-5, "{} differs by {} (relative)", name, d);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn simplecnn_shape_and_data_inputs_get_no_gradient() {
-        let p = ConvParams {
-            stride: 1,
-            padding: 1,
-        };
-        let x = random(&[64, 3, 32, 32], 1);
-        let w = Var::from_tensor(&random(&[16, 3, 3, 3], 2)).unwrap();
-        let y = conv2d(&x, w.as_tensor(), None, p).unwrap();
-        assert_eq!(y.dims(), &[64, 16, 32, 32]);
-        let reference = conv2d_reference(&x, w.as_tensor(), None, p).unwrap();
-        assert!(max_diff(&y, &reference) < 1e-5);
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(&x).is_none(), "the data tensor gets no gradient");
-        assert!(grads.get(&w).is_some());
     }
 }

@@ -1,0 +1,160 @@
+//! Every path of the convolution held to candle's: kiln's CPU kernels and the portable
+//! composition, forward and all three gradients, on random shapes.
+
+use super::*;
+use crate::ops::{non_contiguous, random_tensor as random};
+use candle_core::Var;
+use proptest::prelude::*;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff / scale
+}
+
+type ConvFn = fn(&Tensor, &Tensor, Option<&Tensor>, ConvParams) -> candle_core::Result<Tensor>;
+
+/// Output and every gradient (input, weight, bias) of `f`, under a random upstream gradient.
+fn run(
+    f: ConvFn,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    p: ConvParams,
+    transposed_input: bool,
+) -> Vec<Tensor> {
+    let (xv, wv, bv) = (
+        Var::from_tensor(x).unwrap(),
+        Var::from_tensor(w).unwrap(),
+        Var::from_tensor(b).unwrap(),
+    );
+    let input = if transposed_input {
+        non_contiguous(xv.as_tensor())
+    } else {
+        xv.as_tensor().clone()
+    };
+    let y = f(&input, wv.as_tensor(), Some(bv.as_tensor()), p).unwrap();
+    let upstream = random(y.dims(), 99);
+    let grads = (&y * &upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |v: &Var| grads.get(v).unwrap().clone();
+    vec![y, grad(&xv), grad(&wv), grad(&bv)]
+}
+
+/// <a, b>, and <|a|, |b|> as the scale its rounding error grows with.
+fn dot(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    let value = (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = (a.abs().unwrap() * b.abs().unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    (value, scale.max(1.0))
+}
+
+/// The portable composition with candle's bias: the path Metal takes.
+fn portable(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: ConvParams,
+) -> candle_core::Result<Tensor> {
+    let y = conv2d_portable(x, w, p)?;
+    match b {
+        Some(b) => add_bias_reference(&y, b),
+        None => Ok(y),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    /// Batches up to 20 images span several of the weight gradient's 8-image chunks; kernels
+    /// may be non-square.
+    #[test]
+    fn every_path_matches_candles_convolution(
+        n in 1usize..21, c in 1usize..4, co in 1usize..5, h in 1usize..9, w in 1usize..9,
+        kh in 1usize..4, kw in 1usize..4, stride in 1usize..3, padding in 0usize..3,
+        transposed in any::<bool>(), seed in 0u64..1000,
+    ) {
+        prop_assume!(h + 2 * padding >= kh && w + 2 * padding >= kw);
+        let p = ConvParams { stride, padding };
+        let x = random(&[n, c, h, w], seed);
+        let weight = random(&[co, c, kh, kw], seed + 1);
+        let bias = random(&[co], seed + 2);
+        let reference_output = conv2d_reference(&x, &weight, Some(&bias), p).unwrap();
+        let upstream = random(reference_output.dims(), 99);
+        let want_b = upstream.sum((0, 2, 3)).unwrap();
+        for (path, f) in [("kiln", conv2d as ConvFn), ("portable", portable as ConvFn)] {
+            let ours = run(f, &x, &weight, &bias, p, transposed);
+            let (output, grad_x, grad_w, grad_b) = (&ours[0], &ours[1], &ours[2], &ours[3]);
+            prop_assert!(max_diff(output, &reference_output) < 1e-5, "{} output", path);
+
+            // Convolution is linear in x and in w, so its gradients are its adjoints: for any
+            // probe, <conv(probe, w), u> = <probe, dX> and <conv(x, probe), u> = <probe, dW>.
+            // These need only candle's forward.
+            for j in 0..4 {
+                let probe = random(x.dims(), 1000 + j);
+                let (want, scale) = dot(&conv2d_reference(&probe, &weight, None, p).unwrap(), &upstream);
+                let (got, _) = dot(&probe, grad_x);
+                prop_assert!((want - got).abs() < 1e-5 * scale, "{} input grad: {} vs {}", path, got, want);
+                let probe = random(weight.dims(), 2000 + j);
+                let (want, scale) = dot(&conv2d_reference(&x, &probe, None, p).unwrap(), &upstream);
+                let (got, _) = dot(&probe, grad_w);
+                prop_assert!((want - got).abs() < 1e-5 * scale, "{} weight grad: {} vs {}", path, got, want);
+            }
+            prop_assert!(max_diff(grad_b, &want_b) < 1e-5, "{} bias grad", path);
+
+            // candle's own backward, where it works: its input gradient comes out a column or
+            // row short when the stride does not tile the padded input exactly.
+            let tiles = (h + 2 * padding - kh) % stride == 0 && (w + 2 * padding - kw) % stride == 0;
+            if tiles {
+                let reference = run(conv2d_reference, &x, &weight, &bias, p, transposed);
+                for (name, (a, b)) in ["input grad", "weight grad", "bias grad"].iter().zip(ours[1..].iter().zip(&reference[1..])) {
+                    let d = max_diff(a, b);
+                    prop_assert!(d < 1e-5, "{} {} differs by {} (relative)", path, name, d);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simplecnn_shape_and_data_inputs_get_no_gradient() {
+    let p = ConvParams {
+        stride: 1,
+        padding: 1,
+    };
+    let x = random(&[64, 3, 32, 32], 1);
+    let w = Var::from_tensor(&random(&[16, 3, 3, 3], 2)).unwrap();
+    let y = conv2d(&x, w.as_tensor(), None, p).unwrap();
+    assert_eq!(y.dims(), &[64, 16, 32, 32]);
+    let reference = conv2d_reference(&x, w.as_tensor(), None, p).unwrap();
+    assert!(max_diff(&y, &reference) < 1e-5);
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none(), "the data tensor gets no gradient");
+    assert!(grads.get(&w).is_some());
+}
