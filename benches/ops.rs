@@ -100,7 +100,7 @@ fn cross_entropy(c: &mut Criterion) {
     group.throughput(Throughput::Elements(64));
     group.bench_function("kiln forward+backward", |b| {
         b.iter(|| {
-            let loss = ops::cross_entropy(&logits, &labels).expect("forward");
+            let loss = ops::cross_entropy(&logits, &labels, 0.0).expect("forward");
             loss.backward().expect("backward")
         })
     });
@@ -131,10 +131,12 @@ fn gather(c: &mut Criterion) {
     let mut group = c.benchmark_group("gather_normalise/batch 64");
     group.throughput(Throughput::Elements(64));
     group.bench_function("kiln", |b| {
-        b.iter(|| ops::gather_normalise(&images, &order, norm).expect("gather"))
+        b.iter(|| ops::gather_normalise(&images, &order, norm, None).expect("gather"))
     });
     group.bench_function("candle", |b| {
-        b.iter(|| ops::gather::gather_normalise_reference(&images, &order, norm).expect("gather"))
+        b.iter(|| {
+            ops::gather::gather_normalise_reference(&images, &order, norm, None).expect("gather")
+        })
     });
     group.finish();
 }
@@ -142,11 +144,12 @@ fn gather(c: &mut Criterion) {
 /// One Adam step over SimpleCNN's 41,418 parameters (kiln's in-place update).
 fn adam(c: &mut Criterion) {
     let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default()).expect("config");
-    let built = models::build(spec, 0, &Device::Cpu).expect("model");
+    let arch = models::Architecture::new(10, 32, models::Stem::Auto, 64).expect("shape");
+    let built = models::build(spec, &arch, 0, &Device::Cpu).expect("model");
     let mut optimizer = optim::build(&config, built.params.vars()).expect("optimizer");
     let x = randn(&[64, 3, 32, 32]);
-    let loss =
-        ops::cross_entropy(&built.module.forward(&x).expect("forward"), &labels(64)).expect("loss");
+    let logits = built.module.forward_t(&x, true).expect("forward");
+    let loss = ops::cross_entropy(&logits, &labels(64), 0.0).expect("loss");
     let grads = loss.backward().expect("backward");
     c.bench_function("adam step/simplecnn", |b| {
         b.iter(|| optimizer.step(black_box(&grads)).expect("step"))

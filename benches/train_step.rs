@@ -42,13 +42,14 @@ fn kiln(
     repeats: usize,
 ) -> kiln::Result<(Vec<f64>, Option<u64>)> {
     let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default())?;
-    let built = models::build(spec, 0, device)?;
+    let arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
+    let built = models::build(spec, &arch, 0, device)?;
     let mut optimizer = optim::build(&config, built.params.vars())?;
     let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
-            let loss = cross_entropy(&built.module.forward(&images)?, &labels)?;
+            let loss = cross_entropy(&built.module.forward_t(&images, true)?, &labels, 0.0)?;
             optimizer.step(&loss.backward()?)?;
         }
         // Queued GPU work counts: the clock stops when it is done.

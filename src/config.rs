@@ -7,9 +7,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::augment::Augment;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::models::{self, ModelSpec};
+use crate::models::{self, ModelSpec, Stem};
+use crate::optim::schedule::{Schedule, ScheduleKind};
 
 /// The model trained when neither `--model` nor `--config` names one.
 pub const DEFAULT_MODEL: &str = "simplecnn";
@@ -45,7 +47,11 @@ pub fn resolve(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
+    /// Adam with `weight_decay` as an L2 term in the gradient (`torch.optim.Adam`).
     Adam,
+    /// Adam with decoupled weight decay (`torch.optim.AdamW`).
+    AdamW,
+    /// SGD with momentum, optionally Nesterov's (`torch.optim.SGD`).
     Sgd,
 }
 
@@ -55,9 +61,10 @@ impl FromStr for OptimizerKind {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "adam" => Ok(Self::Adam),
+            "adamw" => Ok(Self::AdamW),
             "sgd" => Ok(Self::Sgd),
             _ => Err(Error::InvalidSetting(format!(
-                "unknown optimizer '{s}': expected adam or sgd"
+                "unknown optimizer '{s}': expected adam, adamw or sgd"
             ))),
         }
     }
@@ -67,12 +74,14 @@ impl fmt::Display for OptimizerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Adam => "adam",
+            Self::AdamW => "adamw",
             Self::Sgd => "sgd",
         })
     }
 }
 
 /// Every hyper-parameter of a run. Unknown keys are an error, so a typo never goes unnoticed.
+/// Keys added after a run was checkpointed take their defaults when it resumes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -94,15 +103,39 @@ pub struct Config {
     #[serde(default = "default_synthetic_images")]
     pub synthetic_images: usize,
     pub optimizer: OptimizerKind,
+    /// The peak learning rate; the schedule scales it per step.
     pub lr: f64,
     /// SGD momentum (PyTorch's, no dampening); ignored by Adam.
     pub momentum: f64,
-    /// L2 penalty added to the gradient, as PyTorch's `weight_decay`.
+    /// SGD: Nesterov's momentum (PyTorch's `nesterov=True`).
+    #[serde(default)]
+    pub nesterov: bool,
+    /// sgd and adam: an L2 penalty added to the gradient (PyTorch's `weight_decay`); adamw:
+    /// decoupled decay.
     pub weight_decay: f64,
     /// Adam's (beta1, beta2).
     pub betas: [f64; 2],
     /// Adam's epsilon.
     pub eps: f64,
+    /// Cross-entropy against (1 - e) one-hot + e / classes, as PyTorch's `label_smoothing`.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Rescale the gradients to this global L2 norm when larger (`clip_grad_norm_`); 0 = off.
+    #[serde(default)]
+    pub grad_clip_norm: f64,
+    /// Stop once the test accuracy has not improved for this many epochs; 0 = never.
+    #[serde(default)]
+    pub early_stop: usize,
+    /// The network's first layers (ResNets): auto, cifar or imagenet.
+    #[serde(default)]
+    pub stem: Stem,
+    /// The first stage's width (ResNets; torchvision's is 64).
+    #[serde(default = "default_width")]
+    pub width: usize,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub augment: Augment,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -111,6 +144,10 @@ fn default_data_dir() -> PathBuf {
 
 fn default_synthetic_images() -> usize {
     5000
+}
+
+fn default_width() -> usize {
+    64
 }
 
 /// Values given on the command line; each replaces the config's when present.
@@ -126,14 +163,27 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub dataset: Option<Dataset>,
     pub no_shuffle: bool,
+    pub schedule: Option<ScheduleKind>,
+    pub label_smoothing: Option<f64>,
+    pub grad_clip_norm: Option<f64>,
+    pub early_stop: Option<usize>,
 }
 
 impl Config {
     /// Parses TOML text; `origin` names it in error messages.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::ConfigParse {
-            path: origin.to_path_buf(),
-            message: e.to_string(),
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's own message spans several lines with a snippet; one line says the same.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            Error::ConfigParse {
+                path: origin.to_path_buf(),
+                message: match line {
+                    Some(line) => format!("line {line}: {}", e.message().trim()),
+                    None => e.message().trim().to_string(),
+                },
+            }
         })?;
         config.validate().map_err(|message| Error::ConfigParse {
             path: origin.to_path_buf(),
@@ -181,6 +231,18 @@ impl Config {
         if o.no_shuffle {
             self.shuffle = false;
         }
+        if let Some(v) = o.schedule {
+            self.schedule.kind = v;
+        }
+        if let Some(v) = o.label_smoothing {
+            self.label_smoothing = v;
+        }
+        if let Some(v) = o.grad_clip_norm {
+            self.grad_clip_norm = v;
+        }
+        if let Some(v) = o.early_stop {
+            self.early_stop = v;
+        }
         self.validate().map_err(Error::InvalidSetting)?;
         Ok(self)
     }
@@ -217,9 +279,23 @@ impl Config {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(format!("eps must be > 0, got {}", self.eps));
         }
+        if !(self.grad_clip_norm.is_finite() && self.grad_clip_norm >= 0.0) {
+            return Err(format!(
+                "grad_clip_norm must be >= 0 (0 = off), got {}",
+                self.grad_clip_norm
+            ));
+        }
         unit("momentum", self.momentum)?;
         unit("betas[0]", self.betas[0])?;
-        unit("betas[1]", self.betas[1])
+        unit("betas[1]", self.betas[1])?;
+        unit("label_smoothing", self.label_smoothing)?;
+        if self.nesterov && self.momentum == 0.0 {
+            return Err("nesterov needs a momentum above 0".into());
+        }
+        if self.width == 0 {
+            return Err("width must be at least 1".into());
+        }
+        self.schedule.validate(self.epochs, self.lr)
     }
 
     pub fn to_toml(&self) -> String {

@@ -1,23 +1,23 @@
 //! Evaluation of an image classifier on a labelled set: loss, accuracy, per-class accuracy,
 //! confusion matrix; and loading a model from nothing but a weights file.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use candle_nn::Module;
+use candle_nn::ModuleT;
 
 use crate::checkpoint;
 use crate::data::batches::{batch_ranges, BatchBuffer, DeviceSet};
-use crate::data::cifar::CLASSES;
 use crate::error::{Error, Result};
-use crate::models::{self, Built, ModelSpec, Task};
+use crate::models::{self, Architecture, Built, ModelSpec, Stem, Task};
 use crate::ops::cross_entropy;
 
 pub struct Evaluation {
-    /// Mean cross-entropy.
+    /// Mean cross-entropy (no label smoothing).
     pub loss: f64,
-    /// `confusion[true][predicted]`: image counts.
-    pub confusion: [[u64; CLASSES.len()]; CLASSES.len()],
+    /// `confusion[true][predicted]`: image counts, one row and column per class.
+    pub confusion: Vec<Vec<u64>>,
 }
 
 impl Evaluation {
@@ -26,15 +26,19 @@ impl Evaluation {
     }
 
     pub fn accuracy(&self) -> f64 {
-        let correct: u64 = (0..CLASSES.len()).map(|c| self.confusion[c][c]).sum();
+        let correct: u64 = (0..self.confusion.len())
+            .map(|c| self.confusion[c][c])
+            .sum();
         correct as f64 / self.total().max(1) as f64
     }
 
     /// The share of each true class predicted correctly (NaN for a class with no images).
-    pub fn per_class(&self) -> [f64; CLASSES.len()] {
-        std::array::from_fn(|c| {
-            self.confusion[c][c] as f64 / self.confusion[c].iter().sum::<u64>() as f64
-        })
+    pub fn per_class(&self) -> Vec<f64> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| row[c] as f64 / row.iter().sum::<u64>() as f64)
+            .collect()
     }
 }
 
@@ -43,11 +47,23 @@ impl Evaluation {
 pub struct Loaded {
     pub spec: &'static ModelSpec,
     pub built: Built,
+    pub arch: Architecture,
     /// The epoch the weights are from, when the file says.
     pub epoch: Option<String>,
+    /// The class names the file records, if any.
+    pub classes: Option<Vec<String>>,
 }
 
-pub fn load_model(path: &Path, model: Option<&str>, device: &Device) -> Result<Loaded> {
+/// Loads a weights file or checkpoint into the model it holds. The architecture comes from the
+/// file's metadata where kiln wrote it, else from the tensors' shapes (a PyTorch-saved file):
+/// the head's rows are the classes, the first convolution's kernel says the stem and its
+/// channels the width. `image_size` is the input the model will see.
+pub fn load_model(
+    path: &Path,
+    model: Option<&str>,
+    image_size: usize,
+    device: &Device,
+) -> Result<Loaded> {
     let file = checkpoint::load_weights(path, device)?;
     let invalid = |message: String| Error::WeightsInvalid {
         path: path.to_path_buf(),
@@ -71,7 +87,7 @@ pub fn load_model(path: &Path, model: Option<&str>, device: &Device) -> Result<L
     }
     // A checkpoint keeps the weights under model/...; a weights file has the bare names.
     let is_checkpoint = file.tensors.keys().any(|k| k.starts_with("model/"));
-    let tensors = file
+    let tensors: HashMap<String, Tensor> = file
         .tensors
         .into_iter()
         .filter_map(|(k, t)| {
@@ -82,25 +98,85 @@ pub fn load_model(path: &Path, model: Option<&str>, device: &Device) -> Result<L
             }
         })
         .collect();
-    let built = models::build(spec, 0, device)?;
-    checkpoint::assign(&built.params.vars(), &tensors, path)?;
+    let arch = recorded_architecture(&file.metadata, &tensors, image_size).map_err(invalid)?;
+    let built = models::build(spec, &arch, 0, device)?;
+    checkpoint::assign(&built.params.state(), &tensors, path)?;
     let epoch = file
         .metadata
         .get("epoch")
         .or(file.metadata.get("epochs_done"))
         .cloned();
-    Ok(Loaded { spec, built, epoch })
+    let classes = file
+        .metadata
+        .get("classes")
+        .filter(|list| !list.is_empty())
+        .map(|list| list.split(',').map(str::to_string).collect());
+    Ok(Loaded {
+        spec,
+        built,
+        arch,
+        epoch,
+        classes,
+    })
 }
 
-/// Runs `model` over every image of `set` in batches of `batch_size`, written into `buffer`.
-/// The sums stay on the device until the end: one read, not one per batch.
+/// The architecture a file's metadata records, its tensors' shapes filling what it lacks.
+fn recorded_architecture(
+    metadata: &HashMap<String, String>,
+    tensors: &HashMap<String, Tensor>,
+    image_size: usize,
+) -> std::result::Result<Architecture, String> {
+    fn number(
+        metadata: &HashMap<String, String>,
+        key: &str,
+    ) -> std::result::Result<Option<usize>, String> {
+        metadata
+            .get(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("its metadata has a bad {key}: {v:?}"))
+            })
+            .transpose()
+    }
+    let dims = |name: &str| tensors.get(name).map(|t| t.dims().to_vec());
+    let num_classes = match number(metadata, "num_classes")? {
+        Some(n) => n,
+        None => dims("fc.weight")
+            .map(|d| d[0])
+            .ok_or("it has no fc.weight to count the classes from")?,
+    };
+    let conv1 = dims("conv1.weight");
+    let stem = match metadata.get("stem") {
+        Some(stem) => stem.parse().map_err(|e: Error| e.to_string())?,
+        None => match conv1.as_ref().map(|d| d.get(2).copied()) {
+            Some(Some(7)) => Stem::Imagenet,
+            _ => Stem::Cifar,
+        },
+    };
+    let width = match number(metadata, "width")? {
+        Some(w) => w,
+        None => conv1.map_or(64, |d| d[0]),
+    };
+    let size = number(metadata, "image_size")?.unwrap_or(image_size);
+    if size != image_size {
+        return Err(format!(
+            "it was trained on {size}x{size} images, these are {image_size}x{image_size}"
+        ));
+    }
+    Architecture::new(num_classes, image_size, stem, width).map_err(|e| e.to_string())
+}
+
+/// Runs `model` (in evaluation mode) over every image of `set` in batches of `batch_size`,
+/// written into `buffer`; labels are in 0..num_classes. The sums stay on the device until the
+/// end: one read, not one per batch.
 pub fn evaluate(
-    model: &dyn Module,
+    model: &dyn ModuleT,
     set: &DeviceSet,
     batch_size: usize,
     buffer: &mut BatchBuffer,
+    num_classes: usize,
 ) -> Result<Evaluation> {
-    let mut confusion = [[0u64; CLASSES.len()]; CLASSES.len()];
+    let mut confusion = vec![vec![0u64; num_classes]; num_classes];
     if set.is_empty() {
         return Ok(Evaluation {
             loss: f64::NAN,
@@ -112,9 +188,9 @@ pub fn evaluate(
     let mut predicted = Vec::new();
     for range in batch_ranges(set.len(), batch_size) {
         let n = range.len() as f64;
-        let (images, labels) = set.batch(&order, range, buffer)?;
-        let logits = model.forward(&images)?.detach();
-        let loss = (cross_entropy(&logits, &labels)? * n)?;
+        let (images, labels) = set.batch(&order, range, buffer, None)?;
+        let logits = model.forward_t(&images, false)?.detach();
+        let loss = (cross_entropy(&logits, &labels, 0.0)? * n)?;
         loss_sum = Some(match loss_sum {
             Some(sum) => (sum + loss)?,
             None => loss,
@@ -124,7 +200,9 @@ pub fn evaluate(
     let predicted = Tensor::cat(&predicted, 0)?.to_vec1::<u32>()?;
     for (&label, &p) in set.labels().iter().zip(&predicted) {
         let row = confusion.get_mut(label as usize).ok_or_else(|| {
-            Error::InvalidSetting(format!("label {label} is not a CIFAR-10 class"))
+            Error::InvalidSetting(format!(
+                "label {label} is past the model's {num_classes} classes"
+            ))
         })?;
         if let Some(cell) = row.get_mut(p as usize) {
             *cell += 1;
@@ -144,7 +222,7 @@ mod tests {
 
     /// A "model" that always predicts class 3.
     struct AlwaysThree;
-    impl Module for AlwaysThree {
+    impl candle_nn::Module for AlwaysThree {
         fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
             let n = x.dim(0)?;
             let hot: Vec<f32> = (0..n * 10)
@@ -158,7 +236,7 @@ mod tests {
     fn confusion_accuracy_and_loss_of_a_constant_model() {
         let set = crate::data::synthetic::generate(30, 0);
         let set = DeviceSet::new(set, &Device::Cpu).unwrap();
-        let eval = evaluate(&AlwaysThree, &set, 7, &mut BatchBuffer::default()).unwrap();
+        let eval = evaluate(&AlwaysThree, &set, 7, &mut BatchBuffer::default(), 10).unwrap();
         assert_eq!(eval.total(), 30);
         assert!(
             (eval.accuracy() - 0.1).abs() < 1e-12,

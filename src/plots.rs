@@ -11,7 +11,6 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::checkpoint::write_atomic;
-use crate::data::cifar::CLASSES;
 use crate::error::{Error, Result};
 use crate::evaluate::Evaluation;
 use crate::metrics::EpochRecord;
@@ -223,14 +222,24 @@ fn lr_panel(
     Ok(())
 }
 
-/// `confusion.png`: counts per (true, predicted) class, shaded by each true class's share.
-pub fn confusion_png(path: &Path, eval: &Evaluation, title: &str) -> Result<()> {
-    let n = CLASSES.len();
+/// Above this many classes the cells are too small for their counts: shading alone.
+const MOST_COUNTS_SHOWN: usize = 20;
+
+/// `confusion.png`: counts per (true, predicted) class, shaded by each true class's share;
+/// `classes` names the rows and columns in label order.
+pub fn confusion_png(
+    path: &Path,
+    eval: &Evaluation,
+    classes: &[String],
+    title: &str,
+) -> Result<()> {
+    let n = eval.confusion.len();
     // Rows run top to bottom in class order: row `truth` sits at y = n - 1 - truth.
     let class_at = |v: &SegmentValue<usize>, flip: bool| match v {
-        SegmentValue::CenterOf(i) if *i < n => {
-            CLASSES[if flip { n - 1 - i } else { *i }].to_string()
-        }
+        SegmentValue::CenterOf(i) if *i < n => classes
+            .get(if flip { n - 1 - i } else { *i })
+            .cloned()
+            .unwrap_or_default(),
         _ => String::new(),
     };
     render(path, (900, 860), |root| {
@@ -273,6 +282,9 @@ pub fn confusion_png(path: &Path, eval: &Evaluation, title: &str) -> Result<()> 
                         RGBColor(shade, shade, 255).filled(),
                     )))
                     .map_err(|e| e.to_string())?;
+                if n > MOST_COUNTS_SHOWN {
+                    continue;
+                }
                 let ink = if share > 0.5 { WHITE } else { BLACK };
                 let style = (FONT, 17)
                     .into_font()

@@ -18,6 +18,7 @@ pub enum Phase {
     Backward,
     Optimizer,
     Evaluate,
+    /// Observers' work between steps and after epochs: checkpoints, metrics, plots.
     Checkpoint,
 }
 
@@ -55,6 +56,7 @@ impl Phase {
     }
 }
 
+#[derive(Clone)]
 pub struct PhaseTimer {
     totals: [Duration; Phase::ALL.len()],
     /// Wait for this device at the end of each phase.

@@ -30,6 +30,8 @@ pub struct RunSummary {
     pub epochs: usize,
     /// The epochs this process trained (a resumed run trained only the last ones).
     pub trained_here: std::ops::RangeInclusive<usize>,
+    /// Why the run ended before its last epoch (early stopping), if it did.
+    pub stopped_early: Option<String>,
     pub best_epoch: usize,
     pub best_accuracy: f64,
     pub seconds: f64,
@@ -113,6 +115,7 @@ impl Reporter {
                     "event": "summary",
                     "epochs": s.epochs,
                     "trained_epochs": [s.trained_here.start(), s.trained_here.end()],
+                    "stopped_early": s.stopped_early,
                     "best_epoch": s.best_epoch,
                     "best_test_acc": s.best_accuracy,
                     "seconds": s.seconds,

@@ -50,24 +50,34 @@ fn assert_close(what: &str, cpu: &Tensor, cuda: &Tensor) {
     eprintln!("{what}: worst difference {:.2e} of {scale:.2e}", worst);
 }
 
+/// Small widths where the maths is the same: a ResNet of width 8 on CIFAR-sized images.
+fn architecture(spec: &models::ModelSpec) -> models::Architecture {
+    let width = if spec.name.starts_with("resnet") {
+        8
+    } else {
+        64
+    };
+    models::Architecture::new(10, 32, models::Stem::Cifar, width).expect("a valid shape")
+}
+
 /// A model's loss on a fixed batch, on `device`, and its gradients by parameter name.
 fn gradients(spec: &models::ModelSpec, device: &Device) -> Vec<(String, Tensor)> {
-    let built = models::build(spec, 7, device).expect("the model builds");
+    let built = models::build(spec, &architecture(spec), 7, device).expect("the model builds");
     let loss = match spec.task {
         Task::ImageClassification => {
             let set = DeviceSet::new(synthetic::generate(48, 3), device).expect("data fits");
             let order = set.order(&(0..48).rev().collect::<Vec<_>>()).unwrap();
             let mut buffer = BatchBuffer::default();
-            let (images, labels) = set.batch(&order, 0..48, &mut buffer).unwrap();
-            let logits = built.module.forward(&images).unwrap();
-            ops::cross_entropy(&logits, &labels).unwrap()
+            let (images, labels) = set.batch(&order, 0..48, &mut buffer, None).unwrap();
+            let logits = built.module.forward_t(&images, true).unwrap();
+            ops::cross_entropy(&logits, &labels, 0.1).unwrap()
         }
         Task::LinearFit => {
             let x = Tensor::arange(0f32, 32.0, &Device::Cpu)
                 .and_then(|x| (x / 16.0)?.reshape((32, 1))?.to_device(device))
                 .unwrap();
             let y = x.affine(3.0, 2.0).unwrap();
-            let prediction = built.module.forward(&x).unwrap();
+            let prediction = built.module.forward_t(&x, true).unwrap();
             (prediction - y).unwrap().sqr().unwrap().mean_all().unwrap()
         }
     };
@@ -108,9 +118,9 @@ fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
         let on_device = DeviceSet::new(set.clone(), device).unwrap();
         let order = on_device.order(&[39, 0, 17, 17, 5, 21]).unwrap();
         let mut buffer = BatchBuffer::default();
-        let (first, _) = on_device.batch(&order, 1..5, &mut buffer).unwrap();
+        let (first, _) = on_device.batch(&order, 1..5, &mut buffer, None).unwrap();
         let first = values(&first);
-        let (x, y) = on_device.batch(&order, 4..6, &mut buffer).unwrap();
+        let (x, y) = on_device.batch(&order, 4..6, &mut buffer, None).unwrap();
         (first, values(&x), y.to_vec1::<u32>().unwrap())
     };
     assert_eq!(batch(&Device::Cpu), batch(&gpu));
@@ -137,7 +147,7 @@ fn the_fused_block_and_the_loss_match_the_cpu_on_odd_shapes() {
         let logits = y.flatten_from(1).unwrap();
         let labels =
             Tensor::from_vec((0..13u32).map(|i| i % 5).collect::<Vec<_>>(), 13, device).unwrap();
-        let loss = ops::cross_entropy(&logits, &labels).unwrap();
+        let loss = ops::cross_entropy(&logits, &labels, 0.1).unwrap();
         let tally = ops::batch_tally(&logits, &labels, &loss).unwrap();
         let grads = loss.backward().unwrap();
         [
@@ -178,7 +188,7 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
         config.weight_decay = 0.01;
         let grads = gradients(spec, &Device::Cpu);
         let step = |device: &Device| {
-            let built = models::build(spec, 7, device).unwrap();
+            let built = models::build(spec, &architecture(spec), 7, device).unwrap();
             let params = built.params.vars();
             let mut optimizer = kiln::optim::build(&config, params.clone()).unwrap();
             for _ in 0..3 {
@@ -222,4 +232,123 @@ fn ops_input(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// `kiln::ops::conv2d` on `device` (cuDNN on CUDA with the `cudnn` feature, kiln's kernels on the
+/// CPU) with `x` and `w` as parameters in `dtype`: the output, and the input and weight gradients
+/// of sum(y * r), all as f32 on the CPU.
+fn conv_and_gradients(
+    x: &Tensor,
+    w: &Tensor,
+    r: &Tensor,
+    p: ConvParams,
+    dtype: DType,
+    device: &Device,
+) -> [Tensor; 3] {
+    let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(device).unwrap();
+    let (x, w) = (
+        Var::from_tensor(&on(x)).unwrap(),
+        Var::from_tensor(&on(w)).unwrap(),
+    );
+    let y = ops::conv2d(x.as_tensor(), w.as_tensor(), None, p).unwrap();
+    let loss = (&y * on(r)).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    [
+        y,
+        grads.get(&x).unwrap().clone(),
+        grads.get(&w).unwrap().clone(),
+    ]
+    .map(|t| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    })
+}
+
+/// (what, x [N, C, H, W], w [CO, C, KH, KW], stride, padding)
+type ConvCase = (&'static str, [usize; 4], [usize; 4], usize, usize);
+
+#[rustfmt::skip]
+const CONV_CASES: [ConvCase; 7] = [
+    ("3x3 s1 p1, 3->64, batch 1, 15x13", [1, 3, 15, 13], [64, 3, 3, 3], 1, 1),
+    ("3x3 s2 p1, 64->128, batch 33, 9x11", [33, 64, 9, 11], [128, 64, 3, 3], 2, 1),
+    ("3x3 s1 p1, 64->128, batch 33, 8x8", [33, 64, 8, 8], [128, 64, 3, 3], 1, 1),
+    ("1x1 s2 p0, 64->128, batch 5, 13x13", [5, 64, 13, 13], [128, 64, 1, 1], 2, 0),
+    ("7x7 s2 p3, 3->64, batch 33, 23x21", [33, 3, 23, 21], [64, 3, 7, 7], 2, 3),
+    ("1x3 s1 p1, 64->128, batch 3, 7x9", [3, 64, 7, 9], [128, 64, 1, 3], 1, 1),
+    ("3x3 s2 p0, 3->64, batch 1, 3x5", [1, 3, 3, 5], [64, 3, 3, 3], 2, 0),
+];
+
+/// The inputs of one case: x, w and the output weights r of the loss sum(y * r).
+fn conv_case_inputs(case: &ConvCase, seed: u64) -> (Tensor, Tensor, Tensor, ConvParams) {
+    let &(_, x, w, stride, padding) = case;
+    let out = |size: usize, k: usize| (size + 2 * padding - k) / stride + 1;
+    let y = [x[0], w[0], out(x[2], w[2]), out(x[3], w[3])];
+    (
+        ops_input(&x, seed),
+        ops_input(&w, seed + 1),
+        ops_input(&y, seed + 2),
+        ConvParams { stride, padding },
+    )
+}
+
+#[test]
+fn convolutions_and_their_gradients_match_the_cpu_in_every_shape() {
+    let Some(gpu) = cuda() else { return };
+    // f32 with FMA math (the default), not TF32.
+    #[cfg(feature = "cudnn")]
+    ops::conv::set_allow_tf32(false);
+    for (i, case) in CONV_CASES.iter().enumerate() {
+        let (x, w, r, p) = conv_case_inputs(case, 10 * i as u64);
+        let cpu = conv_and_gradients(&x, &w, &r, p, DType::F32, &Device::Cpu);
+        // Twice on the GPU: the first call chooses the algorithms, the second reuses them.
+        for run in ["first", "second"] {
+            let gpu = conv_and_gradients(&x, &w, &r, p, DType::F32, &gpu);
+            for (name, (a, b)) in ["output", "input gradient", "weight gradient"]
+                .iter()
+                .zip(cpu.iter().zip(&gpu))
+            {
+                assert_close(&format!("{} ({run} run) {name}", case.0), a, b);
+            }
+        }
+    }
+}
+
+/// bf16 and f16 on the GPU against f32 on the CPU from the same rounded inputs: only the GPU's
+/// rounding of its results (8 and 11 bits) separates them.
+#[cfg(feature = "cudnn")]
+#[test]
+fn half_precision_convolutions_are_close_to_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, case) in CONV_CASES.iter().enumerate() {
+            let (x, w, r, p) = conv_case_inputs(case, 100 + 10 * i as u64);
+            let rounded = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let (x, w, r) = (rounded(x), rounded(w), rounded(r));
+            let cpu = conv_and_gradients(&x, &w, &r, p, DType::F32, &Device::Cpu);
+            let gpu = conv_and_gradients(&x, &w, &r, p, dtype, &gpu);
+            for (name, (a, b)) in ["output", "input gradient", "weight gradient"]
+                .iter()
+                .zip(cpu.iter().zip(&gpu))
+            {
+                let (a, b) = (values(a), values(b));
+                let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                eprintln!(
+                    "{} {dtype:?} {name}: worst difference {worst:.2e} of {scale:.2e}",
+                    case.0
+                );
+                assert!(
+                    worst <= 1e-2 * scale,
+                    "{} {dtype:?} {name}: CPU and CUDA differ by {worst} (largest {scale})",
+                    case.0
+                );
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 use kiln::cli::DataArgs;
 use kiln::data;
 use kiln::data::batches::{BatchBuffer, DeviceSet};
-use kiln::data::cifar::{self, CLASSES};
+use kiln::data::cifar::{self, SIDE};
 use kiln::device::{self, DeviceRequest};
 use kiln::evaluate::{evaluate, load_model, Evaluation};
 use kiln::plots;
@@ -75,13 +75,22 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     device::prepare_cpu_threads(None);
     let device = device::open(cli.device)?;
-    let loaded = load_model(&cli.checkpoint, cli.model.as_deref(), &device)?;
+    let loaded = load_model(&cli.checkpoint, cli.model.as_deref(), SIDE, &device)?;
     let dir = cli
         .data
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(cifar::DEFAULT_DIR));
     let dataset = cli.data.dataset.unwrap_or_default();
+    let classes = data::class_names(dataset);
+    if loaded.arch.num_classes != classes.len() {
+        anyhow::bail!(
+            "{} holds a model for {} classes, but the {dataset} data has {}",
+            cli.checkpoint.display(),
+            loaded.arch.num_classes,
+            classes.len()
+        );
+    }
     let test = data::load_test(dataset, &dir, cli.data.source().as_ref())?;
     let test = DeviceSet::new(test, &device)?;
     let mut buffer = BatchBuffer::default();
@@ -90,6 +99,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         &test,
         cli.batch_size as usize,
         &mut buffer,
+        classes.len(),
     )?;
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli
@@ -98,9 +108,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let title = format!("{name}: test accuracy {:.4}", eval.accuracy());
-    plots::confusion_png(&picture, &eval, &title)?;
+    plots::confusion_png(&picture, &eval, &classes, &title)?;
     if cli.json {
-        let per_class: serde_json::Map<String, serde_json::Value> = CLASSES
+        let per_class: serde_json::Map<String, serde_json::Value> = classes
             .iter()
             .zip(eval.per_class())
             .map(|(name, acc)| (name.to_string(), json!(acc)))
@@ -114,7 +124,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             "loss": eval.loss,
             "accuracy": eval.accuracy(),
             "per_class": per_class,
-            "classes": CLASSES,
+            "classes": classes,
             "confusion": eval.confusion,
             "confusion_png": picture.display().to_string(),
         });
@@ -126,28 +136,29 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .map(|e| format!(", epoch {e}"))
             .unwrap_or_default();
         println!("{} ({}{epoch})", cli.checkpoint.display(), loaded.spec.name);
-        println!("{}", report(&eval));
+        println!("{}", report(&eval, &classes));
         println!("\nconfusion matrix drawn to {}", picture.display());
     }
     Ok(())
 }
 
 /// The tables a person reads: totals, per-class accuracy, and the confusion matrix.
-fn report(eval: &Evaluation) -> String {
+fn report(eval: &Evaluation, classes: &[String]) -> String {
     let mut out = format!(
         "test images {}: loss {:.4}, accuracy {:.4}\n\nper class:\n",
         eval.total(),
         eval.loss,
         eval.accuracy()
     );
-    for (name, acc) in CLASSES.iter().zip(eval.per_class()) {
+    for (name, acc) in classes.iter().zip(eval.per_class()) {
         out.push_str(&format!("  {name:<11} {acc:.4}\n"));
     }
     out.push_str("\nconfusion matrix (rows: true class, columns: predicted):\n            ");
-    for name in CLASSES {
-        out.push_str(&format!("{:>6}", &name[..5.min(name.len())]));
+    for name in classes {
+        let short: String = name.chars().take(5).collect();
+        out.push_str(&format!("{short:>6}"));
     }
-    for (name, row) in CLASSES.iter().zip(&eval.confusion) {
+    for (name, row) in classes.iter().zip(&eval.confusion) {
         out.push_str(&format!("\n  {name:<10}"));
         for count in row {
             out.push_str(&format!("{count:>6}"));

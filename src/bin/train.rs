@@ -19,8 +19,10 @@ use kiln::config::{self, Config, OptimizerKind, Overrides};
 use kiln::data;
 use kiln::device::{self, DeviceRequest};
 use kiln::models::{self, ModelSpec, Task};
+use kiln::optim::schedule::ScheduleKind;
 use kiln::report::{Output, Reporter};
-use kiln::train::classify::{self, Options, Outcome, Start};
+use kiln::train::classify::{self, Options, Start};
+use kiln::train::fit::Outcome;
 use kiln::train::{linear_fit, resume};
 
 const EXAMPLES: &str = "\
@@ -87,9 +89,26 @@ struct Cli {
     #[arg(long, value_name = "LR", help_heading = "Hyper-parameters")]
     lr: Option<f64>,
 
-    /// adam or sgd
+    /// adam, adamw or sgd
     #[arg(long, value_name = "NAME", help_heading = "Hyper-parameters")]
     optimizer: Option<OptimizerKind>,
+
+    /// Learning-rate schedule, stepped every batch: constant, step, cosine, linear or onecycle
+    /// (their settings are in the config's [schedule] table)
+    #[arg(long, value_name = "NAME", help_heading = "Hyper-parameters")]
+    schedule: Option<ScheduleKind>,
+
+    /// Label smoothing of the cross-entropy (0 to 1, PyTorch's label_smoothing)
+    #[arg(long, value_name = "E", help_heading = "Hyper-parameters")]
+    label_smoothing: Option<f64>,
+
+    /// Rescale the gradients to this global L2 norm when they exceed it (0 = off)
+    #[arg(long, value_name = "NORM", help_heading = "Hyper-parameters")]
+    grad_clip: Option<f64>,
+
+    /// Stop once the test accuracy has not improved for N epochs (0 = never)
+    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
+    early_stop: Option<usize>,
 
     /// SGD momentum (0 turns it off)
     #[arg(long, value_name = "M", help_heading = "Hyper-parameters")]
@@ -209,6 +228,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         data_dir: cli.data.data_dir.clone(),
         dataset: cli.data.dataset,
         no_shuffle: cli.no_shuffle,
+        schedule: cli.schedule,
+        label_smoothing: cli.label_smoothing,
+        grad_clip_norm: cli.grad_clip,
+        early_stop: cli.early_stop,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
     let reporter = Reporter::new(if cli.quiet {
@@ -332,22 +355,20 @@ fn train_classifier(
         config.synthetic_images,
         cli.data.source().as_ref(),
     )?;
+    let stop = stop_on_signals()?;
     let options = Options {
-        checkpoint_every: cli.checkpoint_every.map(|n| n as usize),
+        checkpoint_every: cli.checkpoint_every,
         keep: cli.keep as usize,
-        stop: stop_on_signals()?,
+        stop: &stop,
         trace: cli.trace.is_some(),
         reporter,
-        // A resume that found no checkpoint owns the directory it was pointed at.
+        // A resume that found nothing to resume owns the directory it was pointed at.
         overwrite: cli.overwrite || cli.resume.is_some(),
     };
-    let outcome = classify::run(spec, &config, data, device, &run_dir, start, &options)
+    let ended = classify::run(spec, &config, data, device, &run_dir, start, &options)
         .with_context(|| format!("training {} failed", spec.name))?;
-    match outcome {
-        Outcome::Finished(summary) => {
-            reporter.summary(&summary);
-            Ok(ExitCode::SUCCESS)
-        }
+    match ended.outcome {
+        Outcome::Finished(_) => Ok(ExitCode::SUCCESS),
         Outcome::AlreadyDone { epochs } => {
             reporter.note(&format!(
                 "run {} has already done {epochs} of {} epochs; pass a larger --epochs to train on",
@@ -356,8 +377,10 @@ fn train_classifier(
             ));
             Ok(ExitCode::SUCCESS)
         }
-        Outcome::Interrupted { checkpoint } => {
-            eprintln!("interrupted: checkpoint saved to {}", checkpoint.display());
+        Outcome::Interrupted => {
+            if let Some(checkpoint) = ended.checkpoint {
+                eprintln!("interrupted: checkpoint saved to {}", checkpoint.display());
+            }
             eprintln!("resume with: {}", resume_command(cli));
             Ok(ExitCode::from(130))
         }

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use super::cifar::{CHANNELS, IMAGE_BYTES, MEAN, SIDE, STD};
 use crate::error::Result;
-use crate::ops::{gather_normalise_into, Normalisation};
+use crate::ops::{gather_normalise_into, Augmentation, Normalisation};
 
 /// Labelled CHW images, 3072 bytes each, in one contiguous buffer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,12 +136,13 @@ impl DeviceSet {
     }
 
     /// The images at `order[range]` as a normalised f32 batch [n, 3, 32, 32], written into
-    /// `buffer`, and their labels [n] (u32).
+    /// `buffer`, augmented as `augment` draws, and their labels [n] (u32).
     pub fn batch(
         &self,
         order: &Tensor,
         range: Range<usize>,
         buffer: &mut BatchBuffer,
+        augment: Option<&Augmentation>,
     ) -> Result<(Tensor, Tensor)> {
         let n = range.len();
         let indices = order.narrow(0, range.start, n)?;
@@ -151,7 +152,7 @@ impl DeviceSet {
             plane: SIDE * SIDE,
         };
         let images = buffer.rows(n, self.images.device())?;
-        gather_normalise_into(&images, &self.images, &indices, norm)?;
+        gather_normalise_into(&images, &self.images, &indices, norm, augment)?;
         Ok((
             images.reshape((n, CHANNELS, SIDE, SIDE))?,
             self.labels.index_select(&indices, 0)?,
@@ -180,7 +181,7 @@ mod tests {
         let on_device = DeviceSet::new(set.clone(), &Device::Cpu).unwrap();
         let order = on_device.order(&[0, 4, 1, 2]).unwrap();
         let mut buffer = BatchBuffer::default();
-        let (x, y) = on_device.batch(&order, 1..3, &mut buffer).unwrap();
+        let (x, y) = on_device.batch(&order, 1..3, &mut buffer, None).unwrap();
         assert_eq!(x.dims(), &[2, 3, 32, 32]);
         let expected: Vec<u32> = [4, 1].iter().map(|&i| set.labels()[i] as u32).collect();
         assert_eq!(y.to_vec1::<u32>().unwrap(), expected);

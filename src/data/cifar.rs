@@ -64,7 +64,11 @@ pub fn load(dir: &Path) -> Result<DataSets> {
         });
     }
     tracing::info!(train = train.len(), test = test.len(), dir = %dir.display(), "loaded CIFAR-10");
-    Ok(DataSets { train, test })
+    Ok(DataSets {
+        train,
+        test,
+        classes: CLASSES.iter().map(|s| s.to_string()).collect(),
+    })
 }
 
 /// Loads only the test file from `dir` (all that evaluation needs).

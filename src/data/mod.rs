@@ -1,6 +1,7 @@
 //! Files to batches: the CIFAR-10 binary format (and fetching it), the in-memory data set, and
 //! synthetic images.
 
+pub mod augment;
 pub mod batches;
 pub mod cifar;
 pub mod download;
@@ -16,10 +17,11 @@ pub use batches::ImageSet;
 
 use crate::error::{Error, Result};
 
-/// The training and test sets of a run.
+/// The training and test sets of a run, and the names of their classes in label order.
 pub struct DataSets {
     pub train: ImageSet,
     pub test: ImageSet,
+    pub classes: Vec<String>,
 }
 
 /// Where a run's images come from.
@@ -77,8 +79,21 @@ pub fn load(
         Dataset::Synthetic => Ok(DataSets {
             train: synthetic::generate(synthetic_images, SYNTHETIC_TRAIN_SEED),
             test: synthetic_test_set(),
+            classes: names(&synthetic::CLASSES),
         }),
     }
+}
+
+/// The class names of a data set.
+pub fn class_names(dataset: Dataset) -> Vec<String> {
+    match dataset {
+        Dataset::Cifar10 => names(&cifar::CLASSES),
+        Dataset::Synthetic => names(&synthetic::CLASSES),
+    }
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
 }
 
 /// Loads only the test set (all that evaluation needs).

@@ -21,6 +21,20 @@ const PALETTE: [[f32; 3]; 10] = [
     [120., 60., 30.],
 ];
 
+/// The classes' names, in label order: what each shape looks like.
+pub const CLASSES: [&str; 10] = [
+    "rows",
+    "columns",
+    "checks",
+    "disc",
+    "ring",
+    "square",
+    "diagonals",
+    "cross",
+    "diamond",
+    "dots",
+];
+
 /// Whether pixel (x, y), shifted by the image's random offset, belongs to class `label`'s shape.
 fn in_shape(label: u8, x: i32, y: i32) -> bool {
     let (cx, cy) = (x - 16, y - 16);

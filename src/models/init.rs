@@ -2,7 +2,8 @@
 //!
 //! [`ParamStore`] is a candle-nn `VarBuilder` backend that creates each parameter the first time a
 //! model asks for it, drawing from kiln's own seeded RNG (candle cannot seed its CPU RNG), and
-//! remembers every parameter in creation order for the optimizer and for checkpoints.
+//! remembers every parameter (and buffer) in creation order for the optimizer and for
+//! checkpoints.
 //! The layer constructors initialise like PyTorch's defaults: weights and biases uniform in
 //! ±1/sqrt(fan_in), which the tutorials' learning rates assume.
 
@@ -13,18 +14,24 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
 
 use super::layers::Conv2d;
 use crate::ops::ConvParams;
 
+/// A model's tensors: its trainable parameters, and its buffers (BatchNorm's running
+/// statistics), which are saved and loaded with them but never optimised.
 #[derive(Clone)]
 pub struct ParamStore {
     inner: Arc<Mutex<Inner>>,
+    /// Which of the two lists this handle's builder adds to.
+    buffers: bool,
 }
 
 struct Inner {
     rng: ChaCha8Rng,
-    vars: Vec<(String, Var)>,
+    params: Vec<(String, Var)>,
+    buffers: Vec<(String, Var)>,
 }
 
 impl ParamStore {
@@ -32,8 +39,10 @@ impl ParamStore {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 rng: ChaCha8Rng::seed_from_u64(seed),
-                vars: Vec::new(),
+                params: Vec::new(),
+                buffers: Vec::new(),
             })),
+            buffers: false,
         }
     }
 
@@ -42,9 +51,32 @@ impl ParamStore {
         VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
     }
 
+    /// Builders for a model's parameters and its buffers, under the same names.
+    pub fn scope(&self, device: &Device) -> Scope {
+        let buffers = Self {
+            inner: Arc::clone(&self.inner),
+            buffers: true,
+        };
+        Scope {
+            params: self.var_builder(device),
+            buffers: VarBuilder::from_backend(Box::new(buffers), DType::F32, device.clone()),
+        }
+    }
+
     /// Every parameter, in creation order, with its PyTorch-style dotted name.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.lock().vars.clone()
+        self.lock().params.clone()
+    }
+
+    /// Every buffer, in creation order, with its PyTorch name.
+    pub fn buffers(&self) -> Vec<(String, Var)> {
+        self.lock().buffers.clone()
+    }
+
+    /// Parameters and buffers: everything a weights file holds (PyTorch's `state_dict`).
+    pub fn state(&self) -> Vec<(String, Var)> {
+        let inner = self.lock();
+        inner.params.iter().chain(&inner.buffers).cloned().collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -52,6 +84,24 @@ impl ParamStore {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Where a layer creates its tensors: parameters and buffers, under one name prefix.
+#[derive(Clone)]
+pub struct Scope {
+    pub params: VarBuilder<'static>,
+    pub buffers: VarBuilder<'static>,
+}
+
+impl Scope {
+    /// The scope of a sub-module (`layer1`, `0`, `bn1`, ...).
+    pub fn pp(&self, name: impl ToString) -> Self {
+        let name = name.to_string();
+        Self {
+            params: self.params.pp(&name),
+            buffers: self.buffers.pp(name),
+        }
     }
 }
 
@@ -65,7 +115,8 @@ impl SimpleBackend for ParamStore {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let mut inner = self.lock();
-        if let Some((_, var)) = inner.vars.iter().find(|(n, _)| n == name) {
+        let existing = inner.params.iter().chain(&inner.buffers);
+        if let Some((_, var)) = existing.clone().find(|(n, _)| n == name) {
             if var.shape() != &shape {
                 candle_core::bail!(
                     "parameter {name} exists with shape {:?}, asked for {shape:?}",
@@ -81,25 +132,56 @@ impl SimpleBackend for ParamStore {
                 let (lo, up) = (lo as f32, up as f32);
                 (0..count).map(|_| inner.rng.random_range(lo..up)).collect()
             }
-            other => candle_core::bail!("kiln initialises {name} with its own RNG and supports only uniform and constant inits, not {other:?}"),
+            Init::Randn { mean, stdev } => {
+                let normal = Normal::new(mean as f32, stdev as f32).map_err(|e| {
+                    candle_core::Error::Msg(format!("{name}: normal({mean}, {stdev}): {e}"))
+                })?;
+                (0..count).map(|_| normal.sample(&mut inner.rng)).collect()
+            }
+            other => candle_core::bail!("kiln initialises {name} with its own RNG and supports only uniform, normal and constant inits, not {other:?}"),
         };
         let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;
         let var = Var::from_tensor(&tensor)?;
-        inner.vars.push((name.to_string(), var.clone()));
+        let list = if self.buffers {
+            &mut inner.buffers
+        } else {
+            &mut inner.params
+        };
+        list.push((name.to_string(), var.clone()));
         Ok(var.as_tensor().clone())
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        match self.lock().vars.iter().find(|(n, _)| n == name) {
+        let inner = self.lock();
+        match inner
+            .params
+            .iter()
+            .chain(&inner.buffers)
+            .find(|(n, _)| n == name)
+        {
             Some((_, var)) => Ok(var.as_tensor().clone()),
             None => candle_core::bail!("no parameter named {name}"),
         }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.lock().vars.iter().any(|(n, _)| n == name)
+        let inner = self.lock();
+        inner
+            .params
+            .iter()
+            .chain(&inner.buffers)
+            .any(|(n, _)| n == name)
+    }
+}
+
+/// torchvision's ResNet init for convolutions: `kaiming_normal_(mode="fan_out",
+/// nonlinearity="relu")`, a normal of standard deviation sqrt(2 / fan_out).
+pub fn kaiming_normal_fan_out(out_channels: usize, kh: usize, kw: usize) -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: (2.0 / (out_channels * kh * kw) as f64).sqrt(),
     }
 }
 

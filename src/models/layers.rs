@@ -1,9 +1,10 @@
 //! The layers models are built from, each holding its parameters under PyTorch's names and
 //! calling kiln's ops.
 
-use candle_core::Tensor;
-use candle_nn::Module;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Init, Module, ModuleT};
 
+use super::init::Scope;
 use crate::ops::{self, ConvParams};
 
 /// `nn.Conv2d`: `weight` [CO, C, KH, KW] and, unless `bias=False`, `bias` [CO].
@@ -16,5 +17,91 @@ pub struct Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         ops::conv2d(x, &self.weight, self.bias.as_ref(), self.params)
+    }
+}
+
+/// `nn.BatchNorm2d(C)` with PyTorch's defaults (momentum 0.1, eps 1e-5): `weight` and `bias`
+/// (parameters), `running_mean`, `running_var` and `num_batches_tracked` (buffers). Training
+/// normalises with the batch's statistics (biased variance) and moves the running ones towards
+/// them (unbiased variance); evaluation uses the running ones.
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    /// Kept on the CPU whatever the model's device: only saved, never computed with.
+    num_batches_tracked: Var,
+}
+
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+impl BatchNorm2d {
+    pub fn new(channels: usize, scope: &Scope) -> candle_core::Result<Self> {
+        let param = |name, value| {
+            scope
+                .params
+                .get_with_hints(channels, name, Init::Const(value))
+        };
+        let buffer = |name, value| -> candle_core::Result<Var> {
+            Var::from_tensor(
+                &scope
+                    .buffers
+                    .get_with_hints(channels, name, Init::Const(value))?,
+            )
+        };
+        let tracked = scope
+            .buffers
+            .clone()
+            .set_device(Device::Cpu)
+            .get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.0), DType::I64)?;
+        Ok(Self {
+            weight: param("weight", 1.0)?,
+            bias: param("bias", 0.0)?,
+            running_mean: buffer("running_mean", 0.0)?,
+            running_var: buffer("running_var", 1.0)?,
+            num_batches_tracked: Var::from_tensor(&tracked)?,
+        })
+    }
+
+    /// The layer's output, then ReLU if `relu` (one pass on the CPU).
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        if !train {
+            return ops::batch_norm_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                BN_EPS,
+                relu,
+            );
+        }
+        let out = ops::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
+        let (n, _, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        // PyTorch: running = (1 - momentum) * running + momentum * batch, with the variance
+        // made unbiased by count / (count - 1).
+        let unbiased = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let device = self.running_mean.device();
+        let blend = |running: &Var, batch: &Tensor, scale: f64| -> candle_core::Result<()> {
+            let batch = batch.to_device(device)?.affine(BN_MOMENTUM * scale, 0.0)?;
+            running.set(&(running.as_tensor().affine(1.0 - BN_MOMENTUM, 0.0)? + batch)?)
+        };
+        blend(&self.running_mean, &out.mean, 1.0)?;
+        blend(&self.running_var, &out.var, unbiased)?;
+        let tracked = self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?;
+        self.num_batches_tracked.set(&tracked)?;
+        Ok(out.y)
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward(x, train, false)
     }
 }

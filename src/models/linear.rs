@@ -1,8 +1,8 @@
 //! `linear`: one `nn.Linear(1, 1)`, the tutorials' set-up check.
 
-use candle_nn::{Module, VarBuilder};
+use candle_nn::ModuleT;
 
-use super::{init, ModelSpec, Task};
+use super::{init, Architecture, ModelSpec, Scope, Task};
 
 pub const SPEC: ModelSpec = ModelSpec {
     name: "linear",
@@ -12,7 +12,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     build,
 };
 
-fn build(vb: VarBuilder) -> candle_core::Result<Box<dyn Module>> {
+fn build(_: &Architecture, scope: &Scope) -> candle_core::Result<Box<dyn ModuleT>> {
     // PyTorch names the parameters of a bare nn.Linear `weight` and `bias`, with no prefix.
-    Ok(Box::new(init::linear(1, 1, vb)?))
+    Ok(Box::new(init::linear(1, 1, scope.params.clone())?))
 }

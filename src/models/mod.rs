@@ -3,19 +3,24 @@
 pub mod init;
 pub mod layers;
 pub mod linear;
+pub mod resnet;
 pub mod simplecnn;
 
-use candle_core::Device;
-use candle_nn::{Module, VarBuilder};
+use std::fmt;
+use std::str::FromStr;
 
-pub use init::ParamStore;
+use candle_core::Device;
+use candle_nn::ModuleT;
+use serde::{Deserialize, Serialize};
+
+pub use init::{ParamStore, Scope};
 
 use crate::error::{Error, Result};
 
 /// What a model learns from, which decides the training loop that drives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
-    /// 10-way classification of 3x32x32 images (CIFAR-10 or synthetic).
+    /// Classification of square RGB images (CIFAR-10, synthetic, ...).
     ImageClassification,
     /// The set-up check: regress y = 3x + 2 from generated points.
     LinearFit,
@@ -28,10 +33,16 @@ pub struct ModelSpec {
     pub task: Task,
     /// The model's `configs/<name>.toml`, built in so the binary works from any directory.
     pub default_config: &'static str,
-    pub build: fn(VarBuilder) -> candle_core::Result<Box<dyn Module>>,
+    pub build: fn(&Architecture, &Scope) -> candle_core::Result<Box<dyn ModuleT>>,
 }
 
-pub const MODELS: &[ModelSpec] = &[simplecnn::SPEC, linear::SPEC];
+pub const MODELS: &[ModelSpec] = &[
+    simplecnn::SPEC,
+    resnet::RESNET18,
+    resnet::RESNET34,
+    resnet::RESNET50,
+    linear::SPEC,
+];
 
 pub fn find(name: &str) -> Result<&'static ModelSpec> {
     MODELS
@@ -43,16 +54,107 @@ pub fn find(name: &str) -> Result<&'static ModelSpec> {
         })
 }
 
-/// A model and the store holding its parameters.
+/// A network's first layers: torchvision's for photos, or the CIFAR variant for small images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stem {
+    /// `cifar` for images under 64 pixels, `imagenet` from there on.
+    #[default]
+    Auto,
+    /// 3x3 stride-1 convolution, no max-pool: small images keep their resolution.
+    Cifar,
+    /// torchvision's: 7x7 stride-2 convolution, 3x3 stride-2 max-pool.
+    Imagenet,
+}
+
+impl FromStr for Stem {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cifar" => Ok(Self::Cifar),
+            "imagenet" => Ok(Self::Imagenet),
+            _ => Err(Error::InvalidSetting(format!(
+                "unknown stem '{s}': expected auto, cifar or imagenet"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Stem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cifar => "cifar",
+            Self::Imagenet => "imagenet",
+        })
+    }
+}
+
+/// Images smaller than this get the CIFAR stem under `stem = "auto"`.
+const PHOTO_SIZE: usize = 64;
+
+/// The shape of a network, settled from the data and the config before it is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Architecture {
+    /// The head's outputs: the data set's class count.
+    pub num_classes: usize,
+    /// Input images are `image_size` x `image_size` RGB.
+    pub image_size: usize,
+    /// Never `Auto` here: see [`Architecture::new`].
+    pub stem: Stem,
+    /// The first stage's channels (ResNets; torchvision's is 64).
+    pub width: usize,
+}
+
+impl Architecture {
+    /// Resolves `Auto` from the image size, and checks that the stem fits it: each stem halves
+    /// the image a number of times, and a network must not run out of pixels.
+    pub fn new(num_classes: usize, image_size: usize, stem: Stem, width: usize) -> Result<Self> {
+        let stem = match stem {
+            Stem::Auto if image_size < PHOTO_SIZE => Stem::Cifar,
+            Stem::Auto => Stem::Imagenet,
+            chosen => chosen,
+        };
+        // Total downsampling of a ResNet with each stem: 3 stride-2 stages, times the stem's 4.
+        let shrink = match stem {
+            Stem::Imagenet => 32,
+            _ => 8,
+        };
+        if image_size < shrink {
+            return Err(Error::InvalidSetting(format!(
+                "stem = \"{stem}\" makes images {shrink} times smaller, and these are \
+                 {image_size}x{image_size}: use stem = \"cifar\" (or \"auto\") for small images"
+            )));
+        }
+        if num_classes < 2 {
+            return Err(Error::InvalidSetting(format!(
+                "a classifier needs at least 2 classes, the data has {num_classes}"
+            )));
+        }
+        if width == 0 {
+            return Err(Error::InvalidSetting("width must be at least 1".into()));
+        }
+        Ok(Self {
+            num_classes,
+            image_size,
+            stem,
+            width,
+        })
+    }
+}
+
+/// A model and the store holding its parameters and buffers.
 pub struct Built {
-    pub module: Box<dyn Module>,
+    pub module: Box<dyn ModuleT>,
     pub params: ParamStore,
 }
 
-/// Builds `spec` on `device`, its parameters initialised from `seed`.
-pub fn build(spec: &ModelSpec, seed: u64, device: &Device) -> Result<Built> {
+/// Builds `spec` with `arch` on `device`, its parameters initialised from `seed`.
+pub fn build(spec: &ModelSpec, arch: &Architecture, seed: u64, device: &Device) -> Result<Built> {
     let params = ParamStore::new(seed);
-    let module = (spec.build)(params.var_builder(device))?;
+    let module = (spec.build)(arch, &params.scope(device))?;
     Ok(Built { module, params })
 }
 
@@ -61,21 +163,35 @@ mod tests {
     use super::*;
     use candle_core::{DType, Tensor};
 
-    fn shapes(name: &str) -> Vec<(String, Vec<usize>)> {
-        let built = build(find(name).unwrap(), 0, &Device::Cpu).unwrap();
-        built
+    fn cifar(num_classes: usize) -> Architecture {
+        Architecture::new(num_classes, 32, Stem::Auto, 64).unwrap()
+    }
+
+    fn shapes(name: &str, arch: &Architecture) -> (Vec<(String, Vec<usize>)>, usize) {
+        let built = build(find(name).unwrap(), arch, 0, &Device::Cpu).unwrap();
+        let shapes: Vec<(String, Vec<usize>)> = built
             .params
-            .vars()
+            .state()
             .into_iter()
             .map(|(n, v)| (n, v.dims().to_vec()))
-            .collect()
+            .collect();
+        let count = built
+            .params
+            .vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        (shapes, count)
+    }
+
+    fn s(n: &str, d: &[usize]) -> (String, Vec<usize>) {
+        (n.to_string(), d.to_vec())
     }
 
     #[test]
     fn parameter_names_and_shapes_are_pytorchs() {
-        let s = |n: &str, d: &[usize]| (n.to_string(), d.to_vec());
         assert_eq!(
-            shapes("simplecnn"),
+            shapes("simplecnn", &cifar(10)).0,
             [
                 s("conv1.weight", &[16, 3, 3, 3]),
                 s("conv1.bias", &[16]),
@@ -83,23 +199,96 @@ mod tests {
                 s("fc.bias", &[10]),
             ]
         );
-        assert_eq!(shapes("linear"), [s("weight", &[1, 1]), s("bias", &[1])]);
+        assert_eq!(
+            shapes("linear", &cifar(10)).0,
+            [s("weight", &[1, 1]), s("bias", &[1])]
+        );
+    }
+
+    /// torchvision's parameter counts (`sum(p.numel() for p in m.parameters())` of
+    /// resnet18/50(num_classes=10) with the CIFAR stem swapped in, and of the unchanged models
+    /// for 1000 classes) and a sample of their state_dict names and shapes.
+    #[test]
+    fn resnets_have_torchvisions_names_shapes_and_sizes() {
+        let (r18, count) = shapes("resnet18", &cifar(10));
+        assert_eq!(count, 11_173_962);
+        let imagenet = Architecture::new(1000, 224, Stem::Auto, 64).unwrap();
+        assert_eq!(imagenet.stem, Stem::Imagenet);
+        assert_eq!(shapes("resnet18", &imagenet).1, 11_689_512);
+        assert_eq!(shapes("resnet34", &imagenet).1, 21_797_672);
+        assert_eq!(shapes("resnet50", &imagenet).1, 25_557_032);
+        let (r50, count) = shapes("resnet50", &cifar(10));
+        assert_eq!(count, 23_520_842);
+        for want in [
+            s("conv1.weight", &[64, 3, 3, 3]),
+            s("bn1.running_var", &[64]),
+            s("bn1.num_batches_tracked", &[]),
+            s("layer1.0.conv2.weight", &[64, 64, 3, 3]),
+            s("layer2.0.downsample.0.weight", &[128, 64, 1, 1]),
+            s("layer2.0.downsample.1.running_mean", &[128]),
+            s("layer4.1.bn2.bias", &[512]),
+            s("fc.weight", &[10, 512]),
+        ] {
+            assert!(r18.contains(&want), "resnet18 lacks {want:?}");
+        }
+        assert_eq!(
+            r18.len(),
+            62 + 60,
+            "62 parameters and 20 batch norms' 3 buffers"
+        );
+        for want in [
+            s("layer1.0.conv3.weight", &[256, 64, 1, 1]),
+            s("layer1.0.downsample.0.weight", &[256, 64, 1, 1]),
+            s("layer3.5.bn3.weight", &[1024]),
+            s("fc.weight", &[10, 2048]),
+        ] {
+            assert!(r50.contains(&want), "resnet50 lacks {want:?}");
+        }
     }
 
     #[test]
-    fn forward_shapes() {
-        let cnn = build(find("simplecnn").unwrap(), 0, &Device::Cpu).unwrap();
-        let x = Tensor::zeros((5, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(cnn.module.forward(&x).unwrap().dims(), &[5, 10]);
-        let lin = build(find("linear").unwrap(), 0, &Device::Cpu).unwrap();
+    fn forward_shapes_in_both_modes() {
+        for (name, size, stem) in [
+            ("simplecnn", 32, Stem::Auto),
+            ("resnet18", 32, Stem::Cifar),
+            ("resnet50", 32, Stem::Imagenet),
+        ] {
+            let arch = Architecture::new(7, size, stem, 8).unwrap();
+            let model = build(find(name).unwrap(), &arch, 0, &Device::Cpu).unwrap();
+            let x = Tensor::ones((2, 3, size, size), DType::F32, &Device::Cpu).unwrap();
+            for train in [true, false] {
+                let y = model.module.forward_t(&x, train).unwrap();
+                assert_eq!(y.dims(), &[2, 7], "{name}");
+            }
+        }
+        let lin = build(find("linear").unwrap(), &cifar(10), 0, &Device::Cpu).unwrap();
         let x = Tensor::zeros((7, 1), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(lin.module.forward(&x).unwrap().dims(), &[7, 1]);
+        assert_eq!(lin.module.forward_t(&x, true).unwrap().dims(), &[7, 1]);
+    }
+
+    #[test]
+    fn a_stem_that_does_not_fit_or_one_class_is_a_clear_error() {
+        let err = Architecture::new(10, 16, Stem::Imagenet, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("16x16") && err.contains("stem = \"cifar\""),
+            "{err}"
+        );
+        assert!(Architecture::new(1, 32, Stem::Auto, 64).is_err());
+        assert_eq!(
+            Architecture::new(10, 16, Stem::Auto, 64).unwrap().stem,
+            Stem::Cifar
+        );
     }
 
     #[test]
     fn unknown_model_lists_the_known_ones() {
         let err = find("resnet").err().unwrap().to_string();
-        assert!(err.contains("simplecnn") && err.contains("linear"), "{err}");
+        assert!(
+            err.contains("simplecnn") && err.contains("resnet50") && err.contains("linear"),
+            "{err}"
+        );
         assert_eq!(find("SimpleCNN").unwrap().name, "simplecnn");
     }
 }

@@ -2,10 +2,10 @@
 //! Conv2d(3, 16, 3, padding 1) -> ReLU -> MaxPool2d(2) -> flatten -> Linear(16*16*16, 10).
 
 use candle_core::Tensor;
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, ModuleT, VarBuilder};
 
 use super::layers::Conv2d;
-use super::{init, ModelSpec, Task};
+use super::{init, Architecture, ModelSpec, Scope, Task};
 use crate::ops::{self, ConvParams};
 
 pub const SPEC: ModelSpec = ModelSpec {
@@ -22,14 +22,17 @@ pub struct SimpleCnn {
 }
 
 impl SimpleCnn {
-    pub fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+    /// The tutorials' network for `image_size` x `image_size` images (32 in CIFAR-10) and
+    /// `num_classes` classes (10).
+    pub fn new(image_size: usize, num_classes: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let same = ConvParams {
             stride: 1,
             padding: 1,
         };
+        let pooled = image_size / 2;
         Ok(Self {
             conv1: init::conv2d(3, 16, 3, same, vb.pp("conv1"))?,
-            fc: init::linear(16 * 16 * 16, 10, vb.pp("fc"))?,
+            fc: init::linear(16 * pooled * pooled, num_classes, vb.pp("fc"))?,
         })
     }
 }
@@ -42,8 +45,12 @@ impl Module for SimpleCnn {
     }
 }
 
-fn build(vb: VarBuilder) -> candle_core::Result<Box<dyn Module>> {
-    Ok(Box::new(SimpleCnn::new(vb)?))
+fn build(arch: &Architecture, scope: &Scope) -> candle_core::Result<Box<dyn ModuleT>> {
+    Ok(Box::new(SimpleCnn::new(
+        arch.image_size,
+        arch.num_classes,
+        scope.params.clone(),
+    )?))
 }
 
 #[cfg(test)]
@@ -71,12 +78,12 @@ mod tests {
         let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default()).unwrap();
         assert_eq!(spec.name, "simplecnn");
         let params = ParamStore::new(3);
-        let model = SimpleCnn::new(params.var_builder(&Device::Cpu)).unwrap();
+        let model = SimpleCnn::new(32, 10, params.var_builder(&Device::Cpu)).unwrap();
         let mut optimizer = optim::build(&config, params.vars()).unwrap();
         let set = DeviceSet::new(synthetic::generate(40, 9), &Device::Cpu).unwrap();
         let order = set.order(&(0..40).collect::<Vec<_>>()).unwrap();
         let (x, y) = set
-            .batch(&order, 0..40, &mut BatchBuffer::default())
+            .batch(&order, 0..40, &mut BatchBuffer::default(), None)
             .unwrap();
         (0..steps)
             .map(|_| {
@@ -85,7 +92,7 @@ mod tests {
                     (logits.clone(), candle_nn::loss::cross_entropy(&logits, &y))
                 } else {
                     let logits = model.forward(&x).unwrap();
-                    (logits.clone(), ops::cross_entropy(&logits, &y))
+                    (logits.clone(), ops::cross_entropy(&logits, &y, 0.0))
                 };
                 let loss = loss.unwrap();
                 assert_eq!(logits.dims(), &[40, 10]);

@@ -1,6 +1,7 @@
-//! Softmax cross-entropy fused: one pass forward (the mean loss), one pass backward
-//! ((softmax - onehot) * dL/dloss / n), where candle composes log-softmax, gather and mean from
-//! a handful of tensors each way. And a batch's figures for the epoch's running sums in one
+//! Softmax cross-entropy fused, with PyTorch's label smoothing: one pass forward (the mean
+//! loss), one pass backward ((softmax - target) * dL/dloss / n, target = (1 - e) one-hot +
+//! e / classes), where candle composes log-softmax, gather and mean from a handful of tensors
+//! each way. And a batch's figures for the epoch's running sums in one
 //! pass. CPU and CUDA; elsewhere (Metal, other dtypes) candle's composition, which is also the
 //! reference the tests hold these to.
 
@@ -22,15 +23,37 @@ fn ours(logits: &Tensor, labels: &Tensor) -> bool {
         && labels.rank() == 1
 }
 
-/// The mean cross-entropy of `logits` [n, k] against class `labels` [n] (u32).
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+/// The mean cross-entropy of `logits` [n, k] against class `labels` [n] (u32), the labels
+/// smoothed by `smoothing` (0 for none) as `nn.CrossEntropyLoss(label_smoothing=...)`.
+pub fn cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    smoothing: f32,
+) -> candle_core::Result<Tensor> {
     if ours(logits, labels) {
         logits
             .contiguous()?
-            .apply_op2(&labels.contiguous()?, CrossEntropy)
+            .apply_op2(&labels.contiguous()?, CrossEntropy { smoothing })
     } else {
-        candle_nn::loss::cross_entropy(logits, labels)
+        cross_entropy_reference(logits, labels, smoothing)
     }
+}
+
+/// The same from candle operations: `(1 - e) * nll + e * mean over classes of -log_softmax`.
+pub fn cross_entropy_reference(
+    logits: &Tensor,
+    labels: &Tensor,
+    smoothing: f32,
+) -> candle_core::Result<Tensor> {
+    let nll = candle_nn::loss::cross_entropy(logits, labels)?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = candle_nn::ops::log_softmax(logits, 1)?
+        .mean(1)?
+        .mean_all()?
+        .neg()?;
+    (nll * (1.0 - f64::from(smoothing)))? + (uniform * f64::from(smoothing))?
 }
 
 /// `[loss * n, correct]` for a batch: its mean `loss`, and how many rows of `logits` have their
@@ -94,7 +117,24 @@ fn argmax(row: &[f32]) -> usize {
     (1..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best })
 }
 
-struct CrossEntropy;
+struct CrossEntropy {
+    smoothing: f32,
+}
+
+/// One row's loss: (1 - e) (lse - row[label]) + e (lse - mean(row)), lse formed from the row's
+/// maximum as `max_and_sum_exp` says; NaN for a label out of range.
+fn row_loss(row: &[f32], label: u32, smoothing: f32) -> f32 {
+    let Some(v) = row.get(label as usize) else {
+        return f32::NAN;
+    };
+    let (top, sum) = max_and_sum_exp(row);
+    let nll = (top - v) + sum.ln();
+    if smoothing == 0.0 {
+        return nll;
+    }
+    let mean_gap = row.iter().map(|x| top - x).sum::<f32>() / row.len() as f32;
+    (1.0 - smoothing) * nll + smoothing * (mean_gap + sum.ln())
+}
 
 impl CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
@@ -112,13 +152,7 @@ impl CustomOp2 for CrossEntropy {
         let sum: f32 = logits
             .chunks_exact(k.max(1))
             .zip(labels)
-            .map(|(row, &y)| match row.get(y as usize) {
-                Some(v) => {
-                    let (top, sum) = max_and_sum_exp(row);
-                    (top - v) + sum.ln()
-                }
-                None => f32::NAN,
-            })
+            .map(|(row, &y)| row_loss(row, y, self.smoothing))
             .sum();
         Ok((CpuStorage::F32(vec![sum / n as f32]), Shape::from(())))
     }
@@ -132,7 +166,7 @@ impl CustomOp2 for CrossEntropy {
         yl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, k) = sizes(ll, yl)?;
-        let loss = cuda::forward(ls, ll, ys, yl, n, k)?;
+        let loss = cuda::forward(ls, ll, ys, yl, n, k, self.smoothing)?;
         Ok((super::cuda::storage(loss, &ls.device), Shape::from(())))
     }
 
@@ -144,13 +178,19 @@ impl CustomOp2 for CrossEntropy {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let grad_logits = logits.apply_op3_no_bwd(labels, &grad, &CrossEntropyGrad)?;
+        let op = CrossEntropyGrad {
+            smoothing: self.smoothing,
+        };
+        let grad_logits = logits.apply_op3_no_bwd(labels, &grad, &op)?;
         Ok((Some(grad_logits), None))
     }
 }
 
-/// (softmax(row) - onehot(label)) * dL/dloss / n, the loss gradient staying on the device.
-struct CrossEntropyGrad;
+/// (softmax(row) - target) * dL/dloss / n, target = (1 - e) onehot(label) + e / k, the loss
+/// gradient staying on the device.
+struct CrossEntropyGrad {
+    smoothing: f32,
+}
 
 impl CustomOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
@@ -169,6 +209,7 @@ impl CustomOp3 for CrossEntropyGrad {
         let (n, k, logits, labels) = cpu_rows(ls, ll, ys, yl)?;
         let scale = contiguous_f32(gs, gl, "loss gradient")?[0] / n as f32;
         let mut grad = vec![0f32; n * k];
+        let (hot, cold) = (1.0 - self.smoothing, self.smoothing / k as f32);
         for ((row, out), &y) in logits
             .chunks_exact(k.max(1))
             .zip(grad.chunks_exact_mut(k.max(1)))
@@ -176,8 +217,8 @@ impl CustomOp3 for CrossEntropyGrad {
         {
             let (top, sum) = max_and_sum_exp(row);
             for (j, (v, g)) in row.iter().zip(out.iter_mut()).enumerate() {
-                let hot = if j == y as usize { 1.0 } else { 0.0 };
-                *g = ((v - top).exp() / sum - hot) * scale;
+                let target = if j == y as usize { hot + cold } else { cold };
+                *g = ((v - top).exp() / sum - target) * scale;
             }
         }
         Ok((CpuStorage::F32(grad), Shape::from((n, k))))
@@ -194,7 +235,7 @@ impl CustomOp3 for CrossEntropyGrad {
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, k) = sizes(ll, yl)?;
-        let grad = cuda::backward(ls, ll, ys, yl, gs, gl, n, k)?;
+        let grad = cuda::backward(ls, ll, ys, yl, gs, gl, n, k, self.smoothing)?;
         Ok((super::cuda::storage(grad, &ls.device), Shape::from((n, k))))
     }
 }
@@ -270,6 +311,7 @@ mod cuda {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         ls: &CudaStorage,
         ll: &Layout,
@@ -277,6 +319,7 @@ mod cuda {
         yl: &Layout,
         n: usize,
         k: usize,
+        smoothing: f32,
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &ls.device;
         let (logits, labels) = views(ls, ll, ys, yl)?;
@@ -285,7 +328,13 @@ mod cuda {
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
         let (n, k) = (int(n)?, int(k)?);
-        launch.arg(&logits).arg(&labels).arg(&n).arg(&k).arg(&loss);
+        launch
+            .arg(&logits)
+            .arg(&labels)
+            .arg(&n)
+            .arg(&k)
+            .arg(&smoothing)
+            .arg(&loss);
         // SAFETY: the arguments match the kernel's signature; thread 0 writes the one output.
         unsafe { launch.launch(one_block()) }.w()?;
         Ok(loss)
@@ -301,6 +350,7 @@ mod cuda {
         gl: &Layout,
         n: usize,
         k: usize,
+        smoothing: f32,
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &ls.device;
         let (logits, labels) = views(ls, ll, ys, yl)?;
@@ -316,6 +366,7 @@ mod cuda {
             .arg(&grad_loss)
             .arg(&rows)
             .arg(&k)
+            .arg(&smoothing)
             .arg(&grad);
         // SAFETY: as above; one thread per row writes the row's k gradients.
         unsafe { launch.launch(per_item(n)) }.w()?;
@@ -373,11 +424,12 @@ mod tests {
         #[test]
         fn loss_and_gradient_match_candles_composition(
             n in 1usize..40, k in 1usize..12, seed in 0u64..1000, scale in 0.1f64..30.0,
+            smoothing in prop_oneof![Just(0.0f32), 0.0f32..0.5],
         ) {
             let logits = Var::from_tensor(&(random(&[n, k], seed) * scale).unwrap()).unwrap();
             let y = labels(n, k, seed);
-            let ours = cross_entropy(logits.as_tensor(), &y).unwrap();
-            let reference = candle_nn::loss::cross_entropy(logits.as_tensor(), &y).unwrap();
+            let ours = cross_entropy(logits.as_tensor(), &y, smoothing).unwrap();
+            let reference = cross_entropy_reference(logits.as_tensor(), &y, smoothing).unwrap();
             let (a, b) = (ours.to_scalar::<f32>().unwrap(), reference.to_scalar::<f32>().unwrap());
             prop_assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
             // An upstream gradient other than 1, as when the loss is scaled.
@@ -407,10 +459,22 @@ mod tests {
     fn a_label_out_of_range_gives_nan_not_a_crash() {
         let logits = random(&[2, 3], 1);
         let y = Tensor::new(&[0u32, 7], &Device::Cpu).unwrap();
-        let loss = cross_entropy(&logits, &y)
+        let loss = cross_entropy(&logits, &y, 0.1)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         assert!(loss.is_nan());
+    }
+
+    /// nn.CrossEntropyLoss(label_smoothing=0.1) on these logits (torch 2.15, float32).
+    #[test]
+    fn label_smoothing_matches_pytorch() {
+        let logits = Tensor::new(&[[2.0f32, -1.0, 0.5], [0.1, 0.2, 3.0]], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let loss = cross_entropy(&logits, &y, 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((loss - 1.605_456_4).abs() < 1e-6, "{loss}");
     }
 }

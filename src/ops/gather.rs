@@ -1,7 +1,12 @@
-//! A batch from a data set kept on the device as u8: images gathered by index, scaled to [0, 1]
-//! and normalised per channel, in one pass where the data lives (CPU or CUDA), into a buffer the
-//! caller keeps from batch to batch. Elsewhere (Metal): candle's index-select, cast and broadcast
-//! arithmetic, which is also the reference, copied into the buffer.
+//! A batch from a data set kept on the device as u8: images gathered by index, optionally
+//! augmented (random crop with zero or reflect padding, horizontal flip, cutout), scaled to
+//! [0, 1] and normalised per channel, in one pass where the data lives (CPU or CUDA), into a
+//! buffer the caller keeps from batch to batch. Elsewhere (Metal): candle's index-select, cast,
+//! slicing and broadcast arithmetic, which is also the reference, copied into the buffer.
+//!
+//! The augmentation's random draws come from a counter-based hash of a per-batch key, the
+//! image's place in the batch and the draw's number ([`Augmentation::draw`]): every backend
+//! draws the same numbers, and a resumed run the same as an uninterrupted one.
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
@@ -20,15 +25,103 @@ pub struct Normalisation<'a> {
 /// Most channels the CUDA kernel takes (its argument holds four of each figure).
 const MAX_CHANNELS: usize = 4;
 
+/// The random transforms of one batch, as torchvision's `RandomCrop(size, padding,
+/// padding_mode)` then `RandomHorizontalFlip()` on the u8 image, normalisation, then cutout
+/// (DeVries & Taylor: a `cutout` x `cutout` square around a random pixel, clipped at the
+/// borders, set to zero after normalisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Augmentation {
+    /// The batch's key: every draw derives from it (see `data::augment`).
+    pub key: u64,
+    /// Image width in pixels (the height is the channel plane over it).
+    pub width: usize,
+    /// Crop offsets are drawn from [0, 2 * crop_padding]; 0 means no crop.
+    pub crop_padding: usize,
+    /// Pad by reflection (torchvision's `reflect`: no edge repeat) instead of with zeros.
+    pub reflect: bool,
+    pub flip: bool,
+    /// The cutout square's side; 0 means none.
+    pub cutout: usize,
+}
+
+/// One image's draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draw {
+    /// Crop offsets into the padded image.
+    pub dy: usize,
+    pub dx: usize,
+    pub flip: bool,
+    /// The cutout square's rows and columns, half-open (empty without cutout).
+    pub cut_rows: (usize, usize),
+    pub cut_cols: (usize, usize),
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `z` (kernels.cu has the same).
+pub fn mix(z: u64) -> u64 {
+    let z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Augmentation {
+    /// Draw `k` of image `i`: uniform in [0, n) (multiply-shift of the hash's top 32 bits).
+    fn uniform(&self, i: usize, k: u64, n: usize) -> usize {
+        let h = mix(self.key ^ mix(((i as u64) << 3) | k));
+        (((h >> 32) * n as u64) >> 32) as usize
+    }
+
+    /// Image `i`'s crop offsets, flip and cutout square, for images of `height` rows.
+    pub fn draw(&self, i: usize, height: usize) -> Draw {
+        let side = 2 * self.crop_padding + 1;
+        let (dy, dx) = (self.uniform(i, 0, side), self.uniform(i, 1, side));
+        let flip = self.flip && self.uniform(i, 2, 2) == 1;
+        let span = |centre: usize, size: usize| {
+            let half = self.cutout / 2;
+            if self.cutout == 0 {
+                (0, 0)
+            } else {
+                (centre.saturating_sub(half), (centre + half).min(size))
+            }
+        };
+        Draw {
+            dy,
+            dx,
+            flip,
+            cut_rows: span(self.uniform(i, 3, height), height),
+            cut_cols: span(self.uniform(i, 4, self.width), self.width),
+        }
+    }
+
+    /// The source index along a side of `size` for padded position `p` (= output position +
+    /// offset), or None where it is zero padding.
+    fn source(&self, p: usize, size: usize) -> Option<usize> {
+        let pad = self.crop_padding;
+        if p >= pad && p - pad < size {
+            return Some(p - pad);
+        }
+        if !self.reflect {
+            return None;
+        }
+        // Reflect without repeating the edge: -1 -> 1, size -> size - 2.
+        Some(if p < pad {
+            pad - p
+        } else {
+            2 * (size - 1) - (p - pad)
+        })
+    }
+}
+
 /// `images` [N, bytes] (u8) at the rows `order` [n] (u32), normalised: f32 [n, bytes], in a
 /// new tensor.
 pub fn gather_normalise(
     images: &Tensor,
     order: &Tensor,
     norm: Normalisation,
+    augment: Option<&Augmentation>,
 ) -> candle_core::Result<Tensor> {
     let out = Tensor::zeros((order.dim(0)?, images.dim(1)?), DType::F32, images.device())?;
-    gather_normalise_into(&out, images, order, norm)?;
+    gather_normalise_into(&out, images, order, norm, augment)?;
     Ok(out)
 }
 
@@ -39,6 +132,7 @@ pub fn gather_normalise_into(
     images: &Tensor,
     order: &Tensor,
     norm: Normalisation,
+    augment: Option<&Augmentation>,
 ) -> candle_core::Result<()> {
     let (_, bytes) = images.dims2()?;
     if norm.plane == 0 || bytes % norm.plane != 0 || norm.mean.len() != bytes / norm.plane {
@@ -50,6 +144,23 @@ pub fn gather_normalise_into(
     }
     if norm.std.len() != norm.mean.len() {
         candle_core::bail!("gather_normalise: as many std figures as means are needed");
+    }
+    if let Some(a) = augment {
+        let height = norm.plane / a.width.max(1);
+        if a.width == 0 || height * a.width != norm.plane {
+            candle_core::bail!(
+                "gather_normalise: planes of {} pixels are not {} wide",
+                norm.plane,
+                a.width
+            );
+        }
+        if a.crop_padding >= height.min(a.width) && a.reflect {
+            candle_core::bail!(
+                "gather_normalise: reflect padding of {} needs images larger than {height}x{}",
+                a.crop_padding,
+                a.width
+            );
+        }
     }
     let n = order.dim(0)?;
     if out.dims() != [n, bytes] || out.dtype() != DType::F32 || !out.is_contiguous() {
@@ -69,32 +180,94 @@ pub fn gather_normalise_into(
             mean: norm.mean.to_vec(),
             std: norm.std.to_vec(),
             plane: norm.plane,
+            augment: augment.copied(),
         };
         out.inplace_op3(&images.contiguous()?, &order.contiguous()?, &op)
     } else {
-        out.slice_set(&gather_normalise_reference(images, order, norm)?, 0, 0)
+        let batch = gather_normalise_reference(images, order, norm, augment)?;
+        out.slice_set(&batch, 0, 0)
     }
 }
 
-/// The same from candle operations.
+/// The same from candle operations: an independent statement of the maths (the draws aside),
+/// image by image where augmented.
 pub fn gather_normalise_reference(
     images: &Tensor,
     order: &Tensor,
     norm: Normalisation,
+    augment: Option<&Augmentation>,
 ) -> candle_core::Result<Tensor> {
     let (_, bytes) = images.dims2()?;
     let channels = norm.mean.len();
-    let per_channel = |v: &[f32]| Tensor::from_slice(v, (1, channels, 1), images.device());
+    let device = images.device();
+    let per_channel = |v: &[f32]| Tensor::from_slice(v, (1, channels, 1), device);
     let n = order.dim(0)?;
     // A true division, as the kernels do (candle's `/ 255.0` multiplies by the reciprocal).
-    let full_scale = Tensor::new(255f32, images.device())?;
-    images
-        .index_select(order, 0)?
-        .to_dtype(DType::F32)?
-        .reshape((n, channels, bytes / channels))?
-        .broadcast_div(&full_scale)?
-        .broadcast_sub(&per_channel(norm.mean)?)?
-        .broadcast_div(&per_channel(norm.std)?)?
+    let full_scale = Tensor::new(255f32, device)?;
+    let normalise = |pixels: &Tensor| {
+        pixels
+            .reshape((n, channels, bytes / channels))?
+            .broadcast_div(&full_scale)?
+            .broadcast_sub(&per_channel(norm.mean)?)?
+            .broadcast_div(&per_channel(norm.std)?)?
+            .reshape((n, bytes))
+    };
+    let gathered = images.index_select(order, 0)?.to_dtype(DType::F32)?;
+    let Some(a) = augment else {
+        return normalise(&gathered);
+    };
+    let (h, w) = (norm.plane / a.width, a.width);
+    let reversed =
+        |len: usize| Tensor::from_vec((0..len as u32).rev().collect::<Vec<_>>(), len, device);
+    // Zero or reflect padding along `dim` (1 rows, 2 columns) of one [C, H, W] image.
+    let pad = |image: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
+        let (p, size) = (a.crop_padding, image.dim(dim)?);
+        if p == 0 {
+            return Ok(image.clone());
+        }
+        if !a.reflect {
+            return image.pad_with_zeros(dim, p, p);
+        }
+        let mirrored = |start: usize| {
+            image
+                .narrow(dim, start, p)?
+                .contiguous()?
+                .index_select(&reversed(p)?, dim)
+        };
+        let (before, after) = (mirrored(1)?, mirrored(size - 1 - p)?);
+        Tensor::cat(&[&before, image, &after], dim)
+    };
+    let mut augmented = Vec::with_capacity(n);
+    for i in 0..n {
+        let d = a.draw(i, h);
+        let image = gathered.get(i)?.reshape((channels, h, w))?;
+        let padded = pad(&pad(&image, 1)?, 2)?;
+        let mut crop = padded
+            .narrow(1, d.dy, h)?
+            .narrow(2, d.dx, w)?
+            .contiguous()?;
+        if d.flip {
+            crop = crop.index_select(&reversed(w)?, 2)?;
+        }
+        augmented.push(crop.reshape(bytes)?);
+    }
+    let normalised = normalise(&Tensor::stack(&augmented, 0)?)?;
+    if a.cutout == 0 {
+        return Ok(normalised);
+    }
+    let mut keep = vec![1f32; n * h * w];
+    for i in 0..n {
+        let d = a.draw(i, h);
+        for y in d.cut_rows.0..d.cut_rows.1 {
+            for x in d.cut_cols.0..d.cut_cols.1 {
+                keep[(i * h + y) * w + x] = 0.0;
+            }
+        }
+    }
+    let keep = Tensor::from_vec(keep, (n, 1, h * w), device)?;
+    normalised
+        .reshape((n, channels, h * w))?
+        .broadcast_mul(&keep)?
         .reshape((n, bytes))
 }
 
@@ -102,6 +275,7 @@ struct GatherNormalise {
     mean: Vec<f32>,
     std: Vec<f32>,
     plane: usize,
+    augment: Option<Augmentation>,
 }
 
 impl GatherNormalise {
@@ -147,20 +321,47 @@ impl InplaceOp3 for GatherNormalise {
                 out.len()
             );
         }
-        if bytes > 0 {
-            out.par_chunks_mut(bytes).zip(order).for_each(|(out, &i)| {
+        if bytes == 0 {
+            return Ok(());
+        }
+        out.par_chunks_mut(bytes)
+            .zip(order)
+            .enumerate()
+            .for_each(|(slot, (out, &i))| {
                 let image = &images[i as usize * bytes..][..bytes];
-                for ((out, image), table) in out
+                let planes = out
                     .chunks_mut(self.plane)
                     .zip(image.chunks(self.plane))
-                    .zip(&table)
-                {
-                    for (o, &b) in out.iter_mut().zip(image) {
-                        *o = table[b as usize];
+                    .zip(&table);
+                let Some(a) = &self.augment else {
+                    for ((out, image), table) in planes {
+                        for (o, &b) in out.iter_mut().zip(image) {
+                            *o = table[b as usize];
+                        }
+                    }
+                    return;
+                };
+                let (h, w) = (self.plane / a.width, a.width);
+                let d = a.draw(slot, h);
+                for ((out, image), table) in planes {
+                    for (y, row) in out.chunks_mut(w).enumerate() {
+                        let Some(sy) = a.source(y + d.dy, h) else {
+                            row.fill(table[0]);
+                            continue;
+                        };
+                        for (x, o) in row.iter_mut().enumerate() {
+                            let x = if d.flip { w - 1 - x } else { x };
+                            *o = match a.source(x + d.dx, w) {
+                                Some(sx) => table[image[sy * w + sx] as usize],
+                                None => table[0],
+                            };
+                        }
+                    }
+                    for row in d.cut_rows.0..d.cut_rows.1 {
+                        out[row * w..][d.cut_cols.0..d.cut_cols.1].fill(0.0);
                     }
                 }
             });
-        }
         Ok(())
     }
 
@@ -186,6 +387,40 @@ impl InplaceOp3 for GatherNormalise {
         }
         // SAFETY: plain f32 arrays, laid out as kernels.cu's `Normalisation`.
         unsafe impl DeviceRepr for Norm {}
+
+        /// kernels.cu's `Augment`; `on` = 0 leaves images as they are.
+        #[repr(C)]
+        struct Augment {
+            key: u64,
+            on: u32,
+            width: u32,
+            crop_padding: u32,
+            reflect: u32,
+            flip: u32,
+            cutout: u32,
+        }
+        // SAFETY: integers, laid out as kernels.cu's `Augment`.
+        unsafe impl DeviceRepr for Augment {}
+        let augment = match &self.augment {
+            Some(a) => Augment {
+                key: a.key,
+                on: 1,
+                width: a.width as u32,
+                crop_padding: a.crop_padding as u32,
+                reflect: u32::from(a.reflect),
+                flip: u32::from(a.flip),
+                cutout: a.cutout as u32,
+            },
+            None => Augment {
+                key: 0,
+                on: 0,
+                width: 1,
+                crop_padding: 0,
+                reflect: 0,
+                flip: 0,
+                cutout: 0,
+            },
+        };
 
         let (_, bytes, n) = self.sizes(il, ol)?;
         let dev = &is.device;
@@ -217,6 +452,7 @@ impl InplaceOp3 for GatherNormalise {
             .arg(&bytes32)
             .arg(&plane)
             .arg(&norm)
+            .arg(&augment)
             .arg(&mut out);
         // SAFETY: the arguments match the kernel's signature; it writes all n * bytes outputs.
         // Indices are the epoch's permutation of the set, made and checked on the host.
@@ -242,8 +478,8 @@ mod tests {
             std: &STD,
             plane: 4,
         };
-        let ours = gather_normalise(&images, &order, norm).unwrap();
-        let reference = gather_normalise_reference(&images, &order, norm).unwrap();
+        let ours = gather_normalise(&images, &order, norm, None).unwrap();
+        let reference = gather_normalise_reference(&images, &order, norm, None).unwrap();
         assert_eq!(ours.dims(), &[4, 12]);
         assert_eq!(
             ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -262,22 +498,29 @@ mod tests {
         };
         let buffer = Tensor::full(7f32, (3, 12), &Device::Cpu).unwrap();
         let full = Tensor::new(&[1u32, 3, 0], &Device::Cpu).unwrap();
-        gather_normalise_into(&buffer, &images, &full, norm).unwrap();
-        let expected = gather_normalise_reference(&images, &full, norm).unwrap();
+        gather_normalise_into(&buffer, &images, &full, norm, None).unwrap();
+        let expected = gather_normalise_reference(&images, &full, norm, None).unwrap();
         assert_eq!(
             buffer.to_vec2::<f32>().unwrap(),
             expected.to_vec2::<f32>().unwrap()
         );
         // A short last batch: the first rows of the same buffer, the rest untouched.
         let short = Tensor::new(&[4u32], &Device::Cpu).unwrap();
-        gather_normalise_into(&buffer.narrow(0, 0, 1).unwrap(), &images, &short, norm).unwrap();
+        gather_normalise_into(
+            &buffer.narrow(0, 0, 1).unwrap(),
+            &images,
+            &short,
+            norm,
+            None,
+        )
+        .unwrap();
         let rows = buffer.to_vec2::<f32>().unwrap();
-        let expected_short = gather_normalise_reference(&images, &short, norm).unwrap();
+        let expected_short = gather_normalise_reference(&images, &short, norm, None).unwrap();
         assert_eq!(rows[0], expected_short.to_vec2::<f32>().unwrap()[0]);
         assert_eq!(rows[1..], expected.to_vec2::<f32>().unwrap()[1..]);
 
         let wrong = Tensor::zeros((2, 12), DType::F32, &Device::Cpu).unwrap();
-        let err = gather_normalise_into(&wrong, &images, &full, norm).unwrap_err();
+        let err = gather_normalise_into(&wrong, &images, &full, norm, None).unwrap_err();
         assert!(err.to_string().contains("[3, 12]"), "{err}");
     }
 
@@ -290,7 +533,60 @@ mod tests {
             std: &[1.0],
             plane: 3,
         };
-        let err = gather_normalise(&images, &order, norm).unwrap_err();
+        let err = gather_normalise(&images, &order, norm, None).unwrap_err();
         assert!(err.to_string().contains("past the 2 images"), "{err}");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Crop (zero or reflect), flip and cutout: the kernel and candle's composition agree
+        /// exactly, on odd sizes and paddings up to the image's side.
+        #[test]
+        fn augmented_batches_match_candles_composition(
+            h in 2usize..9, w in 2usize..9, c in 1usize..4, padding in 0usize..5,
+            reflect in any::<bool>(), flip in any::<bool>(), cutout in 0usize..6, key in any::<u64>(),
+        ) {
+            prop_assume!(!reflect || padding < h.min(w));
+            let count = 5;
+            let bytes: Vec<u8> = (0..count * c * h * w).map(|i| (i * 97 % 251) as u8).collect();
+            let images = Tensor::from_vec(bytes, (count, c * h * w), &Device::Cpu).unwrap();
+            let order = Tensor::new(&[3u32, 0, 4, 4, 1, 2, 0], &Device::Cpu).unwrap();
+            let norm = Normalisation { mean: &MEAN[..c], std: &STD[..c], plane: h * w };
+            let a = Augmentation { key, width: w, crop_padding: padding, reflect, flip, cutout };
+            let ours = gather_normalise(&images, &order, norm, Some(&a)).unwrap();
+            let reference = gather_normalise_reference(&images, &order, norm, Some(&a)).unwrap();
+            prop_assert_eq!(ours.to_vec2::<f32>().unwrap(), reference.to_vec2::<f32>().unwrap());
+        }
+    }
+
+    /// The draws cover their ranges evenly enough: every crop offset, flips about half the
+    /// time, cutout centres everywhere; and another key draws otherwise.
+    #[test]
+    fn draws_cover_their_ranges() {
+        let a = Augmentation {
+            key: 42,
+            width: 32,
+            crop_padding: 4,
+            reflect: false,
+            flip: true,
+            cutout: 8,
+        };
+        let draws: Vec<Draw> = (0..4000).map(|i| a.draw(i, 32)).collect();
+        let mut offsets = [0usize; 9];
+        for d in &draws {
+            offsets[d.dy] += 1;
+        }
+        assert!(
+            offsets.iter().all(|&n| (350..550).contains(&n)),
+            "{offsets:?}"
+        );
+        let flips = draws.iter().filter(|d| d.flip).count();
+        assert!((1800..2200).contains(&flips), "{flips}");
+        assert!(draws.iter().any(|d| d.cut_rows == (0, 4)));
+        assert!(draws.iter().any(|d| d.cut_cols.1 == 32));
+        let other = Augmentation { key: 43, ..a };
+        assert_ne!(other.draw(0, 32), a.draw(0, 32));
     }
 }

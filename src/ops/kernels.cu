@@ -29,17 +29,69 @@ struct Normalisation {
     float std[4];
 };
 
-// out[i, r] = (images[order[i], r] / 255 - mean[c]) / std[c], c = r / plane: the CPU's formula,
-// operation for operation (division is correctly rounded here too), so batches are bit-identical.
+// The random transforms of one batch (ops/gather.rs: `Augmentation`); on = 0: none.
+struct Augment {
+    uint64_t key;
+    uint32_t on, width, crop_padding, reflect, flip, cutout;
+};
+
+// SplitMix64's finaliser, as ops/gather.rs `mix`.
+__device__ uint64_t mix(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Draw k of image i, uniform in [0, n): as `Augmentation::uniform`.
+__device__ uint32_t uniform(const Augment& a, uint64_t i, uint64_t k, uint32_t n) {
+    uint64_t h = mix(a.key ^ mix((i << 3) | k));
+    return (uint32_t)(((h >> 32) * (uint64_t)n) >> 32);
+}
+
+// The source index for padded position p along a side of `size`, or -1 for zero padding.
+__device__ int source(const Augment& a, int p, int size) {
+    int pad = (int)a.crop_padding;
+    if (p >= pad && p - pad < size) return p - pad;
+    if (!a.reflect) return -1;
+    return p < pad ? pad - p : 2 * (size - 1) - (p - pad);
+}
+
+// out[i, r] = (images[order[i], r'] / 255 - mean[c]) / std[c], c = r / plane, where r' is r
+// itself or, augmented, the cropped, flipped pixel (or padding, byte 0), and cutout zeroes a
+// square after normalisation: the CPU's formula, operation for operation (division is
+// correctly rounded here too), so batches are bit-identical.
 extern "C" __global__ void gather_normalise(
     const uint8_t* images, const uint32_t* order, uint32_t n, uint32_t image_bytes,
-    uint32_t plane, Normalisation norm, float* out) {
+    uint32_t plane, Normalisation norm, Augment a, float* out) {
     size_t total = (size_t)n * image_bytes;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
         size_t i = idx / image_bytes, r = idx % image_bytes;
         uint32_t c = r / plane;
-        float byte = images[(size_t)order[i] * image_bytes + r];
+        const uint8_t* image = images + (size_t)order[i] * image_bytes;
+        if (!a.on) {
+            out[idx] = ((float)image[r] / 255.0f - norm.mean[c]) / norm.std[c];
+            continue;
+        }
+        int w = (int)a.width, h = (int)(plane / a.width);
+        int y = (int)((r % plane) / a.width), x = (int)((r % plane) % a.width);
+        uint32_t side = 2 * a.crop_padding + 1;
+        int dy = (int)uniform(a, i, 0, side), dx = (int)uniform(a, i, 1, side);
+        bool flip = a.flip && uniform(a, i, 2, 2) == 1;
+        if (a.cutout) {
+            int half = (int)(a.cutout / 2);
+            int cy = (int)uniform(a, i, 3, (uint32_t)h), cx = (int)uniform(a, i, 4, (uint32_t)w);
+            int y0 = cy > half ? cy - half : 0, y1 = cy + half < h ? cy + half : h;
+            int x0 = cx > half ? cx - half : 0, x1 = cx + half < w ? cx + half : w;
+            if (y >= y0 && y < y1 && x >= x0 && x < x1) {
+                out[idx] = 0.0f;
+                continue;
+            }
+        }
+        int sy = source(a, y + dy, h);
+        int sx = source(a, (flip ? w - 1 - x : x) + dx, w);
+        float byte = (sy < 0 || sx < 0) ? 0.0f : (float)image[c * plane + sy * w + sx];
         out[idx] = (byte / 255.0f - norm.mean[c]) / norm.std[c];
     }
 }
@@ -185,32 +237,42 @@ __device__ float2 row_max_sum_exp(const float* row, int k) {
     return make_float2(top, sum);
 }
 
-// The mean over rows of logsumexp(row) - row[label]; one block. A label out of range gives NaN.
+// The mean over rows of (1 - e) (logsumexp(row) - row[label]) + e (logsumexp(row) - mean(row)),
+// e the label smoothing; one block. A label out of range gives NaN.
 extern "C" __global__ void cross_entropy_fwd(const float* logits, const uint32_t* labels, int n,
-                                             int k, float* loss) {
+                                             int k, float smoothing, float* loss) {
     __shared__ float scratch[BLOCK];
     float sum = 0.0f;
     for (int i = threadIdx.x; i < n; i += BLOCK) {
         const float* row = logits + (size_t)i * k;
         uint32_t label = labels[i];
         float2 ms = row_max_sum_exp(row, k);
-        sum += label < (uint32_t)k ? (ms.x - row[label]) + logf(ms.y) : NAN;
+        float nll = label < (uint32_t)k ? (ms.x - row[label]) + logf(ms.y) : NAN;
+        if (smoothing != 0.0f) {
+            float gap = 0.0f;
+            for (int j = 0; j < k; ++j) gap += ms.x - row[j];
+            nll = (1.0f - smoothing) * nll + smoothing * (gap / k + logf(ms.y));
+        }
+        sum += nll;
     }
     float total = block_sum(sum, scratch);
     if (threadIdx.x == 0) loss[0] = total / n;
 }
 
-// dL/dlogits = (softmax(row) - onehot(label)) * dL/dloss / n; dL/dloss stays on the device.
+// dL/dlogits = (softmax(row) - target) * dL/dloss / n, target = (1 - e) onehot(label) + e / k;
+// dL/dloss stays on the device.
 extern "C" __global__ void cross_entropy_bwd(const float* logits, const uint32_t* labels,
                                              const float* grad_loss, int n, int k,
-                                             float* grad) {
+                                             float smoothing, float* grad) {
+    float hot = 1.0f - smoothing, cold = smoothing / k;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float* row = logits + (size_t)i * k;
         float2 ms = row_max_sum_exp(row, k);
         float scale = grad_loss[0] / n;
         for (int j = 0; j < k; ++j) {
             float p = expf(row[j] - ms.x) / ms.y;
-            grad[(size_t)i * k + j] = (p - (j == (int)labels[i] ? 1.0f : 0.0f)) * scale;
+            float target = j == (int)labels[i] ? hot + cold : cold;
+            grad[(size_t)i * k + j] = (p - target) * scale;
         }
     }
 }
@@ -252,6 +314,7 @@ struct AdamStep {
     float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
     float step_size;                  // lr / (1 - beta1^t)
     float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
+    float decay;                      // AdamW: 1 - lr * weight_decay; Adam: 1
 };
 
 // torch.optim.Adam's update, operation for operation as src/optim/adam.rs computes it on the
@@ -265,6 +328,7 @@ extern "C" __global__ void adam_step(AdamGroup group, AdamStep s) {
         float p = param[i];
         float g = grad[i];
         if (s.weight_decay != 0.0f) g = __fadd_rn(g, __fmul_rn(p, s.weight_decay));
+        if (s.decay != 1.0f) p = __fmul_rn(p, s.decay);
         float mi = __fadd_rn(__fmul_rn(m[i], s.beta1), __fmul_rn(g, s.one_minus_beta1));
         float vi = __fadd_rn(__fmul_rn(v[i], s.beta2), __fmul_rn(__fmul_rn(g, g), s.one_minus_beta2));
         m[i] = mi;
@@ -284,9 +348,11 @@ struct SgdGroup {
 
 struct SgdStep {
     float lr, momentum, weight_decay;
+    uint32_t nesterov;
 };
 
-// torch.optim.SGD's update (no dampening, no Nesterov), as src/optim/sgd.rs composes it.
+// torch.optim.SGD's update (no dampening; Nesterov's momentum optional), as src/optim/sgd.rs
+// computes it on the CPU.
 extern "C" __global__ void sgd_step(SgdGroup group, SgdStep s) {
     int t = blockIdx.y;
     float *param = group.param[t], *velocity = group.velocity[t];
@@ -297,8 +363,9 @@ extern "C" __global__ void sgd_step(SgdGroup group, SgdStep s) {
         float d = grad[i];
         if (s.weight_decay != 0.0f) d = __fadd_rn(d, __fmul_rn(p, s.weight_decay));
         if (s.momentum != 0.0f) {
-            d = group.first[t] ? d : __fadd_rn(__fmul_rn(velocity[i], s.momentum), d);
-            velocity[i] = d;
+            float buf = group.first[t] ? d : __fadd_rn(__fmul_rn(velocity[i], s.momentum), d);
+            velocity[i] = buf;
+            d = s.nesterov ? __fadd_rn(d, __fmul_rn(buf, s.momentum)) : buf;
         }
         param[i] = __fsub_rn(p, __fmul_rn(d, s.lr));
     }

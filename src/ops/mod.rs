@@ -3,6 +3,7 @@
 //! path for backends and dtypes it does not cover (Metal; CUDA where no kernel is written).
 //! With the `cuda` feature, `kernels.cu` holds the CUDA kernels (compiled by build.rs).
 
+pub mod batch_norm;
 pub mod conv;
 pub mod conv_block;
 pub mod cross_entropy;
@@ -10,15 +11,36 @@ pub mod cross_entropy;
 pub(crate) mod cuda;
 pub mod gather;
 mod gemm;
+pub mod max_pool;
 pub mod relu_maxpool;
 
+pub use batch_norm::{add_relu, batch_norm_eval, batch_norm_train, BatchNormOutput};
 pub use conv::{conv2d, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};
-pub use gather::{gather_normalise, gather_normalise_into, Normalisation};
+pub use gather::{gather_normalise, gather_normalise_into, Augmentation, Normalisation};
+pub use max_pool::{max_pool2d, PoolParams};
 pub use relu_maxpool::relu_max_pool2d;
 
-use candle_core::{CpuStorage, Layout};
+use candle_core::{CpuStorage, Layout, Tensor};
+
+/// Every `step`-th element of `t` along `dim`, from the first: a reshape of the zero-padded
+/// view and a narrow, both with plain gradients.
+pub(crate) fn every_nth(t: &Tensor, dim: usize, step: usize) -> candle_core::Result<Tensor> {
+    if step == 1 {
+        return Ok(t.clone());
+    }
+    let len = t.dim(dim)?;
+    let kept = len.div_ceil(step);
+    let padded = t.pad_with_zeros(dim, 0, kept * step - len)?;
+    let mut dims = padded.dims().to_vec();
+    dims[dim] = kept;
+    dims.insert(dim + 1, step);
+    padded
+        .reshape(dims)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)
+}
 
 /// The f32 data of a contiguous CPU tensor argument (`what` names it in the error).
 pub(crate) fn contiguous_f32<'a>(

@@ -1,4 +1,6 @@
-//! Adam (Kingma & Ba), written as `torch.optim.Adam` computes it, L2 `weight_decay` included.
+//! Adam (Kingma & Ba), written as `torch.optim.Adam` computes it, L2 `weight_decay` included,
+//! and AdamW (Loshchilov & Hutter) as `torch.optim.AdamW`: the decay applied to the parameter
+//! itself (`p *= 1 - lr * weight_decay`) before the update, not through the gradient.
 
 use std::collections::HashMap;
 
@@ -16,6 +18,8 @@ pub struct Settings {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// AdamW's decoupled weight decay instead of Adam's L2 term.
+    pub decoupled: bool,
 }
 
 struct Slot {
@@ -75,20 +79,28 @@ struct StepFigures {
     step_size: f32,
     /// 1 / sqrt(1 - beta2^t)
     inv_bias_correction2_sqrt: f32,
+    /// AdamW: 1 - lr * weight_decay, applied to the parameter first; Adam: 1.
+    decay: f32,
 }
 
 impl StepFigures {
     fn new(s: &Settings, t: u64) -> Self {
         let t = t as i32;
+        let (l2, decay) = if s.decoupled {
+            (0.0, 1.0 - s.lr * s.weight_decay)
+        } else {
+            (s.weight_decay, 1.0)
+        };
         Self {
             beta1: s.beta1 as f32,
             one_minus_beta1: (1.0 - s.beta1) as f32,
             beta2: s.beta2 as f32,
             one_minus_beta2: (1.0 - s.beta2) as f32,
             eps: s.eps as f32,
-            weight_decay: s.weight_decay as f32,
+            weight_decay: l2 as f32,
             step_size: (s.lr / (1.0 - s.beta1.powi(t))) as f32,
             inv_bias_correction2_sqrt: (1.0 / (1.0 - s.beta2.powi(t)).sqrt()) as f32,
+            decay: decay as f32,
         }
     }
 
@@ -106,6 +118,7 @@ impl StepFigures {
     }
 
     fn param(&self, p: f32, m: f32, v: f32) -> f32 {
+        let p = if self.decay != 1.0 { p * self.decay } else { p };
         let denom = v.sqrt() * self.inv_bias_correction2_sqrt + self.eps;
         p - (m / denom) * self.step_size
     }
@@ -146,6 +159,10 @@ impl Optimizer for Adam {
 
     fn learning_rate(&self) -> f64 {
         self.settings.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.settings.lr = lr;
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -201,8 +218,15 @@ fn reference_step(slot: &Slot, grad: &Tensor, s: &Settings, t: u64) -> Result<()
     let t = t as i32;
     let step_size = s.lr / (1.0 - s.beta1.powi(t));
     let bias_correction2_sqrt = (1.0 - s.beta2.powi(t)).sqrt();
-    let param = slot.param.as_tensor();
-    let grad = if s.weight_decay != 0.0 {
+    let figures = StepFigures::new(s, t as u64);
+    let param = if s.decoupled {
+        slot.param
+            .as_tensor()
+            .affine(f64::from(figures.decay), 0.0)?
+    } else {
+        slot.param.as_tensor().clone()
+    };
+    let grad = if s.weight_decay != 0.0 && !s.decoupled {
         (grad + param.affine(s.weight_decay, 0.0)?)?
     } else {
         grad.clone()
@@ -211,7 +235,7 @@ fn reference_step(slot: &Slot, grad: &Tensor, s: &Settings, t: u64) -> Result<()
     let v = ((slot.moment(1)? * s.beta2)? + (grad.sqr()? * (1.0 - s.beta2))?)?;
     let denom = ((v.sqrt()? / bias_correction2_sqrt)? + s.eps)?;
     let update = ((&m / denom)? * step_size)?;
-    slot.param.set(&(param - update)?)?;
+    slot.param.set(&(&param - update)?)?;
     let moments = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?;
     slot.moments.slice_set(&moments, 0, 0)?;
     Ok(())
@@ -353,6 +377,7 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            decoupled: false,
         };
         let mut adam = Adam::new(vec![("p".into(), p.clone())], settings).unwrap();
         for _ in 0..2 {
@@ -390,6 +415,7 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.05,
+            decoupled: false,
         };
         let init = |seed| crate::ops::random_tensor(&[3, 7], seed);
         let run = |fused: bool| -> Vec<u32> {
@@ -443,6 +469,7 @@ mod tests {
             beta2: 0.99,
             eps: 1e-8,
             weight_decay: 0.01,
+            decoupled: false,
         };
         let quadratic_step = |opt: &mut Adam, p: &Var| {
             let grads = quadratic_grads(p);
@@ -472,5 +499,36 @@ mod tests {
         let mut wrong = Adam::new(vec![("other".into(), q)], settings).unwrap();
         let err = wrong.load_state(&saved).unwrap_err().to_string();
         assert!(err.contains("exp_avg/other"), "{err}");
+    }
+
+    /// torch.optim.Adam and AdamW (torch 2.15, float32) with lr 0.1 and weight_decay 0.05,
+    /// three steps on f(p) = sum(p^2) from [1, -2, 0.5]: the L2 and the decoupled decay.
+    #[test]
+    fn weight_decay_matches_pytorchs_adam_and_adamw() {
+        for (decoupled, want) in [
+            (false, [0.70158625f32, -1.7006234, 0.20487127]),
+            (true, [0.68827003, -1.672348, 0.19910657]),
+        ] {
+            let p = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+            let settings = Settings {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.05,
+                decoupled,
+            };
+            let mut adam = Adam::new(vec![("p".into(), p.clone())], settings).unwrap();
+            for _ in 0..3 {
+                adam.step(&quadratic_grads(&p)).unwrap();
+            }
+            let got = p.as_tensor().to_vec1::<f32>().unwrap();
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 2e-7 * w.abs().max(1.0),
+                    "decoupled {decoupled}: {got:?} vs {want:?}"
+                );
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! it per parameter so checkpoints can hold it.
 
 pub mod adam;
+pub mod schedule;
 pub mod sgd;
 
 use std::collections::HashMap;
@@ -19,6 +20,8 @@ pub trait Optimizer {
     /// Applies one update to every parameter that has a gradient in `grads`.
     fn step(&mut self, grads: &GradStore) -> Result<()>;
     fn learning_rate(&self) -> f64;
+    /// The rate for the next steps (a schedule sets it before every step).
+    fn set_learning_rate(&mut self, lr: f64);
     /// Everything the optimizer has learnt so far, as named tensors (for checkpoints).
     fn state(&self) -> Result<Vec<(String, Tensor)>>;
     /// Restores what [`Optimizer::state`] returned; names and shapes must match.
@@ -43,7 +46,7 @@ fn restore(state: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result
 /// The optimizer that `config` names, over `params` (name, variable).
 pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Optimizer>> {
     Ok(match config.optimizer {
-        OptimizerKind::Adam => Box::new(Adam::new(
+        OptimizerKind::Adam | OptimizerKind::AdamW => Box::new(Adam::new(
             params,
             adam::Settings {
                 lr: config.lr,
@@ -51,6 +54,7 @@ pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Opti
                 beta2: config.betas[1],
                 eps: config.eps,
                 weight_decay: config.weight_decay,
+                decoupled: config.optimizer == OptimizerKind::AdamW,
             },
         )?),
         OptimizerKind::Sgd => Box::new(Sgd::new(
@@ -58,6 +62,7 @@ pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Opti
             sgd::Settings {
                 lr: config.lr,
                 momentum: config.momentum,
+                nesterov: config.nesterov,
                 weight_decay: config.weight_decay,
             },
         )),

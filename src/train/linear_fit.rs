@@ -39,7 +39,14 @@ pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
     let x = Tensor::from_vec(xs, (POINTS, 1), device)?;
     let y = Tensor::from_vec(ys, (POINTS, 1), device)?;
 
-    let built = models::build(spec, config.seed, device)?;
+    // One input, one output: no image size, classes or stem to speak of.
+    let arch = models::Architecture {
+        num_classes: 1,
+        image_size: 1,
+        stem: models::Stem::Cifar,
+        width: 1,
+    };
+    let built = models::build(spec, &arch, config.seed, device)?;
     let mut optimizer = optim::build(config, built.params.vars())?;
     let mut shuffle_rng = rng(config.seed, Stream::Shuffle, 0);
     let mut final_loss = f32::NAN;
@@ -50,7 +57,7 @@ pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
         }
         for chunk in order.chunks(config.batch_size) {
             let idx = Tensor::from_slice(chunk, chunk.len(), device)?;
-            let prediction = built.module.forward(&x.index_select(&idx, 0)?)?;
+            let prediction = built.module.forward_t(&x.index_select(&idx, 0)?, true)?;
             let loss = candle_nn::loss::mse(&prediction, &y.index_select(&idx, 0)?)?;
             optimizer.step(&loss.backward()?)?;
             final_loss = loss.to_scalar::<f32>()?;

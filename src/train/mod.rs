@@ -1,8 +1,10 @@
-//! The training loops, one per kind of task a model has (see [`crate::models::Task`]), and
-//! what it takes to resume one.
+//! Training: the loop ([`fit`]) and what observes it ([`observers`]), the image-classification
+//! run that wires them ([`classify`]), the linear set-up check, and what it takes to resume.
 
 pub mod classify;
+pub mod fit;
 pub mod linear_fit;
+pub mod observers;
 pub mod resume;
 
 use rand::SeedableRng;

@@ -10,10 +10,16 @@
 //! candle's conv2d on the CPU ([`conv2d_reference`]) is what the tests hold every path to.
 
 mod cpu;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 
 pub(crate) use cpu::{Geometry, InputGrad};
+#[cfg(feature = "cudnn")]
+pub use cudnn::set_allow_tf32;
 
 use candle_core::{DType, Device, Tensor};
+
+use super::every_nth;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
@@ -31,6 +37,9 @@ pub fn conv2d(
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
     let y = match x.device() {
         Device::Cpu if f32s => cpu::conv2d(x, weight, p)?,
+        #[cfg(feature = "cudnn")]
+        Device::Cuda(_) => cudnn::conv2d(x, weight, p)?,
+        #[cfg(not(feature = "cudnn"))]
         Device::Cuda(_) => x.conv2d(weight, p.padding, p.stride, 1, 1)?,
         _ => conv2d_portable(x, weight, p)?,
     };
@@ -96,24 +105,6 @@ pub fn conv2d_portable(x: &Tensor, weight: &Tensor, p: ConvParams) -> candle_cor
         .reshape((g.n, g.oh, g.ow, g.co))?
         .permute((0, 3, 1, 2))?
         .contiguous()
-}
-
-/// Every `step`-th element of `t` along `dim`, from the first: a reshape of the zero-padded
-/// view and a narrow, both with plain gradients.
-fn every_nth(t: &Tensor, dim: usize, step: usize) -> candle_core::Result<Tensor> {
-    if step == 1 {
-        return Ok(t.clone());
-    }
-    let len = t.dim(dim)?;
-    let kept = len.div_ceil(step);
-    let padded = t.pad_with_zeros(dim, 0, kept * step - len)?;
-    let mut dims = padded.dims().to_vec();
-    dims[dim] = kept;
-    dims.insert(dim + 1, step);
-    padded
-        .reshape(dims)?
-        .narrow(dim + 1, 0, 1)?
-        .squeeze(dim + 1)
 }
 
 #[cfg(test)]

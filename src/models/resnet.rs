@@ -1,0 +1,236 @@
+//! ResNet-18, -34 and -50 as torchvision builds them (BasicBlock 2-2-2-2 and 3-4-6-3, Bottleneck
+//! 3-4-6-3 with the stride on its 3x3 convolution), under torchvision's parameter names
+//! (`conv1.weight`, `layer2.0.downsample.0.weight`, `fc.bias`, ...) and with its initialisation,
+//! so `torchvision.models.resnet18(num_classes=N)` and kiln load each other's weights. Two stems:
+//! torchvision's (7x7 stride-2 convolution, then 3x3 stride-2 max-pool) for photos, and the
+//! CIFAR one (3x3 stride-1 convolution, no pool) for small images. `width` scales the stage
+//! widths (64 in torchvision) so tests can train the same maths small.
+
+use candle_core::Tensor;
+use candle_nn::{Linear, Module, ModuleT};
+
+use super::init::{self, kaiming_normal_fan_out, Scope};
+use super::layers::{BatchNorm2d, Conv2d};
+use super::{Architecture, ModelSpec, Stem, Task};
+use crate::ops::{self, ConvParams, PoolParams};
+
+pub const RESNET18: ModelSpec = ModelSpec {
+    name: "resnet18",
+    about: "ResNet-18 (torchvision's; CIFAR stem for small images), BatchNorm, 11M parameters",
+    task: Task::ImageClassification,
+    default_config: include_str!("../../configs/resnet18.toml"),
+    build: |arch, scope| {
+        Ok(Box::new(ResNet::new(
+            Depth::Basic([2, 2, 2, 2]),
+            arch,
+            scope,
+        )?))
+    },
+};
+
+pub const RESNET34: ModelSpec = ModelSpec {
+    name: "resnet34",
+    about: "ResNet-34 (torchvision's), 21M parameters",
+    task: Task::ImageClassification,
+    default_config: include_str!("../../configs/resnet34.toml"),
+    build: |arch, scope| {
+        Ok(Box::new(ResNet::new(
+            Depth::Basic([3, 4, 6, 3]),
+            arch,
+            scope,
+        )?))
+    },
+};
+
+pub const RESNET50: ModelSpec = ModelSpec {
+    name: "resnet50",
+    about: "ResNet-50 (torchvision's, Bottleneck blocks), the course's benchmark, 24M parameters",
+    task: Task::ImageClassification,
+    default_config: include_str!("../../configs/resnet50.toml"),
+    build: |arch, scope| {
+        Ok(Box::new(ResNet::new(
+            Depth::Bottleneck([3, 4, 6, 3]),
+            arch,
+            scope,
+        )?))
+    },
+};
+
+/// Blocks per stage, and their kind.
+#[derive(Clone, Copy)]
+enum Depth {
+    Basic([usize; 4]),
+    Bottleneck([usize; 4]),
+}
+
+/// A bias-free convolution with torchvision's init.
+fn conv(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    scope: &Scope,
+) -> candle_core::Result<Conv2d> {
+    let weight = scope.params.get_with_hints(
+        (out_channels, in_channels, kernel, kernel),
+        "weight",
+        kaiming_normal_fan_out(out_channels, kernel, kernel),
+    )?;
+    Ok(Conv2d {
+        weight,
+        bias: None,
+        params: ConvParams {
+            stride,
+            padding: kernel / 2,
+        },
+    })
+}
+
+/// `downsample`: a 1x1 convolution and a batch norm, where a block changes size or width.
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+impl Downsample {
+    fn new(cin: usize, cout: usize, stride: usize, scope: &Scope) -> candle_core::Result<Self> {
+        Ok(Self {
+            conv: conv(cin, cout, 1, stride, &scope.pp(0))?,
+            bn: BatchNorm2d::new(cout, &scope.pp(1))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?, train, false)
+    }
+}
+
+/// BasicBlock (two 3x3 convolutions) or Bottleneck (1x1, 3x3, 1x1 at four times the width).
+struct Block {
+    convs: Vec<Conv2d>,
+    bns: Vec<BatchNorm2d>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(
+        bottleneck: bool,
+        cin: usize,
+        planes: usize,
+        stride: usize,
+        scope: &Scope,
+    ) -> candle_core::Result<Self> {
+        // (in, out, kernel, stride) of each convolution, named conv1, conv2 (, conv3).
+        let shapes = if bottleneck {
+            vec![
+                (cin, planes, 1, 1),
+                (planes, planes, 3, stride),
+                (planes, planes * 4, 1, 1),
+            ]
+        } else {
+            vec![(cin, planes, 3, stride), (planes, planes, 3, 1)]
+        };
+        let cout = shapes[shapes.len() - 1].1;
+        let mut convs = Vec::new();
+        let mut bns = Vec::new();
+        for (i, &(a, b, k, s)) in shapes.iter().enumerate() {
+            convs.push(conv(a, b, k, s, &scope.pp(format!("conv{}", i + 1)))?);
+            bns.push(BatchNorm2d::new(b, &scope.pp(format!("bn{}", i + 1)))?);
+        }
+        let downsample = if stride != 1 || cin != cout {
+            Some(Downsample::new(cin, cout, stride, &scope.pp("downsample"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            convs,
+            bns,
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let last = self.convs.len() - 1;
+        let mut h = x.clone();
+        for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
+            h = bn.forward(&conv.forward(&h)?, train, i < last)?;
+        }
+        let shortcut = match &self.downsample {
+            Some(downsample) => downsample.forward(x, train)?,
+            None => x.clone(),
+        };
+        ops::add_relu(&h, &shortcut)
+    }
+}
+
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    pool: Option<PoolParams>,
+    stages: Vec<Vec<Block>>,
+    fc: Linear,
+}
+
+impl ResNet {
+    fn new(depth: Depth, arch: &Architecture, scope: &Scope) -> candle_core::Result<Self> {
+        let (bottleneck, counts) = match depth {
+            Depth::Basic(counts) => (false, counts),
+            Depth::Bottleneck(counts) => (true, counts),
+        };
+        let expansion = if bottleneck { 4 } else { 1 };
+        let base = arch.width;
+        let (conv1, pool) = match arch.stem {
+            Stem::Imagenet => (
+                conv(3, base, 7, 2, &scope.pp("conv1"))?,
+                Some(PoolParams {
+                    kernel: 3,
+                    stride: 2,
+                    padding: 1,
+                }),
+            ),
+            // `Architecture::new` resolves Auto; built by hand, it means the CIFAR stem.
+            Stem::Cifar | Stem::Auto => (conv(3, base, 3, 1, &scope.pp("conv1"))?, None),
+        };
+        let bn1 = BatchNorm2d::new(base, &scope.pp("bn1"))?;
+        let mut cin = base;
+        let mut stages = Vec::new();
+        for (i, &count) in counts.iter().enumerate() {
+            let planes = base << i;
+            let stage_scope = scope.pp(format!("layer{}", i + 1));
+            let mut blocks = Vec::new();
+            for b in 0..count {
+                let stride = if b == 0 && i > 0 { 2 } else { 1 };
+                blocks.push(Block::new(
+                    bottleneck,
+                    cin,
+                    planes,
+                    stride,
+                    &stage_scope.pp(b),
+                )?);
+                cin = planes * expansion;
+            }
+            stages.push(blocks);
+        }
+        let fc = init::linear(cin, arch.num_classes, scope.params.pp("fc"))?;
+        Ok(Self {
+            conv1,
+            bn1,
+            pool,
+            stages,
+            fc,
+        })
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut h = self.bn1.forward(&self.conv1.forward(x)?, train, true)?;
+        if let Some(pool) = self.pool {
+            h = ops::max_pool2d(&h, pool)?;
+        }
+        for block in self.stages.iter().flatten() {
+            h = block.forward(&h, train)?;
+        }
+        self.fc.forward(&h.mean((2, 3))?)
+    }
+}

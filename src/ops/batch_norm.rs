@@ -1,0 +1,419 @@
+//! Batch normalisation over the channels of [N, C, H, W], as `nn.BatchNorm2d` computes it in
+//! training mode: each channel normalised by its batch mean and biased variance, then scaled
+//! and shifted, optionally followed by ReLU in the same pass (ResNet's `relu(bn(conv(x)))`).
+//! The batch mean and variance come back too, for the caller's running statistics.
+//!
+//! On the CPU (f32), kiln's kernels: sums in f64 per channel in a fixed order (as PyTorch's CPU
+//! kernel accumulates), so results do not depend on the thread count; the backward pass reads
+//! the saved mean and inverse deviation and, with ReLU fused, the output's sign. Elsewhere,
+//! candle's composition, which is also the reference for the tests.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::contiguous_f32;
+
+/// What a training-mode batch norm returns: the output, and the batch's statistics per channel
+/// (outside any graph): the mean and the biased variance it normalised with.
+pub struct BatchNormOutput {
+    pub y: Tensor,
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// `relu?((x - mean) / sqrt(var + eps) * gamma + beta)` with the batch's statistics.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<BatchNormOutput> {
+    let f32s = [x.dtype(), gamma.dtype(), beta.dtype()]
+        .iter()
+        .all(|d| *d == DType::F32);
+    if !(f32s && x.device().is_cpu() && x.rank() == 4) {
+        return batch_norm_train_reference(x, gamma, beta, eps, relu);
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = BatchNormTrain {
+        eps,
+        relu,
+        saved: Arc::clone(&saved),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = saved
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
+        .clone();
+    let Some(Saved { mean, var, .. }) = stats else {
+        candle_core::bail!("batch_norm: the forward pass kept no statistics");
+    };
+    let c = mean.len();
+    Ok(BatchNormOutput {
+        y,
+        mean: Tensor::from_vec(mean, c, &Device::Cpu)?,
+        var: Tensor::from_vec(var, c, &Device::Cpu)?,
+    })
+}
+
+/// The same from candle operations: the reference, and the path for other backends and dtypes.
+pub fn batch_norm_train_reference(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<BatchNormOutput> {
+    let c = x.dim(1)?;
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+    let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+    let y = centred
+        .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
+        .broadcast_mul(&per_channel(gamma)?)?
+        .broadcast_add(&per_channel(beta)?)?;
+    Ok(BatchNormOutput {
+        y: if relu { y.relu()? } else { y },
+        mean: mean.flatten_all()?.detach(),
+        var: var.flatten_all()?.detach(),
+    })
+}
+
+/// Evaluation mode: `relu?((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`, as
+/// one scale and shift per channel.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    let c = x.dim(1)?;
+    let scale = (gamma / (running_var + eps)?.sqrt()?)?;
+    let shift = (beta - (running_mean * &scale)?)?;
+    let y = x
+        .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// The statistics the forward pass keeps for the backward pass and the caller.
+#[derive(Clone)]
+struct Saved {
+    mean: Vec<f32>,
+    /// Biased variance.
+    var: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+struct BatchNormTrain {
+    eps: f64,
+    relu: bool,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+/// The planes of channel `c` in an [N, C, HW] buffer.
+fn planes(data: &[f32], c: usize, channels: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
+    data.chunks_exact(hw.max(1)).skip(c).step_by(channels)
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "kiln-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let (x, gamma, beta) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "weight")?,
+            contiguous_f32(bs, bl, "bias")?,
+        );
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!("batch_norm: {} weights for {c} channels", gamma.len());
+        }
+        let (hw, count) = (h * w, (n * h * w) as f64);
+        if count == 0.0 {
+            candle_core::bail!("batch_norm: an empty batch has no statistics");
+        }
+        let stats: Vec<(f32, f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let sum: f64 = planes(x, ch, c, hw)
+                    .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
+                    .sum();
+                let mean = sum / count;
+                let squares: f64 = planes(x, ch, c, hw)
+                    .map(|p| {
+                        p.iter()
+                            .map(|&v| (f64::from(v) - mean).powi(2))
+                            .sum::<f64>()
+                    })
+                    .sum();
+                let var = squares / count;
+                (
+                    mean as f32,
+                    var as f32,
+                    (1.0 / (var + self.eps).sqrt()) as f32,
+                )
+            })
+            .collect();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw.max(1))
+            .zip(x.par_chunks(hw.max(1)))
+            .enumerate()
+            .for_each(|(plane, (out, input))| {
+                let ch = plane % c;
+                let (mean, _, inv_std) = stats[ch];
+                let scale = inv_std * gamma[ch];
+                let shift = beta[ch] - mean * scale;
+                for (o, &v) in out.iter_mut().zip(input) {
+                    let z = v * scale + shift;
+                    *o = if self.relu { z.max(0.0) } else { z };
+                }
+            });
+        let saved = Saved {
+            mean: stats.iter().map(|s| s.0).collect(),
+            var: stats.iter().map(|s| s.1).collect(),
+            inv_std: stats.iter().map(|s| s.2).collect(),
+        };
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))? =
+            Some(saved);
+        Ok((CpuStorage::F32(y), Shape::from((n, c, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
+            .clone();
+        let Some(saved) = saved else {
+            candle_core::bail!("batch_norm: backward before forward");
+        };
+        let c = gamma.dim(0)?;
+        let stats = Tensor::from_vec([saved.mean, saved.inv_std].concat(), (2, c), &Device::Cpu)?;
+        // With ReLU fused, the output's sign gates the gradient: y > 0 exactly where it passed.
+        let grad = if self.relu {
+            grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)?
+        } else {
+            grad.contiguous()?
+        };
+        // [dgamma; dbeta], then the input gradient from them.
+        let sums = x.apply_op3_no_bwd(&grad, &stats, &ChannelSums)?;
+        let stats_and_sums = Tensor::cat(&[&stats, &sums, &gamma.reshape((1, c))?], 0)?;
+        let grad_x = x.apply_op3_no_bwd(&grad, &stats_and_sums, &InputGrad)?;
+        Ok((Some(grad_x), Some(sums.get(0)?), Some(sums.get(1)?)))
+    }
+}
+
+/// `grad` where `y > 0`, zero elsewhere: ReLU's gradient read from its output.
+struct ReluGate;
+
+impl CustomOp2 for ReluGate {
+    fn name(&self) -> &'static str {
+        "kiln-relu-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (grad, y) = (
+            contiguous_f32(gs, gl, "gradient")?,
+            contiguous_f32(ys, yl, "output")?,
+        );
+        let mut out = vec![0f32; grad.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(grad.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(out, (g, y))| {
+                for ((o, &g), &y) in out.iter_mut().zip(g).zip(y) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// Per channel, from x, dL/dy and [mean; inv_std]: [sum(dy * x_hat); sum(dy)], i.e. the
+/// gradients of gamma and beta.
+struct ChannelSums;
+
+impl CustomOp3 for ChannelSums {
+    fn name(&self) -> &'static str {
+        "kiln-batch-norm-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = xl.shape().dims4()?;
+        let hw = h * w;
+        let (x, grad, stats) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "gradient")?,
+            contiguous_f32(ss, sl, "statistics")?,
+        );
+        let sums: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, inv_std) = (f64::from(stats[ch]), f64::from(stats[c + ch]));
+                let (mut dot, mut total) = (0f64, 0f64);
+                for (xp, gp) in planes(x, ch, c, hw).zip(planes(grad, ch, c, hw)) {
+                    for (&v, &g) in xp.iter().zip(gp) {
+                        dot += f64::from(g) * (f64::from(v) - mean);
+                        total += f64::from(g);
+                    }
+                }
+                ((dot * inv_std) as f32, total as f32)
+            })
+            .collect();
+        let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
+        out.extend(sums.iter().map(|s| s.1));
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+/// dL/dx from x, dL/dy and [mean; inv_std; dgamma; dbeta; gamma]:
+/// gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M), M the values per channel.
+struct InputGrad;
+
+impl CustomOp3 for InputGrad {
+    fn name(&self) -> &'static str {
+        "kiln-batch-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let hw = h * w;
+        let (x, grad, s) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "gradient")?,
+            contiguous_f32(ss, sl, "statistics")?,
+        );
+        let m = (n * hw) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(hw.max(1))
+            .zip(x.par_chunks(hw.max(1)).zip(grad.par_chunks(hw.max(1))))
+            .enumerate()
+            .for_each(|(plane, (out, (xp, gp)))| {
+                let ch = plane % c;
+                let (mean, inv_std) = (s[ch], s[c + ch]);
+                let (dgamma, dbeta, gamma) = (s[2 * c + ch], s[3 * c + ch], s[4 * c + ch]);
+                let scale = gamma * inv_std;
+                let (mean_dbeta, mean_dgamma) = (dbeta / m, dgamma / m);
+                for ((o, &v), &g) in out.iter_mut().zip(xp).zip(gp) {
+                    let x_hat = (v - mean) * inv_std;
+                    *o = scale * (g - mean_dbeta - x_hat * mean_dgamma);
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
+}
+
+/// `relu(a + b)`: the end of a residual block, one pass each way.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "kiln-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if al.shape() != bl.shape() {
+            candle_core::bail!(
+                "add_relu: shapes {:?} and {:?} differ",
+                al.shape(),
+                bl.shape()
+            );
+        }
+        let (a, b) = (
+            contiguous_f32(a_s, al, "lhs")?,
+            contiguous_f32(bs, bl, "rhs")?,
+        );
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+            .for_each(|(out, (a, b))| {
+                for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                    *o = (a + b).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gated = grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)?;
+        Ok((Some(gated.clone()), Some(gated)))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,102 @@
+//! kiln's batch norm and add-ReLU held to candle's composition: outputs, statistics and every
+//! gradient, on random shapes.
+
+use super::*;
+use crate::ops::random_tensor as random;
+use candle_core::Var;
+use proptest::prelude::*;
+
+fn close(what: &str, a: &Tensor, b: &Tensor, tolerance: f32) -> Result<(), TestCaseError> {
+    let (a, b) = (
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    prop_assert_eq!(a.len(), b.len(), "{} sizes", what);
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        prop_assert!(
+            (x - y).abs() <= tolerance * scale,
+            "{} [{}]: {} vs {}",
+            what,
+            i,
+            x,
+            y
+        );
+    }
+    Ok(())
+}
+
+type Norm = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> candle_core::Result<BatchNormOutput>;
+
+/// Output, statistics and the gradients of x, gamma and beta under a random upstream gradient.
+fn run(f: Norm, x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Vec<Tensor> {
+    let (xv, gv, bv) = (
+        Var::from_tensor(x).unwrap(),
+        Var::from_tensor(gamma).unwrap(),
+        Var::from_tensor(beta).unwrap(),
+    );
+    let out = f(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-5, relu).unwrap();
+    let upstream = random(out.y.dims(), 7);
+    let grads = (&out.y * &upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |v: &Var| grads.get(v).unwrap().clone();
+    vec![out.y, out.mean, out.var, grad(&xv), grad(&gv), grad(&bv)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    #[test]
+    fn batch_norm_matches_candles_composition(
+        n in 1usize..6, c in 1usize..6, h in 1usize..7, w in 1usize..7,
+        relu in any::<bool>(), shift in -3f32..3f32, seed in 0u64..1000,
+    ) {
+        prop_assume!(n * h * w > 1);
+        // An offset mean, as activations have: the sums must not lose the variance to it.
+        let x = (random(&[n, c, h, w], seed) * 2.0).unwrap().affine(1.0, shift as f64).unwrap();
+        let gamma = random(&[c], seed + 1);
+        let beta = random(&[c], seed + 2);
+        let ours = run(batch_norm_train, &x, &gamma, &beta, relu);
+        let reference = run(batch_norm_train_reference, &x, &gamma, &beta, relu);
+        let names = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad"];
+        for (name, (a, b)) in names.iter().zip(ours.iter().zip(&reference)) {
+            close(name, a, b, 2e-5)?;
+        }
+    }
+
+    #[test]
+    fn add_relu_matches_candles_composition(n in 1usize..300, seed in 0u64..1000) {
+        let (a, b) = (Var::from_tensor(&random(&[n], seed)).unwrap(), Var::from_tensor(&random(&[n], seed + 1)).unwrap());
+        let outputs = |fused: bool| {
+            let y = if fused { add_relu(a.as_tensor(), b.as_tensor()) } else { (a.as_tensor() + b.as_tensor()).unwrap().relu() }.unwrap();
+            let grads = (&y * random(&[n], 3)).unwrap().sum_all().unwrap().backward().unwrap();
+            vec![y, grads.get(&a).unwrap().clone(), grads.get(&b).unwrap().clone()]
+        };
+        for (name, (x, y)) in ["output", "lhs grad", "rhs grad"].iter().zip(outputs(true).iter().zip(&outputs(false))) {
+            close(name, x, y, 0.0)?;
+        }
+    }
+}
+
+/// PyTorch's figures for one small batch (torch 2.x, nn.BatchNorm2d(2) in training mode):
+/// the normalised output uses the biased variance.
+#[test]
+fn normalises_with_the_biased_variance() {
+    let x = Tensor::new(
+        &[[[[1f32, 2.]], [[0., 4.]]], [[[3., 6.]], [[2., 2.]]]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let gamma = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
+    let beta = Tensor::new(&[0f32, 1.], &Device::Cpu).unwrap();
+    let out = batch_norm_train(&x, &gamma, &beta, 1e-5, false).unwrap();
+    // Channel 0: values 1, 2, 3, 6: mean 3, biased variance 3.5.
+    assert_eq!(out.mean.to_vec1::<f32>().unwrap(), [3.0, 2.0]);
+    assert_eq!(out.var.to_vec1::<f32>().unwrap(), [3.5, 2.0]);
+    let y = out.y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = (1.0 - 3.0) / (3.5f32 + 1e-5).sqrt();
+    assert!((y[0] - want).abs() < 1e-6, "{} vs {want}", y[0]);
+}

@@ -1,0 +1,272 @@
+//! Max-pooling with any kernel, stride and padding, as `nn.MaxPool2d(k, stride, padding)`:
+//! padding never wins (it counts as -inf), each window's gradient goes to its first maximum in
+//! row-major order, and overlapping windows add up. torchvision's ResNet stem pools 3x3 with
+//! stride 2 and padding 1, which SimpleCNN's non-overlapping `relu_max_pool2d` does not cover.
+//! On the CPU (f32) kiln's kernels; elsewhere a composition of strided views and a maximum,
+//! which is also the reference for tests (it gives tied maxima each the gradient).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, every_nth};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolParams {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl PoolParams {
+    /// The pooled size of a side of `size`, or an error if the window does not fit.
+    fn out(&self, size: usize) -> candle_core::Result<usize> {
+        if self.kernel == 0 || self.stride == 0 || 2 * self.padding > self.kernel {
+            candle_core::bail!(
+                "max_pool2d: kernel {}, stride {}, padding {} is not a valid pooling",
+                self.kernel,
+                self.stride,
+                self.padding
+            );
+        }
+        if size + 2 * self.padding < self.kernel {
+            candle_core::bail!(
+                "max_pool2d: a {0}x{0} window does not fit a side of {size}",
+                self.kernel
+            );
+        }
+        Ok((size + 2 * self.padding - self.kernel) / self.stride + 1)
+    }
+
+    /// The input positions along one side that output `o` reads.
+    fn window(&self, o: usize, size: usize) -> std::ops::Range<usize> {
+        let start = (o * self.stride).saturating_sub(self.padding);
+        let end = (o * self.stride + self.kernel)
+            .saturating_sub(self.padding)
+            .min(size);
+        start..end
+    }
+}
+
+pub fn max_pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(MaxPool { p })
+    } else {
+        max_pool2d_reference(x, p)
+    }
+}
+
+/// The same from candle operations: -inf padding, one strided view per window tap, a maximum.
+pub fn max_pool2d_reference(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (p.out(h)?, p.out(w)?);
+    let fill = |dims: (usize, usize, usize, usize)| {
+        Tensor::full(f32::NEG_INFINITY, dims, x.device())?.to_dtype(x.dtype())
+    };
+    let (pad, padded_w) = (p.padding, w + 2 * p.padding);
+    let rows = Tensor::cat(
+        &[fill((n, c, h, pad))?, x.clone(), fill((n, c, h, pad))?],
+        3,
+    )?;
+    let padded = Tensor::cat(
+        &[
+            fill((n, c, pad, padded_w))?,
+            rows,
+            fill((n, c, pad, padded_w))?,
+        ],
+        2,
+    )?;
+    let mut taps = Vec::with_capacity(p.kernel * p.kernel);
+    for ky in 0..p.kernel {
+        for kx in 0..p.kernel {
+            let view = padded.narrow(2, ky, p.stride * (oh - 1) + 1)?.narrow(
+                3,
+                kx,
+                p.stride * (ow - 1) + 1,
+            )?;
+            taps.push(every_nth(&every_nth(&view, 2, p.stride)?, 3, p.stride)?);
+        }
+    }
+    Tensor::stack(&taps, 4)?.max(4)
+}
+
+struct MaxPool {
+    p: PoolParams,
+}
+
+/// Sizes of one pooling: input plane, output plane.
+struct Planes {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl MaxPool {
+    fn planes(&self, h: usize, w: usize) -> candle_core::Result<Planes> {
+        Ok(Planes {
+            h,
+            w,
+            oh: self.p.out(h)?,
+            ow: self.p.out(w)?,
+        })
+    }
+
+    /// The flat index within the plane of window (oy, ox)'s first maximum.
+    fn winner(&self, plane: &[f32], g: &Planes, oy: usize, ox: usize) -> usize {
+        let (rows, cols) = (self.p.window(oy, g.h), self.p.window(ox, g.w));
+        let mut best = (rows.start * g.w + cols.start, f32::NEG_INFINITY);
+        for y in rows {
+            for x in cols.clone() {
+                let v = plane[y * g.w + x];
+                if v > best.1 {
+                    best = (y * g.w + x, v);
+                }
+            }
+        }
+        best.0
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "kiln-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let g = self.planes(h, w)?;
+        let x = contiguous_f32(xs, xl, "input")?;
+        let mut out = vec![0f32; n * c * g.oh * g.ow];
+        out.par_chunks_mut(g.oh * g.ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(out, plane)| {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        out[oy * g.ow + ox] = plane[self.winner(plane, &g, oy, ox)];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad,
+            &MaxPoolGrad {
+                pool: MaxPool { p: self.p },
+            },
+        )?))
+    }
+}
+
+/// dL/dX: each window's gradient added to its first maximum.
+struct MaxPoolGrad {
+    pool: MaxPool,
+}
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "kiln-max-pool2d-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let g = self.pool.planes(h, w)?;
+        let (x, grad) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "gradient")?,
+        );
+        let mut dx = vec![0f32; n * c * h * w];
+        dx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(grad.par_chunks(g.oh * g.ow)))
+            .for_each(|(dx, (plane, grad))| {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        dx[self.pool.winner(plane, &g, oy, ox)] += grad[oy * g.ow + ox];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::random_tensor as random;
+    use candle_core::{Device, Var};
+    use proptest::prelude::*;
+
+    fn forward_and_grad(
+        pool: fn(&Tensor, PoolParams) -> candle_core::Result<Tensor>,
+        x: &Tensor,
+        p: PoolParams,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let xv = Var::from_tensor(x).unwrap();
+        let y = pool(xv.as_tensor(), p).unwrap();
+        let grads = (&y * random(y.dims(), 3))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (flat(&y), flat(grads.get(&xv).unwrap()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Continuous random inputs have no ties, where the reference would split the gradient.
+        #[test]
+        fn matches_the_reference_composition(
+            n in 1usize..3, c in 1usize..3, h in 1usize..10, w in 1usize..10,
+            kernel in 1usize..4, stride in 1usize..3, padding in 0usize..2, seed in 0u64..1000,
+        ) {
+            let p = PoolParams { kernel, stride, padding };
+            prop_assume!(2 * padding <= kernel && h + 2 * padding >= kernel && w + 2 * padding >= kernel);
+            let x = random(&[n, c, h, w], seed);
+            let (ours, reference) = (forward_and_grad(max_pool2d, &x, p), forward_and_grad(max_pool2d_reference, &x, p));
+            prop_assert_eq!(ours.0, reference.0);
+            for (a, b) in ours.1.iter().zip(&reference.1) {
+                prop_assert!((a - b).abs() < 1e-6, "{} vs {}", a, b);
+            }
+        }
+    }
+
+    /// PyTorch's answer for a tie (torch.nn.functional.max_pool2d(x, 3, 2, 1) on an all-ones
+    /// 4x4 plane): each window's gradient to its first maximum, in row-major order.
+    #[test]
+    fn ties_go_to_the_first_maximum_as_in_pytorch() {
+        let x = Var::from_tensor(&Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let p = PoolParams {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        let y = max_pool2d(x.as_tensor(), p).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 2, 2]);
+        let grad = y.sum_all().unwrap().backward().unwrap();
+        let dx = grad
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Windows start at rows/columns -1 and 1: their first in-bounds cells are (0,0), (0,1),
+        // (1,0) and (1,1).
+        let mut want = vec![0f32; 16];
+        for i in [0, 1, 4, 5] {
+            want[i] = 1.0;
+        }
+        assert_eq!(dx, want);
+    }
+}

@@ -1,0 +1,349 @@
+//! The training loop for image classifiers: epochs of shuffled, augmented mini-batches, the
+//! learning rate from the schedule before each step, gradients clipped if asked, the model in
+//! training mode for steps and evaluation mode for the test set after each epoch. The loop
+//! drives epochs and steps and nothing else: whatever shows, saves or decides something about
+//! the run is an [`Observer`] it calls at named points (Lightning's callbacks, Burn's Learner).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::ModuleT;
+
+use super::{rng, Stream};
+use crate::checkpoint::Progress;
+use crate::config::Config;
+use crate::data::batches::{batch_ranges, epoch_order, BatchBuffer, DeviceSet};
+use crate::error::{Error, Result};
+use crate::evaluate::{evaluate, Evaluation};
+use crate::metrics::{EpochRecord, Tally};
+use crate::models::ParamStore;
+use crate::ops::cross_entropy;
+use crate::optim::Optimizer;
+use crate::profile::{Phase, PhaseTimer};
+
+/// What an observer tells the loop after an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// End the run now, for the reason given (early stopping).
+    Stop(String),
+}
+
+/// The run as observers see it at any of the loop's points.
+pub struct RunView<'a> {
+    pub config: &'a Config,
+    /// Where the run stands: epochs and steps done, best result, metrics history.
+    pub progress: &'a Progress,
+    /// The current epoch's running loss and accuracy (on the device).
+    pub tally: &'a Tally,
+    /// The model's parameters and buffers.
+    pub state: &'a ParamStore,
+    pub optimizer: &'a dyn Optimizer,
+}
+
+/// The end of an epoch: its figures (also the last row of the history) and its evaluation.
+pub struct EpochEnd<'a> {
+    pub record: &'a EpochRecord,
+    pub evaluation: &'a Evaluation,
+    /// This epoch's test accuracy is the best so far.
+    pub best: bool,
+    /// Time per phase of the epoch, where its shares are honest (CPU, or a traced GPU run).
+    pub phases: Option<&'a PhaseTimer>,
+}
+
+/// Called by the loop at named points; each method's default does nothing.
+pub trait Observer {
+    /// Before the first epoch this process trains; `Stop` ends the run at once (an early stop
+    /// that a resumed run had already reached).
+    fn started(&mut self, _run: &RunView) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+    fn epoch_started(&mut self, _epoch: usize, _run: &RunView) -> Result<()> {
+        Ok(())
+    }
+    /// After every training step; `seconds` since the epoch began.
+    fn step_ended(&mut self, _run: &RunView, _seconds: f64) -> Result<()> {
+        Ok(())
+    }
+    /// After the epoch's evaluation, once the progress (history, best) records the epoch.
+    fn epoch_ended(&mut self, _end: &EpochEnd, _run: &RunView) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+    /// The run stops on request (Ctrl-C) after a step: the place to save where it stands.
+    fn interrupted(&mut self, _run: &RunView) -> Result<()> {
+        Ok(())
+    }
+    /// The run is over (every epoch done, or stopped early).
+    fn finished(&mut self, _summary: &Summary, _run: &RunView) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How a run ended, with the figures of the epochs this process trained.
+pub struct Summary {
+    pub epochs_done: usize,
+    pub trained_here: std::ops::RangeInclusive<usize>,
+    /// Why the run ended before its last epoch, if it did.
+    pub stopped_early: Option<String>,
+    pub seconds: f64,
+    pub mean_images_per_s: f64,
+}
+
+pub enum Outcome {
+    Finished(Summary),
+    /// The run had already done every epoch asked for.
+    AlreadyDone {
+        epochs: usize,
+    },
+    /// Stopped on request; observers saved where it stands.
+    Interrupted,
+}
+
+/// What a run trains.
+pub struct Trainee<'a> {
+    pub model: &'a dyn ModuleT,
+    pub state: &'a ParamStore,
+    pub optimizer: &'a mut dyn Optimizer,
+}
+
+/// The data a run reads, where it trains.
+pub struct Data<'a> {
+    pub train: &'a DeviceSet,
+    pub test: &'a DeviceSet,
+    /// Image width, for the augmentation's crops and flips.
+    pub image_width: usize,
+    pub num_classes: usize,
+}
+
+/// How a run is driven, besides its config.
+pub struct Driving<'a> {
+    pub device: &'a Device,
+    /// Set (by a signal handler) to stop after the current step.
+    pub stop: &'a AtomicBool,
+    /// Phases wait for the device (`--trace`), so their spans time real work.
+    pub trace: bool,
+}
+
+/// Trains `trainee` on `data` from `progress` (a resumed run's position, or the start) to
+/// `config.epochs`, calling `observers` in their order at each point.
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    trainee: Trainee,
+    data: &Data,
+    config: &Config,
+    mut progress: Progress,
+    resumed_tally: Option<Tally>,
+    observers: &mut [&mut dyn Observer],
+    driving: &Driving,
+) -> Result<Outcome> {
+    let Trainee {
+        model,
+        state,
+        optimizer,
+    } = trainee;
+    if progress.epochs_done >= config.epochs {
+        return Ok(Outcome::AlreadyDone {
+            epochs: progress.epochs_done,
+        });
+    }
+    let params = state.vars();
+    let steps_per_epoch = data.train.len().div_ceil(config.batch_size);
+    let first_epoch = progress.epochs_done + 1;
+    let mut tally = match resumed_tally {
+        Some(tally) if progress.steps_into_epoch > 0 => tally,
+        _ => Tally::default(),
+    };
+    let mut stopped_early = None;
+    for observer in observers.iter_mut() {
+        let run = view(config, &progress, &tally, state, &*optimizer);
+        if let Control::Stop(reason) = observer.started(&run)? {
+            stopped_early = Some(reason);
+        }
+    }
+    let started = Instant::now();
+    let (mut images_trained, mut train_seconds) = (0usize, 0f64);
+    let (mut train_buffer, mut test_buffer) = (BatchBuffer::default(), BatchBuffer::default());
+    let mut phases = PhaseTimer::new(driving.device, driving.trace);
+    let show_phases = driving.trace || driving.device.is_cpu();
+    let mut epoch = first_epoch;
+    while stopped_early.is_none() && epoch <= config.epochs {
+        let _epoch_span = tracing::info_span!("epoch", epoch).entered();
+        phases.reset();
+        let epoch_start = Instant::now();
+        for observer in observers.iter_mut() {
+            let run = view(config, &progress, &tally, state, &*optimizer);
+            observer.epoch_started(epoch, &run)?;
+        }
+        let mut order_rng = rng(config.seed, Stream::Shuffle, epoch);
+        let order = epoch_order(data.train.len(), config.shuffle.then_some(&mut order_rng));
+        let order = data.train.order(&order)?;
+        let seen_before = tally.seen();
+        let batches = batch_ranges(data.train.len(), config.batch_size);
+        for (step, range) in batches.enumerate().skip(progress.steps_into_epoch) {
+            let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
+            let lr = config.schedule.rate(
+                config.lr,
+                progress.global_step,
+                config.epochs,
+                steps_per_epoch,
+            );
+            optimizer.set_learning_rate(lr);
+            let augment = config
+                .augment
+                .for_batch(config.seed, epoch, step, data.image_width);
+            let (images, labels) = phases.time(Phase::Data, || {
+                data.train
+                    .batch(&order, range, &mut train_buffer, augment.as_ref())
+            })?;
+            let (logits, loss) = phases.time(Phase::Forward, || {
+                let logits = model.forward_t(&images, true)?;
+                let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
+                Ok((logits, loss))
+            })?;
+            let mut grads = phases.time(Phase::Backward, || Ok(loss.backward()?))?;
+            phases.time(Phase::Optimizer, || {
+                if config.grad_clip_norm > 0.0 {
+                    clip_grad_norm(&mut grads, &params, config.grad_clip_norm)?;
+                }
+                optimizer.step(&grads)
+            })?;
+            tally.add(&loss, &logits, &labels)?;
+            progress.steps_into_epoch = step + 1;
+            progress.global_step += 1;
+
+            let stop = driving.stop.load(Ordering::SeqCst);
+            phases.time(Phase::Checkpoint, || {
+                for observer in observers.iter_mut() {
+                    let run = view(config, &progress, &tally, state, &*optimizer);
+                    if stop {
+                        observer.interrupted(&run)?;
+                    } else {
+                        observer.step_ended(&run, epoch_start.elapsed().as_secs_f64())?;
+                    }
+                }
+                Ok(())
+            })?;
+            if stop {
+                return Ok(Outcome::Interrupted);
+            }
+        }
+        let (train_loss, train_acc) = tally.read()?;
+        if !train_loss.is_finite() {
+            return Err(Error::InvalidSetting(format!(
+                "training diverged in epoch {epoch} (loss {train_loss}); try a smaller --lr"
+            )));
+        }
+        let epoch_train_seconds = epoch_start.elapsed().as_secs_f64();
+        let trained = tally.seen() - seen_before;
+        images_trained += trained;
+        train_seconds += epoch_train_seconds;
+
+        let evaluation = phases.time(Phase::Evaluate, || {
+            evaluate(
+                model,
+                data.test,
+                config.eval_batch_size,
+                &mut test_buffer,
+                data.num_classes,
+            )
+        })?;
+        let record = EpochRecord {
+            epoch,
+            train_loss,
+            train_acc,
+            test_loss: evaluation.loss,
+            test_acc: evaluation.accuracy(),
+            seconds: epoch_start.elapsed().as_secs_f64(),
+            images_per_s: trained as f64 / epoch_train_seconds,
+            lr: optimizer.learning_rate(),
+        };
+        let best = progress.best.is_none_or(|(_, acc)| record.test_acc > acc);
+        if best {
+            progress.best = Some((epoch, record.test_acc));
+        }
+        record.push_to(&mut progress.history);
+        progress.epochs_done = epoch;
+        progress.steps_into_epoch = 0;
+        tally = Tally::default();
+        tracing::info!(epoch, phases = %phases.shares(), "time per phase");
+        // Each observer sees the phases so far, the saving done by those before it included.
+        for observer in observers.iter_mut() {
+            let snapshot = show_phases.then(|| phases.clone());
+            let end = EpochEnd {
+                record: &record,
+                evaluation: &evaluation,
+                best,
+                phases: snapshot.as_ref(),
+            };
+            let run = view(config, &progress, &tally, state, &*optimizer);
+            if let Control::Stop(reason) =
+                phases.time(Phase::Checkpoint, || observer.epoch_ended(&end, &run))?
+            {
+                stopped_early = Some(reason);
+            }
+        }
+        if driving.stop.load(Ordering::SeqCst) && epoch < config.epochs {
+            return Ok(Outcome::Interrupted);
+        }
+        epoch += 1;
+    }
+    let summary = Summary {
+        epochs_done: progress.epochs_done,
+        trained_here: first_epoch..=progress.epochs_done,
+        stopped_early,
+        seconds: started.elapsed().as_secs_f64(),
+        mean_images_per_s: images_trained as f64 / train_seconds.max(1e-9),
+    };
+    for observer in observers.iter_mut() {
+        let run = view(config, &progress, &tally, state, &*optimizer);
+        observer.finished(&summary, &run)?;
+    }
+    Ok(Outcome::Finished(summary))
+}
+
+fn view<'a>(
+    config: &'a Config,
+    progress: &'a Progress,
+    tally: &'a Tally,
+    state: &'a ParamStore,
+    optimizer: &'a dyn Optimizer,
+) -> RunView<'a> {
+    RunView {
+        config,
+        progress,
+        tally,
+        state,
+        optimizer,
+    }
+}
+
+/// Scales every gradient by max_norm / (total norm + 1e-6) when that is below 1, as PyTorch's
+/// `clip_grad_norm_`, without reading anything back from the device.
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    params: &[(String, Var)],
+    max_norm: f64,
+) -> Result<()> {
+    let present: Vec<(&Var, Tensor)> = params
+        .iter()
+        .filter_map(|(_, var)| Some((var, grads.get(var)?.clone())))
+        .collect();
+    let Some((first, _)) = present.first() else {
+        return Ok(());
+    };
+    let mut squares = Tensor::zeros((), candle_core::DType::F32, first.device())?;
+    for (_, grad) in &present {
+        squares = (squares + grad.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)?)?;
+    }
+    let scale = (squares.sqrt()? + 1e-6)?
+        .recip()?
+        .affine(max_norm, 0.0)?
+        .clamp(0f32, 1f32)?;
+    for (var, grad) in present {
+        let clipped = grad.broadcast_mul(&scale.to_dtype(grad.dtype())?)?;
+        grads.insert(var, clipped);
+    }
+    Ok(())
+}
