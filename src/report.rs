@@ -180,7 +180,7 @@ impl Reporter {
 /// The line printed at the end of each epoch.
 pub fn epoch_line(record: &EpochRecord, epochs: usize, best: bool) -> String {
     format!(
-        "epoch {}/{epochs}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4}{} | {:.1}s, {:.0} img/s, lr {}",
+        "epoch {}/{epochs}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4}{} | {:.1}s, {:.0} img/s, lr {:.4e}",
         record.epoch,
         record.train_loss,
         record.train_acc,

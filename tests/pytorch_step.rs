@@ -74,7 +74,11 @@ fn one_step_as_pytorch(fixture: &str) {
     let grads = loss.backward().unwrap();
     optimizer.step(&grads).unwrap();
     let after = group(&file.tensors, "after/");
-    assert_eq!(after.len(), state.len(), "every state_dict entry is compared");
+    assert_eq!(
+        after.len(),
+        state.len(),
+        "every state_dict entry is compared"
+    );
     for (name, var) in &state {
         let want = &after[name];
         if want.dtype() == DType::I64 {

@@ -106,29 +106,10 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_finishes_exactly() {
     let data = fixture_dir(root.path());
     let reference = straight(root.path(), &data);
 
-    let mut child = common::binary("train")
-        .args(args(&data, "interrupted", &["--epochs", EPOCHS]))
-        .current_dir(root.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Interrupt as soon as epoch 1's line is out: it comes after that epoch's checkpoint and
-    // plot, so epoch 2's steps (about 0.2 s on two cores) are what runs next. A fixed wait after
-    // the checkpoint file appeared once let all of epoch 2 finish first.
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 1/") {
-        line.clear();
-    }
-    assert!(line.contains("epoch 1/"), "no epoch line before the end");
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = interrupt_after_epoch_1(
+        root.path(),
+        &args(&data, "interrupted", &["--epochs", EPOCHS]),
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(
@@ -166,18 +147,180 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let reference = straight(root.path(), &data);
-    let run_dir = RunDir::at(&models_dir(root.path()), "killed");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
-    let kills = 10;
-    let (mut with_checkpoint, mut mid_write) = (0, 0);
+    let kills = kill_and_resume(
+        root.path(),
+        |name| {
+            let extra = ["--epochs", EPOCHS, "--resume", "--checkpoint-every", "1"];
+            let all: Vec<String> = args(&data, name, &extra)
+                .into_iter()
+                .map(String::from)
+                .collect();
+            all
+        },
+        &reference,
+        10,
+        2026,
+    );
+    assert!(
+        kills.mid_write > 0,
+        "no kill landed inside a checkpoint write"
+    );
+}
+
+/// A ResNet with everything that carries state across steps: BatchNorm's running statistics,
+/// augmentation drawn per (epoch, step), a one-cycle schedule, gradient clipping and early
+/// stopping. Stopped and resumed (at an epoch's end, and by SIGKILL anywhere), it ends
+/// bit-identical to a straight run.
+#[test]
+fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let config = root.path().join("resnet.toml");
+    std::fs::write(&config, RESNET_RECIPE).unwrap();
+    let config = config.display().to_string();
+    let resnet_args = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut all = vec![
+            "--config",
+            &config,
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--run",
+            name,
+        ];
+        all.extend_from_slice(extra);
+        all.into_iter().map(String::from).collect()
+    };
+    let train = |name: &str, extra: &[&str]| {
+        let all = resnet_args(name, extra);
+        train_ok(
+            root.path(),
+            &all.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let out = train("straight", &[]);
+    let reference = models_dir(root.path()).join("straight");
+    let epochs = metrics_without_timing(&reference).len() - 1;
+    assert!(
+        out.contains("stopped early") && epochs < 6,
+        "the recipe stops early, so resuming must too ({epochs} epochs):\n{out}"
+    );
+
+    // Stopped by Ctrl-C, not by a smaller --epochs: the schedule spans the run's epochs.
+    let interrupted = resnet_args("split", &[]);
+    let interrupted: Vec<&str> = interrupted.iter().map(String::as_str).collect();
+    let out = interrupt_after_epoch_1(root.path(), &interrupted);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    train("split", &["--resume"]);
+    let split = models_dir(root.path()).join("split");
+    for file in ["last.safetensors", "best.safetensors"] {
+        assert!(
+            weight_bits(&split.join(file)) == weight_bits(&reference.join(file)),
+            "{file} differs"
+        );
+    }
+    assert_eq!(
+        metrics_without_timing(&split),
+        metrics_without_timing(&reference)
+    );
+    let again = train("split", &["--resume"]);
+    assert!(
+        again.contains("stopped early"),
+        "a finished early stop stays stopped: {again}"
+    );
+
+    let kills = kill_and_resume(
+        root.path(),
+        |name| resnet_args(name, &["--resume", "--checkpoint-every", "3"]),
+        &reference,
+        4,
+        7,
+    );
+    assert!(
+        kills.with_checkpoint > 0,
+        "a kill landed after a checkpoint"
+    );
+}
+
+/// ResNet-18 at width 4 on the 600 fixture images: 19 steps an epoch, about a second each.
+const RESNET_RECIPE: &str = r#"
+model = "resnet18"
+epochs = 6
+batch_size = 32
+eval_batch_size = 100
+seed = 7
+shuffle = true
+optimizer = "sgd"
+lr = 0.05
+momentum = 0.9
+nesterov = true
+weight_decay = 5e-4
+betas = [0.9, 0.999]
+eps = 1e-8
+label_smoothing = 0.1
+grad_clip_norm = 1.0
+early_stop = 1
+width = 4
+
+[schedule]
+kind = "onecycle"
+
+[augment]
+crop_padding = 4
+padding_mode = "reflect"
+flip = true
+cutout = 8
+"#;
+
+/// Runs `train` with `args` and sends it SIGINT (Ctrl-C) as soon as epoch 1's line is out: it
+/// comes after that epoch's checkpoint and plot, so epoch 2's steps are what runs next. (A fixed
+/// wait after the checkpoint file appeared once let all of epoch 2 finish first.)
+fn interrupt_after_epoch_1(root: &Path, args: &[&str]) -> std::process::Output {
+    let mut child = common::binary("train")
+        .args(args)
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 1/") {
+        line.clear();
+    }
+    assert!(line.contains("epoch 1/"), "no epoch line before the end");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+struct Kills {
+    with_checkpoint: usize,
+    mid_write: usize,
+}
+
+/// Starts the run `killed` with `args_for("killed")` `kills` times and SIGKILLs it at a random
+/// moment each time, only while it still runs; after each kill, checks that its files load, and
+/// that a copy of its directory resumed to the end matches `reference` exactly.
+fn kill_and_resume<A: AsRef<std::ffi::OsStr>>(
+    root: &Path,
+    args_for: impl Fn(&str) -> Vec<A>,
+    reference: &Path,
+    kills: usize,
+    seed: u64,
+) -> Kills {
+    let run_dir = RunDir::at(&models_dir(root), "killed");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut real, mut with_checkpoint, mut mid_write) = (0, 0, 0);
     for kill in 0..kills {
         let mut child = common::binary("train")
-            .args(args(
-                &data,
-                "killed",
-                &["--epochs", EPOCHS, "--resume", "--checkpoint-every", "1"],
-            ))
-            .current_dir(root.path())
+            .args(args_for("killed"))
+            .current_dir(root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -189,7 +332,11 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
             let deadline = Instant::now() + Duration::from_millis(rng.random_range(100..1500));
             while Instant::now() < deadline && !has_temp_file(&run_dir) {}
         }
-        child.kill().unwrap(); // SIGKILL
+        // Only a run still going is killed; one that already ended is not counted as a kill.
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            real += 1;
+        }
         child.wait().unwrap();
         // A temporary file left behind means the kill landed inside a checkpoint write.
         mid_write += usize::from(has_temp_file(&run_dir));
@@ -206,13 +353,24 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
         }
         let copy = format!("killed-{kill}");
         if run_dir.path().exists() {
-            copy_dir(run_dir.path(), &models_dir(root.path()).join(&copy));
+            copy_dir(run_dir.path(), &models_dir(root).join(&copy));
         }
-        train_ok(
-            root.path(),
-            &args(&data, &copy, &["--epochs", EPOCHS, "--resume"]),
+        let resume_args = args_for(&copy);
+        let out = run(
+            "train",
+            &resume_args
+                .iter()
+                .map(|a| a.as_ref().to_str().unwrap())
+                .collect::<Vec<_>>(),
+            root,
         );
-        let finished = models_dir(root.path()).join(&copy);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "kill {kill}: {}",
+            text(&out.stderr)
+        );
+        let finished = models_dir(root).join(&copy);
         assert!(
             weight_bits(&finished.join("last.safetensors"))
                 == weight_bits(&reference.join("last.safetensors")),
@@ -220,27 +378,32 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
         );
         assert_eq!(
             metrics_without_timing(&finished),
-            metrics_without_timing(&reference),
+            metrics_without_timing(reference),
             "kill {kill}"
         );
+        let leftovers = std::fs::read_dir(finished.join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .count();
+        assert_eq!(
+            leftovers, 0,
+            "a resumed run clears temporary files left by killed ones"
+        );
     }
-    eprintln!("{kills} kills: {with_checkpoint} after a checkpoint existed, {mid_write} inside a checkpoint write");
+    eprintln!("{real} of {kills} starts killed while running: {with_checkpoint} after a checkpoint existed, {mid_write} inside a checkpoint write");
+    assert!(
+        real >= kills / 2,
+        "most kills must land on a running process"
+    );
     assert!(
         with_checkpoint >= kills / 2,
         "most kills must land once checkpoints exist"
     );
-    assert!(mid_write > 0, "no kill landed inside a checkpoint write");
-    let leftovers = std::fs::read_dir(
-        models_dir(root.path()).join(format!("killed-{}/checkpoints", kills - 1)),
-    )
-    .unwrap()
-    .flatten()
-    .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-    .count();
-    assert_eq!(
-        leftovers, 0,
-        "a resumed run clears temporary files left by killed ones"
-    );
+    Kills {
+        with_checkpoint,
+        mid_write,
+    }
 }
 
 fn has_temp_file(run_dir: &RunDir) -> bool {

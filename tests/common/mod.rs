@@ -69,15 +69,18 @@ pub fn metrics_without_timing(run: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every tensor of a safetensors file as raw f32 bits, sorted by name.
-pub fn weight_bits(path: &Path) -> Vec<(String, Vec<u32>)> {
-    let mut tensors: Vec<(String, Vec<u32>)> = load_weights(path, &Device::Cpu)
-        .unwrap()
-        .tensors
+/// Every tensor of a safetensors file (after its checksum is verified) as its dtype, shape and
+/// raw bytes, sorted by name: equal exactly when the weights are bit for bit the same.
+pub fn weight_bits(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    load_weights(path, &Device::Cpu).expect("the weights load and verify");
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<_> = file
+        .tensors()
         .into_iter()
-        .map(|(name, t)| {
-            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            (name, values.iter().map(|v| v.to_bits()).collect())
+        .map(|(name, view)| {
+            let dtype = format!("{:?}", view.dtype());
+            (name, dtype, view.shape().to_vec(), view.data().to_vec())
         })
         .collect();
     tensors.sort();
