@@ -1,8 +1,10 @@
-//! SimpleCNN training steps per second, kiln against PyTorch, on this machine in one run:
-//! one random batch held in memory, Adam lr 1e-3, cross-entropy, warm-up excluded, the median of
-//! several repeats at batch 64 and 512.
+//! Training steps per second, kiln against PyTorch, on this machine in one run: one random batch
+//! held in memory, each model's recipe from its config (SimpleCNN: Adam lr 1e-3; the ResNets:
+//! SGD with Nesterov momentum, weight decay and label smoothing, CIFAR stem), warm-up excluded,
+//! the median of several repeats.
 //!
-//!     cargo bench --bench train_step -- [--device cpu|cuda] [--threads N] [--repeats N] [--steps N]
+//!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
+//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512]
 //!
 //! Peak device memory (CUDA): kiln's allocator pool at its fullest and PyTorch's
 //! `max_memory_reserved`, the CUDA context left out of both.
@@ -36,12 +38,13 @@ fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 /// kiln's images/s for each repeat of `steps` steps at `batch`, and the peak device memory.
 fn kiln(
+    model: &str,
     device: &Device,
     batch: usize,
     steps: usize,
     repeats: usize,
 ) -> kiln::Result<(Vec<f64>, Option<u64>)> {
-    let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default())?;
+    let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
     let arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
     let built = models::build(spec, &arch, 0, device)?;
     let mut optimizer = optim::build(&config, built.params.vars())?;
@@ -49,14 +52,15 @@ fn kiln(
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
-            let loss = cross_entropy(&built.module.forward_t(&images, true)?, &labels, 0.0)?;
+            let logits = built.module.forward_t(&images, true)?;
+            let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
             optimizer.step(&loss.backward()?)?;
         }
         // Queued GPU work counts: the clock stops when it is done.
         device.synchronize()?;
         Ok(())
     };
-    run((steps / 10).max(10))?;
+    run((steps / 10).max(2))?;
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let start = Instant::now();
@@ -68,6 +72,7 @@ fn kiln(
 
 /// PyTorch's images/s for each repeat and its peak device memory, or why there are none.
 fn pytorch(
+    model: &str,
     device: DeviceRequest,
     batch: usize,
     steps: usize,
@@ -84,7 +89,7 @@ fn pytorch(
     .find(|p| std::path::Path::new(p).exists())
     .ok_or("pytorch/train_step.py not found")?;
     let out = Command::new("python3")
-        .args([script, "--batch", &batch.to_string()])
+        .args([script, "--model", model, "--batch", &batch.to_string()])
         .args(["--steps", &steps.to_string()])
         .args(["--repeats", &repeats.to_string()])
         .args(["--threads", &threads.to_string()])
@@ -120,9 +125,10 @@ fn main() {
         }
     };
     let repeats = arg("--repeats").unwrap_or(5);
+    let model: String = arg("--model").unwrap_or_else(|| "simplecnn".to_string());
     let on_gpu = !device.is_cpu();
     println!(
-        "SimpleCNN training step (Adam, random batch on the device) on {}, median of {repeats} repeats",
+        "{model} training step (its config's recipe, random batch on the device) on {}, median of {repeats} repeats",
         kiln::device::describe(&device)
     );
     println!(
@@ -137,15 +143,26 @@ fn main() {
         "kiln MiB",
         "torch MiB"
     );
-    // At least 1000 timed steps on a GPU, where small batches take well under a millisecond.
-    let sizes = if on_gpu {
-        [(64, 2000), (512, 1000)]
-    } else {
-        [(64, 300), (512, 40)]
+    // At least 1000 timed steps on a GPU where small batches take well under a millisecond; a
+    // ResNet step on the CPU takes about a second at batch 64.
+    let sizes: Vec<(usize, usize)> = match (on_gpu, model == "simplecnn") {
+        (true, true) => vec![(64, 2000), (512, 1000)],
+        (true, false) => vec![(128, 200), (512, 100)],
+        (false, true) => vec![(64, 300), (512, 40)],
+        (false, false) => vec![(64, 5)],
+    };
+    let batches: Option<String> = arg("--batches");
+    let sizes: Vec<(usize, usize)> = match batches {
+        Some(list) => list
+            .split(',')
+            .filter_map(|b| b.parse().ok())
+            .map(|b| (b, sizes[0].1))
+            .collect(),
+        None => sizes,
     };
     for (batch, steps) in sizes {
         let steps = arg("--steps").unwrap_or(steps);
-        let (ours, our_peak) = match kiln(&device, batch, steps, repeats) {
+        let (ours, our_peak) = match kiln(&model, &device, batch, steps, repeats) {
             Ok((rates, peak)) => (median(rates), peak),
             Err(err) => {
                 eprintln!("kiln failed at batch {batch}: {err}");
@@ -153,7 +170,7 @@ fn main() {
             }
         };
         let ms = |rate: f64| 1000.0 * batch as f64 / rate;
-        match pytorch(request, batch, steps, repeats, threads) {
+        match pytorch(&model, request, batch, steps, repeats, threads) {
             Ok((rates, their_peak)) => {
                 let theirs = median(rates);
                 println!(

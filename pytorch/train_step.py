@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""PyTorch's side of kiln's step benchmark: SimpleCNN training steps on one random batch held in
-memory (Adam, lr 1e-3, cross-entropy), warm-up excluded. Prints one JSON line:
-{"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat],
+"""PyTorch's side of kiln's step benchmark: training steps on one random batch held in memory,
+warm-up excluded, with each model's recipe as kiln's configs have it: SimpleCNN with Adam lr 1e-3
+and cross-entropy; the ResNets (pytorch/resnet.py, CIFAR stem) with SGD lr 0.1, Nesterov momentum
+0.9, weight decay 5e-4 and label smoothing 0.1, in float32 (TF32 off on a GPU). Prints one JSON
+line: {"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat],
 "peak_device_bytes": max_memory_reserved on CUDA, else null}.
 
-    python3 pytorch/train_step.py --batch 64 --steps 200 --repeats 5 --threads 2 [--device cpu]
+    python3 pytorch/train_step.py --model resnet18 --batch 64 --steps 10 --repeats 5 --threads 2
 """
 import argparse
 import json
@@ -15,11 +17,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resnet import build  # noqa: E402
 from simplecnn import SimpleCNN  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="simplecnn")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
@@ -29,9 +33,18 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = SimpleCNN().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    if args.model == "simplecnn":
+        model = SimpleCNN().to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = torch.nn.CrossEntropyLoss()
+    else:
+        model = build(args.model, 10, "cifar").to(device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                    weight_decay=5e-4)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
@@ -43,14 +56,15 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    steps(max(10, args.steps // 10))  # warm-up
+    steps(max(2, args.steps // 10))  # warm-up
     rates = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         steps(args.steps)
         rates.append(args.steps * args.batch / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
-    print(json.dumps({"framework": "pytorch", "version": torch.__version__, "batch": args.batch,
+    print(json.dumps({"framework": "pytorch", "version": torch.__version__, "model": args.model,
+                      "batch": args.batch,
                       "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak}))
 
 

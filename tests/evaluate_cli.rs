@@ -283,3 +283,156 @@ fn bad_files_are_one_clear_error_and_never_a_panic() {
     );
     assert!(best.exists());
 }
+
+/// ResNet-18 at width 4: the model, BatchNorm and all, small enough to train in a second.
+fn resnet_config(root: &Path) -> String {
+    let text = include_str!("../configs/resnet18.toml")
+        .replace("width = 64 ", "width = 4  ")
+        .replace("epochs = 20", "epochs = 1")
+        .replace("batch_size = 128", "batch_size = 32");
+    assert!(text.contains("width = 4 "));
+    let path = root.join("resnet.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// A resnet's weights saved as a file of PyTorch's (no metadata), or with kiln's `model` key.
+fn save_resnet(path: &Path, model: &str, num_classes: usize, with_metadata: bool) {
+    use kiln::models::{self, Architecture, Stem};
+    let arch = Architecture::new(num_classes, 32, Stem::Cifar, 4).unwrap();
+    let built = models::build(models::find(model).unwrap(), &arch, 1, &Device::Cpu).unwrap();
+    let tensors = built
+        .params
+        .state()
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    let metadata = if with_metadata {
+        std::collections::BTreeMap::from([("model".to_string(), model.to_string())])
+    } else {
+        Default::default()
+    };
+    kiln::checkpoint::save_tensors(path, tensors, metadata).unwrap();
+}
+
+#[test]
+fn resnet_weights_evaluate_in_eval_mode_and_files_that_do_not_fit_are_one_clear_line() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let config = resnet_config(root.path());
+    let base = ["--config", &config, "--device", "cpu", "--data-dir", &data];
+    train_ok(root.path(), &[&base[..], &["--run", "r18"]].concat());
+    let run_dir = models_dir(root.path()).join("r18");
+    let csv = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let best = run_dir.join("best.safetensors").display().to_string();
+    let report = evaluate_json(
+        root.path(),
+        &[
+            "--checkpoint",
+            &best,
+            "--data-dir",
+            &data,
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    // Evaluation mode (running statistics) both times: the same figures as training recorded.
+    assert!(
+        (report["accuracy"].as_f64().unwrap() - column(&csv, "test_acc")[0]).abs() < 1e-9,
+        "{report}"
+    );
+    assert!((report["loss"].as_f64().unwrap() - column(&csv, "test_loss")[0]).abs() < 1e-4);
+    assert_eq!(report["model"], "resnet18");
+
+    let path = |name: &str| root.path().join(name);
+    save_resnet(&path("r34.safetensors"), "resnet34", 10, false);
+    save_resnet(&path("seven.safetensors"), "resnet18", 7, true);
+    save_resnet(&path("seven-torch.safetensors"), "resnet18", 7, false);
+    let file = |name: &str| path(name).display().to_string();
+    let checkpoint = run_dir
+        .join("checkpoints/epoch-0001.safetensors")
+        .display()
+        .to_string();
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "evaluate",
+            vec![
+                "--checkpoint".into(),
+                file("r34.safetensors"),
+                "--model".into(),
+                "resnet18".into(),
+            ],
+            vec![
+                "r34.safetensors",
+                "do not fit the model",
+                "unexpected layer1.2",
+                "more",
+            ],
+        ),
+        (
+            "evaluate",
+            vec!["--checkpoint".into(), file("seven.safetensors")],
+            vec!["seven.safetensors", "7 classes", "has 10"],
+        ),
+        (
+            "evaluate",
+            vec![
+                "--checkpoint".into(),
+                best.clone(),
+                "--model".into(),
+                "resnet50".into(),
+            ],
+            vec!["holds a resnet18 model, not resnet50"],
+        ),
+        (
+            "train",
+            vec![
+                "--init-weights".into(),
+                file("seven-torch.safetensors"),
+                "--run".into(),
+                "a".into(),
+            ],
+            vec!["fc.weight has shape [7, 32], the model needs [10, 32]"],
+        ),
+        (
+            "train",
+            vec![
+                "--init-weights".into(),
+                best.clone(),
+                "--model".into(),
+                "resnet50".into(),
+                "--run".into(),
+                "b".into(),
+            ],
+            vec!["holds a resnet18 model, not resnet50"],
+        ),
+        (
+            "train",
+            vec![
+                "--resume".into(),
+                checkpoint,
+                "--model".into(),
+                "resnet50".into(),
+            ],
+            vec!["holds a resnet18 checkpoint, but this command trains resnet50"],
+        ),
+    ];
+    for (binary, args, expected) in cases {
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(["--device", "cpu", "--data-dir", &data]);
+        if binary == "train" && !args.contains(&"--model") {
+            args.extend(["--config", &config]);
+        }
+        let out = run(binary, &args, root.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{binary} {args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        for part in expected {
+            assert!(stderr.contains(part), "{part} missing: {stderr}");
+        }
+    }
+    assert!(
+        !models_dir(root.path()).join("a").exists() && !models_dir(root.path()).join("b").exists()
+    );
+}

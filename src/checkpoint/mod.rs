@@ -40,17 +40,22 @@ pub fn save_weights(
     save_tensors(path, tensors, metadata)
 }
 
+/// Differences listed in full in an error; past that, a count (a file of another depth differs in
+/// dozens of tensors, and one line must stay readable).
+const PROBLEMS_LISTED: usize = 6;
+
 /// Copies `tensors` (PyTorch names) into `params`. The names, shapes and dtypes must match
-/// exactly; otherwise nothing is changed and the error lists every difference.
+/// exactly; otherwise nothing is changed and the error lists the differences (shapes first: a
+/// head of another class count shows as `fc.weight`'s).
 pub fn assign(
     params: &[(String, Var)],
     tensors: &HashMap<String, Tensor>,
     source: &Path,
 ) -> Result<()> {
-    let mut problems = Vec::new();
+    let (mut problems, mut missing) = (Vec::new(), Vec::new());
     for (name, var) in params {
         match tensors.get(name) {
-            None => problems.push(format!("missing {name} {:?}", var.dims())),
+            None => missing.push(format!("missing {name} {:?}", var.dims())),
             Some(t) if t.dims() != var.dims() => problems.push(format!(
                 "{name} has shape {:?}, the model needs {:?}",
                 t.dims(),
@@ -69,12 +74,18 @@ pub fn assign(
         .filter(|k| !params.iter().any(|(n, _)| n == *k))
         .collect();
     unexpected.sort();
+    problems.extend(missing);
     problems.extend(
         unexpected
             .into_iter()
             .map(|name| format!("unexpected {name}")),
     );
     if !problems.is_empty() {
+        let more = problems.len().saturating_sub(PROBLEMS_LISTED);
+        problems.truncate(PROBLEMS_LISTED);
+        if more > 0 {
+            problems.push(format!("and {more} more"));
+        }
         return Err(Error::WeightsInvalid {
             path: source.to_path_buf(),
             message: format!("its tensors do not fit the model: {}", problems.join("; ")),

@@ -75,6 +75,14 @@ pub fn run(
         Start::Fresh => (Progress::default(), None),
         Start::Weights(path) => {
             let weights = checkpoint::load_weights(&path, device)?;
+            if let Some(saved) = weights.metadata.get("model") {
+                if !saved.eq_ignore_ascii_case(spec.name) {
+                    return Err(crate::error::Error::WeightsInvalid {
+                        path,
+                        message: format!("it holds a {saved} model, not {}", spec.name),
+                    });
+                }
+            }
             checkpoint::assign(&built.params.state(), &weights.tensors, &path)?;
             (Progress::default(), None)
         }
