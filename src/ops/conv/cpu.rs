@@ -22,8 +22,13 @@ pub(super) fn add_bias(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor>
     y.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias)
 }
 
-/// Images per partial weight-gradient sum: fixed, so the summation order is too.
+/// Images per partial weight-gradient sum in the fused SimpleCNN block: fixed, so the summation
+/// order is too.
 const IMAGES_PER_CHUNK: usize = 8;
+
+/// The fewest columns (output pixels, over several images) a convolution's matrix multiply
+/// gets: below that the multiply runs far from the cores' peak.
+const COLUMNS_PER_MULTIPLY: usize = 512;
 
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -107,11 +112,17 @@ impl Geometry {
 
     /// Unfolds one image into `col` [patch x out_pixels], zeros where the kernel overhangs.
     pub(crate) fn im2col(&self, image: &[f32], col: &mut [f32]) {
+        self.im2col_at(image, col, self.out_pixels());
+    }
+
+    /// The same into the first `out_pixels` columns of a wider matrix whose rows are `width`
+    /// apart: several images' unfoldings side by side, for one matrix multiply.
+    fn im2col_at(&self, image: &[f32], col: &mut [f32], width: usize) {
         let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
         for ci in 0..self.c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
-                    let row = &mut col[((ci * self.kh + ky) * self.kw + kx) * ohw..][..ohw];
+                    let row = &mut col[((ci * self.kh + ky) * self.kw + kx) * width..][..ohw];
                     let (cols, first) = self.inside(kx, self.w, self.ow);
                     for oy in 0..self.oh {
                         let out = &mut row[oy * self.ow..][..self.ow];
@@ -166,14 +177,56 @@ impl Geometry {
         total
     }
 
-    /// Folds `col` back onto one image, adding overlapping taps: the adjoint of `im2col`.
-    pub(crate) fn col2im(&self, col: &[f32], image: &mut [f32]) {
+    /// Images unfolded side by side into one matrix multiply: enough that the multiply has at
+    /// least COLUMNS_PER_MULTIPLY columns (ResNet's last stage has 16 output pixels an image, too
+    /// few for a multiply on their own). Fixed by the shape alone, so the weight gradient's
+    /// partial sums, and the result, do not depend on the thread count.
+    fn images_per_multiply(&self) -> usize {
+        COLUMNS_PER_MULTIPLY
+            .div_ceil(self.out_pixels().max(1))
+            .clamp(1, self.n.max(1))
+    }
+
+    /// Unfolds the `count` images of `x` side by side into `col` [patch x count * out_pixels].
+    fn unfold(&self, x: &[f32], count: usize, col: &mut [f32]) {
+        let width = count * self.out_pixels();
+        for (i, image) in x.chunks_exact(self.image()).take(count).enumerate() {
+            self.im2col_at(image, &mut col[i * self.out_pixels()..], width);
+        }
+    }
+
+    /// `count` images' [CO x out_pixels] blocks of `nchw` side by side into `wide`
+    /// [CO x count * out_pixels].
+    fn widen(&self, nchw: &[f32], wide: &mut [f32], count: usize) {
+        let (ohw, width) = (self.out_pixels(), count * self.out_pixels());
+        for i in 0..count {
+            for co in 0..self.co {
+                wide[co * width + i * ohw..][..ohw]
+                    .copy_from_slice(&nchw[(i * self.co + co) * ohw..][..ohw]);
+            }
+        }
+    }
+
+    /// The inverse of [`Geometry::widen`].
+    fn narrow_back(&self, wide: &[f32], nchw: &mut [f32], count: usize) {
+        let (ohw, width) = (self.out_pixels(), count * self.out_pixels());
+        for i in 0..count {
+            for co in 0..self.co {
+                nchw[(i * self.co + co) * ohw..][..ohw]
+                    .copy_from_slice(&wide[co * width + i * ohw..][..ohw]);
+            }
+        }
+    }
+
+    /// Folds the first `out_pixels` columns of `col` (rows `width` apart) back onto one image,
+    /// adding overlapping taps: the adjoint of `im2col_at`.
+    fn col2im_at(&self, col: &[f32], image: &mut [f32], width: usize) {
         let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
         image.fill(0.0);
         for ci in 0..self.c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
-                    let row = &col[((ci * self.kh + ky) * self.kw + kx) * ohw..][..ohw];
+                    let row = &col[((ci * self.kh + ky) * self.kw + kx) * width..][..ohw];
                     let (cols, first) = self.inside(kx, self.w, self.ow);
                     for oy in 0..self.oh {
                         let Some(iy) = self.source(oy, ky, self.h) else {
@@ -189,6 +242,34 @@ impl Geometry {
             }
         }
     }
+}
+
+/// The convolution of `x` by `weight` as `g` describes them: groups of images unfolded side by
+/// side, one matrix multiply per group.
+fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
+    let kernel = Matrix::rows(weight, g.co, g.patch());
+    let (ohw, m) = (g.out_pixels(), g.images_per_multiply());
+    let mut out = vec![0f32; g.n * g.co * ohw];
+    out.par_chunks_mut(m * g.co * ohw)
+        .zip(x.par_chunks(m * g.image()))
+        .for_each_init(
+            || {
+                let wide = if m > 1 { g.co * m * ohw } else { 0 };
+                (vec![0f32; g.patch() * m * ohw], vec![0f32; wide])
+            },
+            |(col, wide), (out, x)| {
+                let count = x.len() / g.image();
+                g.unfold(x, count, col);
+                let col = Matrix::rows(col, g.patch(), count * ohw);
+                if count == 1 {
+                    matmul(kernel, col, out, false);
+                } else {
+                    matmul(kernel, col, wide, false);
+                    g.narrow_back(wide, out, count);
+                }
+            },
+        );
+    out
 }
 
 struct Conv2dOp {
@@ -212,22 +293,7 @@ impl CustomOp2 for Conv2dOp {
             contiguous_f32(xs, xl, "input")?,
             contiguous_f32(ws, wl, "weight")?,
         );
-        let kernel = Matrix::rows(weight, g.co, g.patch());
-        let mut out = vec![0f32; g.n * g.co * g.out_pixels()];
-        out.par_chunks_mut(g.co * g.out_pixels())
-            .zip(x.par_chunks(g.image()))
-            .for_each_init(
-                || vec![0f32; g.patch() * g.out_pixels()],
-                |col, (out_image, image)| {
-                    g.im2col(image, col);
-                    matmul(
-                        kernel,
-                        Matrix::rows(col, g.patch(), g.out_pixels()),
-                        out_image,
-                        false,
-                    );
-                },
-            );
+        let out = forward(x, weight, &g);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.co, g.oh, g.ow))))
     }
 
@@ -356,10 +422,37 @@ impl CustomOp2 for WeightGrad {
             contiguous_f32(xs, xl, "input")?,
             contiguous_f32(gs, gl, "gradient")?,
         );
-        let per_image = g.co * g.out_pixels();
-        let total = g.weight_grad(x, |i, dy| {
-            dy.copy_from_slice(&grad[i * per_image..][..per_image])
-        });
+        // dW^T [patch x CO] = the sum over groups of images of the unfolded input [patch x
+        // pixels] times dY^T [pixels x CO]: the larger operand is read as it lies, only dY
+        // across. The groups' partial sums are added in index order.
+        let (ohw, m, size) = (g.out_pixels(), g.images_per_multiply(), g.co * g.patch());
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(m * g.image())
+            .zip(grad.par_chunks(m * g.co * ohw))
+            .map(|(x, grad)| {
+                let count = x.len() / g.image();
+                let mut col = vec![0f32; g.patch() * count * ohw];
+                g.unfold(x, count, &mut col);
+                let mut wide = vec![0f32; g.co * count * ohw];
+                g.widen(grad, &mut wide, count);
+                let mut partial = vec![0f32; size];
+                matmul(
+                    Matrix::rows(&col, g.patch(), count * ohw),
+                    Matrix::rows(&wide, g.co, count * ohw).t(),
+                    &mut partial,
+                    false,
+                );
+                partial
+            })
+            .collect();
+        let mut sum = vec![0f32; size];
+        for partial in &partials {
+            sum.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+        }
+        let patch = g.patch();
+        let total: Vec<f32> = (0..size)
+            .map(|i| sum[(i % patch) * g.co + i / patch])
+            .collect();
         Ok((CpuStorage::F32(total), Shape::from(self.kernel)))
     }
 }
@@ -387,20 +480,51 @@ impl CustomOp2 for InputGrad {
             contiguous_f32(gs, gl, "gradient")?,
             contiguous_f32(ws, wl, "weight")?,
         );
+        let (kh, kw, pad) = (g.kh, g.kw, self.p.padding);
+        if self.p.stride == 1 && kh == kw && pad < kh {
+            // With stride 1, dL/dX is dL/dY convolved by the weight turned around (channels
+            // swapped, taps reversed) with padding k - 1 - p: the forward kernel, with no
+            // unfolded gradient to fold back (col2im).
+            let mut flipped = vec![0f32; weight.len()];
+            let taps = kh * kw;
+            for co in 0..g.co {
+                for ci in 0..g.c {
+                    for t in 0..taps {
+                        flipped[(ci * g.co + co) * taps + (taps - 1 - t)] =
+                            weight[(co * g.c + ci) * taps + t];
+                    }
+                }
+            }
+            let turned = ConvParams {
+                stride: 1,
+                padding: kh - 1 - pad,
+            };
+            let back = Geometry::new((g.n, g.co, g.oh, g.ow), (g.c, g.co, kh, kw), turned)?;
+            let dx = forward(grad, &flipped, &back);
+            return Ok((CpuStorage::F32(dx), Shape::from(self.input)));
+        }
         let kernel_t = Matrix::rows(weight, g.co, g.patch()).t();
+        let (ohw, m) = (g.out_pixels(), g.images_per_multiply());
         let mut dx = vec![0f32; g.n * g.image()];
-        dx.par_chunks_mut(g.image())
-            .zip(grad.par_chunks(g.co * g.out_pixels()))
+        dx.par_chunks_mut(m * g.image())
+            .zip(grad.par_chunks(m * g.co * ohw))
             .for_each_init(
-                || vec![0f32; g.patch() * g.out_pixels()],
-                |col, (dx_image, grad_image)| {
-                    matmul(
-                        kernel_t,
-                        Matrix::rows(grad_image, g.co, g.out_pixels()),
-                        col,
-                        false,
-                    );
-                    g.col2im(col, dx_image);
+                || {
+                    let wide = if m > 1 { g.co * m * ohw } else { 0 };
+                    (vec![0f32; g.patch() * m * ohw], vec![0f32; wide])
+                },
+                |(col, wide), (dx, grad)| {
+                    let count = dx.len() / g.image();
+                    let width = count * ohw;
+                    if count == 1 {
+                        matmul(kernel_t, Matrix::rows(grad, g.co, ohw), col, false);
+                    } else {
+                        g.widen(grad, wide, count);
+                        matmul(kernel_t, Matrix::rows(wide, g.co, width), col, false);
+                    }
+                    for (i, image) in dx.chunks_exact_mut(g.image()).enumerate() {
+                        g.col2im_at(&col[i * ohw..], image, width);
+                    }
                 },
             );
         Ok((CpuStorage::F32(dx), Shape::from(self.input)))
