@@ -1,9 +1,11 @@
 //! CUDA against the CPU, on the same inputs: every parameter's gradient of every model, kiln's
-//! CUDA kernels one by one, and a whole Adam step. candle has shipped wrong conv weight
+//! CUDA kernels one by one, and whole optimizer steps. candle has shipped wrong conv weight
 //! gradients on non-CPU backends; this is where such a thing is caught.
 //!
-//! Runs where kiln is built with `--features cuda` and a GPU answers; elsewhere each test says it
-//! was skipped and passes.
+//! Built only with `--features cuda` (a CPU build has no such tests to report as passing), and
+//! then it needs a GPU: without one every test fails. CI has no GPU; these run on the GPU
+//! machine (README, "Devices, and what was verified where").
+#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
 use kiln::data::batches::{BatchBuffer, DeviceSet};
@@ -16,14 +18,9 @@ use kiln::ops::{self, ConvParams};
 /// other orders (and fuses multiply-adds), so bits differ; a wrong gradient is off by far more.
 const RELATIVE_TOLERANCE: f32 = 1e-4;
 
-fn cuda() -> Option<Device> {
-    match kiln::device::open(DeviceRequest::Cuda(0)) {
-        Ok(device) => Some(device),
-        Err(err) => {
-            eprintln!("skipped: no CUDA device ({err})");
-            None
-        }
-    }
+fn cuda() -> Device {
+    kiln::device::open(DeviceRequest::Cuda(0))
+        .unwrap_or_else(|err| panic!("built with the cuda feature, but no GPU answers: {err}"))
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -63,6 +60,16 @@ fn architecture(spec: &models::ModelSpec) -> models::Architecture {
 /// A model's loss on a fixed batch, on `device`, and its gradients by parameter name.
 fn gradients(spec: &models::ModelSpec, device: &Device) -> Vec<(String, Tensor)> {
     let built = models::build(spec, &architecture(spec), 7, device).expect("the model builds");
+    // Deep ResNets at their initialisation are chaotic in f32 (a one-in-a-million change of the
+    // input moves PyTorch's own gradients by 3%, tests/fixtures/README.md): each residual
+    // branch's last BatchNorm scaled down makes the comparison one of the maths, not of rounding.
+    for (name, var) in built.params.vars() {
+        let last_norm = name.ends_with(".bn3.weight")
+            || (name.ends_with(".bn2.weight") && !spec.name.ends_with("50"));
+        if spec.name.starts_with("resnet") && last_norm && name.starts_with("layer") {
+            var.set(&(var.as_tensor() * 0.25).unwrap()).unwrap();
+        }
+    }
     let loss = match spec.task {
         Task::ImageClassification => {
             let set = DeviceSet::new(synthetic::generate(48, 3), device).expect("data fits");
@@ -98,7 +105,7 @@ fn gradients(spec: &models::ModelSpec, device: &Device) -> Vec<(String, Tensor)>
 
 #[test]
 fn every_parameter_gradient_of_every_model_matches_the_cpu() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     for spec in MODELS {
         let on_cpu = gradients(spec, &Device::Cpu);
         let on_gpu = gradients(spec, &gpu);
@@ -111,7 +118,7 @@ fn every_parameter_gradient_of_every_model_matches_the_cpu() {
 
 #[test]
 fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let set = synthetic::generate(40, 1);
     // A full batch, then a shorter one written over it in the same buffer.
     let batch = |device: &Device| {
@@ -127,8 +134,85 @@ fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
 }
 
 #[test]
+fn augmented_batches_on_the_gpu_are_the_cpus_bit_for_bit() {
+    let gpu = cuda();
+    let set = synthetic::generate(40, 1);
+    for (padding, reflect, cutout) in [(4, false, 0), (4, true, 8), (0, false, 5), (31, true, 32)] {
+        let augment = kiln::ops::Augmentation {
+            key: 12345 + padding as u64,
+            width: 32,
+            crop_padding: padding,
+            reflect,
+            flip: true,
+            cutout,
+        };
+        let batch = |device: &Device| {
+            let on_device = DeviceSet::new(set.clone(), device).unwrap();
+            let order = on_device.order(&(0..40).rev().collect::<Vec<_>>()).unwrap();
+            let mut buffer = BatchBuffer::default();
+            let (x, _) = on_device
+                .batch(&order, 3..37, &mut buffer, Some(&augment))
+                .unwrap();
+            values(&x)
+        };
+        assert!(batch(&Device::Cpu) == batch(&gpu), "{augment:?}");
+    }
+}
+
+#[test]
+fn batch_norm_and_add_relu_match_the_cpu() {
+    let gpu = cuda();
+    for (shape, relu) in [
+        ([6, 128, 4, 4], true),
+        ([13, 3, 7, 5], false),
+        ([64, 16, 32, 32], true),
+    ] {
+        let run = |device: &Device| {
+            let x = Var::from_tensor(&ops_input(&shape, 1).to_device(device).unwrap()).unwrap();
+            let gamma =
+                Var::from_tensor(&ops_input(&[shape[1]], 2).to_device(device).unwrap()).unwrap();
+            let beta =
+                Var::from_tensor(&ops_input(&[shape[1]], 3).to_device(device).unwrap()).unwrap();
+            let out = ops::batch_norm_train(
+                x.as_tensor(),
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                1e-5,
+                relu,
+            )
+            .unwrap();
+            let other = ops_input(&shape, 4).to_device(device).unwrap();
+            let y = ops::add_relu(&out.y, &other).unwrap();
+            let upstream = ops_input(&shape, 5).to_device(device).unwrap();
+            let grads = (&y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = |v: &Var| grads.get(v).unwrap().clone();
+            vec![y, out.mean, out.var, grad(&x), grad(&gamma), grad(&beta)]
+        };
+        let (on_cpu, on_gpu) = (run(&Device::Cpu), run(&gpu));
+        for (name, (a, b)) in [
+            "output",
+            "mean",
+            "variance",
+            "input grad",
+            "gamma grad",
+            "beta grad",
+        ]
+        .iter()
+        .zip(on_cpu.iter().zip(&on_gpu))
+        {
+            assert_close(&format!("{shape:?} relu {relu} {name}"), a, b);
+        }
+    }
+}
+
+#[test]
 fn the_fused_block_and_the_loss_match_the_cpu_on_odd_shapes() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     // Stride 2 that does not tile, padding 1, a 3x3 pool over a 5x5 output, 13 images.
     let x = ops_input(&[13, 2, 11, 10], 1);
     let w = ops_input(&[5, 2, 3, 3], 2);
@@ -178,7 +262,7 @@ fn the_fused_block_and_the_loss_match_the_cpu_on_odd_shapes() {
 /// steps from the CPU's gradients copied to both devices, so only the optimizer differs.
 #[test]
 fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     for spec in MODELS {
         let (_, mut config) =
             kiln::config::resolve(Some(spec.name), None, &kiln::config::Overrides::default())
@@ -295,7 +379,7 @@ fn conv_case_inputs(case: &ConvCase, seed: u64) -> (Tensor, Tensor, Tensor, Conv
 
 #[test]
 fn convolutions_and_their_gradients_match_the_cpu_in_every_shape() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     // f32 with FMA math (the default), not TF32.
     #[cfg(feature = "cudnn")]
     ops::conv::set_allow_tf32(false);
@@ -320,7 +404,7 @@ fn convolutions_and_their_gradients_match_the_cpu_in_every_shape() {
 #[cfg(feature = "cudnn")]
 #[test]
 fn half_precision_convolutions_are_close_to_the_cpu() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     for dtype in [DType::BF16, DType::F16] {
         for (i, case) in CONV_CASES.iter().enumerate() {
             let (x, w, r, p) = conv_case_inputs(case, 100 + 10 * i as u64);

@@ -3,10 +3,11 @@
 //! and shifted, optionally followed by ReLU in the same pass (ResNet's `relu(bn(conv(x)))`).
 //! The batch mean and variance come back too, for the caller's running statistics.
 //!
-//! On the CPU (f32), kiln's kernels: sums in f64 per channel in a fixed order (as PyTorch's CPU
-//! kernel accumulates), so results do not depend on the thread count; the backward pass reads
-//! the saved mean and inverse deviation and, with ReLU fused, the output's sign. Elsewhere,
-//! candle's composition, which is also the reference for the tests.
+//! On the CPU and CUDA (f32), kiln's kernels: a channel's sums in f64 (as PyTorch's CPU kernel
+//! accumulates), on the CPU in a fixed order so that results do not depend on the thread count;
+//! the backward pass reads the saved mean and inverse deviation and recomputes where the fused
+//! ReLU passed. Elsewhere (Metal, other dtypes), candle's composition, which is also the
+//! reference for the tests.
 
 use std::sync::{Arc, Mutex};
 
@@ -34,7 +35,7 @@ pub fn batch_norm_train(
     let f32s = [x.dtype(), gamma.dtype(), beta.dtype()]
         .iter()
         .all(|d| *d == DType::F32);
-    if !(f32s && x.device().is_cpu() && x.rank() == 4) {
+    if !(f32s && ours(x.device()) && x.rank() == 4) {
         return batch_norm_train_reference(x, gamma, beta, eps, relu);
     }
     let saved = Arc::new(Mutex::new(None));
@@ -50,15 +51,23 @@ pub fn batch_norm_train(
         .lock()
         .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
         .clone();
-    let Some(Saved { mean, var, .. }) = stats else {
+    let Some(stats) = stats else {
         candle_core::bail!("batch_norm: the forward pass kept no statistics");
     };
-    let c = mean.len();
     Ok(BatchNormOutput {
         y,
-        mean: Tensor::from_vec(mean, c, &Device::Cpu)?,
-        var: Tensor::from_vec(var, c, &Device::Cpu)?,
+        mean: stats.get(0)?,
+        var: stats.get(1)?,
     })
+}
+
+/// Whether kiln's kernels run on `device`.
+fn ours(device: &Device) -> bool {
+    match device {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        Device::Metal(_) => false,
+    }
 }
 
 /// The same from candle operations: the reference, and the path for other backends and dtypes.
@@ -109,19 +118,25 @@ pub fn batch_norm_eval(
     }
 }
 
-/// The statistics the forward pass keeps for the backward pass and the caller.
-#[derive(Clone)]
-struct Saved {
-    mean: Vec<f32>,
-    /// Biased variance.
-    var: Vec<f32>,
-    inv_std: Vec<f32>,
-}
+/// What the forward pass keeps for the backward pass and the caller: [3, C] on the device,
+/// each channel's mean, biased variance and 1 / sqrt(variance + eps).
+type Saved = Tensor;
 
 struct BatchNormTrain {
     eps: f64,
     relu: bool,
     saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl BatchNormTrain {
+    fn keep(&self, stats: Tensor) -> candle_core::Result<()> {
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))? =
+            Some(stats);
+        Ok(())
+    }
 }
 
 /// The planes of channel `c` in an [N, C, HW] buffer.
@@ -244,17 +259,41 @@ impl CustomOp3 for BatchNormTrain {
                     }
                 }
             });
-        let saved = Saved {
-            mean: stats.iter().map(|s| s.0).collect(),
-            var: stats.iter().map(|s| s.1).collect(),
-            inv_std: stats.iter().map(|s| s.2).collect(),
-        };
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))? =
-            Some(saved);
+        let rows: Vec<f32> = [
+            stats.iter().map(|s| s.0).collect::<Vec<_>>(),
+            stats.iter().map(|s| s.1).collect(),
+            stats.iter().map(|s| s.2).collect(),
+        ]
+        .concat();
+        self.keep(Tensor::from_vec(rows, (3, c), &Device::Cpu)?)?;
         Ok((CpuStorage::F32(y), Shape::from((n, c, h, w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!(
+                "batch_norm: {} weights for {c} channels",
+                gl.shape().elem_count()
+            );
+        }
+        if n * h * w == 0 {
+            candle_core::bail!("batch_norm: an empty batch has no statistics");
+        }
+        let dev = &xs.device;
+        let stats = cuda::stats(xs, xl, (n, c, h * w), self.eps as f32)?;
+        let y = cuda::apply(xs, xl, &stats, gs, gl, bs, bl, (n, c, h * w), self.relu)?;
+        self.keep(super::cuda::tensor(stats, dev, (3, c)))?;
+        Ok((super::cuda::storage(y, dev), Shape::from((n, c, h, w))))
     }
 
     fn bwd(
@@ -270,14 +309,20 @@ impl CustomOp3 for BatchNormTrain {
             .lock()
             .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
             .clone();
-        let Some(saved) = saved else {
+        let Some(stats) = saved else {
             candle_core::bail!("batch_norm: backward before forward");
         };
         let c = gamma.dim(0)?;
-        let (gamma, beta) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
         // [mean; inv_std; gamma; beta]: what both backward passes read per channel.
-        let figures = [saved.mean, saved.inv_std, gamma, beta].concat();
-        let figures = Tensor::from_vec(figures, (4, c), &Device::Cpu)?;
+        let figures = Tensor::cat(
+            &[
+                &stats.narrow(0, 0, 1)?,
+                &stats.narrow(0, 2, 1)?,
+                &gamma.reshape((1, c))?,
+                &beta.reshape((1, c))?,
+            ],
+            0,
+        )?;
         let grad = grad.contiguous()?;
         let relu = self.relu;
         // [dgamma; dbeta], then the input gradient from them.
@@ -343,6 +388,21 @@ impl CustomOp3 for ChannelSums {
         out.extend(sums.iter().map(|s| s.1));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        fs: &candle_core::CudaStorage,
+        fl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let sums = cuda::grad_sums(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?;
+        Ok((super::cuda::storage(sums, &xs.device), Shape::from((2, c))))
+    }
 }
 
 /// dL/dx from x, dL/dy and [mean; inv_std; gamma; beta; dgamma; dbeta]:
@@ -392,6 +452,24 @@ impl CustomOp3 for InputGrad {
             });
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        fs: &candle_core::CudaStorage,
+        fl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let dx = cuda::input_grad(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?;
+        Ok((
+            super::cuda::storage(dx, &xs.device),
+            Shape::from((n, c, h, w)),
+        ))
+    }
 }
 
 /// `grad` where `y > 0`, zero elsewhere: ReLU's gradient read from its output.
@@ -423,11 +501,23 @@ impl CustomOp2 for ReluGate {
             });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::elementwise("relu_gate", gs, gl, ys, yl)?;
+        Ok((super::cuda::storage(out, &gs.device), gl.shape().clone()))
+    }
 }
 
 /// `relu(a + b)`: the end of a residual block, one pass each way.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+    if ours(a.device()) && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
         (a + b)?.relu()
@@ -470,6 +560,25 @@ impl CustomOp2 for AddRelu {
         Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a_s: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if al.shape() != bl.shape() {
+            candle_core::bail!(
+                "add_relu: shapes {:?} and {:?} differ",
+                al.shape(),
+                bl.shape()
+            );
+        }
+        let out = cuda::elementwise("add_relu_fwd", a_s, al, bs, bl)?;
+        Ok((super::cuda::storage(out, &a_s.device), al.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _: &Tensor,
@@ -479,6 +588,207 @@ impl CustomOp2 for AddRelu {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let gated = grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)?;
         Ok((Some(gated.clone()), Some(gated)))
+    }
+}
+
+/// kernels.cu: bn_stats, bn_apply, bn_grad_sums, bn_input_grad, add_relu_fwd, relu_gate.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout};
+
+    use crate::ops::cuda::{int, kernel, output, per_item, view, THREADS};
+
+    /// (N, C, H*W)
+    type Sizes = (usize, usize, usize);
+
+    /// One block per channel, for the per-channel sums.
+    fn per_channel(c: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (c.max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(super) fn stats(
+        xs: &CudaStorage,
+        xl: &Layout,
+        (n, c, hw): Sizes,
+        eps: f32,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &xs.device;
+        let x = view::<f32>(xs, xl, "input")?;
+        let stats = output::<f32>(dev, 3 * c)?;
+        let func = kernel(dev, "bn_stats")?;
+        let stream = dev.cuda_stream();
+        let (n, c32, hw) = (
+            int(n, "batch_norm")?,
+            int(c, "batch_norm")?,
+            int(hw, "batch_norm")?,
+        );
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(&n)
+            .arg(&c32)
+            .arg(&hw)
+            .arg(&eps)
+            .arg(&stats);
+        // SAFETY: the arguments match the kernel's signature; block `ch` writes channel ch's
+        // three figures, and there is one block per channel.
+        unsafe { launch.launch(per_channel(c)) }.w()?;
+        Ok(stats)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn apply(
+        xs: &CudaStorage,
+        xl: &Layout,
+        stats: &CudaSlice<f32>,
+        gs: &CudaStorage,
+        gl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+        (n, c, hw): Sizes,
+        relu: bool,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &xs.device;
+        let (x, gamma, beta) = (
+            view::<f32>(xs, xl, "input")?,
+            view::<f32>(gs, gl, "weight")?,
+            view::<f32>(bs, bl, "bias")?,
+        );
+        let total = n * c * hw;
+        let y = output::<f32>(dev, total)?;
+        let func = kernel(dev, "bn_apply")?;
+        let stream = dev.cuda_stream();
+        let (c32, hw32, relu) = (
+            int(c, "batch_norm")?,
+            int(hw, "batch_norm")?,
+            i32::from(relu),
+        );
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(stats)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&c32)
+            .arg(&hw32)
+            .arg(&total)
+            .arg(&relu)
+            .arg(&y);
+        // SAFETY: as above; a grid-stride loop writes all `total` outputs.
+        unsafe { launch.launch(per_item(total)) }.w()?;
+        Ok(y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grad_sums(
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        fs: &CudaStorage,
+        fl: &Layout,
+        (n, c, hw): Sizes,
+        relu: bool,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &xs.device;
+        let (x, grad, figures) = (
+            view::<f32>(xs, xl, "input")?,
+            view::<f32>(gs, gl, "gradient")?,
+            view::<f32>(fs, fl, "statistics")?,
+        );
+        let sums = output::<f32>(dev, 2 * c)?;
+        let func = kernel(dev, "bn_grad_sums")?;
+        let stream = dev.cuda_stream();
+        let (n, c32, hw) = (
+            int(n, "batch_norm")?,
+            int(c, "batch_norm")?,
+            int(hw, "batch_norm")?,
+        );
+        let relu = i32::from(relu);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(&grad)
+            .arg(&figures)
+            .arg(&n)
+            .arg(&c32)
+            .arg(&hw)
+            .arg(&relu)
+            .arg(&sums);
+        // SAFETY: as in `stats`: one block per channel writes its two sums.
+        unsafe { launch.launch(per_channel(c)) }.w()?;
+        Ok(sums)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn input_grad(
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        fs: &CudaStorage,
+        fl: &Layout,
+        (n, c, hw): Sizes,
+        relu: bool,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &xs.device;
+        let (x, grad, figures) = (
+            view::<f32>(xs, xl, "input")?,
+            view::<f32>(gs, gl, "gradient")?,
+            view::<f32>(fs, fl, "statistics")?,
+        );
+        let total = n * c * hw;
+        let dx = output::<f32>(dev, total)?;
+        let func = kernel(dev, "bn_input_grad")?;
+        let stream = dev.cuda_stream();
+        let (n32, c32, hw32) = (
+            int(n, "batch_norm")?,
+            int(c, "batch_norm")?,
+            int(hw, "batch_norm")?,
+        );
+        let relu = i32::from(relu);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(&grad)
+            .arg(&figures)
+            .arg(&n32)
+            .arg(&c32)
+            .arg(&hw32)
+            .arg(&total)
+            .arg(&relu)
+            .arg(&dx);
+        // SAFETY: as in `apply`.
+        unsafe { launch.launch(per_item(total)) }.w()?;
+        Ok(dx)
+    }
+
+    /// A kernel of two same-sized f32 inputs and one output: `add_relu_fwd` or `relu_gate`.
+    pub(super) fn elementwise(
+        name: &str,
+        a_s: &CudaStorage,
+        al: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &a_s.device;
+        let (a, b) = (view::<f32>(a_s, al, "lhs")?, view::<f32>(bs, bl, "rhs")?);
+        let total = al.shape().elem_count();
+        let out = output::<f32>(dev, total)?;
+        let func = kernel(dev, name)?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&a).arg(&b).arg(&total).arg(&out);
+        // SAFETY: both inputs hold `total` contiguous f32 values (same shapes, checked by the
+        // callers); a grid-stride loop writes every output.
+        unsafe { launch.launch(per_item(total)) }.w()?;
+        Ok(out)
     }
 }
 

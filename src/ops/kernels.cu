@@ -370,3 +370,120 @@ extern "C" __global__ void sgd_step(SgdGroup group, SgdStep s) {
         param[i] = __fsub_rn(p, __fmul_rn(d, s.lr));
     }
 }
+
+// ---- batch norm (training mode), over [N, C, HW]: one block per channel for the sums ----------
+
+// As block_sum, in double: a channel's sums run over up to millions of values.
+__device__ double block_sum_d(double value, double* scratch) {
+    scratch[threadIdx.x] = value;
+    __syncthreads();
+    for (int half = BLOCK / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+        __syncthreads();
+    }
+    double total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+// stats [3, C]: each channel's mean, biased variance and 1 / sqrt(variance + eps), the sums in
+// double (as the CPU kernel and PyTorch's CPU kernel).
+extern "C" __global__ void bn_stats(const float* x, int n, int c, int hw, float eps,
+                                    float* stats) {
+    __shared__ double scratch[BLOCK];
+    int ch = blockIdx.x;
+    size_t count = (size_t)n * hw;
+    double sum = 0.0;
+    for (size_t i = threadIdx.x; i < count; i += BLOCK)
+        sum += x[((i / hw) * c + ch) * hw + i % hw];
+    double mean = block_sum_d(sum, scratch) / count;
+    double squares = 0.0;
+    for (size_t i = threadIdx.x; i < count; i += BLOCK) {
+        double d = x[((i / hw) * c + ch) * hw + i % hw] - mean;
+        squares += d * d;
+    }
+    double var = block_sum_d(squares, scratch) / count;
+    if (threadIdx.x == 0) {
+        stats[ch] = (float)mean;
+        stats[c + ch] = (float)var;
+        stats[2 * c + ch] = (float)(1.0 / sqrt(var + (double)eps));
+    }
+}
+
+// The channel's scale and shift: y = x * scale + shift (ops/batch_norm.rs `affine`).
+__device__ float2 bn_affine(float mean, float inv_std, float gamma, float beta) {
+    float scale = __fmul_rn(inv_std, gamma);
+    return make_float2(scale, __fsub_rn(beta, __fmul_rn(mean, scale)));
+}
+
+// y = relu?(x * scale + shift), from bn_stats's [3, C] and the layer's gamma and beta.
+extern "C" __global__ void bn_apply(const float* x, const float* stats, const float* gamma,
+                                    const float* beta, int c, int hw, size_t total, int relu,
+                                    float* y) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int ch = (i / hw) % c;
+        float2 a = bn_affine(stats[ch], stats[2 * c + ch], gamma[ch], beta[ch]);
+        float v = __fadd_rn(__fmul_rn(x[i], a.x), a.y);
+        y[i] = relu ? fmaxf(v, 0.0f) : v;
+    }
+}
+
+// The upstream gradient through the fused ReLU, which passed where x * scale + shift > 0.
+__device__ float bn_gated(int relu, float g, float v, float2 a) {
+    return (!relu || __fadd_rn(__fmul_rn(v, a.x), a.y) > 0.0f) ? g : 0.0f;
+}
+
+// sums [2, C]: sum(g * x_hat) (dgamma) and sum(g) (dbeta), g gated; figures [4, C] = mean;
+// inv_std; gamma; beta.
+extern "C" __global__ void bn_grad_sums(const float* x, const float* grad, const float* figures,
+                                        int n, int c, int hw, int relu, float* sums) {
+    __shared__ double scratch[BLOCK];
+    int ch = blockIdx.x;
+    float mean = figures[ch], inv_std = figures[c + ch];
+    float2 a = bn_affine(mean, inv_std, figures[2 * c + ch], figures[3 * c + ch]);
+    size_t count = (size_t)n * hw;
+    double dot = 0.0, total = 0.0;
+    for (size_t i = threadIdx.x; i < count; i += BLOCK) {
+        size_t at = ((i / hw) * c + ch) * hw + i % hw;
+        double g = bn_gated(relu, grad[at], x[at], a);
+        total += g;
+        dot += g * ((double)x[at] - (double)mean);
+    }
+    dot = block_sum_d(dot, scratch);
+    total = block_sum_d(total, scratch);
+    if (threadIdx.x == 0) {
+        sums[ch] = (float)(dot * inv_std);
+        sums[c + ch] = (float)total;
+    }
+}
+
+// dx = scale * (g - dbeta / M - x_hat * dgamma / M); figures [6, C] = mean; inv_std; gamma;
+// beta; dgamma; dbeta.
+extern "C" __global__ void bn_input_grad(const float* x, const float* grad, const float* f, int n,
+                                         int c, int hw, size_t total, int relu, float* dx) {
+    float m = (float)((size_t)n * hw);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int ch = (i / hw) % c;
+        float mean = f[ch], inv_std = f[c + ch];
+        float2 a = bn_affine(mean, inv_std, f[2 * c + ch], f[3 * c + ch]);
+        float g = bn_gated(relu, grad[i], x[i], a);
+        float x_hat = __fmul_rn(__fsub_rn(x[i], mean), inv_std);
+        float rest = __fsub_rn(__fsub_rn(g, f[5 * c + ch] / m), __fmul_rn(x_hat, f[4 * c + ch] / m));
+        dx[i] = __fmul_rn(a.x, rest);
+    }
+}
+
+// relu(a + b), and the gradient where the output is positive.
+extern "C" __global__ void add_relu_fwd(const float* a, const float* b, size_t total, float* y) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = fmaxf(a[i] + b[i], 0.0f);
+}
+
+extern "C" __global__ void relu_gate(const float* grad, const float* y, size_t total, float* out) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = y[i] > 0.0f ? grad[i] : 0.0f;
+}
