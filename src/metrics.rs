@@ -193,7 +193,8 @@ mod tests {
     fn peak_rss_is_at_least_what_this_test_holds() {
         let held = vec![1u8; 64 << 20];
         let peak = peak_rss_bytes().unwrap();
-        assert!(peak >= 64 << 20, "{peak}");
+        // Bytes, not KiB: a unit slip is 1024 times off either way.
+        assert!((64 << 20..8 << 30).contains(&peak), "{peak}");
         drop(held);
     }
 

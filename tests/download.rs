@@ -4,9 +4,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use common::{run, text};
 use kiln::data::{cifar, synthetic};
@@ -22,14 +23,39 @@ enum Reply {
     NotFound,
 }
 
-/// Serves `replies` to successive connections on a free port; returns the URL prefix.
-fn serve(replies: Vec<Reply>) -> (String, JoinHandle<()>) {
+/// How long the server waits for each connection: a binary that fails before it connects must
+/// fail the test, not hang it.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The next connection, or None once ACCEPT_TIMEOUT has passed without one.
+fn accept(listener: &TcpListener) -> Option<TcpStream> {
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).ok()?;
+                return Some(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Serves `replies` to successive connections on a free port; returns the URL prefix, and a
+/// handle whose result is each request's Range start (None where it asked for the whole file).
+fn serve(replies: Vec<Reply>) -> (String, JoinHandle<Vec<Option<usize>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let handle = std::thread::spawn(move || {
+        let mut ranges = Vec::new();
         for reply in replies {
-            let Ok((stream, _)) = listener.accept() else {
-                return;
+            let Some(stream) = accept(&listener) else {
+                return ranges;
             };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut range_start = None;
@@ -43,6 +69,7 @@ fn serve(replies: Vec<Reply>) -> (String, JoinHandle<()>) {
                     range_start = spec.trim().trim_end_matches('-').parse::<usize>().ok();
                 }
             }
+            ranges.push(range_start);
             let mut out = stream;
             let _ = match reply {
                 Reply::Full(body) => {
@@ -78,6 +105,7 @@ fn serve(replies: Vec<Reply>) -> (String, JoinHandle<()>) {
                 ),
             };
         }
+        ranges
     });
     (url, handle)
 }
@@ -216,7 +244,7 @@ fn a_broken_off_download_resumes_where_it_stopped() {
     let url = format!("{url}/cifar-10-binary.tar.gz");
     let first = train(root.path(), &url, &[]);
     let stderr = text(&first.stderr);
-    assert!(!first.status.success());
+    assert_eq!(first.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("broke off") && stderr.contains("run the same command again"),
         "{stderr}"
@@ -234,7 +262,8 @@ fn a_broken_off_download_resumes_where_it_stopped() {
         "{}",
         text(&second.stderr)
     );
-    server.join().unwrap();
+    // The server saw the second request ask for the rest: from the half it had sent.
+    assert_eq!(server.join().unwrap(), [None, Some(archive.len() / 2)]);
     assert!(cifar::missing_file(&root.path().join("data/cifar")).is_none());
 }
 
@@ -260,7 +289,7 @@ fn bad_archives_and_failed_transfers_leave_nothing_behind() {
             vec!["--data-sha256".into(), "00".repeat(32)],
             "SHA-256 is",
         ),
-        ("404", Reply::NotFound, vec![], "404"),
+        ("404", Reply::NotFound, vec![], "404 Not Found"),
         (
             "not an archive",
             Reply::Full(b"<html>a login page</html>".to_vec()),
@@ -339,7 +368,7 @@ fn without_network_the_error_names_the_url_the_directory_and_the_ways_out() {
         &[],
     );
     let stderr = text(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     for part in [
         "http://127.0.0.1:9/cifar-10-binary.tar.gz",
         "data/cifar",
@@ -355,6 +384,7 @@ fn without_network_the_error_names_the_url_the_directory_and_the_ways_out() {
         &["--device", "cpu", "--epochs", "1", "--no-download"],
         root.path(),
     );
+    assert_eq!(offline.status.code(), Some(1));
     assert!(
         text(&offline.stderr).contains("--dataset synthetic"),
         "{}",

@@ -162,7 +162,7 @@ fn init_weights_starts_from_a_weights_file_and_refuses_one_that_does_not_fit() {
         root.path(),
     );
     let stderr = text(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     for part in [
         "bad.safetensors",
         "conv1.weight has shape [16, 3, 5, 5]",
@@ -209,7 +209,7 @@ fn bad_files_are_one_clear_error_and_never_a_panic() {
         (
             "evaluate",
             vec!["--checkpoint".into(), path(&truncated)],
-            "truncated.safetensors",
+            "truncated.safetensors: not a safetensors file, or truncated",
         ),
         (
             "evaluate",
@@ -240,7 +240,7 @@ fn bad_files_are_one_clear_error_and_never_a_panic() {
         (
             "train",
             vec!["--resume".into(), path(&truncated)],
-            "truncated.safetensors",
+            "truncated.safetensors: not a safetensors file, or truncated",
         ),
         (
             "train",

@@ -91,7 +91,7 @@ fn two_epochs_then_resume_equals_straight_run_bit_for_bit() {
         ),
         root.path(),
     );
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("seed 42 -> 7"),
         "{}",
@@ -277,6 +277,12 @@ cutout = 8
 /// comes after that epoch's checkpoint and plot, so epoch 2's steps are what runs next. (A fixed
 /// wait after the checkpoint file appeared once let all of epoch 2 finish first.)
 fn interrupt_after_epoch_1(root: &Path, args: &[&str]) -> std::process::Output {
+    signal_after_epoch_1(root, args, &["-INT"])
+}
+
+/// Runs `train` with `args` and sends it `signals`, one right after the other, just after epoch
+/// 1's line is out; waits for it to end.
+fn signal_after_epoch_1(root: &Path, args: &[&str], signals: &[&str]) -> std::process::Output {
     let mut child = common::binary("train")
         .args(args)
         .current_dir(root)
@@ -292,13 +298,68 @@ fn interrupt_after_epoch_1(root: &Path, args: &[&str]) -> std::process::Output {
     assert!(line.contains("epoch 1/"), "no epoch line before the end");
     // Past the epoch's end, where the loop also looks for a stop, and into epoch 2's steps.
     std::thread::sleep(Duration::from_millis(30));
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    for signal in signals {
+        let status = std::process::Command::new("kill")
+            .args([*signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
     std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// SIGTERM (a job scheduler's stop) is Ctrl-C: a checkpoint, the command that resumes, exit 130.
+/// A second signal right after the first exits at once, without finishing the step.
+#[test]
+fn sigterm_checkpoints_and_a_second_signal_exits_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let out = signal_after_epoch_1(
+        root.path(),
+        &args(&data, "term", &["--epochs", "20"]),
+        &["-TERM"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint saved")
+            && stderr.contains("resume with: train --resume --run term"),
+        "{stderr}"
+    );
+    let newest = RunDir::at(&models_dir(root.path()), "term")
+        .list_checkpoints()
+        .unwrap()[0]
+        .1
+        .clone();
+    assert!(
+        newest.epochs_done == 1 && newest.steps_into_epoch > 0,
+        "{newest:?}"
+    );
+
+    let started = Instant::now();
+    let out = signal_after_epoch_1(
+        root.path(),
+        &args(&data, "twice", &["--epochs", "20"]),
+        &["-INT", "-INT"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        !stderr.contains("checkpoint saved"),
+        "exited at once: {stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let newest = RunDir::at(&models_dir(root.path()), "twice")
+        .list_checkpoints()
+        .unwrap()[0]
+        .1
+        .clone();
+    assert_eq!(
+        (newest.epochs_done, newest.steps_into_epoch),
+        (1, 0),
+        "no checkpoint after the epoch's"
+    );
 }
 
 struct Kills {

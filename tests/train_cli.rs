@@ -77,7 +77,7 @@ fn simplecnn_trains_on_fixture_data_and_writes_its_run_directory() {
         &["--device", "cpu", "--data-dir", &data, "--epochs", "1"],
         root.path(),
     );
-    assert!(!again.status.success());
+    assert_eq!(again.status.code(), Some(1));
     assert!(
         text(&again.stderr).contains("--overwrite"),
         "{}",
@@ -161,6 +161,18 @@ fn linear_setup_check_prints_weight_and_bias_near_three_and_two() {
     assert!((value("weight=") - 3.0).abs() < 0.3, "{stdout}");
     assert!((value("bias=") - 2.0).abs() < 0.2, "{stdout}");
     assert!(stdout.contains("set-up looks right"), "{stdout}");
+
+    // A fit that is off (one step of the 200) is a failure: exit 1, saying what was expected.
+    let off = train(
+        &["--model", "linear", "--device", "cpu", "--epochs", "1"],
+        root.path(),
+    );
+    let stderr = text(&off.stderr);
+    assert_eq!(off.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("expected about weight=3 and bias=2") && stderr.contains("not working"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -346,9 +358,9 @@ fn plots_trace_and_machine_readable_output() {
     assert!(eval.status.success(), "{}", text(&eval.stderr));
     assert_picture(&run.join("confusion.png"), (800, 800));
 
-    // --quiet: nothing on stdout, the same results on disk.
-    let quiet = train(
-        &[
+    // --quiet: nothing on stdout, the same results on disk as a run that prints.
+    let one_epoch = |name: &str, extra: &[&str]| {
+        let mut args = vec![
             "--device",
             "cpu",
             "--data-dir",
@@ -356,12 +368,73 @@ fn plots_trace_and_machine_readable_output() {
             "--epochs",
             "1",
             "--run",
-            "q",
-            "--quiet",
-        ],
-        root.path(),
-    );
-    assert!(quiet.status.success());
+            name,
+        ];
+        args.extend_from_slice(extra);
+        let out = train(&args, root.path());
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        out
+    };
+    let quiet = one_epoch("q", &["--quiet"]);
     assert!(quiet.stdout.is_empty(), "{}", text(&quiet.stdout));
-    assert!(root.path().join("models/q/metrics.csv").exists());
+    assert!(!one_epoch("loud", &[]).stdout.is_empty());
+    let (q, loud) = (
+        root.path().join("models/q"),
+        root.path().join("models/loud"),
+    );
+    for file in ["last.safetensors", "best.safetensors", "config.toml"] {
+        assert!(
+            std::fs::read(q.join(file)).unwrap() == std::fs::read(loud.join(file)).unwrap(),
+            "{file} differs"
+        );
+    }
+    assert_eq!(
+        common::metrics_without_timing(&q),
+        common::metrics_without_timing(&loud)
+    );
+}
+
+/// The claim that --threads changes speed, not results: the CPU kernels sum in fixed orders.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let config = root.path().join("resnet.toml");
+    let text_config = include_str!("../configs/resnet18.toml")
+        .replace("width = 64 ", "width = 4  ")
+        .replace("epochs = 15", "epochs = 1")
+        .replace("batch_size = 128", "batch_size = 32");
+    std::fs::write(&config, text_config).unwrap();
+    let config = config.display().to_string();
+    for (model, extra) in [
+        ("simplecnn", vec![]),
+        ("resnet18", vec!["--config", config.as_str()]),
+    ] {
+        let runs: Vec<_> = ["1", "2"]
+            .iter()
+            .map(|threads| {
+                let name = format!("{model}-{threads}");
+                let mut args = vec!["--device", "cpu", "--data-dir", &data, "--epochs", "1"];
+                args.extend(["--threads", threads, "--run", &name]);
+                if extra.is_empty() {
+                    args.extend(["--model", model]);
+                } else {
+                    args.extend(extra.iter().copied());
+                }
+                let out = train(&args, root.path());
+                assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+                std::fs::read(
+                    root.path()
+                        .join("models")
+                        .join(&name)
+                        .join("last.safetensors"),
+                )
+                .unwrap()
+            })
+            .collect();
+        assert!(
+            runs[0] == runs[1],
+            "{model}: 1 and 2 threads wrote different weights"
+        );
+    }
 }

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use candle_nn::{Linear, Module, ModuleT};
 
 use super::init::{self, kaiming_normal_fan_out, Scope};
-use super::layers::{BatchNorm2d, Conv2d};
+use super::layers::{eval_detached, BatchNorm2d, Conv2d};
 use super::{Architecture, ModelSpec, Stem, Task};
 use crate::ops::{self, ConvParams, PoolParams};
 
@@ -101,7 +101,8 @@ impl Downsample {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train, false)
+        self.bn
+            .forward(&self.conv.forward_t(x, train)?, train, false)
     }
 }
 
@@ -153,7 +154,7 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut h = x.clone();
         for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            h = bn.forward(&conv.forward(&h)?, train, i < last)?;
+            h = bn.forward(&conv.forward_t(&h, train)?, train, i < last)?;
         }
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x, train)?,
@@ -224,13 +225,19 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut h = self.bn1.forward(&self.conv1.forward(x)?, train, true)?;
+        let mut h = self
+            .bn1
+            .forward(&self.conv1.forward_t(x, train)?, train, true)?;
         if let Some(pool) = self.pool {
             h = ops::max_pool2d(&h, pool)?;
         }
         for block in self.stages.iter().flatten() {
             h = block.forward(&h, train)?;
         }
-        self.fc.forward(&h.mean((2, 3))?)
+        let fc = Linear::new(
+            eval_detached(self.fc.weight(), train),
+            self.fc.bias().map(|b| eval_detached(b, train)),
+        );
+        fc.forward(&h.mean((2, 3))?)
     }
 }

@@ -466,6 +466,25 @@ mod tests {
         assert!(loss.is_nan());
     }
 
+    /// Integer logits tie: a row counts as correct only where its first maximum is the label,
+    /// as torch.argmax picks the first (rows [2, 5, 5] with label 2 and [4, 4, 1] with label 0).
+    #[test]
+    fn ties_count_the_first_maximum_only() {
+        let logits =
+            Tensor::new(&[[2f32, 5., 5.], [4., 4., 1.], [7., 7., 7.]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[2u32, 0, 1], &Device::Cpu).unwrap();
+        let loss = Tensor::new(1.0f32, &Device::Cpu).unwrap();
+        let tally = batch_tally(&logits, &labels, &loss)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            tally,
+            [3.0, 1.0],
+            "only the second row's first maximum is its label"
+        );
+    }
+
     /// nn.CrossEntropyLoss(label_smoothing=0.1) on these logits (torch 2.15, float32).
     #[test]
     fn label_smoothing_matches_pytorch() {

@@ -214,6 +214,29 @@ mod tests {
         );
     }
 
+    /// Integer values tie: PyTorch gives a window's gradient to its first maximum in row-major
+    /// order (max_pool2d(relu(x), 2) on [[1, 3], [3, 2]] sends it to the top-right 3), and a
+    /// window whose maximum is not positive (all zeros after ReLU) passes none.
+    #[test]
+    fn ties_go_to_the_first_maximum() {
+        let x = Tensor::new(&[[[[1f32, 3., 0., -1.], [3., 2., 0., 0.]]]], &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&x).unwrap();
+        let y = relu_max_pool2d(var.as_tensor(), 2).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [3.0, 0.0]
+        );
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let grad = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(grad, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
