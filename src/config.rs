@@ -102,6 +102,16 @@ pub struct Config {
     /// Training images generated for `dataset = "synthetic"`.
     #[serde(default = "default_synthetic_images")]
     pub synthetic_images: usize,
+    /// Input images are `image_size` x `image_size` (a folder's pictures are resized and
+    /// centre-cropped to it; CIFAR-10's are 32).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// `dataset = "folder"` without train/ and val/ folders: the share of each class held out.
+    #[serde(default = "default_val_split")]
+    pub val_split: f64,
+    /// `dataset = "folder"`: skip (and count) pictures that do not decode instead of stopping.
+    #[serde(default)]
+    pub skip_bad_images: bool,
     pub optimizer: OptimizerKind,
     /// The peak learning rate; the schedule scales it per step.
     pub lr: f64,
@@ -126,6 +136,10 @@ pub struct Config {
     /// Stop once the test accuracy has not improved for this many epochs; 0 = never.
     #[serde(default)]
     pub early_stop: usize,
+    /// The learning rate of every layer but the classifier (`fc`), as a share of `lr`: below
+    /// 1 when fine-tuning pretrained weights; 0 freezes them (`--freeze-backbone`).
+    #[serde(default = "default_backbone_lr_scale")]
+    pub backbone_lr_scale: f64,
     /// The network's first layers (ResNets): auto, cifar or imagenet.
     #[serde(default)]
     pub stem: Stem,
@@ -146,8 +160,20 @@ fn default_synthetic_images() -> usize {
     5000
 }
 
+fn default_backbone_lr_scale() -> f64 {
+    1.0
+}
+
 fn default_width() -> usize {
     64
+}
+
+fn default_image_size() -> usize {
+    32
+}
+
+fn default_val_split() -> f64 {
+    0.1
 }
 
 /// Values given on the command line; each replaces the config's when present.
@@ -162,14 +188,28 @@ pub struct Overrides {
     pub seed: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub dataset: Option<Dataset>,
+    pub image_size: Option<usize>,
+    pub val_split: Option<f64>,
+    pub skip_bad_images: bool,
     pub no_shuffle: bool,
     pub schedule: Option<ScheduleKind>,
     pub label_smoothing: Option<f64>,
     pub grad_clip_norm: Option<f64>,
     pub early_stop: Option<usize>,
+    pub backbone_lr_scale: Option<f64>,
 }
 
 impl Config {
+    /// How a folder data set is split and decoded under this config.
+    pub fn folder_options(&self) -> crate::data::folder::FolderOptions {
+        crate::data::folder::FolderOptions {
+            image_size: self.image_size,
+            val_split: self.val_split,
+            seed: self.seed,
+            skip_bad_images: self.skip_bad_images,
+        }
+    }
+
     /// Parses TOML text; `origin` names it in error messages.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
         let config: Config = toml::from_str(text).map_err(|e| {
@@ -228,6 +268,15 @@ impl Config {
         if let Some(v) = o.dataset {
             self.dataset = v;
         }
+        if let Some(v) = o.image_size {
+            self.image_size = v;
+        }
+        if let Some(v) = o.val_split {
+            self.val_split = v;
+        }
+        if o.skip_bad_images {
+            self.skip_bad_images = true;
+        }
         if o.no_shuffle {
             self.shuffle = false;
         }
@@ -242,6 +291,9 @@ impl Config {
         }
         if let Some(v) = o.early_stop {
             self.early_stop = v;
+        }
+        if let Some(v) = o.backbone_lr_scale {
+            self.backbone_lr_scale = v;
         }
         self.validate().map_err(Error::InvalidSetting)?;
         Ok(self)
@@ -292,8 +344,26 @@ impl Config {
         if self.nesterov && self.momentum == 0.0 {
             return Err("nesterov needs a momentum above 0".into());
         }
+        if !(self.backbone_lr_scale >= 0.0 && self.backbone_lr_scale.is_finite()) {
+            return Err(format!(
+                "backbone_lr_scale must be 0 (frozen) or more, got {}",
+                self.backbone_lr_scale
+            ));
+        }
         if self.width == 0 {
             return Err("width must be at least 1".into());
+        }
+        if !(4..=4096).contains(&self.image_size) {
+            return Err(format!(
+                "image_size must be 4 to 4096 pixels, got {}",
+                self.image_size
+            ));
+        }
+        if !(self.val_split > 0.0 && self.val_split < 1.0) {
+            return Err(format!(
+                "val_split must be in (0, 1), got {}",
+                self.val_split
+            ));
         }
         self.schedule.validate(self.epochs, self.lr)
     }
@@ -329,7 +399,7 @@ mod tests {
             let written: toml::Table = toml::from_str(spec.default_config).unwrap();
             for key in &all_keys {
                 let shape_key = matches!(key.as_str(), "stem" | "width");
-                if shape_key && spec.name == "simplecnn" {
+                if shape_key && !spec.has_stem {
                     continue;
                 }
                 assert!(

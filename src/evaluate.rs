@@ -9,6 +9,7 @@ use candle_nn::ModuleT;
 
 use crate::checkpoint;
 use crate::data::batches::{batch_ranges, BatchBuffer, DeviceSet};
+use crate::data::{ChannelStats, Dataset};
 use crate::error::{Error, Result};
 use crate::models::{self, Architecture, Built, ModelSpec, Stem, Task};
 use crate::ops::cross_entropy;
@@ -52,16 +53,48 @@ pub struct Loaded {
     pub epoch: Option<String>,
     /// The class names the file records, if any.
     pub classes: Option<Vec<String>>,
+    /// The input normalisation the file records, if any.
+    pub stats: Option<ChannelStats>,
+    /// The data set it was trained on, and a folder's held-out split, where the file says.
+    pub dataset: Option<Dataset>,
+    pub val_split: Option<f64>,
+    pub split_seed: Option<u64>,
+    /// The folder a folder-trained model learnt from.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Loaded {
+    /// The normalisation the model expects: the file's, else ImageNet's for a torchvision-stem
+    /// ResNet (what pretrained weights were trained with), else `data`'s.
+    pub fn input_stats(&self, data: ChannelStats) -> ChannelStats {
+        self.stats.unwrap_or(match self.arch.stem {
+            Stem::Imagenet if self.spec.has_stem => ChannelStats::IMAGENET,
+            _ => data,
+        })
+    }
+
+    /// The class names: the file's; for a file that names none, CIFAR-10's when it has ten
+    /// classes and no other data set is recorded, else the class numbers.
+    pub fn class_names(&self) -> Vec<String> {
+        if let Some(names) = &self.classes {
+            return names.clone();
+        }
+        let cifar = matches!(self.dataset, None | Some(Dataset::Cifar10));
+        if cifar && self.arch.num_classes == crate::data::cifar::CLASSES.len() {
+            return crate::data::cifar::CLASSES.map(String::from).to_vec();
+        }
+        (0..self.arch.num_classes).map(|c| c.to_string()).collect()
+    }
 }
 
 /// Loads a weights file or checkpoint into the model it holds. The architecture comes from the
 /// file's metadata where kiln wrote it, else from the tensors' shapes (a PyTorch-saved file):
 /// the head's rows are the classes, the first convolution's kernel says the stem and its
-/// channels the width. `image_size` is the input the model will see.
+/// channels the width; the input size is the file's, else `image_size`, else CIFAR's 32.
 pub fn load_model(
     path: &Path,
     model: Option<&str>,
-    image_size: usize,
+    image_size: Option<usize>,
     device: &Device,
 ) -> Result<Loaded> {
     let file = checkpoint::load_weights(path, device)?;
@@ -106,17 +139,34 @@ pub fn load_model(
         .get("epoch")
         .or(file.metadata.get("epochs_done"))
         .cloned();
-    let classes = file
-        .metadata
-        .get("classes")
-        .filter(|list| !list.is_empty())
-        .map(|list| list.split(',').map(str::to_string).collect());
+    let classes = match file.metadata.get("classes") {
+        Some(list) => Some(serde_json::from_str::<Vec<String>>(list).map_err(|_| {
+            invalid(format!(
+                "its metadata's classes are not a JSON list of names: {list}"
+            ))
+        })?),
+        None => None,
+    };
+    let meta = |key: &str| file.metadata.get(key);
+    let stats = match (meta("normalize_mean"), meta("normalize_std")) {
+        (Some(mean), Some(std)) => Some(ChannelStats::parse(mean, std).ok_or_else(|| {
+            invalid(format!(
+                "its metadata's normalisation does not read: {mean} / {std}"
+            ))
+        })?),
+        _ => None,
+    };
     Ok(Loaded {
         spec,
         built,
         arch,
         epoch,
         classes,
+        stats,
+        dataset: meta("dataset").and_then(|d| d.parse().ok()),
+        val_split: meta("val_split").and_then(|v| v.parse().ok()),
+        split_seed: meta("split_seed").and_then(|v| v.parse().ok()),
+        data_dir: meta("data_dir").map(std::path::PathBuf::from),
     })
 }
 
@@ -124,7 +174,7 @@ pub fn load_model(
 fn recorded_architecture(
     metadata: &HashMap<String, String>,
     tensors: &HashMap<String, Tensor>,
-    image_size: usize,
+    image_size: Option<usize>,
 ) -> std::result::Result<Architecture, String> {
     fn number(
         metadata: &HashMap<String, String>,
@@ -157,13 +207,16 @@ fn recorded_architecture(
         Some(w) => w,
         None => conv1.map_or(64, |d| d[0]),
     };
-    let size = number(metadata, "image_size")?.unwrap_or(image_size);
-    if size != image_size {
-        return Err(format!(
-            "it was trained on {size}x{size} images, these are {image_size}x{image_size}"
-        ));
-    }
-    Architecture::new(num_classes, image_size, stem, width).map_err(|e| e.to_string())
+    let size = match (number(metadata, "image_size")?, image_size) {
+        (Some(saved), Some(asked)) if saved != asked => {
+            return Err(format!(
+                "it was trained on {saved}x{saved} images, not {asked}x{asked}"
+            ))
+        }
+        (Some(size), _) | (None, Some(size)) => size,
+        (None, None) => crate::data::cifar::SIDE,
+    };
+    Architecture::new(num_classes, size, stem, width).map_err(|e| e.to_string())
 }
 
 /// Runs `model` (in evaluation mode) over every image of `set` in batches of `batch_size`,
@@ -235,7 +288,7 @@ mod tests {
     #[test]
     fn confusion_accuracy_and_loss_of_a_constant_model() {
         let set = crate::data::synthetic::generate(30, 0);
-        let set = DeviceSet::new(set, &Device::Cpu).unwrap();
+        let set = DeviceSet::new(set, crate::data::ChannelStats::CIFAR10, &Device::Cpu).unwrap();
         let eval = evaluate(&AlwaysThree, &set, 7, &mut BatchBuffer::default(), 10).unwrap();
         assert_eq!(eval.total(), 30);
         assert!(

@@ -15,6 +15,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod plots;
+pub mod predict;
 pub mod profile;
 pub mod report;
 pub mod train;

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use kiln::data::batches::{BatchBuffer, DeviceSet};
-use kiln::data::synthetic;
+use kiln::data::{synthetic, ChannelStats};
 use kiln::device::DeviceRequest;
 use kiln::models::{self, Task, MODELS};
 use kiln::ops::{self, ConvParams};
@@ -72,7 +72,8 @@ fn gradients(spec: &models::ModelSpec, device: &Device) -> Vec<(String, Tensor)>
     }
     let loss = match spec.task {
         Task::ImageClassification => {
-            let set = DeviceSet::new(synthetic::generate(48, 3), device).expect("data fits");
+            let set = DeviceSet::new(synthetic::generate(48, 3), ChannelStats::CIFAR10, device)
+                .expect("data fits");
             let order = set.order(&(0..48).rev().collect::<Vec<_>>()).unwrap();
             let mut buffer = BatchBuffer::default();
             let (images, labels) = set.batch(&order, 0..48, &mut buffer, None).unwrap();
@@ -122,7 +123,7 @@ fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
     let set = synthetic::generate(40, 1);
     // A full batch, then a shorter one written over it in the same buffer.
     let batch = |device: &Device| {
-        let on_device = DeviceSet::new(set.clone(), device).unwrap();
+        let on_device = DeviceSet::new(set.clone(), ChannelStats::CIFAR10, device).unwrap();
         let order = on_device.order(&[39, 0, 17, 17, 5, 21]).unwrap();
         let mut buffer = BatchBuffer::default();
         let (first, _) = on_device.batch(&order, 1..5, &mut buffer, None).unwrap();
@@ -137,17 +138,26 @@ fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
 fn augmented_batches_on_the_gpu_are_the_cpus_bit_for_bit() {
     let gpu = cuda();
     let set = synthetic::generate(40, 1);
-    for (padding, reflect, cutout) in [(4, false, 0), (4, true, 8), (0, false, 5), (31, true, 32)] {
+    let cases = [
+        (4, false, 0, None),
+        (4, true, 8, None),
+        (0, false, 5, None),
+        (31, true, 32, None),
+        (0, false, 0, Some([0.08, 1.0])),
+        (0, false, 6, Some([0.5, 0.9])),
+    ];
+    for (padding, reflect, cutout, resized_crop) in cases {
         let augment = kiln::ops::Augmentation {
-            key: 12345 + padding as u64,
+            key: 12345 + padding as u64 + cutout as u64,
             width: 32,
             crop_padding: padding,
             reflect,
             flip: true,
             cutout,
+            resized_crop,
         };
         let batch = |device: &Device| {
-            let on_device = DeviceSet::new(set.clone(), device).unwrap();
+            let on_device = DeviceSet::new(set.clone(), ChannelStats::CIFAR10, device).unwrap();
             let order = on_device.order(&(0..40).rev().collect::<Vec<_>>()).unwrap();
             let mut buffer = BatchBuffer::default();
             let (x, _) = on_device

@@ -13,7 +13,8 @@ use serde_json::json;
 use kiln::cli::DataArgs;
 use kiln::data;
 use kiln::data::batches::{BatchBuffer, DeviceSet};
-use kiln::data::cifar::{self, SIDE};
+use kiln::data::cifar;
+use kiln::data::folder::FolderOptions;
 use kiln::device::{self, DeviceRequest};
 use kiln::evaluate::{evaluate, load_model, Evaluation};
 use kiln::plots;
@@ -22,14 +23,16 @@ const EXAMPLES: &str = "\
 Examples:
   evaluate --checkpoint models/simplecnn/best.safetensors
   evaluate --checkpoint models/simplecnn/checkpoints/epoch-0004.safetensors --json
-  evaluate --checkpoint from_pytorch.safetensors --model simplecnn --device cpu";
+  evaluate --checkpoint from_pytorch.safetensors --model simplecnn --device cpu
+  evaluate --checkpoint models/pets/best.safetensors --data-dir other-photos --dataset folder";
 
-/// Evaluate saved weights on the CIFAR-10 test set.
+/// Evaluate saved weights on the data they were trained on: CIFAR-10's test set, or a
+/// folder's held-out images (its val/ or test/ folder, or the same seeded split).
 ///
-/// Needs nothing but the file: the model comes from its metadata (or --model). Works with
-/// last/best.safetensors, with checkpoints, and with weights saved by the tutorial's PyTorch
-/// code under the same parameter names. Draws the confusion matrix to confusion.png next to
-/// the file.
+/// Needs nothing but the file: the model, classes, normalisation and data come from its
+/// metadata (or --model, --data-dir, --dataset). Works with last/best.safetensors, with
+/// checkpoints, and with weights saved by PyTorch under the same parameter names. Draws the
+/// confusion matrix to confusion.png next to the file.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
@@ -75,24 +78,55 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     device::prepare_cpu_threads(None);
     let device = device::open(cli.device)?;
-    let loaded = load_model(&cli.checkpoint, cli.model.as_deref(), SIDE, &device)?;
+    let loaded = load_model(
+        &cli.checkpoint,
+        cli.model.as_deref(),
+        cli.data.image_size,
+        &device,
+    )?;
+    // The data the weights were trained on, unless told otherwise; a folder is split as it was.
+    let dataset = cli.data.dataset.or(loaded.dataset).unwrap_or_default();
+    let trained_on = loaded
+        .data_dir
+        .clone()
+        .filter(|_| dataset == data::Dataset::Folder);
     let dir = cli
         .data
         .data_dir
         .clone()
+        .or(trained_on)
         .unwrap_or_else(|| PathBuf::from(cifar::DEFAULT_DIR));
-    let dataset = cli.data.dataset.unwrap_or_default();
-    let classes = data::class_names(dataset);
-    if loaded.arch.num_classes != classes.len() {
-        anyhow::bail!(
+    let fetch = cli.data.source();
+    let request = data::Request {
+        dataset,
+        dir: &dir,
+        synthetic_images: 0,
+        fetch: fetch.as_ref(),
+        folder: FolderOptions {
+            image_size: loaded.arch.image_size,
+            val_split: cli.data.val_split.or(loaded.val_split).unwrap_or(0.1),
+            seed: loaded.split_seed.unwrap_or(42),
+            skip_bad_images: cli.data.skip_bad_images,
+        },
+    };
+    let (test, classes, data_stats) = data::load_test(&request, &kiln::cli::decode_bar(!cli.json))?;
+    match &loaded.classes {
+        Some(trained) if *trained != classes => anyhow::bail!(
+            "{} was trained on the classes {}, but the data has {}; evaluate it on that data",
+            cli.checkpoint.display(),
+            trained.join(", "),
+            classes.join(", ")
+        ),
+        _ if loaded.arch.num_classes != classes.len() => anyhow::bail!(
             "{} holds a model for {} classes, but the {dataset} data has {}",
             cli.checkpoint.display(),
             loaded.arch.num_classes,
             classes.len()
-        );
+        ),
+        _ => {}
     }
-    let test = data::load_test(dataset, &dir, cli.data.source().as_ref())?;
-    let test = DeviceSet::new(test, &device)?;
+    let stats = loaded.input_stats(data_stats);
+    let test = DeviceSet::new(test, stats, &device)?;
     let mut buffer = BatchBuffer::default();
     let eval = evaluate(
         loaded.built.module.as_ref(),

@@ -156,6 +156,26 @@ struct Cli {
     )]
     init_weights: Option<PathBuf>,
 
+    /// With --init-weights: fine-tune. Take every tensor whose name and shape match (a
+    /// torchvision ResNet from pytorch/export_torchvision.py, a run on other classes), start the
+    /// rest afresh (the classifier, for a new number of classes) and list them
+    #[arg(long, requires = "init_weights", help_heading = "Checkpoints")]
+    finetune: bool,
+
+    /// Train the classifier (fc) alone, every other layer kept as loaded (backbone_lr_scale = 0)
+    #[arg(
+        long,
+        requires = "init_weights",
+        conflicts_with = "backbone_lr_scale",
+        help_heading = "Checkpoints"
+    )]
+    freeze_backbone: bool,
+
+    /// The learning rate of every layer but the classifier, as a share of --lr (0.1 is usual
+    /// when fine-tuning) [default: the config's backbone_lr_scale, 1]
+    #[arg(long, value_name = "S", help_heading = "Hyper-parameters")]
+    backbone_lr_scale: Option<f64>,
+
     /// Also checkpoint every N steps (a checkpoint is always written after each epoch)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
     checkpoint_every: Option<u64>,
@@ -227,11 +247,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         seed: cli.seed,
         data_dir: cli.data.data_dir.clone(),
         dataset: cli.data.dataset,
+        image_size: cli.data.image_size,
+        val_split: cli.data.val_split,
+        skip_bad_images: cli.data.skip_bad_images,
         no_shuffle: cli.no_shuffle,
         schedule: cli.schedule,
         label_smoothing: cli.label_smoothing,
         grad_clip_norm: cli.grad_clip,
         early_stop: cli.early_stop,
+        backbone_lr_scale: if cli.freeze_backbone {
+            Some(0.0)
+        } else {
+            cli.backbone_lr_scale
+        },
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
     let reporter = Reporter::new(if cli.quiet {
@@ -296,7 +324,10 @@ fn train_classifier(
     let (spec, config, start) = match &cli.resume {
         None => {
             let start = match &cli.init_weights {
-                Some(path) => Start::Weights(path.clone()),
+                Some(path) => Start::Weights {
+                    path: path.clone(),
+                    finetune: cli.finetune,
+                },
                 None => Start::Fresh,
             };
             (spec, config, start)
@@ -349,12 +380,21 @@ fn train_classifier(
             }
         }
     };
-    let data = data::load(
-        config.dataset,
-        &config.data_dir,
-        config.synthetic_images,
-        cli.data.source().as_ref(),
+    let fetch = cli.data.source();
+    let request = data::Request {
+        dataset: config.dataset,
+        dir: &config.data_dir,
+        synthetic_images: config.synthetic_images,
+        fetch: fetch.as_ref(),
+        folder: config.folder_options(),
+    };
+    let (data, report) = data::load(
+        &request,
+        &kiln::cli::decode_bar(reporter.output == Output::Human),
     )?;
+    if let Some(report) = report {
+        reporter.note(&kiln::cli::folder_summary(&config.data_dir, &data, &report));
+    }
     let stop = stop_on_signals()?;
     let options = Options {
         checkpoint_every: cli.checkpoint_every,

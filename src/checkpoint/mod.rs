@@ -14,13 +14,16 @@
 mod file;
 mod run_dir;
 
+use crate::data::ChannelStats;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
-pub use file::{load_weights, save_tensors, write_atomic, Weights, CHECKSUM_KEY};
+pub use file::{
+    load_weights, save_tensors, write_atomic, write_atomic_with, Weights, CHECKSUM_KEY,
+};
 pub use run_dir::{CheckpointScan, RunDir};
 
 use crate::config::Config;
@@ -97,6 +100,49 @@ pub fn assign(
     Ok(())
 }
 
+/// What [`assign_matching`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Matched {
+    /// Tensors taken from the file.
+    pub loaded: usize,
+    /// The model's tensors the file has no fitting tensor for (kept as initialised), with why.
+    pub fresh: Vec<String>,
+    /// The file's tensors the model has no place for.
+    pub unused: Vec<String>,
+}
+
+/// Fine-tuning's loading: every tensor of `tensors` whose name and shape match one of
+/// `params` is taken (converted to its dtype); the rest of `params` keep their values.
+pub fn assign_matching(
+    params: &[(String, Var)],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<Matched> {
+    let mut matched = Matched::default();
+    for (name, var) in params {
+        match tensors.get(name) {
+            Some(t) if t.dims() == var.dims() => {
+                var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+                matched.loaded += 1;
+            }
+            Some(t) => matched.fresh.push(format!(
+                "{name} {:?} (the file's is {:?})",
+                var.dims(),
+                t.dims()
+            )),
+            None => matched
+                .fresh
+                .push(format!("{name} {:?} (not in the file)", var.dims())),
+        }
+    }
+    matched.unused = tensors
+        .keys()
+        .filter(|k| !params.iter().any(|(n, _)| n == *k))
+        .cloned()
+        .collect();
+    matched.unused.sort();
+    Ok(matched)
+}
+
 /// Where a run stands.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Progress {
@@ -126,6 +172,10 @@ pub struct Checkpoint {
     /// The partial epoch's running sums, and the images they cover.
     pub tally: HashMap<String, Tensor>,
     pub tally_seen: usize,
+    /// The data's class names (absent from checkpoints of kiln before folders).
+    pub classes: Option<Vec<String>>,
+    /// The input normalisation trained with (absent from checkpoints of kiln before folders).
+    pub stats: Option<ChannelStats>,
 }
 
 const FORMAT_KEY: &str = "kiln.format";
@@ -142,6 +192,8 @@ pub struct Snapshot<'a> {
     pub optimizer: Vec<(String, Tensor)>,
     pub tally: Vec<(String, Tensor)>,
     pub tally_seen: usize,
+    pub classes: &'a [String],
+    pub stats: &'a ChannelStats,
 }
 
 pub fn save_checkpoint(path: &Path, snapshot: Snapshot) -> Result<()> {
@@ -170,6 +222,18 @@ pub fn save_checkpoint(path: &Path, snapshot: Snapshot) -> Result<()> {
         ("global_step".to_string(), p.global_step.to_string()),
         ("history".to_string(), p.history.clone()),
         ("tally_seen".to_string(), snapshot.tally_seen.to_string()),
+        (
+            "classes".to_string(),
+            serde_json::to_string(snapshot.classes).unwrap_or_default(),
+        ),
+        (
+            "normalize_mean".to_string(),
+            ChannelStats::list(&snapshot.stats.mean),
+        ),
+        (
+            "normalize_std".to_string(),
+            ChannelStats::list(&snapshot.stats.std),
+        ),
     ]);
     if let Some((epoch, accuracy)) = p.best {
         meta.insert("best_epoch".to_string(), epoch.to_string());
@@ -258,6 +322,15 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let device = file.metadata.get("device").cloned().unwrap_or_default();
     let config_text = file.metadata.get("config").cloned().unwrap_or_default();
     let config = Config::parse(&config_text, path)?;
+    let classes = file
+        .metadata
+        .get("classes")
+        .and_then(|list| serde_json::from_str(list).ok());
+    let meta = |key: &str| file.metadata.get(key);
+    let stats = match (meta("normalize_mean"), meta("normalize_std")) {
+        (Some(mean), Some(std)) => ChannelStats::parse(mean, std),
+        _ => None,
+    };
     let (mut weights, mut optimizer, mut tally) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (name, tensor) in file.tensors {
         let (group, rest) = match name.split_once('/') {
@@ -282,6 +355,8 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         optimizer,
         tally,
         tally_seen,
+        classes,
+        stats,
     })
 }
 
@@ -364,6 +439,8 @@ mod tests {
             optimizer: vec![("step".into(), Tensor::new(3f64, &Device::Cpu).unwrap())],
             tally: vec![],
             tally_seen: 0,
+            classes: &[],
+            stats: &ChannelStats::CIFAR10,
         }
     }
 

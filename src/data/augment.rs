@@ -45,16 +45,34 @@ impl fmt::Display for PaddingMode {
 }
 
 /// The `[augment]` table: what is done to each training image (never to test images).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Augment {
     /// Random crop of the original size from the image padded by this many pixels; 0 = off.
     pub crop_padding: usize,
     pub padding_mode: PaddingMode,
+    /// torchvision's `RandomResizedCrop`: a box of a random share of the area (drawn from
+    /// `resized_crop_scale`) and aspect ratio in [3/4, 4/3], resized back to the image size.
+    pub resized_crop: bool,
+    pub resized_crop_scale: [f32; 2],
     /// Horizontal flip with probability 1/2.
     pub flip: bool,
     /// Side of a square set to zero (the data's mean) around a random pixel; 0 = off.
     pub cutout: usize,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Self {
+            crop_padding: 0,
+            padding_mode: PaddingMode::Zero,
+            resized_crop: false,
+            // torchvision's default scale.
+            resized_crop_scale: [0.08, 1.0],
+            flip: false,
+            cutout: 0,
+        }
+    }
 }
 
 /// Tags the augmentation's hash apart from anything else a seed feeds.
@@ -62,11 +80,25 @@ const STREAM: u64 = 0x6175_676d_656e_7400; // "augment\0"
 
 impl Augment {
     pub fn is_off(&self) -> bool {
-        self.crop_padding == 0 && !self.flip && self.cutout == 0
+        self.crop_padding == 0 && !self.resized_crop && !self.flip && self.cutout == 0
     }
 
     /// Checks the settings against the data's image size.
     pub fn validate(&self, image_size: usize) -> Result<()> {
+        let [min, max] = self.resized_crop_scale;
+        if !(min > 0.0 && min <= max && max <= 1.0) {
+            return Err(Error::InvalidSetting(format!(
+                "augment.resized_crop_scale = [{min}, {max}] is not a range of area shares; \
+                 use 0 < min <= max <= 1, e.g. [0.08, 1.0]"
+            )));
+        }
+        if self.resized_crop && self.crop_padding > 0 {
+            return Err(Error::InvalidSetting(
+                "augment.resized_crop and augment.crop_padding are two kinds of random crop; \
+                 set crop_padding = 0 or resized_crop = false"
+                    .into(),
+            ));
+        }
         if self.padding_mode == PaddingMode::Reflect && self.crop_padding >= image_size {
             return Err(Error::InvalidSetting(format!(
                 "augment.crop_padding = {} reflects more than a {image_size}-pixel image holds; \
@@ -104,6 +136,7 @@ impl Augment {
             reflect: self.padding_mode == PaddingMode::Reflect,
             flip: self.flip,
             cutout: self.cutout,
+            resized_crop: self.resized_crop.then_some(self.resized_crop_scale),
         })
     }
 }

@@ -1,4 +1,4 @@
-//! The in-memory data set (images kept as u8, 3 KiB each) and the batches cut from it.
+//! A data set where training runs, and the batches cut from it.
 
 use std::ops::Range;
 
@@ -6,60 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::cifar::{CHANNELS, IMAGE_BYTES, MEAN, SIDE, STD};
+use super::images::{ChannelStats, ImageSet, CHANNELS};
 use crate::error::Result;
+use crate::ops::gather::{gather_normalise_from_bytes_into, ByteSource};
 use crate::ops::{gather_normalise_into, Augmentation, Normalisation};
-
-/// Labelled CHW images, 3072 bytes each, in one contiguous buffer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageSet {
-    images: Vec<u8>,
-    labels: Vec<u8>,
-}
-
-impl ImageSet {
-    pub fn with_capacity(count: usize) -> Self {
-        Self {
-            images: Vec::with_capacity(count * IMAGE_BYTES),
-            labels: Vec::with_capacity(count),
-        }
-    }
-
-    /// Appends one image (3072 CHW bytes) and its label.
-    pub fn push(&mut self, image: &[u8], label: u8) {
-        debug_assert_eq!(image.len(), IMAGE_BYTES);
-        self.images.extend_from_slice(image);
-        self.labels.push(label);
-    }
-
-    pub fn extend(&mut self, other: ImageSet) {
-        self.images.extend(other.images);
-        self.labels.extend(other.labels);
-    }
-
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    pub fn labels(&self) -> &[u8] {
-        &self.labels
-    }
-
-    pub fn image(&self, i: usize) -> &[u8] {
-        &self.images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
-    }
-
-    pub fn subset(&self, range: Range<usize>) -> ImageSet {
-        ImageSet {
-            images: self.images[range.start * IMAGE_BYTES..range.end * IMAGE_BYTES].to_vec(),
-            labels: self.labels[range].to_vec(),
-        }
-    }
-}
 
 /// The order of one epoch over `len` items: shuffled with `rng`, or file order.
 pub fn epoch_order(len: usize, rng: Option<&mut impl Rng>) -> Vec<usize> {
@@ -77,42 +27,74 @@ pub fn epoch_order(len: usize, rng: Option<&mut impl Rng>) -> Vec<usize> {
 pub struct BatchBuffer(Option<Tensor>);
 
 impl BatchBuffer {
-    /// The first `n` rows [n, 3072], the buffer made (or grown) on first need.
-    fn rows(&mut self, n: usize, device: &Device) -> Result<Tensor> {
+    /// The first `n` rows [n, bytes], the buffer made (or grown) on first need.
+    fn rows(&mut self, n: usize, bytes: usize, device: &Device) -> Result<Tensor> {
         if let Some(buffer) = &self.0 {
-            if buffer.dim(0)? >= n {
+            if buffer.dim(0)? >= n && buffer.dim(1)? == bytes {
                 return Ok(buffer.narrow(0, 0, n)?);
             }
         }
-        let buffer = Tensor::zeros((n, IMAGE_BYTES), DType::F32, device)?;
+        let buffer = Tensor::zeros((n, bytes), DType::F32, device)?;
         self.0 = Some(buffer.clone());
         Ok(buffer)
     }
 }
 
 /// A labelled set held where training runs, as u8 (CIFAR-10's training set: 150 MB): each batch
-/// is gathered, converted and normalised there in one pass (kiln's op), so a GPU step copies
-/// nothing from the host.
+/// is gathered, augmented, converted and normalised there in one pass (kiln's op), so a GPU
+/// step copies nothing from the host. A set memory-mapped from its cache file stays mapped on
+/// the CPU: batches read the file's pages, and a set larger than memory still trains.
 pub struct DeviceSet {
-    /// [N, 3072] u8
-    images: Tensor,
+    images: Images,
     /// [N] u32
     labels: Tensor,
     /// The labels on the host too, for figures such as a confusion matrix.
-    host_labels: Vec<u8>,
+    host_labels: Vec<u32>,
+    side: usize,
+    stats: ChannelStats,
+}
+
+enum Images {
+    /// [N, bytes] u8 on the device.
+    Tensor(Tensor),
+    /// `count` images at `offset` of a mapped file (CPU only).
+    Mapped {
+        source: ByteSource,
+        offset: usize,
+        count: usize,
+    },
 }
 
 impl DeviceSet {
-    /// Takes `set` where training runs: on the CPU its bytes move into the tensor (one copy of
-    /// the data set in memory, not two); on a GPU they are uploaded once.
-    pub fn new(set: ImageSet, device: &Device) -> Result<Self> {
-        let ImageSet { images, labels } = set;
-        let count = labels.len();
-        let device_labels: Vec<u32> = labels.iter().map(|&l| u32::from(l)).collect();
+    /// Takes `set` where training runs, to be normalised with `stats`: on the CPU its bytes move
+    /// into the tensor (one copy of the data set in memory, not two) or stay mapped; on a GPU
+    /// they are uploaded once.
+    pub fn new(set: ImageSet, stats: ChannelStats, device: &Device) -> Result<Self> {
+        let (count, side, bytes) = (set.len(), set.side(), set.image_bytes());
+        let mapping = set.mapping().filter(|_| device.is_cpu());
+        let (images, labels) = match mapping {
+            Some((map, offset)) => {
+                let labels = set.labels().to_vec();
+                let source: ByteSource = map;
+                let images = Images::Mapped {
+                    source,
+                    offset,
+                    count,
+                };
+                (images, labels)
+            }
+            None => {
+                let (pixels, labels) = set.into_parts();
+                let images = Tensor::from_vec(pixels, (count, bytes), device)?;
+                (Images::Tensor(images), labels)
+            }
+        };
         Ok(Self {
-            images: Tensor::from_vec(images, (count, IMAGE_BYTES), device)?,
-            labels: Tensor::from_vec(device_labels, count, device)?,
+            images,
+            labels: Tensor::from_vec(labels.clone(), count, device)?,
             host_labels: labels,
+            side,
+            stats,
         })
     }
 
@@ -124,8 +106,13 @@ impl DeviceSet {
         self.host_labels.is_empty()
     }
 
-    pub fn labels(&self) -> &[u8] {
+    pub fn labels(&self) -> &[u32] {
         &self.host_labels
+    }
+
+    /// Image side in pixels.
+    pub fn side(&self) -> usize {
+        self.side
     }
 
     /// An epoch's order (from [`epoch_order`]) on the device, copied there once.
@@ -135,7 +122,7 @@ impl DeviceSet {
         Ok(Tensor::from_vec(order, len, self.labels.device())?)
     }
 
-    /// The images at `order[range]` as a normalised f32 batch [n, 3, 32, 32], written into
+    /// The images at `order[range]` as a normalised f32 batch [n, 3, side, side], written into
     /// `buffer`, augmented as `augment` draws, and their labels [n] (u32).
     pub fn batch(
         &self,
@@ -146,15 +133,26 @@ impl DeviceSet {
     ) -> Result<(Tensor, Tensor)> {
         let n = range.len();
         let indices = order.narrow(0, range.start, n)?;
+        let plane = self.side * self.side;
         let norm = Normalisation {
-            mean: &MEAN,
-            std: &STD,
-            plane: SIDE * SIDE,
+            mean: &self.stats.mean,
+            std: &self.stats.std,
+            plane,
         };
-        let images = buffer.rows(n, self.images.device())?;
-        gather_normalise_into(&images, &self.images, &indices, norm, augment)?;
+        let bytes = CHANNELS * plane;
+        let images = buffer.rows(n, bytes, self.labels.device())?;
+        match &self.images {
+            Images::Tensor(all) => gather_normalise_into(&images, all, &indices, norm, augment)?,
+            Images::Mapped {
+                source,
+                offset,
+                count,
+            } => gather_normalise_from_bytes_into(
+                &images, source, *offset, *count, bytes, &indices, norm, augment,
+            )?,
+        }
         Ok((
-            images.reshape((n, CHANNELS, SIDE, SIDE))?,
+            images.reshape((n, CHANNELS, self.side, self.side))?,
             self.labels.index_select(&indices, 0)?,
         ))
     }
@@ -178,18 +176,19 @@ mod tests {
     #[test]
     fn batches_are_normalised_chw_with_their_labels() {
         let set = synthetic::generate(5, 3);
-        let on_device = DeviceSet::new(set.clone(), &Device::Cpu).unwrap();
+        let stats = ChannelStats::CIFAR10;
+        let on_device = DeviceSet::new(set.clone(), stats, &Device::Cpu).unwrap();
         let order = on_device.order(&[0, 4, 1, 2]).unwrap();
         let mut buffer = BatchBuffer::default();
         let (x, y) = on_device.batch(&order, 1..3, &mut buffer, None).unwrap();
         assert_eq!(x.dims(), &[2, 3, 32, 32]);
-        let expected: Vec<u32> = [4, 1].iter().map(|&i| set.labels()[i] as u32).collect();
+        let expected: Vec<u32> = [4, 1].iter().map(|&i| set.labels()[i]).collect();
         assert_eq!(y.to_vec1::<u32>().unwrap(), expected);
         let pixels = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Second image of the batch (index 1), green channel, pixel 5.
         let byte = set.image(1)[1024 + 5] as f32;
-        let want = (byte / 255.0 - MEAN[1]) / STD[1];
-        assert_eq!(pixels[IMAGE_BYTES + 1024 + 5], want);
+        let want = (byte / 255.0 - stats.mean[1]) / stats.std[1];
+        assert_eq!(pixels[3072 + 1024 + 5], want);
     }
 
     #[test]

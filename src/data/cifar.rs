@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::batches::ImageSet;
+use super::images::{ChannelStats, ImageSet, CHANNELS};
 use super::DataSets;
 use crate::error::{Error, Result};
 
@@ -30,14 +30,9 @@ pub const CLASSES: [&str; 10] = [
     "ship",
     "truck",
 ];
-pub const CHANNELS: usize = 3;
 pub const SIDE: usize = 32;
 pub const IMAGE_BYTES: usize = CHANNELS * SIDE * SIDE;
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
-
-/// The standard per-channel statistics of the CIFAR-10 training set, used to normalise inputs.
-pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
 
 /// Loads the training files and the test file from `dir`.
 pub fn load(dir: &Path) -> Result<DataSets> {
@@ -52,7 +47,7 @@ pub fn load(dir: &Path) -> Result<DataSets> {
         .iter()
         .map(|p| std::fs::metadata(p).map_or(0, |m| m.len() as usize / RECORD_BYTES))
         .sum();
-    let mut train = ImageSet::with_capacity(records);
+    let mut train = ImageSet::with_capacity(records, SIDE);
     for path in &train_paths {
         train.extend(read_records(path)?);
     }
@@ -68,6 +63,7 @@ pub fn load(dir: &Path) -> Result<DataSets> {
         train,
         test,
         classes: CLASSES.iter().map(|s| s.to_string()).collect(),
+        stats: ChannelStats::CIFAR10,
     })
 }
 
@@ -123,7 +119,7 @@ pub fn read_records(path: &Path) -> Result<ImageSet> {
         });
     }
     let count = bytes.len() / RECORD_BYTES;
-    let mut set = ImageSet::with_capacity(count);
+    let mut set = ImageSet::with_capacity(count, SIDE);
     for (i, record) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
         let label = record[0];
         if label as usize >= CLASSES.len() {
@@ -132,7 +128,7 @@ pub fn read_records(path: &Path) -> Result<ImageSet> {
                 message: format!("record {i} has label {label}, but CIFAR-10 labels are 0..=9"),
             });
         }
-        set.push(&record[1..], label);
+        set.push(&record[1..], u32::from(label));
     }
     Ok(set)
 }
@@ -141,7 +137,12 @@ pub fn read_records(path: &Path) -> Result<ImageSet> {
 pub fn write_records(path: &Path, set: &ImageSet) -> Result<()> {
     let mut bytes = Vec::with_capacity(set.len() * RECORD_BYTES);
     for i in 0..set.len() {
-        bytes.push(set.labels()[i]);
+        let label = set.labels()[i];
+        let label = u8::try_from(label).map_err(|_| Error::DataInvalid {
+            path: path.to_path_buf(),
+            message: format!("label {label} does not fit the binary layout's byte"),
+        })?;
+        bytes.push(label);
         bytes.extend_from_slice(set.image(i));
     }
     std::fs::write(path, bytes).map_err(Error::io("cannot write", path))

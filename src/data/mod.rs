@@ -5,6 +5,8 @@ pub mod augment;
 pub mod batches;
 pub mod cifar;
 pub mod download;
+pub mod folder;
+pub mod images;
 pub mod synthetic;
 
 use std::fmt;
@@ -13,15 +15,18 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use batches::ImageSet;
+pub use images::{ChannelStats, ImageSet};
 
 use crate::error::{Error, Result};
 
-/// The training and test sets of a run, and the names of their classes in label order.
+/// The training and test sets of a run, the names of their classes in label order, and the
+/// statistics inputs are normalised with.
+#[derive(Debug)]
 pub struct DataSets {
     pub train: ImageSet,
     pub test: ImageSet,
     pub classes: Vec<String>,
+    pub stats: ChannelStats,
 }
 
 /// Where a run's images come from.
@@ -33,6 +38,8 @@ pub enum Dataset {
     Cifar10,
     /// Generated in memory: ten classes of coloured shapes; needs no files and no network.
     Synthetic,
+    /// A folder of pictures in the ImageFolder layout (`DIR/<class>/*.jpg`).
+    Folder,
 }
 
 impl FromStr for Dataset {
@@ -42,8 +49,9 @@ impl FromStr for Dataset {
         match s.to_ascii_lowercase().as_str() {
             "cifar10" | "cifar-10" => Ok(Self::Cifar10),
             "synthetic" => Ok(Self::Synthetic),
+            "folder" => Ok(Self::Folder),
             _ => Err(Error::InvalidSetting(format!(
-                "unknown data set '{s}': expected cifar10 or synthetic"
+                "unknown data set '{s}': expected cifar10, synthetic or folder"
             ))),
         }
     }
@@ -54,6 +62,7 @@ impl fmt::Display for Dataset {
         f.write_str(match self {
             Self::Cifar10 => "cifar10",
             Self::Synthetic => "synthetic",
+            Self::Folder => "folder",
         })
     }
 }
@@ -64,51 +73,85 @@ pub const SYNTHETIC_TEST_IMAGES: usize = 2000;
 const SYNTHETIC_TRAIN_SEED: u64 = 1;
 const SYNTHETIC_TEST_SEED: u64 = 2;
 
-/// Loads both sets; `fetch` (None with `--no-download`) says where missing CIFAR-10 comes from.
+/// What to load, and how.
+pub struct Request<'a> {
+    pub dataset: Dataset,
+    /// The CIFAR-10 files' or the image folder's directory.
+    pub dir: &'a Path,
+    /// Training images generated for `synthetic`.
+    pub synthetic_images: usize,
+    /// Where missing CIFAR-10 comes from; None with `--no-download`.
+    pub fetch: Option<&'a download::Source>,
+    /// How a folder is split and decoded.
+    pub folder: folder::FolderOptions,
+}
+
+/// Both sets, and for a folder what its scan found (ignored files, skipped images, caches).
+/// `progress` hears how decoding a folder goes.
 pub fn load(
-    dataset: Dataset,
-    dir: &Path,
-    synthetic_images: usize,
-    fetch: Option<&download::Source>,
-) -> Result<DataSets> {
-    match dataset {
-        Dataset::Cifar10 => {
-            fetch_if_missing(dir, fetch)?;
-            cifar::load(dir)
+    request: &Request,
+    progress: folder::Progress,
+) -> Result<(DataSets, Option<folder::FolderReport>)> {
+    let size = request.folder.image_size;
+    let fixed_size = |name: &str| {
+        if size == cifar::SIDE {
+            Ok(())
+        } else {
+            Err(Error::InvalidSetting(format!(
+                "{name} images are {0}x{0}; image_size = {size} is for --dataset folder (drop it or set it to {0})",
+                cifar::SIDE
+            )))
         }
-        Dataset::Synthetic => Ok(DataSets {
-            train: synthetic::generate(synthetic_images, SYNTHETIC_TRAIN_SEED),
-            test: synthetic_test_set(),
-            classes: names(&synthetic::CLASSES),
-        }),
+    };
+    match request.dataset {
+        Dataset::Cifar10 => {
+            fixed_size("CIFAR-10")?;
+            fetch_if_missing(request.dir, request.fetch)?;
+            Ok((cifar::load(request.dir)?, None))
+        }
+        Dataset::Synthetic => {
+            fixed_size("synthetic")?;
+            let sets = DataSets {
+                train: synthetic::generate(request.synthetic_images, SYNTHETIC_TRAIN_SEED),
+                test: synthetic_test_set(),
+                classes: names(&synthetic::CLASSES),
+                stats: ChannelStats::CIFAR10,
+            };
+            Ok((sets, None))
+        }
+        Dataset::Folder => {
+            let (sets, report) = folder::load(request.dir, &request.folder, progress)?;
+            Ok((sets, Some(report)))
+        }
     }
 }
 
-/// The class names of a data set.
-pub fn class_names(dataset: Dataset) -> Vec<String> {
-    match dataset {
-        Dataset::Cifar10 => names(&cifar::CLASSES),
-        Dataset::Synthetic => names(&synthetic::CLASSES),
+/// Only the evaluation split, its class names and the training split's statistics (a folder is
+/// scanned and split as training did; its caches make that quick).
+pub fn load_test(
+    request: &Request,
+    progress: folder::Progress,
+) -> Result<(ImageSet, Vec<String>, ChannelStats)> {
+    match request.dataset {
+        Dataset::Cifar10 => {
+            fetch_if_missing(request.dir, request.fetch)?;
+            let test = cifar::load_test(request.dir)?;
+            Ok((test, names(&cifar::CLASSES), ChannelStats::CIFAR10))
+        }
+        Dataset::Synthetic => Ok((
+            synthetic_test_set(),
+            names(&synthetic::CLASSES),
+            ChannelStats::CIFAR10,
+        )),
+        Dataset::Folder => {
+            let (sets, _) = load(request, progress)?;
+            Ok((sets.test, sets.classes, sets.stats))
+        }
     }
 }
 
 fn names(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
-}
-
-/// Loads only the test set (all that evaluation needs).
-pub fn load_test(
-    dataset: Dataset,
-    dir: &Path,
-    fetch: Option<&download::Source>,
-) -> Result<ImageSet> {
-    match dataset {
-        Dataset::Cifar10 => {
-            fetch_if_missing(dir, fetch)?;
-            cifar::load_test(dir)
-        }
-        Dataset::Synthetic => Ok(synthetic_test_set()),
-    }
 }
 
 fn fetch_if_missing(dir: &Path, fetch: Option<&download::Source>) -> Result<()> {

@@ -4,8 +4,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::batches::ImageSet;
-use super::cifar::{CHANNELS, IMAGE_BYTES, SIDE};
+use super::cifar::{IMAGE_BYTES, SIDE};
+use super::images::{ImageSet, CHANNELS};
 
 /// One foreground colour per class, so colour alone is a clue and shape is another.
 const PALETTE: [[f32; 3]; 10] = [
@@ -36,7 +36,7 @@ pub const CLASSES: [&str; 10] = [
 ];
 
 /// Whether pixel (x, y), shifted by the image's random offset, belongs to class `label`'s shape.
-fn in_shape(label: u8, x: i32, y: i32) -> bool {
+fn in_shape(label: u32, x: i32, y: i32) -> bool {
     let (cx, cy) = (x - 16, y - 16);
     let r2 = cx * cx + cy * cy;
     match label {
@@ -56,10 +56,10 @@ fn in_shape(label: u8, x: i32, y: i32) -> bool {
 /// `count` images with labels cycling 0..=9, the same for the same seed.
 pub fn generate(count: usize, seed: u64) -> ImageSet {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut set = ImageSet::with_capacity(count);
+    let mut set = ImageSet::with_capacity(count, SIDE);
     let mut image = vec![0u8; IMAGE_BYTES];
     for i in 0..count {
-        let label = (i % PALETTE.len()) as u8;
+        let label = (i % PALETTE.len()) as u32;
         let background: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..110.0));
         let (dx, dy) = (rng.random_range(-3..=3), rng.random_range(-3..=3));
         for y in 0..SIDE {

@@ -8,6 +8,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     name: "linear",
     about: "one Linear(1, 1) fitting y = 3x + 2 (set-up check)",
     task: Task::LinearFit,
+    has_stem: false,
     default_config: include_str!("../../configs/linear.toml"),
     build,
 };

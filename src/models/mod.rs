@@ -31,10 +31,16 @@ pub struct ModelSpec {
     /// One line for `--help` and error messages.
     pub about: &'static str,
     pub task: Task,
+    /// `stem` and `width` shape the network (ResNets); others ignore them.
+    pub has_stem: bool,
     /// The model's `configs/<name>.toml`, built in so the binary works from any directory.
     pub default_config: &'static str,
     pub build: fn(&Architecture, &Scope) -> candle_core::Result<Box<dyn ModuleT>>,
 }
+
+/// Every image classifier's last layer, named as torchvision's: fine-tuning starts it afresh
+/// for the new classes and may train it alone.
+pub const HEAD: &str = "fc";
 
 pub const MODELS: &[ModelSpec] = &[
     simplecnn::SPEC,

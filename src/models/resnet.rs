@@ -18,6 +18,7 @@ pub const RESNET18: ModelSpec = ModelSpec {
     name: "resnet18",
     about: "ResNet-18 (torchvision's; CIFAR stem for small images), BatchNorm, 11M parameters",
     task: Task::ImageClassification,
+    has_stem: true,
     default_config: include_str!("../../configs/resnet18.toml"),
     build: |arch, scope| {
         Ok(Box::new(ResNet::new(
@@ -32,6 +33,7 @@ pub const RESNET34: ModelSpec = ModelSpec {
     name: "resnet34",
     about: "ResNet-34 (torchvision's), 21M parameters",
     task: Task::ImageClassification,
+    has_stem: true,
     default_config: include_str!("../../configs/resnet34.toml"),
     build: |arch, scope| {
         Ok(Box::new(ResNet::new(
@@ -46,6 +48,7 @@ pub const RESNET50: ModelSpec = ModelSpec {
     name: "resnet50",
     about: "ResNet-50 (torchvision's, Bottleneck blocks), the course's benchmark, 24M parameters",
     task: Task::ImageClassification,
+    has_stem: true,
     default_config: include_str!("../../configs/resnet50.toml"),
     build: |arch, scope| {
         Ok(Box::new(ResNet::new(

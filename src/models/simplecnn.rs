@@ -12,6 +12,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     name: "simplecnn",
     about: "the tutorials' SimpleCNN for CIFAR-10 (conv 3->16, ReLU, max-pool, linear 4096->10)",
     task: Task::ImageClassification,
+    has_stem: false,
     default_config: include_str!("../../configs/simplecnn.toml"),
     build,
 };
@@ -80,7 +81,12 @@ mod tests {
         let params = ParamStore::new(3);
         let model = SimpleCnn::new(32, 10, params.var_builder(&Device::Cpu)).unwrap();
         let mut optimizer = optim::build(&config, params.vars()).unwrap();
-        let set = DeviceSet::new(synthetic::generate(40, 9), &Device::Cpu).unwrap();
+        let set = DeviceSet::new(
+            synthetic::generate(40, 9),
+            crate::data::ChannelStats::CIFAR10,
+            &Device::Cpu,
+        )
+        .unwrap();
         let order = set.order(&(0..40).collect::<Vec<_>>()).unwrap();
         let (x, y) = set
             .batch(&order, 0..40, &mut BatchBuffer::default(), None)

@@ -1,5 +1,6 @@
 //! A batch from a data set kept on the device as u8: images gathered by index, optionally
-//! augmented (random crop with zero or reflect padding, horizontal flip, cutout), scaled to
+//! augmented (random crop with zero or reflect padding, or a random resized crop; horizontal
+//! flip; cutout), scaled to
 //! [0, 1] and normalised per channel, in one pass where the data lives (CPU or CUDA), into a
 //! buffer the caller keeps from batch to batch. Elsewhere (Metal): candle's index-select, cast,
 //! slicing and broadcast arithmetic, which is also the reference, copied into the buffer.
@@ -28,8 +29,12 @@ const MAX_CHANNELS: usize = 4;
 /// The random transforms of one batch, as torchvision's `RandomCrop(size, padding,
 /// padding_mode)` then `RandomHorizontalFlip()` on the u8 image, normalisation, then cutout
 /// (DeVries & Taylor: a `cutout` x `cutout` square around a random pixel, clipped at the
-/// borders, set to zero after normalisation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// borders, set to zero after normalisation). With `resized_crop`, torchvision's
+/// `RandomResizedCrop(size, scale)` takes the place of the padded crop: a box of a random share
+/// of the area and aspect ratio in [3/4, 4/3], resized back to the image's size bilinearly
+/// (half-pixel centres, no antialiasing), with weights in 1/256 steps so that every backend
+/// computes the same bytes exactly.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Augmentation {
     /// The batch's key: every draw derives from it (see `data::augment`).
     pub key: u64,
@@ -42,6 +47,17 @@ pub struct Augmentation {
     pub flip: bool,
     /// The cutout square's side; 0 means none.
     pub cutout: usize,
+    /// The share of the area a resized crop keeps, drawn from [min, max]; None means none.
+    pub resized_crop: Option<[f32; 2]>,
+}
+
+/// A resized crop's box in the source image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropBox {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
 }
 
 /// One image's draws.
@@ -50,6 +66,8 @@ pub struct Draw {
     /// Crop offsets into the padded image.
     pub dy: usize,
     pub dx: usize,
+    /// The resized crop's box, when there is one.
+    pub crop: Option<CropBox>,
     pub flip: bool,
     /// The cutout square's rows and columns, half-open (empty without cutout).
     pub cut_rows: (usize, usize),
@@ -71,7 +89,54 @@ impl Augmentation {
         (((h >> 32) * n as u64) >> 32) as usize
     }
 
-    /// Image `i`'s crop offsets, flip and cutout square, for images of `height` rows.
+    /// Draw `k` of attempt `attempt` at a resized crop of image `i`: uniform in [0, 1).
+    fn unit(&self, i: usize, attempt: u64, k: u64) -> f64 {
+        let h = mix(mix(self.key ^ mix(((i as u64) << 3) | 5)) ^ (attempt << 2 | k));
+        (h >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// torchvision's `RandomResizedCrop.get_params` on a `height` x `width` image: up to ten
+    /// tries at a box of a random area share and log-uniform aspect ratio that fits, then the
+    /// centre crop with the ratio clamped to [3/4, 4/3].
+    fn crop_box(&self, i: usize, [min, max]: [f32; 2], height: usize) -> CropBox {
+        let (h, w) = (height as f64, self.width as f64);
+        let (min_ratio, max_ratio) = (3f64 / 4.0, 4f64 / 3.0);
+        for attempt in 0..10 {
+            let share = min as f64 + (max as f64 - min as f64) * self.unit(i, attempt, 0);
+            let log_ratio =
+                min_ratio.ln() + (max_ratio.ln() - min_ratio.ln()) * self.unit(i, attempt, 1);
+            let area = h * w * share;
+            let ratio = log_ratio.exp();
+            let cw = (area * ratio).sqrt().round_ties_even() as usize;
+            let ch = (area / ratio).sqrt().round_ties_even() as usize;
+            if (1..=self.width).contains(&cw) && (1..=height).contains(&ch) {
+                let pick = |k, room: usize| {
+                    ((self.unit(i, attempt, k) * (room + 1) as f64) as usize).min(room)
+                };
+                return CropBox {
+                    top: pick(2, height - ch),
+                    left: pick(3, self.width - cw),
+                    height: ch,
+                    width: cw,
+                };
+            }
+        }
+        let (ch, cw) = if w / h < min_ratio {
+            ((w / min_ratio).round_ties_even() as usize, self.width)
+        } else if w / h > max_ratio {
+            (height, (h * max_ratio).round_ties_even() as usize)
+        } else {
+            (height, self.width)
+        };
+        CropBox {
+            top: (height - ch) / 2,
+            left: (self.width - cw) / 2,
+            height: ch,
+            width: cw,
+        }
+    }
+
+    /// Image `i`'s crop offsets or box, flip and cutout square, for images of `height` rows.
     pub fn draw(&self, i: usize, height: usize) -> Draw {
         let side = 2 * self.crop_padding + 1;
         let (dy, dx) = (self.uniform(i, 0, side), self.uniform(i, 1, side));
@@ -87,6 +152,9 @@ impl Augmentation {
         Draw {
             dy,
             dx,
+            crop: self
+                .resized_crop
+                .map(|scale| self.crop_box(i, scale, height)),
             flip,
             cut_rows: span(self.uniform(i, 3, height), height),
             cut_cols: span(self.uniform(i, 4, self.width), self.width),
@@ -109,6 +177,19 @@ impl Augmentation {
         } else {
             2 * (size - 1) - (p - pad)
         })
+    }
+}
+
+/// Where output position `p` (of `size`) samples a crop of `extent` source pixels, bilinearly
+/// with half-pixel centres (PyTorch's `align_corners=False`): the first source pixel and the
+/// second's weight in 1/256 steps (0 at the far edge). Integer arithmetic, as in kernels.cu.
+pub fn resize_tap(p: usize, size: usize, extent: usize) -> (usize, u32) {
+    let at = ((2 * p + 1) * extent * 256).saturating_sub(size * 256) / (2 * size);
+    let (first, weight) = (at / 256, (at % 256) as u32);
+    if first + 1 >= extent {
+        (extent - 1, 0)
+    } else {
+        (first, weight)
     }
 }
 
@@ -161,6 +242,13 @@ pub fn gather_normalise_into(
                 a.width
             );
         }
+        if let Some([min, max]) = a.resized_crop {
+            if a.crop_padding > 0 || !(min > 0.0 && min <= max && max <= 1.0) {
+                candle_core::bail!(
+                    "gather_normalise: a resized crop takes an area share in (0, 1] and no padding"
+                );
+            }
+        }
     }
     let n = order.dim(0)?;
     if out.dims() != [n, bytes] || out.dtype() != DType::F32 || !out.is_contiguous() {
@@ -186,6 +274,70 @@ pub fn gather_normalise_into(
     } else {
         let batch = gather_normalise_reference(images, order, norm, augment)?;
         out.slice_set(&batch, 0, 0)
+    }
+}
+
+/// A source of image bytes outside any tensor: a memory-mapped cache file.
+pub type ByteSource = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// [`gather_normalise_into`] from `count` images of `bytes` each at `offset` in `source`, on
+/// the CPU: a data set memory-mapped from its cache file trains without being read into memory
+/// first (the OS pages in what the batches touch).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_normalise_from_bytes_into(
+    out: &Tensor,
+    source: &ByteSource,
+    offset: usize,
+    count: usize,
+    bytes: usize,
+    order: &Tensor,
+    norm: Normalisation,
+    augment: Option<&Augmentation>,
+) -> candle_core::Result<()> {
+    let end = offset + count * bytes;
+    if end > source.as_ref().as_ref().len() {
+        candle_core::bail!(
+            "gather_normalise: {count} images of {bytes} bytes overrun their source"
+        );
+    }
+    let op = GatherFromBytes {
+        gather: GatherNormalise {
+            mean: norm.mean.to_vec(),
+            std: norm.std.to_vec(),
+            plane: norm.plane,
+            augment: augment.copied(),
+        },
+        source: source.clone(),
+        range: offset..end,
+        bytes,
+    };
+    out.inplace_op2(&order.contiguous()?, &op)
+}
+
+struct GatherFromBytes {
+    gather: GatherNormalise,
+    source: ByteSource,
+    range: std::ops::Range<usize>,
+    bytes: usize,
+}
+
+impl candle_core::InplaceOp2 for GatherFromBytes {
+    fn name(&self) -> &'static str {
+        "kiln-gather-normalise-bytes"
+    }
+
+    fn cpu_fwd(
+        &self,
+        out: &mut CpuStorage,
+        out_layout: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
+    ) -> candle_core::Result<()> {
+        let out = contiguous_f32_mut(out, out_layout, "output")?;
+        let order = contiguous_u32(os, ol, "indices")?;
+        let images = &self.source.as_ref().as_ref()[self.range.clone()];
+        let count = self.range.len() / self.bytes.max(1);
+        self.gather.cpu(images, count, self.bytes, order, out)
     }
 }
 
@@ -241,11 +393,34 @@ pub fn gather_normalise_reference(
     for i in 0..n {
         let d = a.draw(i, h);
         let image = gathered.get(i)?.reshape((channels, h, w))?;
-        let padded = pad(&pad(&image, 1)?, 2)?;
-        let mut crop = padded
-            .narrow(1, d.dy, h)?
-            .narrow(2, d.dx, w)?
-            .contiguous()?;
+        let mut crop = match d.crop {
+            // Resizing as two matrix products: every weight is a multiple of 1/256 and every
+            // sum fits f32's mantissa, so the result is exact whatever the order of additions.
+            Some(b) => {
+                let taps = |size: usize, extent: usize| {
+                    let mut m = vec![0f32; size * extent];
+                    for p in 0..size {
+                        let (first, weight) = resize_tap(p, size, extent);
+                        m[p * extent + first] += (256 - weight) as f32 / 256.0;
+                        if weight > 0 {
+                            m[p * extent + first + 1] += weight as f32 / 256.0;
+                        }
+                    }
+                    Tensor::from_vec(m, (size, extent), device)
+                };
+                let window = image
+                    .narrow(1, b.top, b.height)?
+                    .narrow(2, b.left, b.width)?
+                    .contiguous()?;
+                taps(h, b.height)?
+                    .broadcast_matmul(&window)?
+                    .broadcast_matmul(&taps(w, b.width)?.t()?)?
+            }
+            None => pad(&pad(&image, 1)?, 2)?
+                .narrow(1, d.dy, h)?
+                .narrow(2, d.dx, w)?
+                .contiguous()?,
+        };
         if d.flip {
             crop = crop.index_select(&reversed(w)?, 2)?;
         }
@@ -283,28 +458,17 @@ impl GatherNormalise {
         let (count, bytes) = il.shape().dims2()?;
         Ok((count, bytes, ol.shape().dims1()?))
     }
-}
 
-impl InplaceOp3 for GatherNormalise {
-    fn name(&self) -> &'static str {
-        "kiln-gather-normalise"
-    }
-
-    fn cpu_fwd(
+    /// The CPU kernel: images (`count` of `bytes` each) at `order`, written into `out`.
+    fn cpu(
         &self,
-        out: &mut CpuStorage,
-        out_layout: &Layout,
-        is: &CpuStorage,
-        il: &Layout,
-        os: &CpuStorage,
-        ol: &Layout,
+        images: &[u8],
+        count: usize,
+        bytes: usize,
+        order: &[u32],
+        out: &mut [f32],
     ) -> candle_core::Result<()> {
-        let (count, bytes, n) = self.sizes(il, ol)?;
-        let out = contiguous_f32_mut(out, out_layout, "output")?;
-        let (CpuStorage::U8(images), Some((i0, i1))) = (is, il.contiguous_offsets()) else {
-            candle_core::bail!("gather_normalise: images must be a contiguous u8 tensor");
-        };
-        let (images, order) = (&images[i0..i1], contiguous_u32(os, ol, "indices")?);
+        let n = order.len();
         if let Some(bad) = order.iter().find(|&&i| i as usize >= count) {
             candle_core::bail!("gather_normalise: index {bad} is past the {count} images");
         }
@@ -343,6 +507,36 @@ impl InplaceOp3 for GatherNormalise {
                 };
                 let (h, w) = (self.plane / a.width, a.width);
                 let d = a.draw(slot, h);
+                if let Some(crop) = d.crop {
+                    let rows: Vec<_> = (0..h).map(|y| resize_tap(y, h, crop.height)).collect();
+                    let cols: Vec<_> = (0..w)
+                        .map(|x| resize_tap(if d.flip { w - 1 - x } else { x }, w, crop.width))
+                        .collect();
+                    for (((out, image), m), s) in out
+                        .chunks_mut(self.plane)
+                        .zip(image.chunks(self.plane))
+                        .zip(&self.mean)
+                        .zip(&self.std)
+                    {
+                        for (row, &(y, fy)) in out.chunks_mut(w).zip(&rows) {
+                            let near = &image[(crop.top + y) * w + crop.left..];
+                            let far =
+                                &image[(crop.top + y + usize::from(fy > 0)) * w + crop.left..];
+                            for (o, &(x, fx)) in row.iter_mut().zip(&cols) {
+                                let x1 = x + usize::from(fx > 0);
+                                let lerp = |line: &[u8]| {
+                                    line[x] as u32 * (256 - fx) + line[x1] as u32 * fx
+                                };
+                                let value = lerp(near) * (256 - fy) + lerp(far) * fy;
+                                *o = (value as f32 / 65536.0 / 255.0 - m) / s;
+                            }
+                        }
+                        for row in d.cut_rows.0..d.cut_rows.1 {
+                            out[row * w..][d.cut_cols.0..d.cut_cols.1].fill(0.0);
+                        }
+                    }
+                    return;
+                }
                 for ((out, image), table) in planes {
                     for (y, row) in out.chunks_mut(w).enumerate() {
                         let Some(sy) = a.source(y + d.dy, h) else {
@@ -363,6 +557,30 @@ impl InplaceOp3 for GatherNormalise {
                 }
             });
         Ok(())
+    }
+}
+
+impl InplaceOp3 for GatherNormalise {
+    fn name(&self) -> &'static str {
+        "kiln-gather-normalise"
+    }
+
+    fn cpu_fwd(
+        &self,
+        out: &mut CpuStorage,
+        out_layout: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
+    ) -> candle_core::Result<()> {
+        let (count, bytes, _) = self.sizes(il, ol)?;
+        let out = contiguous_f32_mut(out, out_layout, "output")?;
+        let (CpuStorage::U8(images), Some((i0, i1))) = (is, il.contiguous_offsets()) else {
+            candle_core::bail!("gather_normalise: images must be a contiguous u8 tensor");
+        };
+        let order = contiguous_u32(os, ol, "indices")?;
+        self.cpu(&images[i0..i1], count, bytes, order, out)
     }
 
     #[cfg(feature = "cuda")]
@@ -398,6 +616,7 @@ impl InplaceOp3 for GatherNormalise {
             reflect: u32,
             flip: u32,
             cutout: u32,
+            resized: u32,
         }
         // SAFETY: integers, laid out as kernels.cu's `Augment`.
         unsafe impl DeviceRepr for Augment {}
@@ -410,6 +629,7 @@ impl InplaceOp3 for GatherNormalise {
                 reflect: u32::from(a.reflect),
                 flip: u32::from(a.flip),
                 cutout: a.cutout as u32,
+                resized: u32::from(a.resized_crop.is_some()),
             },
             None => Augment {
                 key: 0,
@@ -419,6 +639,7 @@ impl InplaceOp3 for GatherNormalise {
                 reflect: 0,
                 flip: 0,
                 cutout: 0,
+                resized: 0,
             },
         };
 
@@ -441,8 +662,21 @@ impl InplaceOp3 for GatherNormalise {
                 out.len()
             );
         }
-        let func = kernel(dev, "gather_normalise")?;
         let stream = dev.cuda_stream();
+        // Resized crops' boxes are drawn here (f64 logarithms, as on the CPU) and uploaded:
+        // four u32 per image, or one unused figure.
+        let mut boxes = vec![0u32];
+        if let Some((a, scale)) = self.augment.and_then(|a| Some((a, a.resized_crop?))) {
+            let height = self.plane / a.width;
+            boxes = (0..n)
+                .flat_map(|i| {
+                    let b = a.crop_box(i, scale, height);
+                    [b.top, b.left, b.height, b.width].map(|v| v as u32)
+                })
+                .collect();
+        }
+        let boxes = stream.clone_htod(&boxes).w()?;
+        let func = kernel(dev, "gather_normalise")?;
         let mut launch = stream.launch_builder(&func);
         let (rows, bytes32, plane) = (n as u32, bytes as u32, self.plane as u32);
         launch
@@ -453,6 +687,7 @@ impl InplaceOp3 for GatherNormalise {
             .arg(&plane)
             .arg(&norm)
             .arg(&augment)
+            .arg(&boxes)
             .arg(&mut out);
         // SAFETY: the arguments match the kernel's signature; it writes all n * bytes outputs.
         // Indices are the epoch's permutation of the set, made and checked on the host.
@@ -541,20 +776,25 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Crop (zero or reflect), flip and cutout: the kernel and candle's composition agree
-        /// exactly, on odd sizes and paddings up to the image's side.
+        /// Crop (zero or reflect) or resized crop, flip and cutout: the kernel and candle's
+        /// composition agree exactly, on odd sizes and paddings up to the image's side.
         #[test]
         fn augmented_batches_match_candles_composition(
             h in 2usize..9, w in 2usize..9, c in 1usize..4, padding in 0usize..5,
             reflect in any::<bool>(), flip in any::<bool>(), cutout in 0usize..6, key in any::<u64>(),
+            resized in any::<bool>(), min_share in 0.05f32..1.0,
         ) {
             prop_assume!(!reflect || padding < h.min(w));
+            let padding = if resized { 0 } else { padding };
+            let resized_crop = resized.then_some([min_share, 1.0]);
             let count = 5;
             let bytes: Vec<u8> = (0..count * c * h * w).map(|i| (i * 97 % 251) as u8).collect();
             let images = Tensor::from_vec(bytes, (count, c * h * w), &Device::Cpu).unwrap();
             let order = Tensor::new(&[3u32, 0, 4, 4, 1, 2, 0], &Device::Cpu).unwrap();
             let norm = Normalisation { mean: &MEAN[..c], std: &STD[..c], plane: h * w };
-            let a = Augmentation { key, width: w, crop_padding: padding, reflect, flip, cutout };
+            let a = Augmentation {
+                key, width: w, crop_padding: padding, reflect, flip, cutout, resized_crop,
+            };
             let ours = gather_normalise(&images, &order, norm, Some(&a)).unwrap();
             let reference = gather_normalise_reference(&images, &order, norm, Some(&a)).unwrap();
             prop_assert_eq!(ours.to_vec2::<f32>().unwrap(), reference.to_vec2::<f32>().unwrap());
@@ -572,6 +812,7 @@ mod tests {
             reflect: false,
             flip: true,
             cutout: 8,
+            resized_crop: None,
         };
         let draws: Vec<Draw> = (0..4000).map(|i| a.draw(i, 32)).collect();
         let mut offsets = [0usize; 9];
@@ -588,5 +829,71 @@ mod tests {
         assert!(draws.iter().any(|d| d.cut_cols.1 == 32));
         let other = Augmentation { key: 43, ..a };
         assert_ne!(other.draw(0, 32), a.draw(0, 32));
+    }
+
+    /// Resized crops: boxes inside the image with area shares and aspect ratios in range
+    /// (torchvision's fallback aside), spread over the range, and the whole image as its own
+    /// crop resizes to itself.
+    #[test]
+    fn resized_crops_fit_their_ranges_and_the_full_box_is_the_identity() {
+        let a = Augmentation {
+            key: 7,
+            width: 64,
+            crop_padding: 0,
+            reflect: false,
+            flip: false,
+            cutout: 0,
+            resized_crop: Some([0.25, 1.0]),
+        };
+        let (mut smallest, mut largest) = (f64::MAX, 0f64);
+        for i in 0..2000 {
+            let b = a.draw(i, 48).crop.unwrap();
+            assert!(b.top + b.height <= 48 && b.left + b.width <= 64, "{b:?}");
+            let share = (b.height * b.width) as f64 / (48.0 * 64.0);
+            let ratio = b.width as f64 / b.height as f64;
+            assert!((0.22..=1.0).contains(&share), "{b:?}");
+            assert!((0.7..=1.4).contains(&ratio), "{b:?}");
+            smallest = smallest.min(share);
+            largest = largest.max(share);
+        }
+        assert!(smallest < 0.3 && largest > 0.9, "{smallest} {largest}");
+
+        // A square image's whole box (within the ratio range) resizes to itself.
+        let bytes: Vec<u8> = (0..2 * 3 * 36).map(|i| (i * 89 % 256) as u8).collect();
+        let images = Tensor::from_vec(bytes, (2, 3 * 36), &Device::Cpu).unwrap();
+        let order = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+        let norm = Normalisation {
+            mean: &MEAN,
+            std: &STD,
+            plane: 36,
+        };
+        let whole = Augmentation {
+            width: 6,
+            resized_crop: Some([1.0, 1.0]),
+            ..a
+        };
+        let b = whole.draw(0, 6).crop.unwrap();
+        assert_eq!((b.height, b.width), (6, 6));
+        let batch = |augment| {
+            gather_normalise(&images, &order, norm, augment)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        assert_eq!(batch(Some(&whole)), batch(None));
+    }
+
+    /// The integer taps are PyTorch's bilinear sampling positions to within a 256th of a pixel.
+    #[test]
+    fn resize_taps_follow_half_pixel_centres() {
+        for (size, extent) in [(32, 11), (32, 32), (224, 97), (7, 30)] {
+            for p in 0..size {
+                let exact = ((p as f64 + 0.5) * extent as f64 / size as f64 - 0.5)
+                    .clamp(0.0, (extent - 1) as f64);
+                let (first, weight) = resize_tap(p, size, extent);
+                let ours = first as f64 + weight as f64 / 256.0;
+                assert!((ours - exact).abs() < 1.0 / 256.0, "{size} {extent} {p}");
+            }
+        }
     }
 }

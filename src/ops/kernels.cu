@@ -32,7 +32,7 @@ struct Normalisation {
 // The random transforms of one batch (ops/gather.rs: `Augmentation`); on = 0: none.
 struct Augment {
     uint64_t key;
-    uint32_t on, width, crop_padding, reflect, flip, cutout;
+    uint32_t on, width, crop_padding, reflect, flip, cutout, resized;
 };
 
 // SplitMix64's finaliser, as ops/gather.rs `mix`.
@@ -57,13 +57,29 @@ __device__ int source(const Augment& a, int p, int size) {
     return p < pad ? pad - p : 2 * (size - 1) - (p - pad);
 }
 
+// Output position p of `size` samples a crop of `extent` pixels from *first, with the next
+// pixel's weight *weight in 1/256 steps: ops/gather.rs `resize_tap`.
+__device__ void resize_tap(uint32_t p, uint32_t size, uint32_t extent, uint32_t* first,
+                           uint32_t* weight) {
+    uint64_t num = (uint64_t)(2 * p + 1) * extent * 256, off = (uint64_t)size * 256;
+    uint64_t at = (num > off ? num - off : 0) / (2 * (uint64_t)size);
+    *first = (uint32_t)(at / 256);
+    *weight = (uint32_t)(at % 256);
+    if (*first + 1 >= extent) {
+        *first = extent - 1;
+        *weight = 0;
+    }
+}
+
 // out[i, r] = (images[order[i], r'] / 255 - mean[c]) / std[c], c = r / plane, where r' is r
 // itself or, augmented, the cropped, flipped pixel (or padding, byte 0), and cutout zeroes a
 // square after normalisation: the CPU's formula, operation for operation (division is
-// correctly rounded here too), so batches are bit-identical.
+// correctly rounded here too), so batches are bit-identical. With a.resized, boxes holds each
+// image's resized crop (top, left, height, width), drawn on the host, and the pixel is their
+// bilinear blend in integers, as on the CPU.
 extern "C" __global__ void gather_normalise(
     const uint8_t* images, const uint32_t* order, uint32_t n, uint32_t image_bytes,
-    uint32_t plane, Normalisation norm, Augment a, float* out) {
+    uint32_t plane, Normalisation norm, Augment a, const uint32_t* boxes, float* out) {
     size_t total = (size_t)n * image_bytes;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
@@ -88,6 +104,20 @@ extern "C" __global__ void gather_normalise(
                 out[idx] = 0.0f;
                 continue;
             }
+        }
+        if (a.resized) {
+            const uint32_t* box = boxes + 4 * i;
+            uint32_t ry, fy, rx, fx;
+            resize_tap((uint32_t)y, (uint32_t)h, box[2], &ry, &fy);
+            resize_tap((uint32_t)(flip ? w - 1 - x : x), (uint32_t)w, box[3], &rx, &fx);
+            const uint8_t* near = image + c * plane + (box[0] + ry) * w + box[1];
+            const uint8_t* far = near + (fy > 0 ? w : 0);
+            uint32_t x1 = rx + (fx > 0 ? 1 : 0);
+            uint32_t top = near[rx] * (256 - fx) + near[x1] * fx;
+            uint32_t bottom = far[rx] * (256 - fx) + far[x1] * fx;
+            float value = (float)(top * (256 - fy) + bottom * fy);
+            out[idx] = (value / 65536.0f / 255.0f - norm.mean[c]) / norm.std[c];
+            continue;
         }
         int sy = source(a, y + dy, h);
         int sx = source(a, (flip ? w - 1 - x : x) + dx, w);

@@ -14,8 +14,7 @@ use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir};
 use crate::config::Config;
 use crate::data::batches::DeviceSet;
-use crate::data::cifar::{MEAN, SIDE, STD};
-use crate::data::DataSets;
+use crate::data::{ChannelStats, DataSets};
 use crate::error::Result;
 use crate::metrics::Tally;
 use crate::models::{self, Architecture, ModelSpec};
@@ -26,8 +25,9 @@ use crate::report::Reporter;
 pub enum Start {
     /// The model's seeded initialisation.
     Fresh,
-    /// A weights file with PyTorch names (`--init-weights`).
-    Weights(PathBuf),
+    /// A weights file with PyTorch names (`--init-weights`): every tensor must fit, or, to
+    /// fine-tune, those that fit are taken and the rest start afresh.
+    Weights { path: PathBuf, finetune: bool },
     /// A checkpoint: weights, optimizer state and position (`--resume`).
     Resume(PathBuf, Box<Checkpoint>),
 }
@@ -54,7 +54,12 @@ pub struct Ended {
 
 /// The network `spec` for `data` under `config`.
 pub fn architecture(config: &Config, data: &DataSets) -> Result<Architecture> {
-    Architecture::new(data.classes.len(), SIDE, config.stem, config.width)
+    Architecture::new(
+        data.classes.len(),
+        data.train.side(),
+        config.stem,
+        config.width,
+    )
 }
 
 /// Trains `spec` on `data` as `config` says, writing into `run_dir`.
@@ -68,13 +73,19 @@ pub fn run(
     options: &Options,
 ) -> Result<Ended> {
     let arch = architecture(config, &data)?;
-    config.augment.validate(SIDE)?;
+    config.augment.validate(arch.image_size)?;
     let built = models::build(spec, &arch, config.seed, device)?;
     let mut optimizer = optim::build(config, built.params.vars())?;
+    // Weights trained elsewhere expect the inputs normalised as they were trained.
+    let mut weights_stats = None;
     let (progress, resumed_tally) = match start {
         Start::Fresh => (Progress::default(), None),
-        Start::Weights(path) => {
+        Start::Weights { path, finetune } => {
             let weights = checkpoint::load_weights(&path, device)?;
+            let meta = |key: &str| weights.metadata.get(key);
+            if let (Some(mean), Some(std)) = (meta("normalize_mean"), meta("normalize_std")) {
+                weights_stats = ChannelStats::parse(mean, std);
+            }
             if let Some(saved) = weights.metadata.get("model") {
                 if !saved.eq_ignore_ascii_case(spec.name) {
                     return Err(crate::error::Error::WeightsInvalid {
@@ -83,10 +94,36 @@ pub fn run(
                     });
                 }
             }
-            checkpoint::assign(&built.params.state(), &weights.tensors, &path)?;
+            if finetune {
+                let matched = checkpoint::assign_matching(&built.params.state(), &weights.tensors)?;
+                if matched.loaded == 0 {
+                    return Err(crate::error::Error::WeightsInvalid {
+                        path,
+                        message: format!(
+                            "none of its tensors fits this {} ({} stem, width {}); was it saved from another model?",
+                            spec.name, arch.stem, arch.width
+                        ),
+                    });
+                }
+                options.reporter.note(&finetune_note(&path, &matched));
+            } else {
+                check_classes(&weights.metadata, &data.classes, &path)?;
+                checkpoint::assign(&built.params.state(), &weights.tensors, &path)?;
+            }
             (Progress::default(), None)
         }
         Start::Resume(path, saved) => {
+            weights_stats = saved.stats;
+            if let Some(saved_classes) = saved.classes.as_ref().filter(|c| !c.is_empty()) {
+                if *saved_classes != data.classes {
+                    return Err(crate::error::Error::CheckpointMismatch(format!(
+                        "{} was trained on the classes {}, and the data now has {}; resume with that data, or start a new run with --run NAME",
+                        path.display(),
+                        saved_classes.join(", "),
+                        data.classes.join(", ")
+                    )));
+                }
+            }
             checkpoint::assign(&built.params.state(), &saved.weights, &path)?;
             optimizer.load_state(&saved.optimizer)?;
             let tally = Tally::from_state(&saved.tally, saved.tally_seen, device)?;
@@ -109,9 +146,13 @@ pub fn run(
     checkpoint::write_atomic(&run_dir.config(), config.to_toml().as_bytes())?;
     let reporter = options.reporter;
     reporter.note(&format!(
-        "training {} ({} stem, {} classes) on {} images ({} test), epochs {}..={}, batch {}, {} lr {} ({} schedule); writing to {}",
+        "training {}{} ({} classes) on {} images ({} test), epochs {}..={}, batch {}, {} lr {} ({} schedule); writing to {}",
         spec.name,
-        arch.stem,
+        if spec.has_stem {
+            format!(" with the {} stem", arch.stem)
+        } else {
+            String::new()
+        },
         arch.num_classes,
         data.train.len(),
         data.test.len(),
@@ -125,15 +166,24 @@ pub fn run(
     ));
 
     let train_images = data.train.len();
+    // torchvision-stem networks see inputs normalised as ImageNet's (what pretrained weights
+    // expect) and others the data set's own, unless the weights started from say otherwise.
+    let stats = match (weights_stats, arch.stem) {
+        (Some(stats), _) => stats,
+        (None, crate::models::Stem::Imagenet) if spec.has_stem => ChannelStats::IMAGENET,
+        (None, _) => data.stats,
+    };
     let classes = data.classes.clone();
     // The whole data set lives where training runs; batches are cut from it there.
-    let train = DeviceSet::new(data.train, device)?;
-    let test = DeviceSet::new(data.test, device)?;
+    let train = DeviceSet::new(data.train, stats, device)?;
+    let test = DeviceSet::new(data.test, stats, device)?;
     let mut checkpointer = Checkpointer {
         run_dir,
         model: spec.name,
         device: crate::device::describe(device),
-        metadata: weights_metadata(spec, &arch, &classes),
+        metadata: weights_metadata(spec, config, &arch, &classes, &stats),
+        classes: classes.clone(),
+        stats,
         every_steps: options.checkpoint_every,
         keep: options.keep,
         last_written: None,
@@ -158,7 +208,7 @@ pub fn run(
         &Data {
             train: &train,
             test: &test,
-            image_width: SIDE,
+            image_width: arch.image_size,
             num_classes: arch.num_classes,
         },
         config,
@@ -178,17 +228,68 @@ pub fn run(
 }
 
 /// What a reader of a weights file needs to rebuild the model and reproduce its predictions.
+/// What fine-tuning took from `path` and what it started afresh.
+fn finetune_note(path: &std::path::Path, matched: &checkpoint::Matched) -> String {
+    let mut note = format!(
+        "fine-tuning from {}: {} tensors loaded",
+        path.display(),
+        matched.loaded
+    );
+    if matched.fresh.is_empty() {
+        note.push_str(", none started afresh");
+    } else {
+        note.push_str(&format!("; started afresh: {}", matched.fresh.join(", ")));
+    }
+    if !matched.unused.is_empty() {
+        let shown: Vec<&str> = matched.unused.iter().take(6).map(String::as_str).collect();
+        let more = matched.unused.len().saturating_sub(shown.len());
+        note.push_str(&format!("; not used from the file: {}", shown.join(", ")));
+        if more > 0 {
+            note.push_str(&format!(" and {more} more"));
+        }
+    }
+    note
+}
+
+/// A weights file that names its classes must name the data's (fine-tuning aside).
+fn check_classes(
+    metadata: &std::collections::HashMap<String, String>,
+    classes: &[String],
+    path: &std::path::Path,
+) -> Result<()> {
+    let Some(list) = metadata.get("classes") else {
+        return Ok(());
+    };
+    let saved: Vec<String> = serde_json::from_str(list).unwrap_or_default();
+    if saved.is_empty() || saved == classes {
+        return Ok(());
+    }
+    Err(crate::error::Error::WeightsInvalid {
+        path: path.to_path_buf(),
+        message: format!(
+            "it was trained on the classes {}, and the data has {}; add --finetune to start its classifier afresh for these",
+            saved.join(", "),
+            classes.join(", ")
+        ),
+    })
+}
+
 pub fn weights_metadata(
     spec: &ModelSpec,
+    config: &Config,
     arch: &Architecture,
     classes: &[String],
+    stats: &ChannelStats,
 ) -> BTreeMap<String, String> {
-    let list = |v: &[f32]| v.iter().map(f32::to_string).collect::<Vec<_>>().join(",");
     let size = arch.image_size;
-    BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         ("model".to_string(), spec.name.to_string()),
         ("num_classes".to_string(), arch.num_classes.to_string()),
-        ("classes".to_string(), classes.join(",")),
+        // A JSON array: class names are folder names, which may hold commas.
+        (
+            "classes".to_string(),
+            serde_json::to_string(classes).unwrap_or_default(),
+        ),
         ("stem".to_string(), arch.stem.to_string()),
         ("width".to_string(), arch.width.to_string()),
         ("image_size".to_string(), size.to_string()),
@@ -196,7 +297,20 @@ pub fn weights_metadata(
             "input".to_string(),
             format!("float32 [N,3,{size},{size}], RGB scaled to [0,1] then normalised"),
         ),
-        ("normalize_mean".to_string(), list(&MEAN)),
-        ("normalize_std".to_string(), list(&STD)),
-    ])
+        (
+            "normalize_mean".to_string(),
+            ChannelStats::list(&stats.mean),
+        ),
+        ("normalize_std".to_string(), ChannelStats::list(&stats.std)),
+        ("dataset".to_string(), config.dataset.to_string()),
+    ]);
+    if config.dataset == crate::data::Dataset::Folder {
+        // How evaluate finds the same held-out images in a folder without train/ and val/.
+        metadata.insert("val_split".into(), config.val_split.to_string());
+        metadata.insert("split_seed".into(), config.seed.to_string());
+        // evaluate's default folder: the one trained on, wherever it is run from.
+        let dir = std::fs::canonicalize(&config.data_dir).unwrap_or(config.data_dir.clone());
+        metadata.insert("data_dir".into(), dir.display().to_string());
+    }
+    metadata
 }

@@ -19,8 +19,12 @@ pub struct Checkpointer<'a> {
     pub model: &'a str,
     /// The device trained on, as `device::describe` puts it.
     pub device: String,
-    /// What every weights file records besides its epoch (see [`weights_metadata`]).
+    /// What every weights file records besides its epoch (see `classify::weights_metadata`).
     pub metadata: BTreeMap<String, String>,
+    /// The data's class names, recorded in checkpoints so a resume can check them.
+    pub classes: Vec<String>,
+    /// The input normalisation, recorded in checkpoints so a resume keeps it.
+    pub stats: crate::data::ChannelStats,
     pub every_steps: Option<u64>,
     /// End-of-epoch checkpoints to keep.
     pub keep: usize,
@@ -42,6 +46,8 @@ impl Checkpointer<'_> {
                 optimizer: run.optimizer.state()?,
                 tally: run.tally.state()?,
                 tally_seen: run.tally.seen(),
+                classes: &self.classes,
+                stats: &self.stats,
             },
         )?;
         // Keeps --keep epoch checkpoints, and no mid-epoch one older than this.

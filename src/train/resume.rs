@@ -18,6 +18,12 @@ pub const BINDING: &[&str] = &[
     "shuffle",
     "dataset",
     "synthetic_images",
+    "image_size",
+    "val_split",
+    "stem",
+    "width",
+    // Frozen (0) or not decides which parameters the optimizer holds state for.
+    "backbone_lr_scale",
 ];
 
 /// Compares the checkpoint's settings with today's. A change to a [`BINDING`] setting is an

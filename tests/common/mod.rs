@@ -14,6 +14,7 @@ use kiln::data::{cifar, synthetic};
 pub fn binary(name: &str) -> Command {
     let path = match name {
         "train" => env!("CARGO_BIN_EXE_train"),
+        "predict" => env!("CARGO_BIN_EXE_predict"),
         _ => env!("CARGO_BIN_EXE_evaluate"),
     };
     let mut command = Command::new(path);
