@@ -138,6 +138,21 @@ pub fn folder_summary(
     line
 }
 
+/// A command's whole run: logging set up, then `run`; any error printed as one `error:` line
+/// (with its context chain) and exit code 1.
+pub fn exit_code(run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    let outcome = init_logging(None)
+        .map_err(anyhow::Error::from)
+        .and_then(|_guard| run());
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Logs to stderr as RUST_LOG says (warnings by default); with `trace`, also every kiln span
 /// into a Chrome trace file.
 pub fn init_logging(trace: Option<&Path>) -> Result<Option<tracing_chrome::FlushGuard>> {

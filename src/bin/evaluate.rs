@@ -62,17 +62,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(err) = kiln::cli::init_logging(None) {
-        eprintln!("error: {err:#}");
-        return ExitCode::FAILURE;
-    }
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    kiln::cli::exit_code(|| run(&cli))
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
