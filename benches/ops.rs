@@ -141,6 +141,29 @@ fn gather(c: &mut Criterion) {
     group.finish();
 }
 
+/// ResNet-18's 3x3 convolutions at batch 64 (CIFAR stem): one of each stage's, forward alone
+/// and with the input and weight gradients.
+fn resnet_conv(c: &mut Criterion) {
+    for (channels, size) in [(64, 32), (128, 16), (256, 8), (512, 4)] {
+        let x = Var::from_tensor(&randn(&[64, channels, size, size])).expect("a variable");
+        let weight =
+            Var::from_tensor(&(randn(&[channels, channels, 3, 3]) * 0.05).expect("scaled"))
+                .expect("a variable");
+        let mut group = c.benchmark_group(format!("resnet conv {channels}x{size}x{size}/batch 64"));
+        group.throughput(Throughput::Elements(64));
+        group.bench_function("kiln forward", |b| {
+            b.iter(|| ops::conv2d(&x, &weight, None, SAME).expect("forward"))
+        });
+        group.bench_function("kiln forward+backward", |b| {
+            b.iter(|| {
+                let y = ops::conv2d(&x, &weight, None, SAME)?;
+                y.sum_all()?.backward()
+            })
+        });
+        group.finish();
+    }
+}
+
 /// One Adam step over SimpleCNN's 41,418 parameters (kiln's in-place update).
 fn adam(c: &mut Criterion) {
     let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default()).expect("config");
@@ -166,7 +189,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = ops_benches;
     config = config();
-    targets = conv_block, linear, cross_entropy, gather, adam
+    targets = conv_block, resnet_conv, linear, cross_entropy, gather, adam
 }
 fn main() {
     // As the binaries: rayon's pool from RAYON_NUM_THREADS, denormals flushed on its threads.

@@ -207,3 +207,31 @@ fn simplecnn_shape_and_data_inputs_get_no_gradient() {
     let (ours, theirs) = (grads.get(&w).unwrap(), reference.get(&w).unwrap());
     assert!(max_diff(ours, theirs) < 1e-5, "{}", max_diff(ours, theirs));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// The unfoldings for particular geometries (block copies where the output is as wide as
+    /// the input, an index map for small planes) write exactly what the row-by-row one does,
+    /// padding included, into matrices wider than one image.
+    #[test]
+    fn every_unfolding_equals_the_row_by_row_one(
+        c in 1usize..4, h in 1usize..12, w in 1usize..12, kh in 1usize..6, kw in 1usize..6,
+        stride in 1usize..3, padding in 0usize..3, extra in 0usize..3, seed in 0u64..1000,
+    ) {
+        prop_assume!(h + 2 * padding >= kh && w + 2 * padding >= kw);
+        let g = cpu::Geometry::new((1, c, h, w), (1, c, kh, kw), ConvParams { stride, padding }).unwrap();
+        let image: Vec<f32> = random(&[c * h * w], seed).to_vec1().unwrap();
+        let width = g.out_pixels() + extra;
+        // All start from the same non-zero fill: every value each writes is compared.
+        let mut by_rows = vec![7f32; g.patch() * width];
+        g.im2col_by_rows(&image, &mut by_rows, width);
+        let mut by_map = vec![7f32; g.patch() * width];
+        g.im2col_by_map(&image, &mut by_map, width);
+        prop_assert!(by_rows.iter().zip(&by_map).all(|(a, b)| a.to_bits() == b.to_bits()), "map");
+        if stride == 1 && g.ow == w {
+            let mut by_blocks = vec![7f32; g.patch() * width];
+            g.im2col_same_width(&image, &mut by_blocks, width);
+            prop_assert!(by_rows.iter().zip(&by_blocks).all(|(a, b)| a.to_bits() == b.to_bits()), "blocks");
+        }
+    }
+}
