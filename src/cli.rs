@@ -138,14 +138,18 @@ pub fn folder_summary(
     line
 }
 
-/// A command's whole run: logging set up, then `run`; any error printed as one `error:` line
-/// (with its context chain) and exit code 1.
-pub fn exit_code(run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
-    let outcome = init_logging(None)
+/// A command's whole run: logging set up (with a trace file if asked), then `run`, which gives
+/// the exit code; any error printed as one `error:` line (with its context chain) and exit code
+/// 1. The trace is finished after `run` returns.
+pub fn exit_code(
+    trace: Option<&Path>,
+    run: impl FnOnce() -> anyhow::Result<std::process::ExitCode>,
+) -> std::process::ExitCode {
+    let outcome = init_logging(trace)
         .map_err(anyhow::Error::from)
         .and_then(|_guard| run());
     match outcome {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE

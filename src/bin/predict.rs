@@ -68,7 +68,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    kiln::cli::exit_code(|| run(&cli))
+    kiln::cli::exit_code(None, || run(&cli).map(|()| ExitCode::SUCCESS))
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {

@@ -218,21 +218,8 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    // Held to the end: dropping it finishes the trace file.
-    let _trace = match kiln::cli::init_logging(cli.trace.as_deref()) {
-        Ok(guard) => guard,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(cli) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let trace = cli.trace.clone();
+    kiln::cli::exit_code(trace.as_deref(), || run(cli))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
