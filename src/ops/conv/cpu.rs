@@ -31,6 +31,10 @@ const IMAGES_PER_CHUNK: usize = 8;
 /// gets: below that the multiply runs far from the cores' peak.
 const COLUMNS_PER_MULTIPLY: usize = 512;
 
+/// Partial sums of a convolution's weight gradient (fewer where the batch has fewer groups of
+/// images): enough to keep every core busy, few enough that zeroing and adding them is cheap.
+const WEIGHT_GRAD_LANES: usize = 8;
+
 /// The most output pixels an image's plane has for [`Geometry::im2col_by_map`].
 const SMALL_PLANE: usize = 64;
 
@@ -151,11 +155,15 @@ impl Geometry {
                 }
             }
         }
+        // Each plane with a zero after it, which padding reads: the gather has no branch, and
+        // no bounds check once the index is clamped to the copy's length.
+        let mut padded = vec![0f32; hw + 1];
         for (ci, plane) in image.chunks_exact(hw).take(self.c).enumerate() {
+            padded[..hw].copy_from_slice(plane);
             for (t, sources) in map.chunks_exact(ohw).enumerate() {
                 let row = &mut col[(ci * taps + t) * width..][..ohw];
                 for (v, &i) in row.iter_mut().zip(sources) {
-                    *v = plane.get(i).copied().unwrap_or(0.0);
+                    *v = padded[i.min(hw)];
                 }
             }
         }
@@ -539,50 +547,88 @@ impl CustomOp2 for WeightGrad {
         );
         // dW^T [patch x CO] = the sum over groups of images of the unfolded input [patch x
         // pixels] times dY^T [pixels x CO]: the larger operand is read as it lies, only dY
-        // across. The groups' partial sums are added in index order.
+        // across. Each lane, a fixed run of consecutive groups, accumulates its groups in one
+        // partial sum; the lanes are then added in index order as dW is turned back to
+        // [CO x patch]. Lanes depend on the shape alone, so the result does not depend on the
+        // thread count.
         let (ohw, m, size) = (g.out_pixels(), g.images_per_multiply(), g.co * g.patch());
+        let groups = g.n.div_ceil(m);
+        let lane_images = groups.div_ceil(groups.clamp(1, WEIGHT_GRAD_LANES)) * m;
         let partials: Vec<Vec<f32>> = x
-            .par_chunks(m * g.image())
-            .zip(grad.par_chunks(m * g.co * ohw))
+            .par_chunks(lane_images * g.image())
+            .zip(grad.par_chunks(lane_images * g.co * ohw))
             .map(|(x, grad)| {
-                let count = x.len() / g.image();
-                with_scratch(g.patch() * count * ohw, g.co * count * ohw, |col, wide| {
-                    g.unfold(x, count, col);
-                    g.widen(grad, wide, count);
-                    let mut partial = vec![0f32; size];
-                    matmul(
-                        Matrix::rows(col, g.patch(), count * ohw),
-                        Matrix::rows(wide, g.co, count * ohw).t(),
-                        &mut partial,
-                        false,
-                    );
-                    partial
-                })
+                let mut partial = vec![0f32; size];
+                let groups = x.chunks(m * g.image()).zip(grad.chunks(m * g.co * ohw));
+                for (x, grad) in groups {
+                    let count = x.len() / g.image();
+                    let wide = if count > 1 { g.co * count * ohw } else { 0 };
+                    with_scratch(g.patch() * count * ohw, wide, |col, wide| {
+                        g.unfold(x, count, col);
+                        let dy = if count > 1 {
+                            g.widen(grad, wide, count);
+                            &*wide
+                        } else {
+                            grad
+                        };
+                        matmul(
+                            Matrix::rows(col, g.patch(), count * ohw),
+                            Matrix::rows(dy, g.co, count * ohw).t(),
+                            &mut partial,
+                            true,
+                        );
+                    });
+                }
+                partial
             })
             .collect();
-        let mut sum = vec![0f32; size];
-        for partial in &partials {
-            sum.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
-        }
-        let total = transpose(&sum, g.patch(), g.co);
+        let total = sum_transposed(partials, g.patch(), g.co);
         Ok((CpuStorage::F32(total), Shape::from(self.kernel)))
     }
 }
 
-/// `m` [rows x cols] row-major, transposed, in square tiles: one strided pass over a matrix
-/// larger than the cache (ResNet's 2.4M-float weight gradients) took 6% of a backward pass.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// The sum of `partials` (each [rows x cols] row-major, added in index order), transposed to
+/// [cols x rows]. Both passes run in parallel: serially, the sums and a strided transpose of
+/// ResNet's 2.4M-float weight gradients took a tenth of a backward pass while the other
+/// cores waited.
+fn sum_transposed(mut partials: Vec<Vec<f32>>, rows: usize, cols: usize) -> Vec<f32> {
+    /// Floats each task adds: long enough to stream, short enough for every core to get some.
+    const STRIP: usize = 1 << 14;
+    /// Rows of the result each task writes.
+    const BAND: usize = 64;
     const TILE: usize = 16;
     let mut out = vec![0f32; rows * cols];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = m[r * cols + c];
+    let Some((sum, rest)) = partials.split_first_mut() else {
+        return out;
+    };
+    sum.par_chunks_mut(STRIP)
+        .enumerate()
+        .for_each(|(strip, sum)| {
+            for partial in rest.iter() {
+                let terms = &partial[strip * STRIP..][..sum.len()];
+                sum.iter_mut().zip(terms).for_each(|(s, t)| *s += t);
+            }
+        });
+    let sum = &*sum;
+    // In 16 x 16 tiles: a result row's 16 floats (one cache line) are written together, from
+    // 16 source lines that the tile's other rows read too. (Writing a whole band's rows in step
+    // put 64 lines 18 KB apart into two sets of the L1 cache.)
+    out.par_chunks_mut(BAND * rows.max(1))
+        .enumerate()
+        .for_each(|(band, out)| {
+            let band_cols = out.len() / rows.max(1);
+            for c0 in (0..band_cols).step_by(TILE) {
+                for r0 in (0..rows).step_by(TILE) {
+                    for c in c0..(c0 + TILE).min(band_cols) {
+                        let source = band * BAND + c;
+                        let line = &mut out[c * rows + r0..][..TILE.min(rows - r0)];
+                        for (i, v) in line.iter_mut().enumerate() {
+                            *v = sum[(r0 + i) * cols + source];
+                        }
+                    }
                 }
             }
-        }
-    }
+        });
     out
 }
 

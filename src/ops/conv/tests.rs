@@ -235,3 +235,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn weight_gradient_lanes_of_several_groups_and_a_short_last_one() {
+    // 16x16 outputs: two images per multiply, so 19 images are 10 groups in lanes of two
+    // groups (four images), the last lane three images: a group of two and one of one.
+    let p = ConvParams {
+        stride: 1,
+        padding: 1,
+    };
+    let x = random(&[19, 2, 16, 16], 4);
+    let weight = random(&[3, 2, 3, 3], 5);
+    let bias = random(&[3], 6);
+    let ours = run(conv2d, &x, &weight, &bias, p, false);
+    let reference = run(conv2d_reference, &x, &weight, &bias, p, false);
+    let magnitudes = gradient_magnitudes(&x, &weight, p);
+    let excess = beyond_rounding(&ours[2], &reference[2], &magnitudes[1]);
+    assert!(
+        excess <= 0.0,
+        "weight gradient differs by {excess} beyond rounding"
+    );
+}
