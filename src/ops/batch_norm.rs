@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, par_collect};
 
 /// What a training-mode batch norm returns: the output, and the batch's statistics per channel
 /// (outside any graph): the mean and the biased variance it normalised with.
@@ -144,6 +144,9 @@ fn planes(data: &[f32], c: usize, channels: usize, hw: usize) -> impl Iterator<I
     data.chunks_exact(hw.max(1)).skip(c).step_by(channels)
 }
 
+/// Floats per task in the elementwise passes (add-ReLU and its gradient's gate).
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
 /// Independent f64 accumulators per sum, so the compiler can keep them in vector registers
 /// instead of waiting on one chain of adds.
 const LANES: usize = 8;
@@ -241,24 +244,20 @@ impl CustomOp3 for BatchNormTrain {
                 )
             })
             .collect();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw.max(1))
-            .zip(x.par_chunks(hw.max(1)))
-            .enumerate()
-            .for_each(|(plane, (out, input))| {
-                let ch = plane % c;
-                let (mean, _, inv_std) = stats[ch];
-                let (scale, shift) = affine(mean, inv_std, gamma[ch], beta[ch]);
-                if self.relu {
-                    for (o, &v) in out.iter_mut().zip(input) {
-                        *o = (v * scale + shift).max(0.0);
-                    }
+        let relu = self.relu;
+        let y = par_collect(x.len(), hw, |plane| {
+            let ch = plane % c;
+            let (mean, _, inv_std) = stats[ch];
+            let (scale, shift) = affine(mean, inv_std, gamma[ch], beta[ch]);
+            x[plane * hw..][..hw].iter().map(move |&v| {
+                let y = v * scale + shift;
+                if relu {
+                    y.max(0.0)
                 } else {
-                    for (o, &v) in out.iter_mut().zip(input) {
-                        *o = v * scale + shift;
-                    }
+                    y
                 }
-            });
+            })
+        });
         let rows: Vec<f32> = [
             stats.iter().map(|s| s.0).collect::<Vec<_>>(),
             stats.iter().map(|s| s.1).collect(),
@@ -434,22 +433,20 @@ impl CustomOp3 for InputGrad {
             contiguous_f32(fs, fl, "statistics")?,
         );
         let m = (n * hw) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(hw.max(1))
-            .zip(x.par_chunks(hw.max(1)).zip(grad.par_chunks(hw.max(1))))
-            .enumerate()
-            .for_each(|(plane, (out, (xp, gp)))| {
-                let ch = plane % c;
-                let (mean, inv_std, gamma) = (f[ch], f[c + ch], f[2 * c + ch]);
-                let (scale, shift) = affine(mean, inv_std, gamma, f[3 * c + ch]);
-                let (dgamma, dbeta) = (f[4 * c + ch], f[5 * c + ch]);
-                let (mean_dbeta, mean_dgamma) = (dbeta / m, dgamma / m);
-                for ((o, &v), &g) in out.iter_mut().zip(xp).zip(gp) {
-                    let g = gated(self.relu, g, v, scale, shift);
-                    let x_hat = (v - mean) * inv_std;
-                    *o = scale * (g - mean_dbeta - x_hat * mean_dgamma);
-                }
-            });
+        let relu = self.relu;
+        let dx = par_collect(x.len(), hw, |plane| {
+            let ch = plane % c;
+            let (mean, inv_std, gamma) = (f[ch], f[c + ch], f[2 * c + ch]);
+            let (scale, shift) = affine(mean, inv_std, gamma, f[3 * c + ch]);
+            let (dgamma, dbeta) = (f[4 * c + ch], f[5 * c + ch]);
+            let (mean_dbeta, mean_dgamma) = (dbeta / m, dgamma / m);
+            let (xp, gp) = (&x[plane * hw..][..hw], &grad[plane * hw..][..hw]);
+            xp.iter().zip(gp).map(move |(&v, &g)| {
+                let g = gated(relu, g, v, scale, shift);
+                let x_hat = (v - mean) * inv_std;
+                scale * (g - mean_dbeta - x_hat * mean_dgamma)
+            })
+        });
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
     }
 
@@ -491,14 +488,14 @@ impl CustomOp2 for ReluGate {
             contiguous_f32(gs, gl, "gradient")?,
             contiguous_f32(ys, yl, "output")?,
         );
-        let mut out = vec![0f32; grad.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(grad.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
-            .for_each(|(out, (g, y))| {
-                for ((o, &g), &y) in out.iter_mut().zip(g).zip(y) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
+        let out = par_collect(grad.len(), ELEMENTWISE_CHUNK, |i| {
+            let at = i * ELEMENTWISE_CHUNK;
+            let (g, y) = (&grad[at..], &y[at..]);
+            g.iter()
+                .zip(y)
+                .take(ELEMENTWISE_CHUNK)
+                .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
+        });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 
@@ -549,14 +546,14 @@ impl CustomOp2 for AddRelu {
             contiguous_f32(a_s, al, "lhs")?,
             contiguous_f32(bs, bl, "rhs")?,
         );
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-            .for_each(|(out, (a, b))| {
-                for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-                    *o = (a + b).max(0.0);
-                }
-            });
+        let out = par_collect(a.len(), ELEMENTWISE_CHUNK, |i| {
+            let at = i * ELEMENTWISE_CHUNK;
+            let (a, b) = (&a[at..], &b[at..]);
+            a.iter()
+                .zip(b)
+                .take(ELEMENTWISE_CHUNK)
+                .map(|(&a, &b)| (a + b).max(0.0))
+        });
         Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 

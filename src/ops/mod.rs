@@ -23,6 +23,7 @@ pub use max_pool::{max_pool2d, PoolParams};
 pub use relu_maxpool::relu_max_pool2d;
 
 use candle_core::{CpuStorage, Layout, Tensor};
+use rayon::prelude::*;
 
 /// Every `step`-th element of `t` along `dim`, from the first: a reshape of the zero-padded
 /// view and a narrow, both with plain gradients.
@@ -40,6 +41,42 @@ pub(crate) fn every_nth(t: &Tensor, dim: usize, step: usize) -> candle_core::Res
         .reshape(dims)?
         .narrow(dim + 1, 0, 1)?
         .squeeze(dim + 1)
+}
+
+/// `len` floats made in parallel, `chunk` at a time: `values(i)` yields chunk i's values in
+/// order. They are written straight into the new vector: zero-filling an output first, on the
+/// thread that called the op, cost a pass over every activation while the compute threads
+/// waited.
+pub(crate) fn par_collect<I: Iterator<Item = f32>>(
+    len: usize,
+    chunk: usize,
+    values: impl Fn(usize) -> I + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, slots)| {
+            let mut written = 0;
+            for (slot, v) in slots.iter_mut().zip(values(i)) {
+                slot.write(v);
+                written += 1;
+            }
+            assert_eq!(
+                written,
+                slots.len(),
+                "par_collect: chunk {i} came out short"
+            );
+        });
+    // SAFETY: each chunk of the first `len` slots was written whole, or its assertion panicked
+    // before this line.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `len` zeros, written in parallel: for outputs that a multiply or a sum fills afterwards.
+pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
+    par_collect(len, 1 << 16, |_| std::iter::repeat(0.0))
 }
 
 /// The f32 data of a contiguous CPU tensor argument (`what` names it in the error).
@@ -97,4 +134,21 @@ fn non_contiguous(t: &candle_core::Tensor) -> candle_core::Tensor {
     transposed
         .and_then(|t| t.transpose(2, 3))
         .expect("a rank-4 tensor")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::par_collect;
+
+    #[test]
+    fn par_collect_writes_every_chunk_in_order_the_last_one_short() {
+        let values = par_collect(10, 4, |i| (0..4).map(move |j| (i * 4 + j) as f32));
+        assert_eq!(values, (0..10).map(|k| k as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    #[should_panic(expected = "came out short")]
+    fn a_chunk_with_too_few_values_panics_before_the_vector_is_used() {
+        par_collect(10, 4, |_| std::iter::once(1.0));
+    }
 }

@@ -9,8 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::ConvParams;
-use crate::ops::contiguous_f32;
 use crate::ops::gemm::{matmul, matmul_nt, Matrix};
+use crate::ops::{contiguous_f32, par_collect, par_zeros};
 
 /// `x` [N, C, H, W] convolved with `weight` [CO, C, KH, KW], no bias: contiguous f32 on the CPU.
 pub(super) fn conv2d(x: &Tensor, weight: &Tensor, p: ConvParams) -> candle_core::Result<Tensor> {
@@ -349,7 +349,7 @@ impl Geometry {
 fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
     let kernel = Matrix::rows(weight, g.co, g.patch());
     let (ohw, m) = (g.out_pixels(), g.images_per_multiply());
-    let mut out = vec![0f32; g.n * g.co * ohw];
+    let mut out = par_zeros(g.n * g.co * ohw);
     out.par_chunks_mut(m * g.co * ohw)
         .zip(x.par_chunks(m * g.image()))
         .for_each(|(out, x)| {
@@ -597,7 +597,7 @@ fn sum_transposed(mut partials: Vec<Vec<f32>>, rows: usize, cols: usize) -> Vec<
     /// Rows of the result each task writes.
     const BAND: usize = 64;
     const TILE: usize = 16;
-    let mut out = vec![0f32; rows * cols];
+    let mut out = par_zeros(rows * cols);
     let Some((sum, rest)) = partials.split_first_mut() else {
         return out;
     };
@@ -660,16 +660,15 @@ impl CustomOp2 for InputGrad {
             // With stride 1, dL/dX is dL/dY convolved by the weight turned around (channels
             // swapped, taps reversed) with padding k - 1 - p: the forward kernel, with no
             // unfolded gradient to fold back (col2im).
-            let mut flipped = vec![0f32; weight.len()];
             let taps = kh * kw;
-            for co in 0..g.co {
-                for ci in 0..g.c {
-                    for t in 0..taps {
-                        flipped[(ci * g.co + co) * taps + (taps - 1 - t)] =
-                            weight[(co * g.c + ci) * taps + t];
-                    }
-                }
-            }
+            let flipped = par_collect(weight.len(), g.co * taps, |ci| {
+                (0..g.co).flat_map(move |co| {
+                    weight[(co * g.c + ci) * taps..][..taps]
+                        .iter()
+                        .rev()
+                        .copied()
+                })
+            });
             let turned = ConvParams {
                 stride: 1,
                 padding: kh - 1 - pad,
@@ -680,7 +679,7 @@ impl CustomOp2 for InputGrad {
         }
         let kernel_t = Matrix::rows(weight, g.co, g.patch()).t();
         let (ohw, m) = (g.out_pixels(), g.images_per_multiply());
-        let mut dx = vec![0f32; g.n * g.image()];
+        let mut dx = par_zeros(g.n * g.image());
         dx.par_chunks_mut(m * g.image())
             .zip(grad.par_chunks(m * g.co * ohw))
             .for_each(|(dx, grad)| {
