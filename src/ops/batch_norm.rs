@@ -144,8 +144,19 @@ fn planes(data: &[f32], c: usize, channels: usize, hw: usize) -> impl Iterator<I
     data.chunks_exact(hw.max(1)).skip(c).step_by(channels)
 }
 
-/// Floats per task in the elementwise passes (add-ReLU and its gradient's gate).
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
+/// `f(a, b)` for each pair of elements of `a` and `b` (equally long), in parallel chunks.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let f = &f;
+    par_collect(a.len(), CHUNK, |i| {
+        let at = i * CHUNK;
+        a[at..]
+            .iter()
+            .zip(&b[at..])
+            .take(CHUNK)
+            .map(move |(&a, &b)| f(a, b))
+    })
+}
 
 /// Independent f64 accumulators per sum, so the compiler can keep them in vector registers
 /// instead of waiting on one chain of adds.
@@ -488,14 +499,7 @@ impl CustomOp2 for ReluGate {
             contiguous_f32(gs, gl, "gradient")?,
             contiguous_f32(ys, yl, "output")?,
         );
-        let out = par_collect(grad.len(), ELEMENTWISE_CHUNK, |i| {
-            let at = i * ELEMENTWISE_CHUNK;
-            let (g, y) = (&grad[at..], &y[at..]);
-            g.iter()
-                .zip(y)
-                .take(ELEMENTWISE_CHUNK)
-                .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
-        });
+        let out = zip_map(grad, y, |g, y| if y > 0.0 { g } else { 0.0 });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 
@@ -546,14 +550,7 @@ impl CustomOp2 for AddRelu {
             contiguous_f32(a_s, al, "lhs")?,
             contiguous_f32(bs, bl, "rhs")?,
         );
-        let out = par_collect(a.len(), ELEMENTWISE_CHUNK, |i| {
-            let at = i * ELEMENTWISE_CHUNK;
-            let (a, b) = (&a[at..], &b[at..]);
-            a.iter()
-                .zip(b)
-                .take(ELEMENTWISE_CHUNK)
-                .map(|(&a, &b)| (a + b).max(0.0))
-        });
+        let out = zip_map(a, b, |a, b| (a + b).max(0.0));
         Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 

@@ -553,7 +553,7 @@ impl CustomOp2 for WeightGrad {
         // thread count.
         let (ohw, m, size) = (g.out_pixels(), g.images_per_multiply(), g.co * g.patch());
         let groups = g.n.div_ceil(m);
-        let lane_images = groups.div_ceil(groups.clamp(1, WEIGHT_GRAD_LANES)) * m;
+        let lane_images = (groups.div_ceil(groups.clamp(1, WEIGHT_GRAD_LANES)) * m).max(1);
         let partials: Vec<Vec<f32>> = x
             .par_chunks(lane_images * g.image())
             .zip(grad.par_chunks(lane_images * g.co * ohw))
@@ -588,9 +588,8 @@ impl CustomOp2 for WeightGrad {
 }
 
 /// The sum of `partials` (each [rows x cols] row-major, added in index order), transposed to
-/// [cols x rows]. Both passes run in parallel: serially, the sums and a strided transpose of
-/// ResNet's 2.4M-float weight gradients took a tenth of a backward pass while the other
-/// cores waited.
+/// [cols x rows]. Both passes run in parallel: done serially, the sums and the transpose of
+/// ResNet's 2.4M-float weight gradients kept one core busy while the others waited.
 fn sum_transposed(mut partials: Vec<Vec<f32>>, rows: usize, cols: usize) -> Vec<f32> {
     /// Floats each task adds: long enough to stream, short enough for every core to get some.
     const STRIP: usize = 1 << 14;

@@ -256,3 +256,27 @@ fn weight_gradient_lanes_of_several_groups_and_a_short_last_one() {
         "weight gradient differs by {excess} beyond rounding"
     );
 }
+
+#[test]
+fn an_empty_batch_gives_a_zero_weight_gradient() {
+    let p = ConvParams {
+        stride: 1,
+        padding: 1,
+    };
+    let x = Tensor::zeros((0, 2, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let w = Var::from_tensor(&random(&[3, 2, 3, 3], 1)).unwrap();
+    let y = conv2d(&x, w.as_tensor(), None, p).unwrap();
+    assert_eq!(y.dims(), &[0, 3, 4, 4]);
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let grad = grads.get(&w).unwrap();
+    assert_eq!(grad.dims(), &[3, 2, 3, 3]);
+    assert_eq!(
+        grad.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+}
