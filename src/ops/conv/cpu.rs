@@ -319,10 +319,9 @@ impl Geometry {
     }
 
     /// Folds the first `out_pixels` columns of `col` (rows `width` apart) back onto one image,
-    /// adding overlapping taps: the adjoint of `im2col_at`.
+    /// adding overlapping taps into what `image` holds (zeros, for the adjoint of `im2col_at`).
     fn col2im_at(&self, col: &[f32], image: &mut [f32], width: usize) {
         let (hw, ohw, stride) = (self.h * self.w, self.out_pixels(), self.p.stride);
-        image.fill(0.0);
         for ci in 0..self.c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
@@ -678,6 +677,7 @@ impl CustomOp2 for InputGrad {
         }
         let kernel_t = Matrix::rows(weight, g.co, g.patch()).t();
         let (ohw, m) = (g.out_pixels(), g.images_per_multiply());
+        // Zeroed once here: col2im adds each image's taps into it.
         let mut dx = par_zeros(g.n * g.image());
         dx.par_chunks_mut(m * g.image())
             .zip(grad.par_chunks(m * g.co * ohw))
