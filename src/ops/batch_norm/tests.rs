@@ -26,6 +26,18 @@ fn close(what: &str, a: &Tensor, b: &Tensor, tolerance: f32) -> Result<(), TestC
     Ok(())
 }
 
+/// ReLU by candle's operations with PyTorch's gradient at 0: none (candle's own `relu` passes
+/// the gradient where the input is exactly 0, which 40,000-element sums of two uniform draws
+/// do hit).
+fn relu_as_pytorch(x: &Tensor) -> Tensor {
+    let passed = x
+        .gt(0f32)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    (x * passed).unwrap()
+}
+
 type Norm = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> candle_core::Result<BatchNormOutput>;
 
 /// Output, statistics and the gradients of x, gamma and beta under a random upstream gradient.
@@ -71,7 +83,7 @@ proptest! {
     fn add_relu_matches_candles_composition(n in 1usize..40_000, seed in 0u64..1000) {
         let (a, b) = (Var::from_tensor(&random(&[n], seed)).unwrap(), Var::from_tensor(&random(&[n], seed + 1)).unwrap());
         let outputs = |fused: bool| {
-            let y = if fused { add_relu(a.as_tensor(), b.as_tensor()) } else { (a.as_tensor() + b.as_tensor()).unwrap().relu() }.unwrap();
+            let y = if fused { add_relu(a.as_tensor(), b.as_tensor()).unwrap() } else { relu_as_pytorch(&(a.as_tensor() + b.as_tensor()).unwrap()) };
             let grads = (&y * random(&[n], 3)).unwrap().sum_all().unwrap().backward().unwrap();
             vec![y, grads.get(&a).unwrap().clone(), grads.get(&b).unwrap().clone()]
         };
@@ -99,4 +111,15 @@ fn normalises_with_the_biased_variance() {
     let y = out.y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want = (1.0 - 3.0) / (3.5f32 + 1e-5).sqrt();
     assert!((y[0] - want).abs() < 1e-6, "{} vs {want}", y[0]);
+}
+
+/// At a sum of exactly 0, add-ReLU passes no gradient, as PyTorch's ReLU.
+#[test]
+fn add_relu_passes_no_gradient_where_the_sum_is_zero() {
+    let a = Var::from_tensor(&Tensor::new(&[-0.9159355f32, 0.5], &Device::Cpu).unwrap()).unwrap();
+    let b = Tensor::new(&[0.9159355f32, 0.25], &Device::Cpu).unwrap();
+    let y = add_relu(a.as_tensor(), &b).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let grad = grads.get(&a).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(grad, vec![0.0, 1.0]);
 }
