@@ -1,4 +1,5 @@
-//! kiln's CPU convolution (f32): im2col + one matrix multiply per image, images in parallel.
+//! kiln's CPU convolution (f32): im2col + one matrix multiply per image, images in parallel
+//! (3x3 stride-1 padding-1 ones with enough channels go to [`winograd`] instead).
 //! The weight gradient, which candle computes slowly, is one multiply per image too, summed over
 //! fixed chunks of images in a fixed order, so results do not depend on the thread count.
 
@@ -8,7 +9,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ConvParams;
+use super::{winograd, ConvParams};
 use crate::ops::gemm::{matmul, matmul_nt, Matrix};
 use crate::ops::{contiguous_f32, par_collect, par_zeros};
 
@@ -346,6 +347,9 @@ impl Geometry {
 /// The convolution of `x` by `weight` as `g` describes them: groups of images unfolded side by
 /// side, one matrix multiply per group.
 fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
+    if winograd::applies(g) {
+        return winograd::forward(x, weight, g);
+    }
     let kernel = Matrix::rows(weight, g.co, g.patch());
     let (ohw, m) = (g.out_pixels(), g.images_per_multiply());
     let mut out = par_zeros(g.n * g.co * ohw);
@@ -377,7 +381,11 @@ thread_local! {
 
 /// Runs `f` on this thread's two scratch buffers, `first` and `second` floats long. They hold
 /// whatever an earlier call left: every caller writes all it reads first.
-fn with_scratch<R>(first: usize, second: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(
+    first: usize,
+    second: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buffers) => {
             let (a, b) = &mut *buffers;

@@ -1,6 +1,7 @@
 //! 2-D convolution, NCHW, any kernel size (square or not), stride and padding (no dilation, no
 //! groups), with the best engine each backend has:
-//! - CPU, f32: kiln's kernels ([`cpu`]: im2col + gemm, a deterministic weight gradient);
+//! - CPU, f32: kiln's kernels ([`cpu`]: im2col + gemm, a deterministic weight gradient;
+//!   [`winograd`] F(2x2, 3x3) for 3x3 stride-1 convolutions and their input gradients);
 //! - CUDA: candle's conv2d, whose gradients `tests/cuda.rs` holds to the CPU's;
 //! - elsewhere (Metal, other dtypes): [`conv2d_portable`], shape operations and one matrix
 //!   multiply. candle's own conv2d is avoided there: its weight gradient convolves transposed,
@@ -12,6 +13,7 @@
 mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod winograd;
 
 pub(crate) use cpu::{Geometry, InputGrad};
 #[cfg(feature = "cudnn")]

@@ -123,6 +123,19 @@ fn portable(
     }
 }
 
+/// A convolution's shape, as the property tests draw it.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    n: usize,
+    c: usize,
+    co: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    p: ConvParams,
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
     /// Batches up to 20 images span several of the weight gradient's 8-image chunks; kernels
@@ -135,46 +148,112 @@ proptest! {
     ) {
         prop_assume!(h + 2 * padding >= kh && w + 2 * padding >= kw);
         let p = ConvParams { stride, padding };
-        let x = random(&[n, c, h, w], seed);
-        let weight = random(&[co, c, kh, kw], seed + 1);
-        let bias = random(&[co], seed + 2);
-        let reference_output = conv2d_reference(&x, &weight, Some(&bias), p).unwrap();
-        let upstream = random(reference_output.dims(), 99);
-        let want_b = upstream.sum((0, 2, 3)).unwrap();
-        for (path, f) in [("kiln", conv2d as ConvFn), ("portable", portable as ConvFn)] {
-            let ours = run(f, &x, &weight, &bias, p, transposed);
-            let (output, grad_x, grad_w, grad_b) = (&ours[0], &ours[1], &ours[2], &ours[3]);
-            prop_assert!(max_diff(output, &reference_output) < 1e-5, "{} output", path);
+        every_path_matches(Case { n, c, co, h, w, kh, kw, p }, transposed, seed)?;
+    }
+}
 
-            // Convolution is linear in x and in w, so its gradients are its adjoints: for any
-            // probe, <conv(probe, w), u> = <probe, dX> and <conv(x, probe), u> = <probe, dW>.
-            // These need only candle's forward.
-            for j in 0..4 {
-                let probe = random(x.dims(), 1000 + j);
-                let (want, scale) = dot(&conv2d_reference(&probe, &weight, None, p).unwrap(), &upstream);
-                let (got, _) = dot(&probe, grad_x);
-                prop_assert!((want - got).abs() < 1e-5 * scale, "{} input grad: {} vs {}", path, got, want);
-                let probe = random(weight.dims(), 2000 + j);
-                let (want, scale) = dot(&conv2d_reference(&x, &probe, None, p).unwrap(), &upstream);
-                let (got, _) = dot(&probe, grad_w);
-                prop_assert!((want - got).abs() < 1e-5 * scale, "{} weight grad: {} vs {}", path, got, want);
-            }
-            let magnitude_b = upstream.abs().unwrap().sum((0, 2, 3)).unwrap();
-            prop_assert!(beyond_rounding(grad_b, &want_b, &magnitude_b) <= 0.0, "{} bias grad {} vs {}", path, grad_b, want_b);
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+    /// 3x3 stride-1 padding-1 convolutions with enough channels take Winograd's algorithm
+    /// forward and for the input gradient: odd and tiny planes, batches of several groups.
+    #[test]
+    fn winograd_convolutions_match_candles(
+        n in 1usize..5, c in 16usize..19, co in 16usize..19, h in 1usize..8, w in 1usize..8,
+        transposed in any::<bool>(), seed in 0u64..1000,
+    ) {
+        let p = ConvParams { stride: 1, padding: 1 };
+        every_path_matches(Case { n, c, co, h, w, kh: 3, kw: 3, p }, transposed, seed)?;
+    }
+}
 
-            // candle's own backward, where it works: its input gradient comes out a column or
-            // row short when the stride does not tile the padded input exactly.
-            let tiles = (h + 2 * padding - kh) % stride == 0 && (w + 2 * padding - kw) % stride == 0;
-            if tiles {
-                let reference = run(conv2d_reference, &x, &weight, &bias, p, transposed);
-                let magnitudes = gradient_magnitudes(&x, &weight, p);
-                for (name, ((a, b), magnitude)) in ["input grad", "weight grad", "bias grad"].iter().zip(ours[1..].iter().zip(&reference[1..]).zip(&magnitudes)) {
-                    let excess = beyond_rounding(a, b, magnitude);
-                    prop_assert!(excess <= 0.0, "{} {} differs by {} beyond rounding", path, name, excess);
-                }
+/// Output and every gradient of kiln's convolution and of the portable composition, held to
+/// candle's.
+fn every_path_matches(case: Case, transposed: bool, seed: u64) -> Result<(), TestCaseError> {
+    let Case {
+        n,
+        c,
+        co,
+        h,
+        w,
+        kh,
+        kw,
+        p,
+    } = case;
+    let (stride, padding) = (p.stride, p.padding);
+    let x = random(&[n, c, h, w], seed);
+    let weight = random(&[co, c, kh, kw], seed + 1);
+    let bias = random(&[co], seed + 2);
+    let reference_output = conv2d_reference(&x, &weight, Some(&bias), p).unwrap();
+    let upstream = random(reference_output.dims(), 99);
+    let want_b = upstream.sum((0, 2, 3)).unwrap();
+    for (path, f) in [("kiln", conv2d as ConvFn), ("portable", portable as ConvFn)] {
+        let ours = run(f, &x, &weight, &bias, p, transposed);
+        let (output, grad_x, grad_w, grad_b) = (&ours[0], &ours[1], &ours[2], &ours[3]);
+        prop_assert!(
+            max_diff(output, &reference_output) < 1e-5,
+            "{} output",
+            path
+        );
+
+        // Convolution is linear in x and in w, so its gradients are its adjoints: for any
+        // probe, <conv(probe, w), u> = <probe, dX> and <conv(x, probe), u> = <probe, dW>.
+        // These need only candle's forward.
+        for j in 0..4 {
+            let probe = random(x.dims(), 1000 + j);
+            let (want, scale) = dot(
+                &conv2d_reference(&probe, &weight, None, p).unwrap(),
+                &upstream,
+            );
+            let (got, _) = dot(&probe, grad_x);
+            prop_assert!(
+                (want - got).abs() < 1e-5 * scale,
+                "{} input grad: {} vs {}",
+                path,
+                got,
+                want
+            );
+            let probe = random(weight.dims(), 2000 + j);
+            let (want, scale) = dot(&conv2d_reference(&x, &probe, None, p).unwrap(), &upstream);
+            let (got, _) = dot(&probe, grad_w);
+            prop_assert!(
+                (want - got).abs() < 1e-5 * scale,
+                "{} weight grad: {} vs {}",
+                path,
+                got,
+                want
+            );
+        }
+        let magnitude_b = upstream.abs().unwrap().sum((0, 2, 3)).unwrap();
+        prop_assert!(
+            beyond_rounding(grad_b, &want_b, &magnitude_b) <= 0.0,
+            "{} bias grad {} vs {}",
+            path,
+            grad_b,
+            want_b
+        );
+
+        // candle's own backward, where it works: its input gradient comes out a column or
+        // row short when the stride does not tile the padded input exactly.
+        let tiles = (h + 2 * padding - kh) % stride == 0 && (w + 2 * padding - kw) % stride == 0;
+        if tiles {
+            let reference = run(conv2d_reference, &x, &weight, &bias, p, transposed);
+            let magnitudes = gradient_magnitudes(&x, &weight, p);
+            for (name, ((a, b), magnitude)) in ["input grad", "weight grad", "bias grad"]
+                .iter()
+                .zip(ours[1..].iter().zip(&reference[1..]).zip(&magnitudes))
+            {
+                let excess = beyond_rounding(a, b, magnitude);
+                prop_assert!(
+                    excess <= 0.0,
+                    "{} {} differs by {} beyond rounding",
+                    path,
+                    name,
+                    excess
+                );
             }
         }
     }
+    Ok(())
 }
 
 #[test]
