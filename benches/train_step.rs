@@ -4,7 +4,10 @@
 //! the median of several repeats.
 //!
 //!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
-//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512]
+//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512] [--precision f32|bf16]
+//!
+//! `--precision bf16`: kiln's mixed precision (bf16 activations, f32 master weights) against
+//! PyTorch's bf16 autocast with channels_last, the fastest eager setting a PyTorch user picks.
 //!
 //! Peak device memory (CUDA): kiln's allocator pool at its fullest and PyTorch's
 //! `max_memory_reserved`, the CUDA context left out of both.
@@ -20,7 +23,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use kiln::config::{resolve, Overrides};
+use kiln::config::{resolve, Overrides, Precision};
 use kiln::device::DeviceRequest;
 use kiln::ops::cross_entropy;
 use kiln::{models, optim};
@@ -43,6 +46,7 @@ fn kiln(
     batch: usize,
     steps: usize,
     repeats: usize,
+    precision: Precision,
 ) -> kiln::Result<(Vec<f64>, Option<u64>)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
     let arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
@@ -52,7 +56,9 @@ fn kiln(
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
-            let logits = built.module.forward_t(&images, true)?;
+            let logits = built
+                .module
+                .forward_t(&images.to_dtype(precision.dtype())?, true)?;
             let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
             optimizer.step(&loss.backward()?)?;
         }
@@ -78,6 +84,7 @@ fn pytorch(
     steps: usize,
     repeats: usize,
     threads: usize,
+    precision: Precision,
 ) -> Result<(Vec<f64>, Option<u64>), String> {
     // From the working directory when it is a checkout (a binary carried to a GPU machine runs
     // there), else from the one this was built in.
@@ -94,6 +101,7 @@ fn pytorch(
         .args(["--repeats", &repeats.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", &device.to_string()])
+        .args(["--precision", &precision.to_string()])
         .output()
         .map_err(|e| format!("cannot run python3: {e}"))?;
     if !out.status.success() {
@@ -126,9 +134,10 @@ fn main() {
     };
     let repeats = arg("--repeats").unwrap_or(5);
     let model: String = arg("--model").unwrap_or_else(|| "simplecnn".to_string());
+    let precision: Precision = arg("--precision").unwrap_or_default();
     let on_gpu = !device.is_cpu();
     println!(
-        "{model} training step (its config's recipe, random batch on the device) on {}, median of {repeats} repeats",
+        "{model} training step (its config's recipe, {precision}, random batch on the device) on {}, median of {repeats} repeats",
         kiln::device::describe(&device)
     );
     println!(
@@ -162,7 +171,7 @@ fn main() {
     };
     for (batch, steps) in sizes {
         let steps = arg("--steps").unwrap_or(steps);
-        let (ours, our_peak) = match kiln(&model, &device, batch, steps, repeats) {
+        let (ours, our_peak) = match kiln(&model, &device, batch, steps, repeats, precision) {
             Ok((rates, peak)) => (median(rates), peak),
             Err(err) => {
                 eprintln!("kiln failed at batch {batch}: {err}");
@@ -170,7 +179,7 @@ fn main() {
             }
         };
         let ms = |rate: f64| 1000.0 * batch as f64 / rate;
-        match pytorch(&model, request, batch, steps, repeats, threads) {
+        match pytorch(&model, request, batch, steps, repeats, threads, precision) {
             Ok((rates, their_peak)) => {
                 let theirs = median(rates);
                 println!(

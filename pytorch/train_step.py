@@ -2,7 +2,9 @@
 """PyTorch's side of kiln's step benchmark: training steps on one random batch held in memory,
 warm-up excluded, with each model's recipe as kiln's configs have it: SimpleCNN with Adam lr 1e-3
 and cross-entropy; the ResNets (pytorch/resnet.py, CIFAR stem) with SGD lr 0.1, Nesterov momentum
-0.9, weight decay 5e-4 and label smoothing 0.1, in float32 (TF32 off on a GPU). Prints one JSON
+0.9, weight decay 5e-4 and label smoothing 0.1, in float32 (TF32 off on a GPU), or with
+`--precision bf16` in PyTorch's fastest eager setting: bf16 autocast, channels_last and
+cudnn.benchmark (f32 master weights, as kiln's bf16). Prints one JSON
 line: {"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat],
 "peak_device_bytes": max_memory_reserved on CUDA, else null}.
 
@@ -29,6 +31,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -47,11 +50,17 @@ def main():
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
+    bf16 = args.precision == "bf16"
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
 
     def steps(n):
         for _ in range(n):
             optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model(x), y)
+            loss.backward()
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -64,7 +73,7 @@ def main():
         rates.append(args.steps * args.batch / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     print(json.dumps({"framework": "pytorch", "version": torch.__version__, "model": args.model,
-                      "batch": args.batch,
+                      "precision": args.precision, "batch": args.batch,
                       "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak}))
 
 

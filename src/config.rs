@@ -80,6 +80,51 @@ impl fmt::Display for OptimizerKind {
     }
 }
 
+/// The arithmetic of training steps: f32 throughout, or bf16 activations and convolutions with
+/// f32 master weights, optimizer state and BatchNorm statistics (Lightning's "bf16-mixed",
+/// PyTorch's bf16 autocast). Weights files and checkpoints hold f32 either way, so a run may
+/// change precision when it resumes; evaluation runs in f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The data type activations take.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "32" => Ok(Self::F32),
+            "bf16" | "bf16-mixed" => Ok(Self::Bf16),
+            _ => Err(Error::InvalidSetting(format!(
+                "unknown precision '{s}': expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
 /// Every hyper-parameter of a run. Unknown keys are an error, so a typo never goes unnoticed.
 /// Keys added after a run was checkpointed take their defaults when it resumes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +195,9 @@ pub struct Config {
     pub schedule: Schedule,
     #[serde(default)]
     pub augment: Augment,
+    /// f32 or bf16 (mixed: f32 master weights), for models that support it (the ResNets).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -197,6 +245,7 @@ pub struct Overrides {
     pub grad_clip_norm: Option<f64>,
     pub early_stop: Option<usize>,
     pub backbone_lr_scale: Option<f64>,
+    pub precision: Option<Precision>,
 }
 
 impl Config {
@@ -294,6 +343,9 @@ impl Config {
         }
         if let Some(v) = o.backbone_lr_scale {
             self.backbone_lr_scale = v;
+        }
+        if let Some(v) = o.precision {
+            self.precision = v;
         }
         self.validate().map_err(Error::InvalidSetting)?;
         Ok(self)
@@ -399,7 +451,7 @@ mod tests {
             let written: toml::Table = toml::from_str(spec.default_config).unwrap();
             for key in &all_keys {
                 let shape_key = matches!(key.as_str(), "stem" | "width");
-                if shape_key && !spec.has_stem {
+                if (shape_key && !spec.has_stem) || (key == "precision" && !spec.mixed_precision) {
                     continue;
                 }
                 assert!(

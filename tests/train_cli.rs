@@ -252,6 +252,19 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
             "label_smoothing must be in [0, 1)",
             1,
         ),
+        (vec!["--precision", "fp8"], "expected f32 or bf16", 2),
+        (
+            vec![
+                "--model",
+                "simplecnn",
+                "--precision",
+                "bf16",
+                "--dataset",
+                "synthetic",
+            ],
+            "precision bf16 is for the ResNets",
+            1,
+        ),
     ];
     for (args, expected, code) in cases {
         let out = train(&args, root.path());

@@ -15,7 +15,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use candle_core::Device;
 use kiln::checkpoint::{self, RunDir};
 use kiln::cli::DataArgs;
-use kiln::config::{self, Config, OptimizerKind, Overrides};
+use kiln::config::{self, Config, OptimizerKind, Overrides, Precision};
 use kiln::data;
 use kiln::device::{self, DeviceRequest};
 use kiln::models::{self, ModelSpec, Task};
@@ -176,6 +176,12 @@ struct Cli {
     #[arg(long, value_name = "S", help_heading = "Hyper-parameters")]
     backbone_lr_scale: Option<f64>,
 
+    /// f32, or bf16: activations and convolutions in bf16 with f32 master weights, optimizer
+    /// state and BatchNorm statistics (the ResNets; for CUDA, where tensor cores run it)
+    /// [default: the config's precision, f32]
+    #[arg(long, value_name = "P", help_heading = "Hyper-parameters")]
+    precision: Option<Precision>,
+
     /// Also checkpoint every N steps (a checkpoint is always written after each epoch)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
     checkpoint_every: Option<u64>,
@@ -247,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } else {
             cli.backbone_lr_scale
         },
+        precision: cli.precision,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
     let reporter = Reporter::new(if cli.quiet {

@@ -16,8 +16,11 @@ pub struct Conv2d {
 
 impl ModuleT for Conv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (weight, bias) = (eval_detached(&self.weight, train), self.bias.as_ref());
-        let bias = bias.map(|b| eval_detached(b, train));
+        // Weights in the activations' type: f32 master weights, cast for a bf16 step (the
+        // cast's gradient comes back in f32).
+        let cast = |t: &Tensor| eval_detached(t, train).to_dtype(x.dtype());
+        let weight = cast(&self.weight)?;
+        let bias = self.bias.as_ref().map(cast).transpose()?;
         ops::conv2d(x, &weight, bias.as_ref(), self.params)
     }
 }

@@ -9,6 +9,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     about: "one Linear(1, 1) fitting y = 3x + 2 (set-up check)",
     task: Task::LinearFit,
     has_stem: false,
+    mixed_precision: false,
     default_config: include_str!("../../configs/linear.toml"),
     build,
 };

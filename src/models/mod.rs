@@ -33,6 +33,9 @@ pub struct ModelSpec {
     pub task: Task,
     /// `stem` and `width` shape the network (ResNets); others ignore them.
     pub has_stem: bool,
+    /// Trains in bf16 with f32 master weights when asked (`precision = "bf16"`): its layers
+    /// take activations of the input's type. Others train in f32 only.
+    pub mixed_precision: bool,
     /// The model's `configs/<name>.toml`, built in so the binary works from any directory.
     pub default_config: &'static str,
     pub build: fn(&Architecture, &Scope) -> candle_core::Result<Box<dyn ModuleT>>,
@@ -192,6 +195,72 @@ mod tests {
 
     fn s(n: &str, d: &[usize]) -> (String, Vec<usize>) {
         (n.to_string(), d.to_vec())
+    }
+
+    /// A ResNet-18 of width 8 on a fixed batch: its loss, logits and every parameter's
+    /// gradient, with the images cast to `dtype` (the loop's mixed precision).
+    fn resnet_step(dtype: DType) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
+        let arch = Architecture::new(10, 32, Stem::Cifar, 8).unwrap();
+        let built = build(find("resnet18").unwrap(), &arch, 3, &Device::Cpu).unwrap();
+        // At initialisation a ResNet amplifies rounding (tests/cuda.rs): each residual
+        // branch's last BatchNorm scaled down makes this a comparison of the maths.
+        for (name, var) in built.params.vars() {
+            if name.starts_with("layer") && name.ends_with(".bn2.weight") {
+                var.set(&(var.as_tensor() * 0.25).unwrap()).unwrap();
+            }
+        }
+        let images = crate::ops::random_tensor(&[6, 3, 32, 32], 11);
+        let labels = Tensor::new(&[0u32, 1, 2, 3, 4, 5], &Device::Cpu).unwrap();
+        let logits = built
+            .module
+            .forward_t(&images.to_dtype(dtype).unwrap(), true)
+            .unwrap();
+        let loss = crate::ops::cross_entropy(&logits, &labels, 0.1).unwrap();
+        let grads = loss.backward().unwrap();
+        let grads = built
+            .params
+            .vars()
+            .into_iter()
+            .map(|(name, var)| (name, grads.get(&var).unwrap().clone()))
+            .collect();
+        (loss, logits, grads)
+    }
+
+    /// bf16 activations with f32 master weights: the logits and every gradient come back in
+    /// f32, the numbers are bf16's (not f32's bits) and close to f32's.
+    #[test]
+    fn resnets_train_in_bf16_with_f32_master_weights() {
+        let (loss32, logits32, grads32) = resnet_step(DType::F32);
+        let (loss16, logits16, grads16) = resnet_step(DType::BF16);
+        assert_eq!(logits16.dtype(), DType::F32, "the head runs in f32");
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        let (a, b) = (scalar(&loss32), scalar(&loss16));
+        assert!(
+            (a - b).abs() < 2e-2 * a.abs(),
+            "loss {a} (f32) against {b} (bf16)"
+        );
+        let gap = (&logits32 - &logits16)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(scalar(&gap) > 0.0, "the bf16 step computed in f32");
+        let flat = |grads: &[(String, Tensor)]| {
+            let parts: Vec<Tensor> = grads
+                .iter()
+                .map(|(_, g)| g.flatten_all().unwrap())
+                .collect();
+            Tensor::cat(&parts, 0).unwrap()
+        };
+        for (name, grad) in &grads16 {
+            assert_eq!(grad.dtype(), DType::F32, "{name}'s gradient");
+        }
+        let (g32, g16) = (flat(&grads32), flat(&grads16));
+        let dot = scalar(&(&g32 * &g16).unwrap().sum_all().unwrap());
+        let norm = |g: &Tensor| scalar(&g.sqr().unwrap().sum_all().unwrap()).sqrt();
+        let cosine = dot / (norm(&g32) * norm(&g16));
+        assert!(cosine > 0.99, "gradients' cosine similarity {cosine}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! CIFAR one (3x3 stride-1 convolution, no pool) for small images. `width` scales the stage
 //! widths (64 in torchvision) so tests can train the same maths small.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module, ModuleT};
 
 use super::init::{self, kaiming_normal_fan_out, Scope};
@@ -19,6 +19,7 @@ pub const RESNET18: ModelSpec = ModelSpec {
     about: "ResNet-18 (torchvision's; CIFAR stem for small images), BatchNorm, 11M parameters",
     task: Task::ImageClassification,
     has_stem: true,
+    mixed_precision: true,
     default_config: include_str!("../../configs/resnet18.toml"),
     build: |arch, scope| {
         Ok(Box::new(ResNet::new(
@@ -34,6 +35,7 @@ pub const RESNET34: ModelSpec = ModelSpec {
     about: "ResNet-34 (torchvision's), 21M parameters",
     task: Task::ImageClassification,
     has_stem: true,
+    mixed_precision: true,
     default_config: include_str!("../../configs/resnet34.toml"),
     build: |arch, scope| {
         Ok(Box::new(ResNet::new(
@@ -49,6 +51,7 @@ pub const RESNET50: ModelSpec = ModelSpec {
     about: "ResNet-50 (torchvision's, Bottleneck blocks), the course's benchmark, 24M parameters",
     task: Task::ImageClassification,
     has_stem: true,
+    mixed_precision: true,
     default_config: include_str!("../../configs/resnet50.toml"),
     build: |arch, scope| {
         Ok(Box::new(ResNet::new(
@@ -241,6 +244,8 @@ impl ModuleT for ResNet {
             eval_detached(self.fc.weight(), train),
             self.fc.bias().map(|b| eval_detached(b, train)),
         );
-        fc.forward(&h.mean((2, 3))?)
+        // The head in f32 whatever the precision: the average over the plane and the logits
+        // that the loss reads.
+        fc.forward(&h.to_dtype(DType::F32)?.mean((2, 3))?)
     }
 }

@@ -13,6 +13,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     about: "the tutorials' SimpleCNN for CIFAR-10 (conv 3->16, ReLU, max-pool, linear 4096->10)",
     task: Task::ImageClassification,
     has_stem: false,
+    mixed_precision: false,
     default_config: include_str!("../../configs/simplecnn.toml"),
     build,
 };

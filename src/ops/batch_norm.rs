@@ -3,8 +3,9 @@
 //! and shifted, optionally followed by ReLU in the same pass (ResNet's `relu(bn(conv(x)))`).
 //! The batch mean and variance come back too, for the caller's running statistics.
 //!
-//! On the CPU and CUDA (f32), kiln's kernels: a channel's sums in f64 (as PyTorch's CPU kernel
-//! accumulates), on the CPU in a fixed order so that results do not depend on the thread count;
+//! On the CPU (f32) and CUDA (f32 or bf16 data, f32 statistics and parameters), kiln's kernels:
+//! a channel's sums in f64 (as PyTorch's CPU kernel accumulates), on the CPU in a fixed order so
+//! that results do not depend on the thread count;
 //! the backward pass reads the saved mean and inverse deviation and recomputes where the fused
 //! ReLU passed. Elsewhere (Metal, other dtypes), candle's composition, which is also the
 //! reference for the tests.
@@ -14,7 +15,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda::by_float;
 use super::{contiguous_f32, par_collect};
+#[cfg(feature = "cuda")]
+use candle_core::backend::BackendStorage;
 
 /// What a training-mode batch norm returns: the output, and the batch's statistics per channel
 /// (outside any graph): the mean and the biased variance it normalised with.
@@ -32,10 +37,8 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> candle_core::Result<BatchNormOutput> {
-    let f32s = [x.dtype(), gamma.dtype(), beta.dtype()]
-        .iter()
-        .all(|d| *d == DType::F32);
-    if !(f32s && ours(x.device()) && x.rank() == 4) {
+    let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
+    if !(f32_parameters && ours(x.device(), x.dtype()) && x.rank() == 4) {
         return batch_norm_train_reference(x, gamma, beta, eps, relu);
     }
     let saved = Arc::new(Mutex::new(None));
@@ -61,16 +64,19 @@ pub fn batch_norm_train(
     })
 }
 
-/// Whether kiln's kernels run on `device`.
-fn ours(device: &Device) -> bool {
+/// Whether kiln's kernels run on `device` for data of type `dtype`: f32 on the CPU, f32 and
+/// bf16 on CUDA.
+fn ours(device: &Device, dtype: DType) -> bool {
     match device {
-        Device::Cpu => true,
-        Device::Cuda(_) => cfg!(feature = "cuda"),
+        Device::Cpu => dtype == DType::F32,
+        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16),
         Device::Metal(_) => false,
     }
 }
 
 /// The same from candle operations: the reference, and the path for other backends and dtypes.
+/// Half-precision data is normalised in f32 and the result rounded back, as kiln's CUDA
+/// kernels and PyTorch's autocast do.
 pub fn batch_norm_train_reference(
     x: &Tensor,
     gamma: &Tensor,
@@ -78,6 +84,9 @@ pub fn batch_norm_train_reference(
     eps: f64,
     relu: bool,
 ) -> candle_core::Result<BatchNormOutput> {
+    let dtype = x.dtype();
+    let x = &x.to_dtype(DType::F32)?;
+    let (gamma, beta) = (&gamma.to_dtype(DType::F32)?, &beta.to_dtype(DType::F32)?);
     let c = x.dim(1)?;
     let mean = x.mean_keepdim((0, 2, 3))?;
     let centred = x.broadcast_sub(&mean)?;
@@ -87,8 +96,9 @@ pub fn batch_norm_train_reference(
         .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
         .broadcast_mul(&per_channel(gamma)?)?
         .broadcast_add(&per_channel(beta)?)?;
+    let y = if relu { self::relu(&y)? } else { y };
     Ok(BatchNormOutput {
-        y: if relu { y.relu()? } else { y },
+        y: y.to_dtype(dtype)?,
         mean: mean.flatten_all()?.detach(),
         var: var.flatten_all()?.detach(),
     })
@@ -108,14 +118,13 @@ pub fn batch_norm_eval(
     let c = x.dim(1)?;
     let scale = (gamma / (running_var + eps)?.sqrt()?)?;
     let shift = (beta - (running_mean * &scale)?)?;
+    // In f32 whatever the data's type, then rounded back (as in training).
     let y = x
+        .to_dtype(DType::F32)?
         .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
         .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
-    if relu {
-        y.relu()
-    } else {
-        Ok(y)
-    }
+    let y = if relu { y.relu()? } else { y };
+    y.to_dtype(x.dtype())
 }
 
 /// What the forward pass keeps for the backward pass and the caller: [3, C] on the device,
@@ -300,10 +309,14 @@ impl CustomOp3 for BatchNormTrain {
             candle_core::bail!("batch_norm: an empty batch has no statistics");
         }
         let dev = &xs.device;
-        let stats = cuda::stats(xs, xl, (n, c, h * w), self.eps as f32)?;
-        let y = cuda::apply(xs, xl, &stats, gs, gl, bs, bl, (n, c, h * w), self.relu)?;
-        self.keep(super::cuda::tensor(stats, dev, (3, c)))?;
-        Ok((super::cuda::storage(y, dev), Shape::from((n, c, h, w))))
+        let sizes = (n, c, h * w);
+        let y = by_float!(xs.dtype(), T => {
+            let stats = cuda::stats::<T>(xs, xl, sizes, self.eps as f32)?;
+            let y = cuda::apply::<T>(xs, xl, &stats, gs, gl, bs, bl, sizes, self.relu)?;
+            self.keep(super::cuda::tensor(stats, dev, (3, c)))?;
+            super::cuda::storage(y, dev)
+        });
+        Ok((y, Shape::from((n, c, h, w))))
     }
 
     fn bwd(
@@ -410,7 +423,9 @@ impl CustomOp3 for ChannelSums {
         fl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
-        let sums = cuda::grad_sums(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?;
+        let sums = by_float!(xs.dtype(), T => {
+            cuda::grad_sums::<T>(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?
+        });
         Ok((super::cuda::storage(sums, &xs.device), Shape::from((2, c))))
     }
 }
@@ -472,11 +487,11 @@ impl CustomOp3 for InputGrad {
         fl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
-        let dx = cuda::input_grad(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?;
-        Ok((
-            super::cuda::storage(dx, &xs.device),
-            Shape::from((n, c, h, w)),
-        ))
+        let dx = by_float!(xs.dtype(), T => super::cuda::storage(
+            cuda::input_grad::<T>(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?,
+            &xs.device,
+        ));
+        Ok((dx, Shape::from((n, c, h, w))))
     }
 }
 
@@ -511,18 +526,28 @@ impl CustomOp2 for ReluGate {
         ys: &candle_core::CudaStorage,
         yl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = cuda::elementwise("relu_gate", gs, gl, ys, yl)?;
-        Ok((super::cuda::storage(out, &gs.device), gl.shape().clone()))
+        let out = by_float!(gs.dtype(), T => super::cuda::storage(
+            cuda::elementwise::<T>("relu_gate", gs, gl, ys, yl)?,
+            &gs.device,
+        ));
+        Ok((out, gl.shape().clone()))
     }
 }
 
 /// `relu(a + b)`: the end of a residual block, one pass each way.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if ours(a.device()) && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+    if ours(a.device(), a.dtype()) && a.dtype() == b.dtype() {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
-        (a + b)?.relu()
+        relu(&(a + b)?)
     }
+}
+
+/// ReLU whose gradient is 0 where its input is exactly 0, as PyTorch's and kiln's kernels
+/// (candle's `relu` passes it there): the compositions then agree with them on ties, which
+/// bf16's coarse rounding makes common (a + b = 0 wherever b = -a).
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x * x.gt(0f64)?.to_dtype(x.dtype())?
 }
 
 struct AddRelu;
@@ -569,8 +594,11 @@ impl CustomOp2 for AddRelu {
                 bl.shape()
             );
         }
-        let out = cuda::elementwise("add_relu_fwd", a_s, al, bs, bl)?;
-        Ok((super::cuda::storage(out, &a_s.device), al.shape().clone()))
+        let out = by_float!(a_s.dtype(), T => super::cuda::storage(
+            cuda::elementwise::<T>("add_relu_fwd", a_s, al, bs, bl)?,
+            &a_s.device,
+        ));
+        Ok((out, al.shape().clone()))
     }
 
     fn bwd(
@@ -585,14 +613,15 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// kernels.cu: bn_stats, bn_apply, bn_grad_sums, bn_input_grad, add_relu_fwd, relu_gate.
+/// kernels.cu: bn_stats, bn_apply, bn_grad_sums, bn_input_grad, add_relu_fwd, relu_gate, each
+/// for f32 and bf16 data (statistics and parameters f32).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout};
 
-    use crate::ops::cuda::{int, kernel, output, per_item, view, THREADS};
+    use crate::ops::cuda::{int, kernel_for, output, per_item, view, KernelFloat, THREADS};
 
     /// (N, C, H*W)
     type Sizes = (usize, usize, usize);
@@ -606,16 +635,16 @@ mod cuda {
         }
     }
 
-    pub(super) fn stats(
+    pub(super) fn stats<T: KernelFloat>(
         xs: &CudaStorage,
         xl: &Layout,
         (n, c, hw): Sizes,
         eps: f32,
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &xs.device;
-        let x = view::<f32>(xs, xl, "input")?;
+        let x = view::<T>(xs, xl, "input")?;
         let stats = output::<f32>(dev, 3 * c)?;
-        let func = kernel(dev, "bn_stats")?;
+        let func = kernel_for::<T>(dev, "bn_stats")?;
         let stream = dev.cuda_stream();
         let (n, c32, hw) = (
             int(n, "batch_norm")?,
@@ -637,7 +666,7 @@ mod cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn apply(
+    pub(super) fn apply<T: KernelFloat>(
         xs: &CudaStorage,
         xl: &Layout,
         stats: &CudaSlice<f32>,
@@ -647,16 +676,16 @@ mod cuda {
         bl: &Layout,
         (n, c, hw): Sizes,
         relu: bool,
-    ) -> candle_core::Result<CudaSlice<f32>> {
+    ) -> candle_core::Result<CudaSlice<T>> {
         let dev = &xs.device;
         let (x, gamma, beta) = (
-            view::<f32>(xs, xl, "input")?,
+            view::<T>(xs, xl, "input")?,
             view::<f32>(gs, gl, "weight")?,
             view::<f32>(bs, bl, "bias")?,
         );
         let total = n * c * hw;
-        let y = output::<f32>(dev, total)?;
-        let func = kernel(dev, "bn_apply")?;
+        let y = output::<T>(dev, total)?;
+        let func = kernel_for::<T>(dev, "bn_apply")?;
         let stream = dev.cuda_stream();
         let (c32, hw32, relu) = (
             int(c, "batch_norm")?,
@@ -680,7 +709,7 @@ mod cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn grad_sums(
+    pub(super) fn grad_sums<T: KernelFloat>(
         xs: &CudaStorage,
         xl: &Layout,
         gs: &CudaStorage,
@@ -692,12 +721,12 @@ mod cuda {
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &xs.device;
         let (x, grad, figures) = (
-            view::<f32>(xs, xl, "input")?,
-            view::<f32>(gs, gl, "gradient")?,
+            view::<T>(xs, xl, "input")?,
+            view::<T>(gs, gl, "gradient")?,
             view::<f32>(fs, fl, "statistics")?,
         );
         let sums = output::<f32>(dev, 2 * c)?;
-        let func = kernel(dev, "bn_grad_sums")?;
+        let func = kernel_for::<T>(dev, "bn_grad_sums")?;
         let stream = dev.cuda_stream();
         let (n, c32, hw) = (
             int(n, "batch_norm")?,
@@ -721,7 +750,7 @@ mod cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn input_grad(
+    pub(super) fn input_grad<T: KernelFloat>(
         xs: &CudaStorage,
         xl: &Layout,
         gs: &CudaStorage,
@@ -730,16 +759,16 @@ mod cuda {
         fl: &Layout,
         (n, c, hw): Sizes,
         relu: bool,
-    ) -> candle_core::Result<CudaSlice<f32>> {
+    ) -> candle_core::Result<CudaSlice<T>> {
         let dev = &xs.device;
         let (x, grad, figures) = (
-            view::<f32>(xs, xl, "input")?,
-            view::<f32>(gs, gl, "gradient")?,
+            view::<T>(xs, xl, "input")?,
+            view::<T>(gs, gl, "gradient")?,
             view::<f32>(fs, fl, "statistics")?,
         );
         let total = n * c * hw;
-        let dx = output::<f32>(dev, total)?;
-        let func = kernel(dev, "bn_input_grad")?;
+        let dx = output::<T>(dev, total)?;
+        let func = kernel_for::<T>(dev, "bn_input_grad")?;
         let stream = dev.cuda_stream();
         let (n32, c32, hw32) = (
             int(n, "batch_norm")?,
@@ -763,23 +792,24 @@ mod cuda {
         Ok(dx)
     }
 
-    /// A kernel of two same-sized f32 inputs and one output: `add_relu_fwd` or `relu_gate`.
-    pub(super) fn elementwise(
+    /// A kernel of two same-sized inputs and one output, all `T`: `add_relu_fwd` or
+    /// `relu_gate`.
+    pub(super) fn elementwise<T: KernelFloat>(
         name: &str,
         a_s: &CudaStorage,
         al: &Layout,
         bs: &CudaStorage,
         bl: &Layout,
-    ) -> candle_core::Result<CudaSlice<f32>> {
+    ) -> candle_core::Result<CudaSlice<T>> {
         let dev = &a_s.device;
-        let (a, b) = (view::<f32>(a_s, al, "lhs")?, view::<f32>(bs, bl, "rhs")?);
+        let (a, b) = (view::<T>(a_s, al, "lhs")?, view::<T>(bs, bl, "rhs")?);
         let total = al.shape().elem_count();
-        let out = output::<f32>(dev, total)?;
-        let func = kernel(dev, name)?;
+        let out = output::<T>(dev, total)?;
+        let func = kernel_for::<T>(dev, name)?;
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
         launch.arg(&a).arg(&b).arg(&total).arg(&out);
-        // SAFETY: both inputs hold `total` contiguous f32 values (same shapes, checked by the
+        // SAFETY: both inputs hold `total` contiguous `T` values (same shapes, checked by the
         // callers); a grid-stride loop writes every output.
         unsafe { launch.launch(per_item(total)) }.w()?;
         Ok(out)

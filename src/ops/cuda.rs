@@ -15,6 +15,47 @@ pub const GROUP: usize = 8;
 /// Threads per block; the kernels' block reductions assume it (BLOCK in kernels.cu).
 pub const THREADS: u32 = 256;
 
+/// A data type kiln's kernels come in for both f32 and bf16 (BatchNorm, add-ReLU, the ReLU
+/// gate): the entry point's name ends in `_` and the suffix.
+pub trait KernelFloat: CudaDType + DeviceRepr {
+    const SUFFIX: &'static str;
+}
+
+impl KernelFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl KernelFloat for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// `name_f32` or `name_bf16`, for data of type `T`.
+pub fn kernel_for<T: KernelFloat>(
+    device: &CudaDevice,
+    name: &str,
+) -> candle_core::Result<CudaFunction> {
+    kernel(device, &format!("{name}_{}", T::SUFFIX))
+}
+
+/// Evaluates `$body` with the type alias `$t` naming the Rust type of `$dtype` (f32 or bf16),
+/// and fails with a clear error on any other data type.
+macro_rules! by_float {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("kiln's CUDA kernels take f32 or bf16 data, not {other:?}"),
+        }
+    };
+}
+pub(crate) use by_float;
+
 /// A size as the kernels' `int` (`what` names it in the error).
 pub fn int(v: usize, what: &str) -> candle_core::Result<i32> {
     i32::try_from(v).map_err(|_| {

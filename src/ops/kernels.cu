@@ -1,9 +1,11 @@
-// kiln's CUDA kernels. f32 data, contiguous tensors, row-major (NCHW) layouts.
+// kiln's CUDA kernels. f32 data (and bf16 where the ResNets' mixed precision needs it),
+// contiguous tensors, row-major (NCHW) layouts.
 //
 // build.rs compiles this file to PTX with nvcc when the `cuda` feature is on; src/ops/cuda.rs
 // loads it through candle's CudaDevice and launches the kernels from candle custom ops. Each
 // kernel mirrors a CPU implementation in src/ops or src/optim, which the tests compare against.
 #include <stdint.h>
+#include <cuda_bf16.h>
 
 #define NO_WINNER 0xffffffffu
 #define BLOCK 256
@@ -416,20 +418,28 @@ __device__ double block_sum_d(double value, double* scratch) {
     return total;
 }
 
+// ---- BatchNorm, add-ReLU, the ReLU gate: f32 or bf16 data (`_f32` / `_bf16` entry points),
+// f32 parameters and statistics, f32 arithmetic (as PyTorch's bf16 autocast runs them) --------
+
+__device__ __forceinline__ float load(float v) { return v; }
+__device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store(float* at, float v) { *at = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* at, float v) { *at = __float2bfloat16_rn(v); }
+
 // stats [3, C]: each channel's mean, biased variance and 1 / sqrt(variance + eps), the sums in
 // double (as the CPU kernel and PyTorch's CPU kernel).
-extern "C" __global__ void bn_stats(const float* x, int n, int c, int hw, float eps,
-                                    float* stats) {
+template <typename T>
+__device__ void bn_stats(const T* x, int n, int c, int hw, float eps, float* stats) {
     __shared__ double scratch[BLOCK];
     int ch = blockIdx.x;
     size_t count = (size_t)n * hw;
     double sum = 0.0;
     for (size_t i = threadIdx.x; i < count; i += BLOCK)
-        sum += x[((i / hw) * c + ch) * hw + i % hw];
+        sum += load(x[((i / hw) * c + ch) * hw + i % hw]);
     double mean = block_sum_d(sum, scratch) / count;
     double squares = 0.0;
     for (size_t i = threadIdx.x; i < count; i += BLOCK) {
-        double d = x[((i / hw) * c + ch) * hw + i % hw] - mean;
+        double d = load(x[((i / hw) * c + ch) * hw + i % hw]) - mean;
         squares += d * d;
     }
     double var = block_sum_d(squares, scratch) / count;
@@ -447,15 +457,15 @@ __device__ float2 bn_affine(float mean, float inv_std, float gamma, float beta) 
 }
 
 // y = relu?(x * scale + shift), from bn_stats's [3, C] and the layer's gamma and beta.
-extern "C" __global__ void bn_apply(const float* x, const float* stats, const float* gamma,
-                                    const float* beta, int c, int hw, size_t total, int relu,
-                                    float* y) {
+template <typename T>
+__device__ void bn_apply(const T* x, const float* stats, const float* gamma, const float* beta,
+                         int c, int hw, size_t total, int relu, T* y) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         int ch = (i / hw) % c;
         float2 a = bn_affine(stats[ch], stats[2 * c + ch], gamma[ch], beta[ch]);
-        float v = __fadd_rn(__fmul_rn(x[i], a.x), a.y);
-        y[i] = relu ? fmaxf(v, 0.0f) : v;
+        float v = __fadd_rn(__fmul_rn(load(x[i]), a.x), a.y);
+        store(&y[i], relu ? fmaxf(v, 0.0f) : v);
     }
 }
 
@@ -466,8 +476,9 @@ __device__ float bn_gated(int relu, float g, float v, float2 a) {
 
 // sums [2, C]: sum(g * x_hat) (dgamma) and sum(g) (dbeta), g gated; figures [4, C] = mean;
 // inv_std; gamma; beta.
-extern "C" __global__ void bn_grad_sums(const float* x, const float* grad, const float* figures,
-                                        int n, int c, int hw, int relu, float* sums) {
+template <typename T>
+__device__ void bn_grad_sums(const T* x, const T* grad, const float* figures, int n, int c,
+                             int hw, int relu, float* sums) {
     __shared__ double scratch[BLOCK];
     int ch = blockIdx.x;
     float mean = figures[ch], inv_std = figures[c + ch];
@@ -476,9 +487,10 @@ extern "C" __global__ void bn_grad_sums(const float* x, const float* grad, const
     double dot = 0.0, total = 0.0;
     for (size_t i = threadIdx.x; i < count; i += BLOCK) {
         size_t at = ((i / hw) * c + ch) * hw + i % hw;
-        double g = bn_gated(relu, grad[at], x[at], a);
+        float v = load(x[at]);
+        double g = bn_gated(relu, load(grad[at]), v, a);
         total += g;
-        dot += g * ((double)x[at] - (double)mean);
+        dot += g * ((double)v - (double)mean);
     }
     dot = block_sum_d(dot, scratch);
     total = block_sum_d(total, scratch);
@@ -490,30 +502,67 @@ extern "C" __global__ void bn_grad_sums(const float* x, const float* grad, const
 
 // dx = scale * (g - dbeta / M - x_hat * dgamma / M); figures [6, C] = mean; inv_std; gamma;
 // beta; dgamma; dbeta.
-extern "C" __global__ void bn_input_grad(const float* x, const float* grad, const float* f, int n,
-                                         int c, int hw, size_t total, int relu, float* dx) {
+template <typename T>
+__device__ void bn_input_grad(const T* x, const T* grad, const float* f, int n, int c, int hw,
+                              size_t total, int relu, T* dx) {
     float m = (float)((size_t)n * hw);
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         int ch = (i / hw) % c;
         float mean = f[ch], inv_std = f[c + ch];
         float2 a = bn_affine(mean, inv_std, f[2 * c + ch], f[3 * c + ch]);
-        float g = bn_gated(relu, grad[i], x[i], a);
-        float x_hat = __fmul_rn(__fsub_rn(x[i], mean), inv_std);
+        float v = load(x[i]);
+        float g = bn_gated(relu, load(grad[i]), v, a);
+        float x_hat = __fmul_rn(__fsub_rn(v, mean), inv_std);
         float rest = __fsub_rn(__fsub_rn(g, f[5 * c + ch] / m), __fmul_rn(x_hat, f[4 * c + ch] / m));
-        dx[i] = __fmul_rn(a.x, rest);
+        store(&dx[i], __fmul_rn(a.x, rest));
     }
 }
 
 // relu(a + b), and the gradient where the output is positive.
-extern "C" __global__ void add_relu_fwd(const float* a, const float* b, size_t total, float* y) {
+template <typename T>
+__device__ void add_relu_fwd(const T* a, const T* b, size_t total, T* y) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
-        y[i] = fmaxf(a[i] + b[i], 0.0f);
+        store(&y[i], fmaxf(load(a[i]) + load(b[i]), 0.0f));
 }
 
-extern "C" __global__ void relu_gate(const float* grad, const float* y, size_t total, float* out) {
+template <typename T>
+__device__ void relu_gate(const T* grad, const T* y, size_t total, T* out) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
-        out[i] = y[i] > 0.0f ? grad[i] : 0.0f;
+        store(&out[i], load(y[i]) > 0.0f ? load(grad[i]) : 0.0f);
 }
+
+// The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype).
+#define BN_ENTRY_POINTS(T, SUFFIX)                                                              \
+    extern "C" __global__ void bn_stats_##SUFFIX(const T* x, int n, int c, int hw, float eps,  \
+                                                 float* stats) {                               \
+        bn_stats(x, n, c, hw, eps, stats);                                                     \
+    }                                                                                          \
+    extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats,               \
+                                                 const float* gamma, const float* beta, int c, \
+                                                 int hw, size_t total, int relu, T* y) {       \
+        bn_apply(x, stats, gamma, beta, c, hw, total, relu, y);                                \
+    }                                                                                          \
+    extern "C" __global__ void bn_grad_sums_##SUFFIX(const T* x, const T* grad,                \
+                                                     const float* figures, int n, int c,       \
+                                                     int hw, int relu, float* sums) {          \
+        bn_grad_sums(x, grad, figures, n, c, hw, relu, sums);                                  \
+    }                                                                                          \
+    extern "C" __global__ void bn_input_grad_##SUFFIX(const T* x, const T* grad, const float* f, \
+                                                      int n, int c, int hw, size_t total,      \
+                                                      int relu, T* dx) {                       \
+        bn_input_grad(x, grad, f, n, c, hw, total, relu, dx);                                  \
+    }                                                                                          \
+    extern "C" __global__ void add_relu_fwd_##SUFFIX(const T* a, const T* b, size_t total,     \
+                                                     T* y) {                                   \
+        add_relu_fwd(a, b, total, y);                                                          \
+    }                                                                                          \
+    extern "C" __global__ void relu_gate_##SUFFIX(const T* grad, const T* y, size_t total,     \
+                                                  T* out) {                                    \
+        relu_gate(grad, y, total, out);                                                        \
+    }
+
+BN_ENTRY_POINTS(float, f32)
+BN_ENTRY_POINTS(__nv_bfloat16, bf16)

@@ -12,10 +12,10 @@ use candle_core::Device;
 use super::fit::{self, Data, Driving, Observer, Outcome, Trainee};
 use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir};
-use crate::config::Config;
+use crate::config::{Config, Precision};
 use crate::data::batches::DeviceSet;
 use crate::data::{ChannelStats, DataSets};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::Tally;
 use crate::models::{self, Architecture, ModelSpec};
 use crate::optim;
@@ -74,6 +74,18 @@ pub fn run(
 ) -> Result<Ended> {
     let arch = architecture(config, &data)?;
     config.augment.validate(arch.image_size)?;
+    if config.precision != Precision::F32 && !spec.mixed_precision {
+        return Err(Error::InvalidSetting(format!(
+            "precision {} is for the ResNets; {} trains in f32 (use --precision f32)",
+            config.precision, spec.name
+        )));
+    }
+    if config.precision != Precision::F32 && device.is_cpu() {
+        tracing::warn!(
+            "precision {} on the CPU runs candle's generic operations, slower than kiln's f32 kernels",
+            config.precision
+        );
+    }
     let built = models::build(spec, &arch, config.seed, device)?;
     let mut optimizer = optim::build(config, built.params.vars())?;
     // Weights trained elsewhere expect the inputs normalised as they were trained.

@@ -198,6 +198,8 @@ pub fn fit(
                     .batch(&order, range, &mut train_buffer, augment.as_ref())
             })?;
             let (logits, loss) = phases.time(Phase::Forward, || {
+                // Data needs no gradient: the cast (a no-op in f32) starts the graph.
+                let images = images.to_dtype(config.precision.dtype())?;
                 let logits = model.forward_t(&images, true)?;
                 let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
                 Ok((logits, loss))

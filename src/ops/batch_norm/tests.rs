@@ -26,18 +26,6 @@ fn close(what: &str, a: &Tensor, b: &Tensor, tolerance: f32) -> Result<(), TestC
     Ok(())
 }
 
-/// ReLU by candle's operations with PyTorch's gradient at 0: none (candle's own `relu` passes
-/// the gradient where the input is exactly 0, which 40,000-element sums of two uniform draws
-/// do hit).
-fn relu_as_pytorch(x: &Tensor) -> Tensor {
-    let passed = x
-        .gt(0f32)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap();
-    (x * passed).unwrap()
-}
-
 type Norm = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> candle_core::Result<BatchNormOutput>;
 
 /// Output, statistics and the gradients of x, gamma and beta under a random upstream gradient.
@@ -83,7 +71,7 @@ proptest! {
     fn add_relu_matches_candles_composition(n in 1usize..40_000, seed in 0u64..1000) {
         let (a, b) = (Var::from_tensor(&random(&[n], seed)).unwrap(), Var::from_tensor(&random(&[n], seed + 1)).unwrap());
         let outputs = |fused: bool| {
-            let y = if fused { add_relu(a.as_tensor(), b.as_tensor()).unwrap() } else { relu_as_pytorch(&(a.as_tensor() + b.as_tensor()).unwrap()) };
+            let y = if fused { add_relu(a.as_tensor(), b.as_tensor()).unwrap() } else { relu(&(a.as_tensor() + b.as_tensor()).unwrap()).unwrap() };
             let grads = (&y * random(&[n], 3)).unwrap().sum_all().unwrap().backward().unwrap();
             vec![y, grads.get(&a).unwrap().clone(), grads.get(&b).unwrap().clone()]
         };
