@@ -120,6 +120,8 @@ fn mib(bytes: Option<u64>) -> String {
 }
 
 fn main() {
+    // RUST_LOG=kiln=debug shows, among others, each cuDNN algorithm tried and chosen.
+    let _no_trace = kiln::cli::init_logging(None);
     let threads = arg("--threads")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let request: DeviceRequest = arg("--device").unwrap_or(DeviceRequest::Cpu);

@@ -613,23 +613,40 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// kernels.cu: bn_stats, bn_apply, bn_grad_sums, bn_input_grad, add_relu_fwd, relu_gate, each
-/// for f32 and bf16 data (statistics and parameters f32).
+/// kernels.cu: bn_stats_partial + bn_stats_finish, bn_apply, bn_grad_partial + bn_grad_finish,
+/// bn_input_grad, add_relu_fwd, relu_gate; those that read data for f32 and bf16 (statistics
+/// and parameters f32).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout};
 
-    use crate::ops::cuda::{int, kernel_for, output, per_item, view, KernelFloat, THREADS};
+    use crate::ops::cuda::{int, kernel, kernel_for, output, per_item, view, KernelFloat, THREADS};
 
     /// (N, C, H*W)
     type Sizes = (usize, usize, usize);
 
-    /// One block per channel, for the per-channel sums.
-    fn per_channel(c: usize) -> LaunchConfig {
+    /// Blocks per channel for the per-channel sums, each over a run of whole planes: enough
+    /// that every SM has work where the channels are few (ResNet's 64-channel stages), never
+    /// more than the planes.
+    fn splits(n: usize, c: usize) -> usize {
+        (2048 / c.max(1)).clamp(1, n.max(1))
+    }
+
+    /// `splits` blocks for each of `c` channels.
+    fn per_channel_split(c: usize, splits: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (c.max(1) as u32, 1, 1),
+            grid_dim: (c.max(1) as u32, splits as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One thread per channel, for adding the splits' partial sums.
+    fn per_channel_thread(c: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (c.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -643,25 +660,34 @@ mod cuda {
     ) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &xs.device;
         let x = view::<T>(xs, xl, "input")?;
+        let splits = splits(n, c);
+        let partials = output::<f64>(dev, 2 * c * splits)?;
         let stats = output::<f32>(dev, 3 * c)?;
-        let func = kernel_for::<T>(dev, "bn_stats")?;
         let stream = dev.cuda_stream();
-        let (n, c32, hw) = (
+        let (n32, c32, hw32, splits32) = (
             int(n, "batch_norm")?,
             int(c, "batch_norm")?,
             int(hw, "batch_norm")?,
+            int(splits, "batch_norm")?,
         );
+        let func = kernel_for::<T>(dev, "bn_stats_partial")?;
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&x).arg(&n32).arg(&c32).arg(&hw32).arg(&partials);
+        // SAFETY: the arguments match the kernel's signature; block (ch, s) writes its channel's
+        // two partial sums of split s, and the grid has one block per channel and split.
+        unsafe { launch.launch(per_channel_split(c, splits)) }.w()?;
+        let func = kernel(dev, "bn_stats_finish")?;
+        let count = (n * hw) as f64;
         let mut launch = stream.launch_builder(&func);
         launch
-            .arg(&x)
-            .arg(&n)
+            .arg(&partials)
             .arg(&c32)
-            .arg(&hw)
+            .arg(&splits32)
+            .arg(&count)
             .arg(&eps)
             .arg(&stats);
-        // SAFETY: the arguments match the kernel's signature; block `ch` writes channel ch's
-        // three figures, and there is one block per channel.
-        unsafe { launch.launch(per_channel(c)) }.w()?;
+        // SAFETY: as above; thread ch reads its channel's partials and writes its three figures.
+        unsafe { launch.launch(per_channel_thread(c)) }.w()?;
         Ok(stats)
     }
 
@@ -725,27 +751,40 @@ mod cuda {
             view::<T>(gs, gl, "gradient")?,
             view::<f32>(fs, fl, "statistics")?,
         );
+        let splits = splits(n, c);
+        let partials = output::<f64>(dev, 2 * c * splits)?;
         let sums = output::<f32>(dev, 2 * c)?;
-        let func = kernel_for::<T>(dev, "bn_grad_sums")?;
         let stream = dev.cuda_stream();
-        let (n, c32, hw) = (
+        let (n32, c32, hw32, splits32) = (
             int(n, "batch_norm")?,
             int(c, "batch_norm")?,
             int(hw, "batch_norm")?,
+            int(splits, "batch_norm")?,
         );
         let relu = i32::from(relu);
+        let func = kernel_for::<T>(dev, "bn_grad_partial")?;
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(&x)
             .arg(&grad)
             .arg(&figures)
-            .arg(&n)
+            .arg(&n32)
             .arg(&c32)
-            .arg(&hw)
+            .arg(&hw32)
             .arg(&relu)
+            .arg(&partials);
+        // SAFETY: as in `stats`: block (ch, s) writes its channel's two partial sums of split s.
+        unsafe { launch.launch(per_channel_split(c, splits)) }.w()?;
+        let func = kernel(dev, "bn_grad_finish")?;
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&partials)
+            .arg(&figures)
+            .arg(&c32)
+            .arg(&splits32)
             .arg(&sums);
-        // SAFETY: as in `stats`: one block per channel writes its two sums.
-        unsafe { launch.launch(per_channel(c)) }.w()?;
+        // SAFETY: as in `stats`: thread ch writes its channel's two sums.
+        unsafe { launch.launch(per_channel_thread(c)) }.w()?;
         Ok(sums)
     }
 

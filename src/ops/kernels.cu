@@ -426,28 +426,54 @@ __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float
 __device__ __forceinline__ void store(float* at, float v) { *at = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* at, float v) { *at = __float2bfloat16_rn(v); }
 
-// stats [3, C]: each channel's mean, biased variance and 1 / sqrt(variance + eps), the sums in
-// double (as the CPU kernel and PyTorch's CPU kernel).
+// BatchNorm's per-channel sums are split over `splits` blocks per channel (blockIdx.y), each
+// over a run of whole planes, so that every SM streams (one block per channel left most of the
+// GPU idle on ResNet's 64-channel stages); partials [2, C, splits] in double, added in split
+// order by a finishing kernel, so the result is the same every run.
+
+// The planes split `split` of `splits` covers, of `n`.
+__device__ int2 bn_planes(int n, int split, int splits) {
+    return make_int2((int)((long long)n * split / splits), (int)((long long)n * (split + 1) / splits));
+}
+
+// partials: sum(x) and sum(x * x) of each channel's split.
 template <typename T>
-__device__ void bn_stats(const T* x, int n, int c, int hw, float eps, float* stats) {
+__device__ void bn_stats_partial(const T* x, int n, int c, int hw, double* partials) {
     __shared__ double scratch[BLOCK];
-    int ch = blockIdx.x;
-    size_t count = (size_t)n * hw;
-    double sum = 0.0;
-    for (size_t i = threadIdx.x; i < count; i += BLOCK)
-        sum += load(x[((i / hw) * c + ch) * hw + i % hw]);
-    double mean = block_sum_d(sum, scratch) / count;
-    double squares = 0.0;
-    for (size_t i = threadIdx.x; i < count; i += BLOCK) {
-        double d = load(x[((i / hw) * c + ch) * hw + i % hw]) - mean;
-        squares += d * d;
+    int ch = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    int2 planes = bn_planes(n, split, splits);
+    unsigned count = (unsigned)(planes.y - planes.x) * (unsigned)hw;
+    double sum = 0.0, squares = 0.0;
+    for (unsigned k = threadIdx.x; k < count; k += BLOCK) {
+        unsigned plane = planes.x + k / hw, pixel = k % hw;
+        double v = load(x[((size_t)plane * c + ch) * hw + pixel]);
+        sum += v;
+        squares += v * v;
     }
-    double var = block_sum_d(squares, scratch) / count;
+    sum = block_sum_d(sum, scratch);
+    squares = block_sum_d(squares, scratch);
     if (threadIdx.x == 0) {
-        stats[ch] = (float)mean;
-        stats[c + ch] = (float)var;
-        stats[2 * c + ch] = (float)(1.0 / sqrt(var + (double)eps));
+        partials[(size_t)ch * splits + split] = sum;
+        partials[((size_t)c + ch) * splits + split] = squares;
     }
+}
+
+// stats [3, C]: each channel's mean, biased variance and 1 / sqrt(variance + eps), from the
+// partial sums (double, as the CPU kernel and PyTorch's CPU kernel accumulate).
+extern "C" __global__ void bn_stats_finish(const double* partials, int c, int splits, double count,
+                                           float eps, float* stats) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double sum = 0.0, squares = 0.0;
+    for (int s = 0; s < splits; s++) {
+        sum += partials[(size_t)ch * splits + s];
+        squares += partials[((size_t)c + ch) * splits + s];
+    }
+    double mean = sum / count;
+    double var = fmax(squares / count - mean * mean, 0.0);
+    stats[ch] = (float)mean;
+    stats[c + ch] = (float)var;
+    stats[2 * c + ch] = (float)(1.0 / sqrt(var + (double)eps));
 }
 
 // The channel's scale and shift: y = x * scale + shift (ops/batch_norm.rs `affine`).
@@ -456,7 +482,7 @@ __device__ float2 bn_affine(float mean, float inv_std, float gamma, float beta) 
     return make_float2(scale, __fsub_rn(beta, __fmul_rn(mean, scale)));
 }
 
-// y = relu?(x * scale + shift), from bn_stats's [3, C] and the layer's gamma and beta.
+// y = relu?(x * scale + shift), from bn_stats_finish's [3, C] and the layer's gamma and beta.
 template <typename T>
 __device__ void bn_apply(const T* x, const float* stats, const float* gamma, const float* beta,
                          int c, int hw, size_t total, int relu, T* y) {
@@ -474,19 +500,21 @@ __device__ float bn_gated(int relu, float g, float v, float2 a) {
     return (!relu || __fadd_rn(__fmul_rn(v, a.x), a.y) > 0.0f) ? g : 0.0f;
 }
 
-// sums [2, C]: sum(g * x_hat) (dgamma) and sum(g) (dbeta), g gated; figures [4, C] = mean;
-// inv_std; gamma; beta.
+// partials: sum(g * (x - mean)) and sum(g) of each channel's split, g gated; figures [4, C] =
+// mean; inv_std; gamma; beta.
 template <typename T>
-__device__ void bn_grad_sums(const T* x, const T* grad, const float* figures, int n, int c,
-                             int hw, int relu, float* sums) {
+__device__ void bn_grad_partial(const T* x, const T* grad, const float* figures, int n, int c,
+                                int hw, int relu, double* partials) {
     __shared__ double scratch[BLOCK];
-    int ch = blockIdx.x;
+    int ch = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     float mean = figures[ch], inv_std = figures[c + ch];
     float2 a = bn_affine(mean, inv_std, figures[2 * c + ch], figures[3 * c + ch]);
-    size_t count = (size_t)n * hw;
+    int2 planes = bn_planes(n, split, splits);
+    unsigned count = (unsigned)(planes.y - planes.x) * (unsigned)hw;
     double dot = 0.0, total = 0.0;
-    for (size_t i = threadIdx.x; i < count; i += BLOCK) {
-        size_t at = ((i / hw) * c + ch) * hw + i % hw;
+    for (unsigned k = threadIdx.x; k < count; k += BLOCK) {
+        unsigned plane = planes.x + k / hw, pixel = k % hw;
+        size_t at = ((size_t)plane * c + ch) * hw + pixel;
         float v = load(x[at]);
         double g = bn_gated(relu, load(grad[at]), v, a);
         total += g;
@@ -495,9 +523,23 @@ __device__ void bn_grad_sums(const T* x, const T* grad, const float* figures, in
     dot = block_sum_d(dot, scratch);
     total = block_sum_d(total, scratch);
     if (threadIdx.x == 0) {
-        sums[ch] = (float)(dot * inv_std);
-        sums[c + ch] = (float)total;
+        partials[(size_t)ch * splits + split] = dot;
+        partials[((size_t)c + ch) * splits + split] = total;
     }
+}
+
+// sums [2, C]: sum(g * x_hat) (dgamma) and sum(g) (dbeta), from the partials; figures as above.
+extern "C" __global__ void bn_grad_finish(const double* partials, const float* figures, int c,
+                                          int splits, float* sums) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double dot = 0.0, total = 0.0;
+    for (int s = 0; s < splits; s++) {
+        dot += partials[(size_t)ch * splits + s];
+        total += partials[((size_t)c + ch) * splits + s];
+    }
+    sums[ch] = (float)(dot * figures[c + ch]);
+    sums[c + ch] = (float)total;
 }
 
 // dx = scale * (g - dbeta / M - x_hat * dgamma / M); figures [6, C] = mean; inv_std; gamma;
@@ -536,19 +578,19 @@ __device__ void relu_gate(const T* grad, const T* y, size_t total, T* out) {
 
 // The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype).
 #define BN_ENTRY_POINTS(T, SUFFIX)                                                              \
-    extern "C" __global__ void bn_stats_##SUFFIX(const T* x, int n, int c, int hw, float eps,  \
-                                                 float* stats) {                               \
-        bn_stats(x, n, c, hw, eps, stats);                                                     \
+    extern "C" __global__ void bn_stats_partial_##SUFFIX(const T* x, int n, int c, int hw,     \
+                                                         double* partials) {                   \
+        bn_stats_partial(x, n, c, hw, partials);                                               \
     }                                                                                          \
     extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats,               \
                                                  const float* gamma, const float* beta, int c, \
                                                  int hw, size_t total, int relu, T* y) {       \
         bn_apply(x, stats, gamma, beta, c, hw, total, relu, y);                                \
     }                                                                                          \
-    extern "C" __global__ void bn_grad_sums_##SUFFIX(const T* x, const T* grad,                \
-                                                     const float* figures, int n, int c,       \
-                                                     int hw, int relu, float* sums) {          \
-        bn_grad_sums(x, grad, figures, n, c, hw, relu, sums);                                  \
+    extern "C" __global__ void bn_grad_partial_##SUFFIX(const T* x, const T* grad,             \
+                                                        const float* figures, int n, int c,    \
+                                                        int hw, int relu, double* partials) {  \
+        bn_grad_partial(x, grad, figures, n, c, hw, relu, partials);                           \
     }                                                                                          \
     extern "C" __global__ void bn_input_grad_##SUFFIX(const T* x, const T* grad, const float* f, \
                                                       int n, int c, int hw, size_t total,      \

@@ -683,6 +683,7 @@ fn choose<T: Element>(
             failures.push(format!("{algorithm:?}: {e}"));
             continue;
         }
+        tracing::trace!("cuDNN candidate {algorithm:?}: {ms:.3} ms, {bytes} bytes of workspace");
         if best.is_none_or(|b| ms < b.ms) {
             best = Some(Choice {
                 algorithm,
@@ -690,6 +691,9 @@ fn choose<T: Element>(
                 ms,
             });
         }
+    }
+    if !failures.is_empty() {
+        tracing::trace!("cuDNN candidates that did not run: {}", failures.join("; "));
     }
     best.ok_or_else(|| {
         candle_core::Error::Msg(format!(
