@@ -99,7 +99,7 @@ pub fn newest(run_dir: &RunDir, device: &Device) -> Result<Option<(PathBuf, Chec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{resolve, Overrides};
+    use crate::config::{resolve, Overrides, Precision};
 
     #[test]
     fn binding_changes_are_refused_and_others_noted() {
@@ -133,5 +133,30 @@ mod tests {
             "{err}"
         );
         assert!(reconcile(&saved, &saved).unwrap().is_empty());
+    }
+
+    /// Weights and optimizer state are f32 in either precision, so a run may switch; a run
+    /// saved before the key existed reads as f32.
+    #[test]
+    fn precision_may_change_on_resume_and_defaults_to_f32() {
+        let (_, saved) = resolve(Some("resnet18"), None, &Overrides::default()).unwrap();
+        assert_eq!(saved.precision, Precision::F32);
+        let bf16 = saved
+            .clone()
+            .apply(&Overrides {
+                precision: Some(Precision::Bf16),
+                ..Default::default()
+            })
+            .unwrap();
+        let notes = reconcile(&saved, &bf16).unwrap();
+        assert!(notes == ["precision \"f32\" -> \"bf16\""], "{notes:?}");
+        let older: String = saved
+            .to_toml()
+            .lines()
+            .filter(|line| !line.starts_with("precision"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let parsed = Config::parse(&older, std::path::Path::new("old.toml")).unwrap();
+        assert_eq!(parsed.precision, Precision::F32);
     }
 }
