@@ -5,15 +5,22 @@
 //!
 //!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
 //!         [--threads N] [--repeats N] [--steps N] [--batches 64,512] [--precision f32|bf16]
+//!         [--memory-format first|last]
 //!
 //! `--precision bf16`: kiln's mixed precision (bf16 activations, f32 master weights) against
 //! PyTorch's bf16 autocast with channels_last, the fastest eager setting a PyTorch user picks.
+//! `--memory-format`: the ResNets' activations channels first or last (default: the device's
+//! fastest, channels last on CUDA with cuDNN).
 //!
 //! Peak device memory (CUDA): kiln's allocator pool at its fullest and PyTorch's
 //! `max_memory_reserved`, the CUDA context left out of both.
 //!
 //! PyTorch's figures come from pytorch/train_step.py (needs `python3` with torch); without it
 //! they are skipped with a message.
+//!
+//! `KILN_PROFILE_STEPS=N` (CUDA): after the timed repeats, kiln and PyTorch each run N more steps
+//! inside a CUDA profiler range, so that `ncu --profile-from-start off` measures steady steps'
+//! kernels only (not the warm-up or cuDNN's algorithm timing).
 
 // See Cargo.toml: large tensors are allocated and freed every step.
 #[global_allocator]
@@ -25,7 +32,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use kiln::config::{resolve, Overrides, Precision};
 use kiln::device::DeviceRequest;
-use kiln::ops::cross_entropy;
+use kiln::ops::{cross_entropy, MemoryFormat};
 use kiln::{models, optim};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -46,10 +53,11 @@ fn kiln(
     batch: usize,
     steps: usize,
     repeats: usize,
-    precision: Precision,
+    (precision, format): (Precision, MemoryFormat),
 ) -> kiln::Result<(Vec<f64>, Option<u64>)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
-    let arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
+    let mut arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
+    arch.memory_format = Some(format);
     let built = models::build(spec, &arch, 0, device)?;
     let mut optimizer = optim::build(&config, built.params.vars())?;
     let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
@@ -73,8 +81,35 @@ fn kiln(
         run(steps)?;
         rates.push((steps * batch) as f64 / start.elapsed().as_secs_f64());
     }
+    let profiled: usize = std::env::var("KILN_PROFILE_STEPS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if profiled > 0 && device.is_cuda() {
+        profiler_range(true);
+        run(profiled)?;
+        profiler_range(false);
+    }
     Ok((rates, kiln::device::peak_memory(device)))
 }
+
+/// Starts or stops the CUDA profiler's collection (what `ncu --profile-from-start off` waits for).
+#[cfg(feature = "cuda")]
+fn profiler_range(on: bool) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: neither call takes arguments; they switch collection on the current context, which
+    // candle made current on this thread when it opened the device.
+    let _ = unsafe {
+        if on {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler_range(_: bool) {}
 
 /// PyTorch's images/s for each repeat and its peak device memory, or why there are none.
 fn pytorch(
@@ -137,9 +172,18 @@ fn main() {
     let repeats = arg("--repeats").unwrap_or(5);
     let model: String = arg("--model").unwrap_or_else(|| "simplecnn".to_string());
     let precision: Precision = arg("--precision").unwrap_or_default();
+    let format = match arg::<String>("--memory-format").as_deref() {
+        None => MemoryFormat::preferred(&device),
+        Some("first") => MemoryFormat::ChannelsFirst,
+        Some("last") => MemoryFormat::ChannelsLast,
+        Some(other) => {
+            eprintln!("error: --memory-format takes first or last, not {other}");
+            std::process::exit(2);
+        }
+    };
     let on_gpu = !device.is_cpu();
     println!(
-        "{model} training step (its config's recipe, {precision}, random batch on the device) on {}, median of {repeats} repeats",
+        "{model} training step (its config's recipe, {precision}, {format:?}, random batch on the device) on {}, median of {repeats} repeats",
         kiln::device::describe(&device)
     );
     println!(
@@ -173,13 +217,14 @@ fn main() {
     };
     for (batch, steps) in sizes {
         let steps = arg("--steps").unwrap_or(steps);
-        let (ours, our_peak) = match kiln(&model, &device, batch, steps, repeats, precision) {
-            Ok((rates, peak)) => (median(rates), peak),
-            Err(err) => {
-                eprintln!("kiln failed at batch {batch}: {err}");
-                std::process::exit(1);
-            }
-        };
+        let (ours, our_peak) =
+            match kiln(&model, &device, batch, steps, repeats, (precision, format)) {
+                Ok((rates, peak)) => (median(rates), peak),
+                Err(err) => {
+                    eprintln!("kiln failed at batch {batch}: {err}");
+                    std::process::exit(1);
+                }
+            };
         let ms = |rate: f64| 1000.0 * batch as f64 / rate;
         match pytorch(&model, request, batch, steps, repeats, threads, precision) {
             Ok((rates, their_peak)) => {

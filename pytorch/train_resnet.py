@@ -57,12 +57,18 @@ DEFAULTS = {
     "weight_decay": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8,
     # The defaults kiln's configs (configs/resnet18.toml) document for keys left out:
     "label_smoothing": 0.1, "grad_clip_norm": 0.0, "early_stop": 0, "stem": "auto", "width": 64,
+    "backbone_lr_scale": 1.0,
     "schedule": {"kind": "onecycle", "warmup_epochs": 0.0, "step_epochs": 10, "gamma": 0.1,
                  "min_lr": 0.0, "pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4},
-    "augment": {"crop_padding": 4, "padding_mode": "zero", "flip": True, "cutout": 0},
+    "augment": {"crop_padding": 4, "padding_mode": "zero", "flip": True, "cutout": 0,
+                "resized_crop": False, "resized_crop_scale": [0.08, 1.0]},
 }
-# Keys of kiln's configs that this script has no use for.
-IGNORED = {"data_dir", "dataset", "synthetic_images"}
+# Keys of kiln's configs that this script has no use for: the data's source, picture folders'
+# settings, and the precision (--precision here).
+IGNORED = {"data_dir", "dataset", "synthetic_images", "image_size", "val_split",
+           "skip_bad_images", "precision"}
+# Keys this script accepts only at these values (kiln's fine-tuning and photo recipes).
+ONLY = {"backbone_lr_scale": 1.0, "augment.resized_crop": False}
 CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "stem": ("auto", "cifar", "imagenet"),
            "schedule.kind": ("constant", "step", "cosine", "linear", "onecycle"),
            "augment.padding_mode": ("zero", "reflect"), "model": tuple(BLOCKS)}
@@ -90,6 +96,11 @@ def load_config(path):
     if cfg.get("dataset", "cifar10") != "cifar10":
         print(f"{path}: dataset = {cfg['dataset']!r} ignored: this script reads the CIFAR-10 "
               "binary files in --data-dir", file=sys.stderr)
+    for key, only in ONLY.items():
+        table, _, sub = key.rpartition(".")
+        value = cfg[table][sub] if table else cfg[key]
+        if value != only:
+            raise SystemExit(f"{path}: {key} = {value!r}: this script runs only {only!r}")
     for key, allowed in CHOICES.items():
         table, _, sub = key.rpartition(".")
         value = cfg[table][sub] if table else cfg[key]

@@ -71,6 +71,13 @@ def main():
         start = time.perf_counter()
         steps(args.steps)
         rates.append(args.steps * args.batch / (time.perf_counter() - start))
+    # KILN_PROFILE_STEPS=N: N more steps inside a CUDA profiler range, for
+    # `ncu --profile-from-start off` (as kiln's step bench does).
+    profiled = int(os.environ.get("KILN_PROFILE_STEPS", "0"))
+    if profiled and device.type == "cuda":
+        torch.cuda.profiler.start()
+        steps(profiled)
+        torch.cuda.profiler.stop()
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     print(json.dumps({"framework": "pytorch", "version": torch.__version__, "model": args.model,
                       "precision": args.precision, "batch": args.batch,

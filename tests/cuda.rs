@@ -12,7 +12,10 @@ use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::{synthetic, ChannelStats};
 use kiln::device::DeviceRequest;
 use kiln::models::{self, Task, MODELS};
-use kiln::ops::{self, ConvParams};
+use kiln::ops::{self, ConvParams, MemoryFormat};
+
+/// The activations' layouts CUDA runs: channels last is the ResNets' default there.
+const FORMATS: [MemoryFormat; 2] = [MemoryFormat::ChannelsLast, MemoryFormat::ChannelsFirst];
 
 /// Gradients agree within this share of the largest gradient of the parameter: the GPU sums in
 /// other orders (and fuses multiply-adds), so bits differ; a wrong gradient is off by far more.
@@ -67,20 +70,30 @@ fn assert_close(what: &str, cpu: &Tensor, cuda: &Tensor) {
     eprintln!("{what}: worst difference {:.2e} of {scale:.2e}", worst);
 }
 
-/// Small widths where the maths is the same: a ResNet of width 8 on CIFAR-sized images.
-fn architecture(spec: &models::ModelSpec) -> models::Architecture {
+/// Small widths where the maths is the same: a ResNet of width 8 on CIFAR-sized images, its
+/// activations in `format`.
+fn architecture(spec: &models::ModelSpec, format: MemoryFormat) -> models::Architecture {
     let width = if spec.name.starts_with("resnet") {
         8
     } else {
         64
     };
-    models::Architecture::new(10, 32, models::Stem::Cifar, width).expect("a valid shape")
+    let mut arch =
+        models::Architecture::new(10, 32, models::Stem::Cifar, width).expect("a valid shape");
+    arch.memory_format = Some(format);
+    arch
 }
 
 /// A model's loss on a fixed batch, on `device`, and its gradients by parameter name; the
-/// images cast to `dtype` (the training loop's precision).
-fn gradients(spec: &models::ModelSpec, device: &Device, dtype: DType) -> Vec<(String, Tensor)> {
-    let built = models::build(spec, &architecture(spec), 7, device).expect("the model builds");
+/// images cast to `dtype` (the training loop's precision), the activations in `format`.
+fn gradients(
+    spec: &models::ModelSpec,
+    device: &Device,
+    dtype: DType,
+    format: MemoryFormat,
+) -> Vec<(String, Tensor)> {
+    let arch = architecture(spec, format);
+    let built = models::build(spec, &arch, 7, device).expect("the model builds");
     // Deep ResNets at their initialisation are chaotic in f32 (a one-in-a-million change of the
     // input moves PyTorch's own gradients by 3%, tests/fixtures/README.md): each residual
     // branch's last BatchNorm scaled down makes the comparison one of the maths, not of rounding.
@@ -129,12 +142,12 @@ fn gradients(spec: &models::ModelSpec, device: &Device, dtype: DType) -> Vec<(St
 #[test]
 fn every_parameter_gradient_of_every_model_matches_the_cpu() {
     let gpu = cuda();
-    for spec in MODELS {
-        let on_cpu = gradients(spec, &Device::Cpu, DType::F32);
-        let on_gpu = gradients(spec, &gpu, DType::F32);
+    for (spec, format) in MODELS.iter().flat_map(|m| FORMATS.map(|f| (m, f))) {
+        let on_cpu = gradients(spec, &Device::Cpu, DType::F32, MemoryFormat::ChannelsFirst);
+        let on_gpu = gradients(spec, &gpu, DType::F32, format);
         assert_eq!(on_cpu.len(), on_gpu.len());
         for ((name, a), (_, b)) in on_cpu.iter().zip(&on_gpu) {
-            let what = format!("{} {name} gradient", spec.name);
+            let what = format!("{} {format:?} {name} gradient", spec.name);
             // ResNet-50's 50 layers at initialisation amplify the difference between the CPU's
             // rounding (Winograd for its 3x3 convolutions) and cuDNN's (whose algorithms are
             // chosen by timing, run to run) to 0.1-0.4% of a parameter's largest gradient
@@ -154,9 +167,10 @@ fn every_parameter_gradient_of_every_model_matches_the_cpu() {
 #[test]
 fn resnet_gradients_in_bf16_on_the_gpu_are_close_to_the_cpus_f32() {
     let gpu = cuda();
-    for spec in MODELS.iter().filter(|spec| spec.mixed_precision) {
-        let on_cpu = gradients(spec, &Device::Cpu, DType::F32);
-        let on_gpu = gradients(spec, &gpu, DType::BF16);
+    let resnets = MODELS.iter().filter(|spec| spec.mixed_precision);
+    for (spec, format) in resnets.flat_map(|m| FORMATS.map(|f| (m, f))) {
+        let on_cpu = gradients(spec, &Device::Cpu, DType::F32, MemoryFormat::ChannelsFirst);
+        let on_gpu = gradients(spec, &gpu, DType::BF16, format);
         let (mut dot, mut cpu_norm, mut gpu_norm) = (0f64, 0f64, 0f64);
         for ((name, a), (_, b)) in on_cpu.iter().zip(&on_gpu) {
             assert_eq!(
@@ -173,10 +187,14 @@ fn resnet_gradients_in_bf16_on_the_gpu_are_close_to_the_cpus_f32() {
         }
         let cosine = dot / (cpu_norm.sqrt() * gpu_norm.sqrt());
         eprintln!(
-            "{} bf16 gradients: cosine similarity {cosine:.5} to f32",
+            "{} {format:?} bf16 gradients: cosine similarity {cosine:.5} to f32",
             spec.name
         );
-        assert!(cosine > 0.99, "{}: cosine similarity {cosine}", spec.name);
+        assert!(
+            cosine > 0.99,
+            "{} {format:?}: cosine similarity {cosine}",
+            spec.name
+        );
     }
 }
 
@@ -232,19 +250,22 @@ fn augmented_batches_on_the_gpu_are_the_cpus_bit_for_bit() {
     }
 }
 
-/// BatchNorm (training) then add-ReLU on `device` with the data in `dtype` (parameters f32):
-/// output, mean, variance, and the gradients of x, gamma and beta, as f32.
+/// BatchNorm (training) then add-ReLU on `device` with the data in `dtype` (parameters f32)
+/// and `format`: output, mean, variance, and the gradients of x, gamma and beta, as f32 and
+/// channels first.
 fn batch_norm_and_add_relu(
     shape: [usize; 4],
     relu: bool,
     dtype: DType,
+    format: MemoryFormat,
     device: &Device,
 ) -> Vec<Tensor> {
     // Inputs bf16 values whatever `dtype`, so that the f32 and bf16 runs read the same numbers
-    // and only the arithmetic differs.
+    // and only the arithmetic differs; the same values in either format.
     let input = |shape: &[usize], seed| {
         let t = ops_input(shape, seed).to_dtype(DType::BF16).unwrap();
-        t.to_dtype(dtype).unwrap().to_device(device).unwrap()
+        let t = t.to_dtype(dtype).unwrap().to_device(device).unwrap();
+        format.from_nchw(&t).unwrap()
     };
     let x = Var::from_tensor(&input(&shape, 1)).unwrap();
     let gamma = Var::from_tensor(&ops_input(&[shape[1]], 2).to_device(device).unwrap()).unwrap();
@@ -255,6 +276,7 @@ fn batch_norm_and_add_relu(
         beta.as_tensor(),
         1e-5,
         relu,
+        format,
     )
     .unwrap();
     assert_eq!(out.y.dtype(), dtype, "the output keeps the data's type");
@@ -268,10 +290,18 @@ fn batch_norm_and_add_relu(
         .unwrap();
     let grad = |v: &Var| grads.get(v).unwrap().clone();
     let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-    [y, out.mean, out.var, grad(&x), grad(&gamma), grad(&beta)]
-        .into_iter()
-        .map(f32s)
-        .collect()
+    let nchw = |t: Tensor| format.to_nchw(&t).unwrap();
+    [
+        nchw(y),
+        out.mean,
+        out.var,
+        nchw(grad(&x)),
+        grad(&gamma),
+        grad(&beta),
+    ]
+    .into_iter()
+    .map(f32s)
+    .collect()
 }
 
 const BN_CASES: [([usize; 4], bool); 3] = [
@@ -292,11 +322,12 @@ const BN_FIGURES: [&str; 6] = [
 #[test]
 fn batch_norm_and_add_relu_match_the_cpu() {
     let gpu = cuda();
-    for (shape, relu) in BN_CASES {
-        let on_cpu = batch_norm_and_add_relu(shape, relu, DType::F32, &Device::Cpu);
-        let on_gpu = batch_norm_and_add_relu(shape, relu, DType::F32, &gpu);
+    let first = MemoryFormat::ChannelsFirst;
+    for ((shape, relu), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
+        let on_cpu = batch_norm_and_add_relu(shape, relu, DType::F32, first, &Device::Cpu);
+        let on_gpu = batch_norm_and_add_relu(shape, relu, DType::F32, format, &gpu);
         for (name, (a, b)) in BN_FIGURES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
-            assert_close(&format!("{shape:?} relu {relu} {name}"), a, b);
+            assert_close(&format!("{shape:?} {format:?} relu {relu} {name}"), a, b);
         }
     }
 }
@@ -309,11 +340,13 @@ fn batch_norm_and_add_relu_match_the_cpu() {
 #[test]
 fn batch_norm_and_add_relu_in_bf16_are_close_to_the_cpu() {
     let gpu = cuda();
-    for (shape, relu) in BN_CASES {
-        let on_cpu = batch_norm_and_add_relu(shape, relu, DType::BF16, &Device::Cpu);
-        let on_gpu = batch_norm_and_add_relu(shape, relu, DType::BF16, &gpu);
+    let first = MemoryFormat::ChannelsFirst;
+    for ((shape, relu), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
+        let on_cpu = batch_norm_and_add_relu(shape, relu, DType::BF16, first, &Device::Cpu);
+        let on_gpu = batch_norm_and_add_relu(shape, relu, DType::BF16, format, &gpu);
         for (name, (a, b)) in BN_FIGURES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
-            assert_relative_l2(&format!("{shape:?} relu {relu} bf16 {name}"), a, b, 1e-2);
+            let what = format!("{shape:?} {format:?} relu {relu} bf16 {name}");
+            assert_relative_l2(&what, a, b, 1e-2);
         }
     }
 }
@@ -378,9 +411,10 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
         // Every branch of the update: momentum (SGD's buffer starts, then accumulates), decay.
         config.momentum = 0.9;
         config.weight_decay = 0.01;
-        let grads = gradients(spec, &Device::Cpu, DType::F32);
+        let first = MemoryFormat::ChannelsFirst;
+        let grads = gradients(spec, &Device::Cpu, DType::F32, first);
         let step = |device: &Device| {
-            let built = models::build(spec, &architecture(spec), 7, device).unwrap();
+            let built = models::build(spec, &architecture(spec, first), 7, device).unwrap();
             let params = built.params.vars();
             let mut optimizer = kiln::optim::build(&config, params.clone()).unwrap();
             for _ in 0..3 {
@@ -426,28 +460,37 @@ fn ops_input(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
-/// `kiln::ops::conv2d` on `device` (cuDNN on CUDA with the `cudnn` feature, kiln's kernels on the
-/// CPU) with `x` and `w` as parameters in `dtype`: the output, and the input and weight gradients
-/// of sum(y * r), all as f32 on the CPU.
+/// `kiln::ops::conv2d` (or `conv2d_channels_last`, by `format`) on `device` (cuDNN on CUDA with
+/// the `cudnn` feature, kiln's kernels on the CPU) with `x` and `w` as parameters in `dtype`:
+/// the output, and the input and weight gradients of sum(y * r), all as f32 channels first on
+/// the CPU.
 fn conv_and_gradients(
-    x: &Tensor,
-    w: &Tensor,
-    r: &Tensor,
+    (x, w, r): (&Tensor, &Tensor, &Tensor),
     p: ConvParams,
     dtype: DType,
+    format: MemoryFormat,
     device: &Device,
 ) -> [Tensor; 3] {
     let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(device).unwrap();
     let (x, w) = (
-        Var::from_tensor(&on(x)).unwrap(),
+        Var::from_tensor(&format.from_nchw(&on(x)).unwrap()).unwrap(),
         Var::from_tensor(&on(w)).unwrap(),
     );
-    let y = ops::conv2d(x.as_tensor(), w.as_tensor(), None, p).unwrap();
-    let loss = (&y * on(r)).unwrap().sum_all().unwrap();
+    let y = match format {
+        MemoryFormat::ChannelsFirst => ops::conv2d(x.as_tensor(), w.as_tensor(), None, p),
+        MemoryFormat::ChannelsLast => {
+            ops::conv2d_channels_last(x.as_tensor(), w.as_tensor(), None, p)
+        }
+    }
+    .unwrap();
+    let loss = (&y * format.from_nchw(&on(r)).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     [
-        y,
-        grads.get(&x).unwrap().clone(),
+        format.to_nchw(&y).unwrap(),
+        format.to_nchw(grads.get(&x).unwrap()).unwrap(),
         grads.get(&w).unwrap().clone(),
     ]
     .map(|t| {
@@ -491,17 +534,19 @@ fn convolutions_and_their_gradients_match_the_cpu_in_every_shape() {
     // f32 with FMA math (the default), not TF32.
     #[cfg(feature = "cudnn")]
     ops::conv::set_allow_tf32(false);
+    let first = MemoryFormat::ChannelsFirst;
     for (i, case) in CONV_CASES.iter().enumerate() {
         let (x, w, r, p) = conv_case_inputs(case, 10 * i as u64);
-        let cpu = conv_and_gradients(&x, &w, &r, p, DType::F32, &Device::Cpu);
-        // Twice on the GPU: the first call chooses the algorithms, the second reuses them.
-        for run in ["first", "second"] {
-            let gpu = conv_and_gradients(&x, &w, &r, p, DType::F32, &gpu);
+        let cpu = conv_and_gradients((&x, &w, &r), p, DType::F32, first, &Device::Cpu);
+        // Twice on the GPU in each format: the first call chooses the algorithms, the second
+        // reuses them.
+        for (format, run) in FORMATS.iter().flat_map(|f| [(*f, "first"), (*f, "second")]) {
+            let gpu = conv_and_gradients((&x, &w, &r), p, DType::F32, format, &gpu);
             for (name, (a, b)) in ["output", "input gradient", "weight gradient"]
                 .iter()
                 .zip(cpu.iter().zip(&gpu))
             {
-                assert_close(&format!("{} ({run} run) {name}", case.0), a, b);
+                assert_close(&format!("{} {format:?} ({run} run) {name}", case.0), a, b);
             }
         }
     }
@@ -513,13 +558,17 @@ fn convolutions_and_their_gradients_match_the_cpu_in_every_shape() {
 #[test]
 fn half_precision_convolutions_are_close_to_the_cpu() {
     let gpu = cuda();
-    for dtype in [DType::BF16, DType::F16] {
+    let first = MemoryFormat::ChannelsFirst;
+    for (dtype, format) in [DType::BF16, DType::F16]
+        .iter()
+        .flat_map(|d| FORMATS.map(|f| (*d, f)))
+    {
         for (i, case) in CONV_CASES.iter().enumerate() {
             let (x, w, r, p) = conv_case_inputs(case, 100 + 10 * i as u64);
             let rounded = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
             let (x, w, r) = (rounded(x), rounded(w), rounded(r));
-            let cpu = conv_and_gradients(&x, &w, &r, p, DType::F32, &Device::Cpu);
-            let gpu = conv_and_gradients(&x, &w, &r, p, dtype, &gpu);
+            let cpu = conv_and_gradients((&x, &w, &r), p, DType::F32, first, &Device::Cpu);
+            let gpu = conv_and_gradients((&x, &w, &r), p, dtype, format, &gpu);
             for (name, (a, b)) in ["output", "input gradient", "weight gradient"]
                 .iter()
                 .zip(cpu.iter().zip(&gpu))
@@ -532,12 +581,12 @@ fn half_precision_convolutions_are_close_to_the_cpu() {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0f32, f32::max);
                 eprintln!(
-                    "{} {dtype:?} {name}: worst difference {worst:.2e} of {scale:.2e}",
+                    "{} {dtype:?} {format:?} {name}: worst difference {worst:.2e} of {scale:.2e}",
                     case.0
                 );
                 assert!(
                     worst <= 1e-2 * scale,
-                    "{} {dtype:?} {name}: CPU and CUDA differ by {worst} (largest {scale})",
+                    "{} {dtype:?} {format:?} {name}: CPU and CUDA differ by {worst} (largest {scale})",
                     case.0
                 );
             }

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::layers::Conv2d;
-use crate::ops::ConvParams;
+use crate::ops::{ConvParams, MemoryFormat};
 
 /// A model's tensors: its trainable parameters, and its buffers (BatchNorm's running
 /// statistics), which are saved and loaded with them but never optimised.
@@ -207,7 +207,7 @@ pub fn linear(
 }
 
 /// `nn.Conv2d(in, out, kernel)` with square kernels and PyTorch's default init: `weight`
-/// [out, in, k, k] and `bias` [out].
+/// [out, in, k, k] and `bias` [out], over channels-first activations (SimpleCNN's).
 pub fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -222,6 +222,7 @@ pub fn conv2d(
         weight,
         bias: Some(bias),
         params,
+        format: MemoryFormat::ChannelsFirst,
     })
 }
 

@@ -5,13 +5,15 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Init, ModuleT};
 
 use super::init::Scope;
-use crate::ops::{self, ConvParams};
+use crate::ops::{self, ConvParams, MemoryFormat};
 
-/// `nn.Conv2d`: `weight` [CO, C, KH, KW] and, unless `bias=False`, `bias` [CO].
+/// `nn.Conv2d`: `weight` [CO, C, KH, KW] and, unless `bias=False`, `bias` [CO], over
+/// activations in `format` (the weight keeps PyTorch's layout either way).
 pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub params: ConvParams,
+    pub format: MemoryFormat,
 }
 
 impl ModuleT for Conv2d {
@@ -21,7 +23,12 @@ impl ModuleT for Conv2d {
         let cast = |t: &Tensor| eval_detached(t, train).to_dtype(x.dtype());
         let weight = cast(&self.weight)?;
         let bias = self.bias.as_ref().map(cast).transpose()?;
-        ops::conv2d(x, &weight, bias.as_ref(), self.params)
+        match self.format {
+            MemoryFormat::ChannelsFirst => ops::conv2d(x, &weight, bias.as_ref(), self.params),
+            MemoryFormat::ChannelsLast => {
+                ops::conv2d_channels_last(x, &weight, bias.as_ref(), self.params)
+            }
+        }
     }
 }
 
@@ -47,13 +54,15 @@ pub struct BatchNorm2d {
     running_var: Var,
     /// Kept on the CPU whatever the model's device: only saved, never computed with.
     num_batches_tracked: Var,
+    /// The activations' layout.
+    format: MemoryFormat,
 }
 
 const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
 
 impl BatchNorm2d {
-    pub fn new(channels: usize, scope: &Scope) -> candle_core::Result<Self> {
+    pub fn new(channels: usize, format: MemoryFormat, scope: &Scope) -> candle_core::Result<Self> {
         let param = |name, value| {
             scope
                 .params
@@ -77,6 +86,7 @@ impl BatchNorm2d {
             running_mean: buffer("running_mean", 0.0)?,
             running_var: buffer("running_var", 1.0)?,
             num_batches_tracked: Var::from_tensor(&tracked)?,
+            format,
         })
     }
 
@@ -91,10 +101,11 @@ impl BatchNorm2d {
                 &self.running_var.as_tensor().detach(),
                 BN_EPS,
                 relu,
+                self.format,
             );
         }
-        let out = ops::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
-        let (n, _, h, w) = x.dims4()?;
+        let out = ops::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu, self.format)?;
+        let (n, _, h, w) = self.format.nchw_dims(x)?;
         let count = (n * h * w) as f64;
         // PyTorch: running = (1 - momentum) * running + momentum * batch, with the variance
         // made unbiased by count / (count - 1).

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use init::{ParamStore, Scope};
 
 use crate::error::{Error, Result};
+use crate::ops::MemoryFormat;
 
 /// What a model learns from, which decides the training loop that drives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +116,9 @@ pub struct Architecture {
     pub stem: Stem,
     /// The first stage's channels (ResNets; torchvision's is 64).
     pub width: usize,
+    /// The activations' layout inside the network (ResNets); `None`: the device's fastest,
+    /// [`MemoryFormat::preferred`]. Weights and inputs keep PyTorch's layout either way.
+    pub memory_format: Option<MemoryFormat>,
 }
 
 impl Architecture {
@@ -150,6 +154,7 @@ impl Architecture {
             image_size,
             stem,
             width,
+            memory_format: None,
         })
     }
 }
@@ -198,9 +203,11 @@ mod tests {
     }
 
     /// A ResNet-18 of width 8 on a fixed batch: its loss, logits and every parameter's
-    /// gradient, with the images cast to `dtype` (the loop's mixed precision).
-    fn resnet_step(dtype: DType) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
-        let arch = Architecture::new(10, 32, Stem::Cifar, 8).unwrap();
+    /// gradient, with the images cast to `dtype` (the loop's mixed precision) and the
+    /// activations in `format`.
+    fn resnet_step(dtype: DType, format: MemoryFormat) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
+        let mut arch = Architecture::new(10, 32, Stem::Cifar, 8).unwrap();
+        arch.memory_format = Some(format);
         let built = build(find("resnet18").unwrap(), &arch, 3, &Device::Cpu).unwrap();
         // At initialisation a ResNet amplifies rounding (tests/cuda.rs): each residual
         // branch's last BatchNorm scaled down makes this a comparison of the maths.
@@ -230,8 +237,9 @@ mod tests {
     /// f32, the numbers are bf16's (not f32's bits) and close to f32's.
     #[test]
     fn resnets_train_in_bf16_with_f32_master_weights() {
-        let (loss32, logits32, grads32) = resnet_step(DType::F32);
-        let (loss16, logits16, grads16) = resnet_step(DType::BF16);
+        let first = MemoryFormat::ChannelsFirst;
+        let (loss32, logits32, grads32) = resnet_step(DType::F32, first);
+        let (loss16, logits16, grads16) = resnet_step(DType::BF16, first);
         assert_eq!(logits16.dtype(), DType::F32, "the head runs in f32");
         let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
         let (a, b) = (scalar(&loss32), scalar(&loss16));
@@ -261,6 +269,26 @@ mod tests {
         let norm = |g: &Tensor| scalar(&g.sqr().unwrap().sum_all().unwrap()).sqrt();
         let cosine = dot / (norm(&g32) * norm(&g16));
         assert!(cosine > 0.99, "gradients' cosine similarity {cosine}");
+    }
+
+    /// Channels-last activations (CUDA's layout; on the CPU through the reference
+    /// compositions) compute the same network: the same logits and gradients, by the same
+    /// parameter names and in PyTorch's shapes.
+    #[test]
+    fn resnets_compute_the_same_channels_last() {
+        let (loss_a, logits_a, grads_a) = resnet_step(DType::F32, MemoryFormat::ChannelsFirst);
+        let (loss_b, logits_b, grads_b) = resnet_step(DType::F32, MemoryFormat::ChannelsLast);
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        let largest = |t: &Tensor| scalar(&t.abs().unwrap().max_all().unwrap());
+        assert!((scalar(&loss_a) - scalar(&loss_b)).abs() < 1e-5);
+        assert!(largest(&(&logits_a - &logits_b).unwrap()) < 1e-4 * largest(&logits_a).max(1.0));
+        assert_eq!(grads_a.len(), grads_b.len());
+        for ((name_a, a), (name_b, b)) in grads_a.iter().zip(&grads_b) {
+            assert_eq!(name_a, name_b);
+            assert_eq!(a.dims(), b.dims(), "{name_a}");
+            let gap = largest(&(a - b).unwrap());
+            assert!(gap <= 1e-3 * largest(a).max(1e-6), "{name_a}: off by {gap}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use candle_nn::{Linear, Module, ModuleT};
 use super::init::{self, kaiming_normal_fan_out, Scope};
 use super::layers::{eval_detached, BatchNorm2d, Conv2d};
 use super::{Architecture, ModelSpec, Stem, Task};
-use crate::ops::{self, ConvParams, PoolParams};
+use crate::ops::{self, ConvParams, MemoryFormat, PoolParams};
 
 pub const RESNET18: ModelSpec = ModelSpec {
     name: "resnet18",
@@ -69,12 +69,12 @@ enum Depth {
     Bottleneck([usize; 4]),
 }
 
-/// A bias-free convolution with torchvision's init.
+/// A bias-free convolution with torchvision's init, over activations in `format`.
 fn conv(
-    in_channels: usize,
-    out_channels: usize,
+    (in_channels, out_channels): (usize, usize),
     kernel: usize,
     stride: usize,
+    format: MemoryFormat,
     scope: &Scope,
 ) -> candle_core::Result<Conv2d> {
     let weight = scope.params.get_with_hints(
@@ -89,6 +89,7 @@ fn conv(
             stride,
             padding: kernel / 2,
         },
+        format,
     })
 }
 
@@ -99,10 +100,15 @@ struct Downsample {
 }
 
 impl Downsample {
-    fn new(cin: usize, cout: usize, stride: usize, scope: &Scope) -> candle_core::Result<Self> {
+    fn new(
+        (cin, cout): (usize, usize),
+        stride: usize,
+        format: MemoryFormat,
+        scope: &Scope,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            conv: conv(cin, cout, 1, stride, &scope.pp(0))?,
-            bn: BatchNorm2d::new(cout, &scope.pp(1))?,
+            conv: conv((cin, cout), 1, stride, format, &scope.pp(0))?,
+            bn: BatchNorm2d::new(cout, format, &scope.pp(1))?,
         })
     }
 
@@ -125,6 +131,7 @@ impl Block {
         cin: usize,
         planes: usize,
         stride: usize,
+        format: MemoryFormat,
         scope: &Scope,
     ) -> candle_core::Result<Self> {
         // (in, out, kernel, stride) of each convolution, named conv1, conv2 (, conv3).
@@ -141,11 +148,17 @@ impl Block {
         let mut convs = Vec::new();
         let mut bns = Vec::new();
         for (i, &(a, b, k, s)) in shapes.iter().enumerate() {
-            convs.push(conv(a, b, k, s, &scope.pp(format!("conv{}", i + 1)))?);
-            bns.push(BatchNorm2d::new(b, &scope.pp(format!("bn{}", i + 1)))?);
+            let name = |layer: &str| scope.pp(format!("{layer}{}", i + 1));
+            convs.push(conv((a, b), k, s, format, &name("conv"))?);
+            bns.push(BatchNorm2d::new(b, format, &name("bn"))?);
         }
         let downsample = if stride != 1 || cin != cout {
-            Some(Downsample::new(cin, cout, stride, &scope.pp("downsample"))?)
+            Some(Downsample::new(
+                (cin, cout),
+                stride,
+                format,
+                &scope.pp("downsample"),
+            )?)
         } else {
             None
         };
@@ -171,6 +184,8 @@ impl Block {
 }
 
 pub struct ResNet {
+    /// The activations' layout; images come in and features go to the head channels first.
+    format: MemoryFormat,
     conv1: Conv2d,
     bn1: BatchNorm2d,
     pool: Option<PoolParams>,
@@ -186,9 +201,12 @@ impl ResNet {
         };
         let expansion = if bottleneck { 4 } else { 1 };
         let base = arch.width;
+        let format = arch
+            .memory_format
+            .unwrap_or_else(|| MemoryFormat::preferred(scope.params.device()));
         let (conv1, pool) = match arch.stem {
             Stem::Imagenet => (
-                conv(3, base, 7, 2, &scope.pp("conv1"))?,
+                conv((3, base), 7, 2, format, &scope.pp("conv1"))?,
                 Some(PoolParams {
                     kernel: 3,
                     stride: 2,
@@ -196,9 +214,9 @@ impl ResNet {
                 }),
             ),
             // `Architecture::new` resolves Auto; built by hand, it means the CIFAR stem.
-            Stem::Cifar | Stem::Auto => (conv(3, base, 3, 1, &scope.pp("conv1"))?, None),
+            Stem::Cifar | Stem::Auto => (conv((3, base), 3, 1, format, &scope.pp("conv1"))?, None),
         };
-        let bn1 = BatchNorm2d::new(base, &scope.pp("bn1"))?;
+        let bn1 = BatchNorm2d::new(base, format, &scope.pp("bn1"))?;
         let mut cin = base;
         let mut stages = Vec::new();
         for (i, &count) in counts.iter().enumerate() {
@@ -212,6 +230,7 @@ impl ResNet {
                     cin,
                     planes,
                     stride,
+                    format,
                     &stage_scope.pp(b),
                 )?);
                 cin = planes * expansion;
@@ -220,6 +239,7 @@ impl ResNet {
         }
         let fc = init::linear(cin, arch.num_classes, scope.params.pp("fc"))?;
         Ok(Self {
+            format,
             conv1,
             bn1,
             pool,
@@ -231,11 +251,14 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let format = self.format;
+        let x = format.from_nchw(x)?;
         let mut h = self
             .bn1
-            .forward(&self.conv1.forward_t(x, train)?, train, true)?;
+            .forward(&self.conv1.forward_t(&x, train)?, train, true)?;
         if let Some(pool) = self.pool {
-            h = ops::max_pool2d(&h, pool)?;
+            // kiln's pool reads channels first: the photo stem's one pool between transposes.
+            h = format.from_nchw(&ops::max_pool2d(&format.to_nchw(&h)?, pool)?)?;
         }
         for block in self.stages.iter().flatten() {
             h = block.forward(&h, train)?;
@@ -246,6 +269,6 @@ impl ModuleT for ResNet {
         );
         // The head in f32 whatever the precision: the average over the plane and the logits
         // that the loss reads.
-        fc.forward(&h.to_dtype(DType::F32)?.mean((2, 3))?)
+        fc.forward(&h.to_dtype(DType::F32)?.mean(format.plane_dims())?)
     }
 }

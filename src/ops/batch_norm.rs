@@ -1,9 +1,11 @@
-//! Batch normalisation over the channels of [N, C, H, W], as `nn.BatchNorm2d` computes it in
+//! Batch normalisation over the channels of [N, C, H, W] (or channels last, [N, H, W, C]), as
+//! `nn.BatchNorm2d` computes it in
 //! training mode: each channel normalised by its batch mean and biased variance, then scaled
 //! and shifted, optionally followed by ReLU in the same pass (ResNet's `relu(bn(conv(x)))`).
 //! The batch mean and variance come back too, for the caller's running statistics.
 //!
-//! On the CPU (f32) and CUDA (f32 or bf16 data, f32 statistics and parameters), kiln's kernels:
+//! On the CPU (f32, channels first) and CUDA (f32 or bf16 data in either format, f32 statistics
+//! and parameters), kiln's kernels:
 //! a channel's sums in f64 (as PyTorch's CPU kernel accumulates), on the CPU in a fixed order so
 //! that results do not depend on the thread count;
 //! the backward pass reads the saved mean and inverse deviation and recomputes where the fused
@@ -17,7 +19,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::by_float;
-use super::{contiguous_f32, par_collect};
+use super::{contiguous_f32, par_collect, MemoryFormat};
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 
@@ -29,22 +31,25 @@ pub struct BatchNormOutput {
     pub var: Tensor,
 }
 
-/// `relu?((x - mean) / sqrt(var + eps) * gamma + beta)` with the batch's statistics.
+/// `relu?((x - mean) / sqrt(var + eps) * gamma + beta)` with the batch's statistics; `x` in
+/// `format`.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
     relu: bool,
+    format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
     let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
-    if !(f32_parameters && ours(x.device(), x.dtype()) && x.rank() == 4) {
-        return batch_norm_train_reference(x, gamma, beta, eps, relu);
+    if !(f32_parameters && ours(x.device(), x.dtype(), format) && x.rank() == 4) {
+        return batch_norm_train_reference(x, gamma, beta, eps, relu, format);
     }
     let saved = Arc::new(Mutex::new(None));
     let op = BatchNormTrain {
         eps,
         relu,
+        format,
         saved: Arc::clone(&saved),
     };
     let y = x
@@ -64,11 +69,11 @@ pub fn batch_norm_train(
     })
 }
 
-/// Whether kiln's kernels run on `device` for data of type `dtype`: f32 on the CPU, f32 and
-/// bf16 on CUDA.
-fn ours(device: &Device, dtype: DType) -> bool {
+/// Whether kiln's kernels run on `device` for data of type `dtype` in `format`: f32 channels
+/// first on the CPU, f32 and bf16 in either format on CUDA.
+fn ours(device: &Device, dtype: DType, format: MemoryFormat) -> bool {
     match device {
-        Device::Cpu => dtype == DType::F32,
+        Device::Cpu => dtype == DType::F32 && format == MemoryFormat::ChannelsFirst,
         Device::Cuda(_) => cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16),
         Device::Metal(_) => false,
     }
@@ -83,15 +88,17 @@ pub fn batch_norm_train_reference(
     beta: &Tensor,
     eps: f64,
     relu: bool,
+    format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
     let dtype = x.dtype();
     let x = &x.to_dtype(DType::F32)?;
     let (gamma, beta) = (&gamma.to_dtype(DType::F32)?, &beta.to_dtype(DType::F32)?);
-    let c = x.dim(1)?;
-    let mean = x.mean_keepdim((0, 2, 3))?;
+    let c = x.dim(format.channel_dim())?;
+    let (h, w) = format.plane_dims();
+    let mean = x.mean_keepdim((0, h, w))?;
     let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-    let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+    let var = centred.sqr()?.mean_keepdim((0, h, w))?;
+    let per_channel = |t: &Tensor| t.reshape(format.per_channel(c));
     let y = centred
         .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
         .broadcast_mul(&per_channel(gamma)?)?
@@ -105,7 +112,8 @@ pub fn batch_norm_train_reference(
 }
 
 /// Evaluation mode: `relu?((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`, as
-/// one scale and shift per channel.
+/// one scale and shift per channel; `x` in `format`.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_eval(
     x: &Tensor,
     gamma: &Tensor,
@@ -114,15 +122,17 @@ pub fn batch_norm_eval(
     running_var: &Tensor,
     eps: f64,
     relu: bool,
+    format: MemoryFormat,
 ) -> candle_core::Result<Tensor> {
-    let c = x.dim(1)?;
+    let c = x.dim(format.channel_dim())?;
+    let per_channel = format.per_channel(c);
     let scale = (gamma / (running_var + eps)?.sqrt()?)?;
     let shift = (beta - (running_mean * &scale)?)?;
     // In f32 whatever the data's type, then rounded back (as in training).
     let y = x
         .to_dtype(DType::F32)?
-        .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+        .broadcast_mul(&scale.reshape(per_channel)?)?
+        .broadcast_add(&shift.reshape(per_channel)?)?;
     let y = if relu { y.relu()? } else { y };
     y.to_dtype(x.dtype())
 }
@@ -134,6 +144,7 @@ type Saved = Tensor;
 struct BatchNormTrain {
     eps: f64,
     relu: bool,
+    format: MemoryFormat,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
@@ -146,6 +157,29 @@ impl BatchNormTrain {
             Some(stats);
         Ok(())
     }
+}
+
+/// kiln's CPU kernels read channels-first data only (`ours` sends channels last elsewhere).
+fn cpu_reads(format: MemoryFormat) -> candle_core::Result<()> {
+    if format == MemoryFormat::ChannelsLast {
+        candle_core::bail!("batch_norm: kiln's CPU kernels read channels-first data only");
+    }
+    Ok(())
+}
+
+/// The CUDA kernels' (N, C, H*W) of a 4-D activation in `format`. Channels last is read as N*H*W
+/// one-pixel planes, (N*H*W, C, 1): the elementwise kernels' channel index `(i / hw) % c` is then
+/// right, and the per-channel sums have kernels of their own.
+#[cfg(feature = "cuda")]
+fn kernel_sizes(
+    layout: &Layout,
+    format: MemoryFormat,
+) -> candle_core::Result<(usize, usize, usize)> {
+    let (a, b, c, d) = layout.shape().dims4()?;
+    Ok(match format {
+        MemoryFormat::ChannelsFirst => (a, b, c * d),
+        MemoryFormat::ChannelsLast => (a * b * c, d, 1),
+    })
 }
 
 /// The planes of channel `c` in an [N, C, HW] buffer.
@@ -235,6 +269,7 @@ impl CustomOp3 for BatchNormTrain {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_reads(self.format)?;
         let (n, c, h, w) = xl.shape().dims4()?;
         let (x, gamma, beta) = (
             contiguous_f32(xs, xl, "input")?,
@@ -298,25 +333,25 @@ impl CustomOp3 for BatchNormTrain {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
+        let sizes = kernel_sizes(xl, self.format)?;
+        let (_, c, _) = sizes;
         if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
             candle_core::bail!(
                 "batch_norm: {} weights for {c} channels",
                 gl.shape().elem_count()
             );
         }
-        if n * h * w == 0 {
+        if sizes.0 * sizes.2 == 0 {
             candle_core::bail!("batch_norm: an empty batch has no statistics");
         }
         let dev = &xs.device;
-        let sizes = (n, c, h * w);
         let y = by_float!(xs.dtype(), T => {
-            let stats = cuda::stats::<T>(xs, xl, sizes, self.eps as f32)?;
+            let stats = cuda::stats::<T>(xs, xl, sizes, self.format, self.eps as f32)?;
             let y = cuda::apply::<T>(xs, xl, &stats, gs, gl, bs, bl, sizes, self.relu)?;
             self.keep(super::cuda::tensor(stats, dev, (3, c)))?;
             super::cuda::storage(y, dev)
         });
-        Ok((y, Shape::from((n, c, h, w))))
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(
@@ -347,11 +382,11 @@ impl CustomOp3 for BatchNormTrain {
             0,
         )?;
         let grad = grad.contiguous()?;
-        let relu = self.relu;
+        let (relu, format) = (self.relu, self.format);
         // [dgamma; dbeta], then the input gradient from them.
-        let sums = x.apply_op3_no_bwd(&grad, &figures, &ChannelSums { relu })?;
+        let sums = x.apply_op3_no_bwd(&grad, &figures, &ChannelSums { relu, format })?;
         let all = Tensor::cat(&[&figures, &sums], 0)?;
-        let grad_x = x.apply_op3_no_bwd(&grad, &all, &InputGrad { relu })?;
+        let grad_x = x.apply_op3_no_bwd(&grad, &all, &InputGrad { relu, format })?;
         Ok((Some(grad_x), Some(sums.get(0)?), Some(sums.get(1)?)))
     }
 }
@@ -369,6 +404,7 @@ fn gated(relu: bool, g: f32, v: f32, scale: f32, shift: f32) -> f32 {
 /// i.e. the gradients of gamma and beta (dy gated by the fused ReLU).
 struct ChannelSums {
     relu: bool,
+    format: MemoryFormat,
 }
 
 impl CustomOp3 for ChannelSums {
@@ -385,6 +421,7 @@ impl CustomOp3 for ChannelSums {
         fs: &CpuStorage,
         fl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_reads(self.format)?;
         let (_, c, h, w) = xl.shape().dims4()?;
         let hw = h * w;
         let (x, grad, f) = (
@@ -422,9 +459,10 @@ impl CustomOp3 for ChannelSums {
         fs: &candle_core::CudaStorage,
         fl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
+        let sizes = kernel_sizes(xl, self.format)?;
+        let c = sizes.1;
         let sums = by_float!(xs.dtype(), T => {
-            cuda::grad_sums::<T>(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?
+            cuda::grad_sums::<T>(xs, xl, gs, gl, fs, fl, sizes, self.format, self.relu)?
         });
         Ok((super::cuda::storage(sums, &xs.device), Shape::from((2, c))))
     }
@@ -435,6 +473,7 @@ impl CustomOp3 for ChannelSums {
 /// by the fused ReLU).
 struct InputGrad {
     relu: bool,
+    format: MemoryFormat,
 }
 
 impl CustomOp3 for InputGrad {
@@ -451,6 +490,7 @@ impl CustomOp3 for InputGrad {
         fs: &CpuStorage,
         fl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_reads(self.format)?;
         let (n, c, h, w) = xl.shape().dims4()?;
         let hw = h * w;
         let (x, grad, f) = (
@@ -486,12 +526,12 @@ impl CustomOp3 for InputGrad {
         fs: &candle_core::CudaStorage,
         fl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
+        let sizes = kernel_sizes(xl, self.format)?;
         let dx = by_float!(xs.dtype(), T => super::cuda::storage(
-            cuda::input_grad::<T>(xs, xl, gs, gl, fs, fl, (n, c, h * w), self.relu)?,
+            cuda::input_grad::<T>(xs, xl, gs, gl, fs, fl, sizes, self.relu)?,
             &xs.device,
         ));
-        Ok((dx, Shape::from((n, c, h, w))))
+        Ok((dx, xl.shape().clone()))
     }
 }
 
@@ -536,7 +576,8 @@ impl CustomOp2 for ReluGate {
 
 /// `relu(a + b)`: the end of a residual block, one pass each way.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if ours(a.device(), a.dtype()) && a.dtype() == b.dtype() {
+    // Elementwise: any format.
+    if ours(a.device(), a.dtype(), MemoryFormat::ChannelsFirst) && a.dtype() == b.dtype() {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
         relu(&(a + b)?)

@@ -542,6 +542,66 @@ extern "C" __global__ void bn_grad_finish(const double* partials, const float* f
     sums[c + ch] = (float)total;
 }
 
+// Channels last, [rows, C] (rows = N*H*W, the launch's `n`; `hw` is 1): block (group, split)
+// sums NHWC_CHANNELS channels over a run of rows, a warp across the channels of BLOCK /
+// NHWC_CHANNELS rows at a time, so that each warp reads a run of a row; then the rows' lanes
+// are added in order. Partials as above.
+#define NHWC_CHANNELS 32
+#define NHWC_ROWS (BLOCK / NHWC_CHANNELS)
+
+// Adds each channel's NHWC_ROWS lane sums (in lane order) and writes the block's partials.
+__device__ void bn_nhwc_finish_block(double a, double b, int c, double* partials) {
+    __shared__ double as[BLOCK], bs[BLOCK];
+    int lane = threadIdx.x % NHWC_CHANNELS, row = threadIdx.x / NHWC_CHANNELS;
+    int ch = blockIdx.x * NHWC_CHANNELS + lane, split = blockIdx.y, splits = gridDim.y;
+    as[threadIdx.x] = a;
+    bs[threadIdx.x] = b;
+    __syncthreads();
+    if (row != 0 || ch >= c) return;
+    double sa = 0.0, sb = 0.0;
+    for (int r = 0; r < NHWC_ROWS; r++) {
+        sa += as[r * NHWC_CHANNELS + lane];
+        sb += bs[r * NHWC_CHANNELS + lane];
+    }
+    partials[(size_t)ch * splits + split] = sa;
+    partials[((size_t)c + ch) * splits + split] = sb;
+}
+
+template <typename T>
+__device__ void bn_stats_partial_nhwc(const T* x, int rows, int c, double* partials) {
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
+    double sum = 0.0, squares = 0.0;
+    if (ch < c) {
+        for (int r = span.x + threadIdx.x / NHWC_CHANNELS; r < span.y; r += NHWC_ROWS) {
+            double v = load(x[(size_t)r * c + ch]);
+            sum += v;
+            squares += v * v;
+        }
+    }
+    bn_nhwc_finish_block(sum, squares, c, partials);
+}
+
+template <typename T>
+__device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* figures, int rows,
+                                     int c, int relu, double* partials) {
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
+    double dot = 0.0, total = 0.0;
+    if (ch < c) {
+        float mean = figures[ch], inv_std = figures[c + ch];
+        float2 a = bn_affine(mean, inv_std, figures[2 * c + ch], figures[3 * c + ch]);
+        for (int r = span.x + threadIdx.x / NHWC_CHANNELS; r < span.y; r += NHWC_ROWS) {
+            size_t at = (size_t)r * c + ch;
+            float v = load(x[at]);
+            double g = bn_gated(relu, load(grad[at]), v, a);
+            total += g;
+            dot += g * ((double)v - (double)mean);
+        }
+    }
+    bn_nhwc_finish_block(dot, total, c, partials);
+}
+
 // dx = scale * (g - dbeta / M - x_hat * dgamma / M); figures [6, C] = mean; inv_std; gamma;
 // beta; dgamma; dbeta.
 template <typename T>
@@ -581,6 +641,15 @@ __device__ void relu_gate(const T* grad, const T* y, size_t total, T* out) {
     extern "C" __global__ void bn_stats_partial_##SUFFIX(const T* x, int n, int c, int hw,     \
                                                          double* partials) {                   \
         bn_stats_partial(x, n, c, hw, partials);                                               \
+    }                                                                                          \
+    extern "C" __global__ void bn_stats_partial_nhwc_##SUFFIX(const T* x, int rows, int c,     \
+                                                              int hw, double* partials) {      \
+        bn_stats_partial_nhwc(x, rows, c, partials);                                           \
+    }                                                                                          \
+    extern "C" __global__ void bn_grad_partial_nhwc_##SUFFIX(                                  \
+        const T* x, const T* grad, const float* figures, int rows, int c, int hw, int relu,    \
+        double* partials) {                                                                    \
+        bn_grad_partial_nhwc(x, grad, figures, rows, c, relu, partials);                       \
     }                                                                                          \
     extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats,               \
                                                  const float* gamma, const float* beta, int c, \

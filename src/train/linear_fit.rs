@@ -45,6 +45,7 @@ pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
         image_size: 1,
         stem: models::Stem::Cifar,
         width: 1,
+        memory_format: None,
     };
     let built = models::build(spec, &arch, config.seed, device)?;
     let mut optimizer = optim::build(config, built.params.vars())?;

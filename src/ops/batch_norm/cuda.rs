@@ -1,24 +1,54 @@
 //! Launching the BatchNorm, add-ReLU and ReLU-gate kernels of kernels.cu: bn_stats_partial +
 //! bn_stats_finish, bn_apply, bn_grad_partial + bn_grad_finish, bn_input_grad, add_relu_fwd,
-//! relu_gate; those that read data for f32 and bf16 (statistics and parameters f32).
+//! relu_gate; those that read data for f32 and bf16 (statistics and parameters f32). The
+//! partial sums have a channels-last version each (`_nhwc`); the rest read either format.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout};
 
 use crate::ops::cuda::{int, kernel, kernel_for, output, per_item, view, KernelFloat, THREADS};
+use crate::ops::MemoryFormat;
 
-/// (N, C, H*W)
+/// (N, C, H*W); channels last as (N*H*W, C, 1) (see `kernel_sizes`).
 type Sizes = (usize, usize, usize);
 
-/// Blocks per channel for the per-channel sums, each over a run of whole planes: enough
-/// that every SM has work where the channels are few (ResNet's 64-channel stages), never
-/// more than the planes.
-fn splits(n: usize, c: usize) -> usize {
-    (2048 / c.max(1)).clamp(1, n.max(1))
+/// Channels a channels-last partial-sum block covers (NHWC_CHANNELS in kernels.cu): one warp's
+/// worth, so that a warp reads a run of each row.
+const NHWC_CHANNELS: usize = 32;
+
+/// The grid of a partial-sum kernel over data of `sizes` in `format`, and its splits: blocks
+/// (channel or channel group, split), each split a run of planes (channels first) or rows
+/// (channels last), enough blocks that every SM streams.
+fn partial_grid(format: MemoryFormat, (n, c, _): Sizes) -> (LaunchConfig, usize) {
+    let groups = match format {
+        MemoryFormat::ChannelsFirst => c,
+        MemoryFormat::ChannelsLast => c.div_ceil(NHWC_CHANNELS),
+    };
+    let splits = splits(n, groups);
+    (per_channel_split(groups, splits), splits)
 }
 
-/// `splits` blocks for each of `c` channels.
+/// The partial-sum kernel `name` for `T` in `format`.
+fn partial_kernel<T: KernelFloat>(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+    format: MemoryFormat,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    match format {
+        MemoryFormat::ChannelsFirst => kernel_for::<T>(dev, name),
+        MemoryFormat::ChannelsLast => kernel_for::<T>(dev, &format!("{name}_nhwc")),
+    }
+}
+
+/// Blocks per channel (or channel group) for the per-channel sums, each over a run of whole
+/// planes or rows: enough that every SM has work where the channels are few (ResNet's
+/// 64-channel stages), never more than the planes.
+fn splits(n: usize, groups: usize) -> usize {
+    (2048 / groups.max(1)).clamp(1, n.max(1))
+}
+
+/// `splits` blocks for each of `c` channels (or channel groups).
 fn per_channel_split(c: usize, splits: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (c.max(1) as u32, splits as u32, 1),
@@ -40,11 +70,12 @@ pub(super) fn stats<T: KernelFloat>(
     xs: &CudaStorage,
     xl: &Layout,
     (n, c, hw): Sizes,
+    format: MemoryFormat,
     eps: f32,
 ) -> candle_core::Result<CudaSlice<f32>> {
     let dev = &xs.device;
     let x = view::<T>(xs, xl, "input")?;
-    let splits = splits(n, c);
+    let (grid, splits) = partial_grid(format, (n, c, hw));
     let partials = output::<f64>(dev, 2 * c * splits)?;
     let stats = output::<f32>(dev, 3 * c)?;
     let stream = dev.cuda_stream();
@@ -54,12 +85,12 @@ pub(super) fn stats<T: KernelFloat>(
         int(hw, "batch_norm")?,
         int(splits, "batch_norm")?,
     );
-    let func = kernel_for::<T>(dev, "bn_stats_partial")?;
+    let func = partial_kernel::<T>(dev, "bn_stats_partial", format)?;
     let mut launch = stream.launch_builder(&func);
     launch.arg(&x).arg(&n32).arg(&c32).arg(&hw32).arg(&partials);
-    // SAFETY: the arguments match the kernel's signature; block (ch, s) writes its channel's
-    // two partial sums of split s, and the grid has one block per channel and split.
-    unsafe { launch.launch(per_channel_split(c, splits)) }.w()?;
+    // SAFETY: the arguments match the kernel's signature; block (ch, s) writes its channels'
+    // two partial sums of split s, and the grid has one block per channel (group) and split.
+    unsafe { launch.launch(grid) }.w()?;
     let func = kernel(dev, "bn_stats_finish")?;
     let count = (n * hw) as f64;
     let mut launch = stream.launch_builder(&func);
@@ -127,6 +158,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
     fs: &CudaStorage,
     fl: &Layout,
     (n, c, hw): Sizes,
+    format: MemoryFormat,
     relu: bool,
 ) -> candle_core::Result<CudaSlice<f32>> {
     let dev = &xs.device;
@@ -135,7 +167,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
         view::<T>(gs, gl, "gradient")?,
         view::<f32>(fs, fl, "statistics")?,
     );
-    let splits = splits(n, c);
+    let (grid, splits) = partial_grid(format, (n, c, hw));
     let partials = output::<f64>(dev, 2 * c * splits)?;
     let sums = output::<f32>(dev, 2 * c)?;
     let stream = dev.cuda_stream();
@@ -146,7 +178,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
         int(splits, "batch_norm")?,
     );
     let relu = i32::from(relu);
-    let func = kernel_for::<T>(dev, "bn_grad_partial")?;
+    let func = partial_kernel::<T>(dev, "bn_grad_partial", format)?;
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
@@ -157,8 +189,8 @@ pub(super) fn grad_sums<T: KernelFloat>(
         .arg(&hw32)
         .arg(&relu)
         .arg(&partials);
-    // SAFETY: as in `stats`: block (ch, s) writes its channel's two partial sums of split s.
-    unsafe { launch.launch(per_channel_split(c, splits)) }.w()?;
+    // SAFETY: as in `stats`: block (ch, s) writes its channels' two partial sums of split s.
+    unsafe { launch.launch(grid) }.w()?;
     let func = kernel(dev, "bn_grad_finish")?;
     let mut launch = stream.launch_builder(&func);
     launch

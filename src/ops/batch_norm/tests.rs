@@ -26,17 +26,35 @@ fn close(what: &str, a: &Tensor, b: &Tensor, tolerance: f32) -> Result<(), TestC
     Ok(())
 }
 
-type Norm = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> candle_core::Result<BatchNormOutput>;
+type Norm =
+    fn(&Tensor, &Tensor, &Tensor, f64, bool, MemoryFormat) -> candle_core::Result<BatchNormOutput>;
 
 /// Output, statistics and the gradients of x, gamma and beta under a random upstream gradient.
-fn run(f: Norm, x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Vec<Tensor> {
+fn run(
+    f: Norm,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    relu: bool,
+    format: MemoryFormat,
+) -> Vec<Tensor> {
     let (xv, gv, bv) = (
         Var::from_tensor(x).unwrap(),
         Var::from_tensor(gamma).unwrap(),
         Var::from_tensor(beta).unwrap(),
     );
-    let out = f(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-5, relu).unwrap();
-    let upstream = random(out.y.dims(), 7);
+    let out = f(
+        xv.as_tensor(),
+        gv.as_tensor(),
+        bv.as_tensor(),
+        1e-5,
+        relu,
+        format,
+    )
+    .unwrap();
+    // The same upstream gradient in either format.
+    let (n, c, h, w) = format.nchw_dims(&out.y).unwrap();
+    let upstream = format.from_nchw(&random(&[n, c, h, w], 7)).unwrap();
     let grads = (&out.y * &upstream)
         .unwrap()
         .sum_all()
@@ -46,6 +64,15 @@ fn run(f: Norm, x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Vec<Te
     let grad = |v: &Var| grads.get(v).unwrap().clone();
     vec![out.y, out.mean, out.var, grad(&xv), grad(&gv), grad(&bv)]
 }
+
+const NAMES: [&str; 6] = [
+    "output",
+    "mean",
+    "variance",
+    "input grad",
+    "gamma grad",
+    "beta grad",
+];
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
@@ -59,11 +86,34 @@ proptest! {
         let x = (random(&[n, c, h, w], seed) * 2.0).unwrap().affine(1.0, shift as f64).unwrap();
         let gamma = random(&[c], seed + 1);
         let beta = random(&[c], seed + 2);
-        let ours = run(batch_norm_train, &x, &gamma, &beta, relu);
-        let reference = run(batch_norm_train_reference, &x, &gamma, &beta, relu);
-        let names = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad"];
-        for (name, (a, b)) in names.iter().zip(ours.iter().zip(&reference)) {
+        let first = MemoryFormat::ChannelsFirst;
+        let ours = run(batch_norm_train, &x, &gamma, &beta, relu, first);
+        let reference = run(batch_norm_train_reference, &x, &gamma, &beta, relu, first);
+        for (name, (a, b)) in NAMES.iter().zip(ours.iter().zip(&reference)) {
             close(name, a, b, 2e-5)?;
+        }
+    }
+
+    /// Channels last normalises the same values: the outputs and input gradient are the
+    /// channels-first composition's, transposed (on the CPU channels last runs the composition;
+    /// CUDA's kernels are held to the CPU in tests/cuda.rs).
+    #[test]
+    fn channels_last_batch_norm_matches_channels_first(
+        n in 1usize..4, c in 1usize..6, h in 1usize..5, w in 1usize..5,
+        relu in any::<bool>(), seed in 0u64..1000,
+    ) {
+        prop_assume!(n * h * w > 1);
+        let last = MemoryFormat::ChannelsLast;
+        let x = random(&[n, c, h, w], seed);
+        let gamma = random(&[c], seed + 1);
+        let beta = random(&[c], seed + 2);
+        let first = MemoryFormat::ChannelsFirst;
+        let first = run(batch_norm_train_reference, &x, &gamma, &beta, relu, first);
+        let nhwc = run(batch_norm_train, &last.from_nchw(&x).unwrap(), &gamma, &beta, relu, last);
+        for (i, (name, (a, b))) in NAMES.iter().zip(first.iter().zip(&nhwc)).enumerate() {
+            // The output and input gradient come back channels last; the rest are per channel.
+            let b = if i == 0 || i == 3 { last.to_nchw(b).unwrap() } else { b.clone() };
+            close(name, a, &b, 2e-5)?;
         }
     }
 
@@ -92,7 +142,8 @@ fn normalises_with_the_biased_variance() {
     .unwrap();
     let gamma = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
     let beta = Tensor::new(&[0f32, 1.], &Device::Cpu).unwrap();
-    let out = batch_norm_train(&x, &gamma, &beta, 1e-5, false).unwrap();
+    let out =
+        batch_norm_train(&x, &gamma, &beta, 1e-5, false, MemoryFormat::ChannelsFirst).unwrap();
     // Channel 0: values 1, 2, 3, 6: mean 3, biased variance 3.5.
     assert_eq!(out.mean.to_vec1::<f32>().unwrap(), [3.0, 2.0]);
     assert_eq!(out.var.to_vec1::<f32>().unwrap(), [3.5, 2.0]);

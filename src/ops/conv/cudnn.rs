@@ -1,5 +1,5 @@
 //! cuDNN's convolution on CUDA (the `cudnn` feature): forward, backward-data and backward-filter,
-//! f32, bf16 and f16, as candle custom ops.
+//! f32, bf16 and f16, channels first or last, as candle custom ops.
 //!
 //! - One cuDNN handle per candle device, created on first use and bound to the device's stream,
 //!   so cuDNN's kernels stay ordered with candle's and kiln's.
@@ -31,6 +31,7 @@ use cudarc::cudnn::{
 use super::cpu::Geometry;
 use super::ConvParams;
 use crate::ops::cuda::int;
+use crate::ops::MemoryFormat;
 
 /// The most workspace an algorithm may ask for and still be tried.
 const MAX_WORKSPACE: usize = 1 << 30;
@@ -47,20 +48,63 @@ pub fn set_allow_tf32(allowed: bool) {
     ALLOW_TF32.store(allowed, Ordering::Relaxed);
 }
 
-/// `x` [N, C, H, W] convolved with `weight` [CO, C, KH, KW], no bias, on a CUDA device: cuDNN for
-/// f32, bf16 and f16, candle's conv2d for other data types.
-pub(super) fn conv2d(x: &Tensor, weight: &Tensor, p: ConvParams) -> candle_core::Result<Tensor> {
-    let supported = matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
-    if !supported || weight.dtype() != x.dtype() {
+/// Whether cuDNN convolves data of these types here: f32, bf16 or f16, both alike.
+pub(super) fn convolves(x: DType, weight: DType) -> bool {
+    matches!(x, DType::F32 | DType::BF16 | DType::F16) && weight == x
+}
+
+/// `x` convolved with `weight`, no bias, on a CUDA device, both in `format`: channels first
+/// `x` [N, C, H, W] and `weight` [CO, C, KH, KW]; channels last [N, H, W, C] and
+/// [CO, KH, KW, C]. cuDNN for f32, bf16 and f16; candle's conv2d for other (channels-first)
+/// data types.
+pub(super) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    p: ConvParams,
+    format: MemoryFormat,
+) -> candle_core::Result<Tensor> {
+    if !convolves(x.dtype(), weight.dtype()) {
+        if format == MemoryFormat::ChannelsLast {
+            candle_core::bail!("kiln cuDNN conv2d: channels last takes f32, bf16 or f16 only");
+        }
         return x.conv2d(weight, p.padding, p.stride, 1, 1);
     }
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Conv2dOp { p })
+        .apply_op2(&weight.contiguous()?, Conv2dOp { p, format })
+}
+
+/// (n, c, h, w) of an activation in `format`.
+fn activation_dims(
+    layout: &Layout,
+    format: MemoryFormat,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (a, b, c, d) = layout.shape().dims4()?;
+    Ok(match format {
+        MemoryFormat::ChannelsFirst => (a, b, c, d),
+        MemoryFormat::ChannelsLast => (a, d, b, c),
+    })
+}
+
+/// (co, c, kh, kw) of a weight in `format`: the same permutation as an activation's.
+fn kernel_dims(
+    layout: &Layout,
+    format: MemoryFormat,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    activation_dims(layout, format)
+}
+
+/// The shape in `format` of an activation (or weight) of logical dims (n, c, h, w).
+fn shape_in(format: MemoryFormat, (n, c, h, w): (usize, usize, usize, usize)) -> Shape {
+    match format {
+        MemoryFormat::ChannelsFirst => Shape::from((n, c, h, w)),
+        MemoryFormat::ChannelsLast => Shape::from((n, h, w, c)),
+    }
 }
 
 /// y = conv(x, w); its backward runs the other two directions.
 struct Conv2dOp {
     p: ConvParams,
+    format: MemoryFormat,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -85,9 +129,10 @@ impl CustomOp2 for Conv2dOp {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let g = Geometry::new(xl.shape().dims4()?, wl.shape().dims4()?, self.p)?;
-        let y = run(Direction::Forward, g, xs, xl, ws, wl)?;
-        Ok((y, Shape::from((g.n, g.co, g.oh, g.ow))))
+        let f = self.format;
+        let g = Geometry::new(activation_dims(xl, f)?, kernel_dims(wl, f)?, self.p)?;
+        let y = run(Direction::Forward, g, f, xs, xl, ws, wl)?;
+        Ok((y, shape_in(f, (g.n, g.co, g.oh, g.ow))))
     }
 
     fn bwd(
@@ -98,11 +143,13 @@ impl CustomOp2 for Conv2dOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let format = self.format;
         // Inputs that are data, not parameters or results of other ops, need no gradient.
         let grad_x = if x.track_op() {
             let op = DataGrad {
                 p: self.p,
-                input: x.dims4()?,
+                format,
+                input: activation_dims(x.layout(), format)?,
             };
             Some(grad.apply_op2_no_bwd(weight, &op)?)
         } else {
@@ -111,7 +158,8 @@ impl CustomOp2 for Conv2dOp {
         let grad_weight = if weight.track_op() {
             let op = FilterGrad {
                 p: self.p,
-                kernel: weight.dims4()?,
+                format,
+                kernel: kernel_dims(weight.layout(), format)?,
             };
             Some(x.apply_op2_no_bwd(&grad, &op)?)
         } else {
@@ -124,6 +172,8 @@ impl CustomOp2 for Conv2dOp {
 /// dL/dX from dL/dY and the weight (cuDNN's backward-data).
 struct DataGrad {
     p: ConvParams,
+    format: MemoryFormat,
+    /// (n, c, h, w)
     input: (usize, usize, usize, usize),
 }
 
@@ -149,16 +199,19 @@ impl CustomOp2 for DataGrad {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let g = Geometry::new(self.input, wl.shape().dims4()?, self.p)?;
-        expect_dims(gl, (g.n, g.co, g.oh, g.ow), "output gradient")?;
-        let dx = run(Direction::BackwardData, g, gs, gl, ws, wl)?;
-        Ok((dx, Shape::from(self.input)))
+        let f = self.format;
+        let g = Geometry::new(self.input, kernel_dims(wl, f)?, self.p)?;
+        expect_dims(gl, f, (g.n, g.co, g.oh, g.ow), "output gradient")?;
+        let dx = run(Direction::BackwardData, g, f, gs, gl, ws, wl)?;
+        Ok((dx, shape_in(f, self.input)))
     }
 }
 
 /// dL/dW from the input and dL/dY (cuDNN's backward-filter).
 struct FilterGrad {
     p: ConvParams,
+    format: MemoryFormat,
+    /// (co, c, kh, kw)
     kernel: (usize, usize, usize, usize),
 }
 
@@ -184,19 +237,22 @@ impl CustomOp2 for FilterGrad {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let g = Geometry::new(xl.shape().dims4()?, self.kernel, self.p)?;
-        expect_dims(gl, (g.n, g.co, g.oh, g.ow), "output gradient")?;
-        let dw = run(Direction::BackwardFilter, g, xs, xl, gs, gl)?;
-        Ok((dw, Shape::from(self.kernel)))
+        let f = self.format;
+        let g = Geometry::new(activation_dims(xl, f)?, self.kernel, self.p)?;
+        expect_dims(gl, f, (g.n, g.co, g.oh, g.ow), "output gradient")?;
+        let dw = run(Direction::BackwardFilter, g, f, xs, xl, gs, gl)?;
+        Ok((dw, shape_in(f, self.kernel)))
     }
 }
 
+/// Checks an operand's (n, c, h, w) in `format`.
 fn expect_dims(
     layout: &Layout,
+    format: MemoryFormat,
     dims: (usize, usize, usize, usize),
     what: &str,
 ) -> candle_core::Result<()> {
-    let got = layout.shape().dims4()?;
+    let got = activation_dims(layout, format)?;
     if got != dims {
         candle_core::bail!("kiln cuDNN conv2d: {what} is {got:?}, expected {dims:?}");
     }
@@ -238,6 +294,7 @@ impl<T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType> El
 fn run(
     direction: Direction,
     g: Geometry,
+    format: MemoryFormat,
     a: &CudaStorage,
     al: &Layout,
     b: &CudaStorage,
@@ -246,15 +303,15 @@ fn run(
     let device = &a.device;
     let storage = match (&a.slice, &b.slice) {
         (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => CudaStorage::wrap_cuda_slice(
-            convolve(device, direction, g, a, al, b, bl)?,
+            convolve(device, direction, g, format, a, al, b, bl)?,
             device.clone(),
         ),
         (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => CudaStorage::wrap_cuda_slice(
-            convolve(device, direction, g, a, al, b, bl)?,
+            convolve(device, direction, g, format, a, al, b, bl)?,
             device.clone(),
         ),
         (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => CudaStorage::wrap_cuda_slice(
-            convolve(device, direction, g, a, al, b, bl)?,
+            convolve(device, direction, g, format, a, al, b, bl)?,
             device.clone(),
         ),
         _ => candle_core::bail!(
@@ -283,10 +340,12 @@ fn operand<'a, T>(
     Ok(slice.slice(start..end))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn convolve<T: Element>(
     device: &CudaDevice,
     direction: Direction,
     g: Geometry,
+    format: MemoryFormat,
     a: &CudaSlice<T>,
     al: &Layout,
     b: &CudaSlice<T>,
@@ -313,6 +372,7 @@ fn convolve<T: Element>(
     let math = math_type(T::DATA_TYPE);
     let key = Key {
         direction,
+        format,
         data_type: T::DATA_TYPE,
         math,
         x: [g.n, g.c, g.h, g.w],
@@ -320,7 +380,7 @@ fn convolve<T: Element>(
         stride: g.p.stride,
         padding: g.p.padding,
     };
-    let d = Descriptors::new(&state.cudnn, &g, math)?;
+    let d = Descriptors::new(&state.cudnn, &g, format, math)?;
     let plan = d.plan(direction);
     let choice = match state.algorithms.get(&key) {
         Some(choice) => *choice,
@@ -363,6 +423,7 @@ fn math_type(data_type: sys::cudnnDataType_t) -> sys::cudnnMathType_t {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     direction: Direction,
+    format: MemoryFormat,
     data_type: sys::cudnnDataType_t,
     math: sys::cudnnMathType_t,
     x: [usize; 4],
@@ -447,8 +508,10 @@ fn device_state(device: &CudaDevice) -> candle_core::Result<Arc<Mutex<DeviceStat
     Ok(state)
 }
 
-/// The descriptors of one convolution: x [N, C, H, W], w [CO, C, KH, KW], y [N, CO, OH, OW]; the
-/// convolution computes in f32 whatever the data type.
+/// The descriptors of one convolution: x [N, C, H, W], w [CO, C, KH, KW], y [N, CO, OH, OW], or
+/// channels last x [N, H, W, C], w [CO, KH, KW, C], y [N, OH, OW, CO] (cuDNN's NHWC, whose
+/// dimensions are still given in NCHW order); the convolution computes in f32 whatever the data
+/// type.
 struct Descriptors<T: CudnnDataType> {
     conv: ConvDescriptor<f32>,
     x: TensorDescriptor<T>,
@@ -460,6 +523,7 @@ impl<T: CudnnDataType> Descriptors<T> {
     fn new(
         cudnn: &Arc<Cudnn>,
         g: &Geometry,
+        format: MemoryFormat,
         math: sys::cudnnMathType_t,
     ) -> candle_core::Result<Self> {
         let dims = |v: [usize; 4], what: &str| -> candle_core::Result<[i32; 4]> {
@@ -470,7 +534,10 @@ impl<T: CudnnDataType> Descriptors<T> {
             Ok(out)
         };
         let (pad, stride) = (int(g.p.padding, "padding")?, int(g.p.stride, "stride")?);
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let layout = match format {
+            MemoryFormat::ChannelsFirst => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            MemoryFormat::ChannelsLast => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+        };
         let mut conv = cudnn
             .create_conv2d::<f32>(
                 [pad, pad],
@@ -482,13 +549,13 @@ impl<T: CudnnDataType> Descriptors<T> {
         conv.set_math_type(math)
             .map_err(cudnn_error("setting the math type"))?;
         let x = cudnn
-            .create_4d_tensor::<T>(nchw, dims([g.n, g.c, g.h, g.w], "conv2d input")?)
+            .create_4d_tensor::<T>(layout, dims([g.n, g.c, g.h, g.w], "conv2d input")?)
             .map_err(cudnn_error("input descriptor"))?;
         let w = cudnn
-            .create_4d_filter::<T>(nchw, dims([g.co, g.c, g.kh, g.kw], "conv2d weight")?)
+            .create_4d_filter::<T>(layout, dims([g.co, g.c, g.kh, g.kw], "conv2d weight")?)
             .map_err(cudnn_error("filter descriptor"))?;
         let y = cudnn
-            .create_4d_tensor::<T>(nchw, dims([g.n, g.co, g.oh, g.ow], "conv2d output")?)
+            .create_4d_tensor::<T>(layout, dims([g.n, g.co, g.oh, g.ow], "conv2d output")?)
             .map_err(cudnn_error("output descriptor"))?;
         Ok(Self { conv, x, w, y })
     }

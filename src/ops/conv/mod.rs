@@ -1,8 +1,9 @@
-//! 2-D convolution, NCHW, any kernel size (square or not), stride and padding (no dilation, no
-//! groups), with the best engine each backend has:
+//! 2-D convolution, NCHW or channels last (NHWC), any kernel size (square or not), stride and
+//! padding (no dilation, no groups), with the best engine each backend has:
 //! - CPU, f32: kiln's kernels ([`cpu`]: im2col + gemm, a deterministic weight gradient;
 //!   [`winograd`] F(2x2, 3x3) for 3x3 stride-1 convolutions and their input gradients);
-//! - CUDA: candle's conv2d, whose gradients `tests/cuda.rs` holds to the CPU's;
+//! - CUDA: cuDNN with the `cudnn` feature ([`cudnn`], either format read as it lies), else
+//!   candle's conv2d; `tests/cuda.rs` holds their gradients to the CPU's;
 //! - elsewhere (Metal, other dtypes): [`conv2d_portable`], shape operations and one matrix
 //!   multiply. candle's own conv2d is avoided there: its weight gradient convolves transposed,
 //!   non-contiguous tensors that Metal's im2col reads as if contiguous, and training silently
@@ -21,7 +22,7 @@ pub use cudnn::set_allow_tf32;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::every_nth;
+use super::{every_nth, MemoryFormat};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
@@ -40,7 +41,7 @@ pub fn conv2d(
     let y = match x.device() {
         Device::Cpu if f32s => cpu::conv2d(x, weight, p)?,
         #[cfg(feature = "cudnn")]
-        Device::Cuda(_) => cudnn::conv2d(x, weight, p)?,
+        Device::Cuda(_) => cudnn::conv2d(x, weight, p, MemoryFormat::ChannelsFirst)?,
         #[cfg(not(feature = "cudnn"))]
         Device::Cuda(_) => x.conv2d(weight, p.padding, p.stride, 1, 1)?,
         _ => conv2d_portable(x, weight, p)?,
@@ -50,6 +51,31 @@ pub fn conv2d(
             cpu::add_bias(&y, b)
         }
         Some(b) => add_bias_reference(&y, b),
+        None => Ok(y),
+    }
+}
+
+/// [`conv2d`] on channels-last data: `x` [N, H, W, C], `weight` [CO, C, KH, KW] (PyTorch's
+/// layout, in which parameters are kept), `bias` [CO]; the output is [N, OH, OW, CO]. cuDNN
+/// convolves it as it lies, with the weight transposed to [CO, KH, KW, C] (cuDNN's channels-last
+/// filter); elsewhere it is the channels-first convolution between two transposes.
+pub fn conv2d_channels_last(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+) -> candle_core::Result<Tensor> {
+    let last = MemoryFormat::ChannelsLast;
+    let y = match x.device() {
+        #[cfg(feature = "cudnn")]
+        Device::Cuda(_) if cudnn::convolves(x.dtype(), weight.dtype()) => {
+            let filter = weight.permute((0, 2, 3, 1))?.contiguous()?;
+            cudnn::conv2d(x, &filter, p, last)?
+        }
+        _ => last.from_nchw(&conv2d(&last.to_nchw(x)?, weight, None, p)?)?,
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape(last.per_channel(b.dim(0)?))?),
         None => Ok(y),
     }
 }
