@@ -4,7 +4,7 @@
 //! the median of several repeats.
 //!
 //!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
-//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512] [--precision f32|bf16]
+//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512] [--precision auto|f32|bf16]
 //!         [--memory-format first|last]
 //!
 //! `--precision bf16`: kiln's mixed precision (bf16 activations, f32 master weights) against
@@ -29,7 +29,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use kiln::config::{resolve, Overrides, Precision};
 use kiln::device::DeviceRequest;
 use kiln::ops::{cross_entropy, MemoryFormat};
@@ -53,7 +53,7 @@ fn kiln(
     batch: usize,
     steps: usize,
     repeats: usize,
-    (precision, format): (Precision, MemoryFormat),
+    (dtype, format): (DType, MemoryFormat),
 ) -> kiln::Result<(Vec<f64>, Option<u64>)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
     let mut arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
@@ -64,9 +64,7 @@ fn kiln(
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
-            let logits = built
-                .module
-                .forward_t(&images.to_dtype(precision.dtype())?, true)?;
+            let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
             let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
             optimizer.step(&loss.backward()?)?;
         }
@@ -172,6 +170,13 @@ fn main() {
     let repeats = arg("--repeats").unwrap_or(5);
     let model: String = arg("--model").unwrap_or_else(|| "simplecnn".to_string());
     let precision: Precision = arg("--precision").unwrap_or_default();
+    // `auto` as training resolves it, so that both sides run the same arithmetic.
+    let mixed = models::find(&model).is_ok_and(|spec| spec.mixed_precision);
+    let dtype = precision.activations(mixed, device.is_cuda());
+    let precision = match dtype {
+        DType::BF16 => Precision::Bf16,
+        _ => Precision::F32,
+    };
     let format = match arg::<String>("--memory-format").as_deref() {
         None => MemoryFormat::preferred(&device),
         Some("first") => MemoryFormat::ChannelsFirst,
@@ -217,14 +222,13 @@ fn main() {
     };
     for (batch, steps) in sizes {
         let steps = arg("--steps").unwrap_or(steps);
-        let (ours, our_peak) =
-            match kiln(&model, &device, batch, steps, repeats, (precision, format)) {
-                Ok((rates, peak)) => (median(rates), peak),
-                Err(err) => {
-                    eprintln!("kiln failed at batch {batch}: {err}");
-                    std::process::exit(1);
-                }
-            };
+        let (ours, our_peak) = match kiln(&model, &device, batch, steps, repeats, (dtype, format)) {
+            Ok((rates, peak)) => (median(rates), peak),
+            Err(err) => {
+                eprintln!("kiln failed at batch {batch}: {err}");
+                std::process::exit(1);
+            }
+        };
         let ms = |rate: f64| 1000.0 * batch as f64 / rate;
         match pytorch(&model, request, batch, steps, repeats, threads, precision) {
             Ok((rates, their_peak)) => {

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::Augment;
@@ -82,22 +83,26 @@ impl fmt::Display for OptimizerKind {
 
 /// The arithmetic of training steps: f32 throughout, or bf16 activations and convolutions with
 /// f32 master weights, optimizer state and BatchNorm statistics (Lightning's "bf16-mixed",
-/// PyTorch's bf16 autocast). Weights files and checkpoints hold f32 either way, so a run may
-/// change precision when it resumes; evaluation runs in f32.
+/// PyTorch's bf16 autocast); `auto` (the default) is bf16 for models that support it (the
+/// ResNets) on CUDA, where tensor cores run it, and f32 elsewhere. Weights files and checkpoints
+/// hold f32 either way, so a run may change precision when it resumes; evaluation runs in f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
+    Auto,
     F32,
     Bf16,
 }
 
 impl Precision {
-    /// The data type activations take.
-    pub fn dtype(self) -> candle_core::DType {
+    /// The data type a model's activations take under this setting: `mixed_precision` says
+    /// whether the model supports bf16 (its `ModelSpec`), `on_cuda` whether it trains on CUDA.
+    pub fn activations(self, mixed_precision: bool, on_cuda: bool) -> DType {
         match self {
-            Self::F32 => candle_core::DType::F32,
-            Self::Bf16 => candle_core::DType::BF16,
+            Self::Bf16 => DType::BF16,
+            Self::Auto if mixed_precision && on_cuda => DType::BF16,
+            Self::Auto | Self::F32 => DType::F32,
         }
     }
 }
@@ -107,10 +112,11 @@ impl FromStr for Precision {
 
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
             "f32" | "32" => Ok(Self::F32),
             "bf16" | "bf16-mixed" => Ok(Self::Bf16),
             _ => Err(Error::InvalidSetting(format!(
-                "unknown precision '{s}': expected f32 or bf16"
+                "unknown precision '{s}': expected auto, f32 or bf16"
             ))),
         }
     }
@@ -119,6 +125,7 @@ impl FromStr for Precision {
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
         })
@@ -195,7 +202,7 @@ pub struct Config {
     pub schedule: Schedule,
     #[serde(default)]
     pub augment: Augment,
-    /// f32 or bf16 (mixed: f32 master weights), for models that support it (the ResNets).
+    /// auto, f32 or bf16 (mixed: f32 master weights), for models that support it (the ResNets).
     #[serde(default)]
     pub precision: Precision,
 }
@@ -461,6 +468,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn auto_precision_is_bf16_only_for_mixed_precision_models_on_cuda() {
+        use candle_core::DType::{BF16, F32};
+        let cases = [
+            (Precision::Auto, true, true, BF16),
+            (Precision::Auto, true, false, F32),
+            (Precision::Auto, false, true, F32),
+            (Precision::F32, true, true, F32),
+            (Precision::Bf16, true, false, BF16),
+        ];
+        for (precision, mixed, cuda, want) in cases {
+            assert_eq!(
+                precision.activations(mixed, cuda),
+                want,
+                "{precision} mixed {mixed} cuda {cuda}"
+            );
+        }
+        assert_eq!("AUTO".parse::<Precision>().unwrap(), Precision::Auto);
+        assert_eq!(Precision::default().to_string(), "auto");
     }
 
     #[test]

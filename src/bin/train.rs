@@ -176,9 +176,10 @@ struct Cli {
     #[arg(long, value_name = "S", help_heading = "Hyper-parameters")]
     backbone_lr_scale: Option<f64>,
 
-    /// f32, or bf16: activations and convolutions in bf16 with f32 master weights, optimizer
-    /// state and BatchNorm statistics (the ResNets; for CUDA, where tensor cores run it)
-    /// [default: the config's precision, f32]
+    /// auto, f32 or bf16: bf16 runs activations and convolutions in bf16 with f32 master
+    /// weights, optimizer state and BatchNorm statistics (the ResNets; for CUDA, where tensor
+    /// cores run it); auto is bf16 for the ResNets on CUDA and f32 otherwise
+    /// [default: the config's precision, auto]
     #[arg(long, value_name = "P", help_heading = "Hyper-parameters")]
     precision: Option<Precision>,
 

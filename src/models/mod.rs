@@ -34,8 +34,8 @@ pub struct ModelSpec {
     pub task: Task,
     /// `stem` and `width` shape the network (ResNets); others ignore them.
     pub has_stem: bool,
-    /// Trains in bf16 with f32 master weights when asked (`precision = "bf16"`): its layers
-    /// take activations of the input's type. Others train in f32 only.
+    /// Trains in bf16 with f32 master weights when asked (`precision = "bf16"`, or `auto` on
+    /// CUDA): its layers take activations of the input's type. Others train in f32 only.
     pub mixed_precision: bool,
     /// The model's `configs/<name>.toml`, built in so the binary works from any directory.
     pub default_config: &'static str,

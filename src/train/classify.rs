@@ -74,13 +74,13 @@ pub fn run(
 ) -> Result<Ended> {
     let arch = architecture(config, &data)?;
     config.augment.validate(arch.image_size)?;
-    if config.precision != Precision::F32 && !spec.mixed_precision {
+    if config.precision == Precision::Bf16 && !spec.mixed_precision {
         return Err(Error::InvalidSetting(format!(
             "precision {} is for the ResNets; {} trains in f32 (use --precision f32)",
             config.precision, spec.name
         )));
     }
-    if config.precision != Precision::F32 && device.is_cpu() {
+    if config.precision == Precision::Bf16 && device.is_cpu() {
         tracing::warn!(
             "precision {} on the CPU runs candle's generic operations, slower than kiln's f32 kernels",
             config.precision
@@ -216,6 +216,9 @@ pub fn run(
             model: built.module.as_ref(),
             state: &built.params,
             optimizer: optimizer.as_mut(),
+            input_dtype: config
+                .precision
+                .activations(spec.mixed_precision, device.is_cuda()),
         },
         &Data {
             train: &train,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::ModuleT;
 
 use super::{rng, Stream};
@@ -106,6 +106,8 @@ pub struct Trainee<'a> {
     pub model: &'a dyn ModuleT,
     pub state: &'a ParamStore,
     pub optimizer: &'a mut dyn Optimizer,
+    /// The type the model takes its images in: the run's precision, resolved for the device.
+    pub input_dtype: DType,
 }
 
 /// The data a run reads, where it trains.
@@ -142,6 +144,7 @@ pub fn fit(
         model,
         state,
         optimizer,
+        input_dtype,
     } = trainee;
     if progress.epochs_done >= config.epochs {
         return Ok(Outcome::AlreadyDone {
@@ -199,7 +202,7 @@ pub fn fit(
             })?;
             let (logits, loss) = phases.time(Phase::Forward, || {
                 // Data needs no gradient: the cast (a no-op in f32) starts the graph.
-                let images = images.to_dtype(config.precision.dtype())?;
+                let images = images.to_dtype(input_dtype)?;
                 let logits = model.forward_t(&images, true)?;
                 let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
                 Ok((logits, loss))

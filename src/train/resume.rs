@@ -136,11 +136,11 @@ mod tests {
     }
 
     /// Weights and optimizer state are f32 in either precision, so a run may switch; a run
-    /// saved before the key existed reads as f32.
+    /// saved before the key existed reads as auto (the device decides, as for a new run).
     #[test]
-    fn precision_may_change_on_resume_and_defaults_to_f32() {
+    fn precision_may_change_on_resume_and_defaults_to_auto() {
         let (_, saved) = resolve(Some("resnet18"), None, &Overrides::default()).unwrap();
-        assert_eq!(saved.precision, Precision::F32);
+        assert_eq!(saved.precision, Precision::Auto);
         let bf16 = saved
             .clone()
             .apply(&Overrides {
@@ -149,7 +149,7 @@ mod tests {
             })
             .unwrap();
         let notes = reconcile(&saved, &bf16).unwrap();
-        assert!(notes == ["precision \"f32\" -> \"bf16\""], "{notes:?}");
+        assert!(notes == ["precision \"auto\" -> \"bf16\""], "{notes:?}");
         let older: String = saved
             .to_toml()
             .lines()
@@ -157,6 +157,6 @@ mod tests {
             .map(|line| format!("{line}\n"))
             .collect();
         let parsed = Config::parse(&older, std::path::Path::new("old.toml")).unwrap();
-        assert_eq!(parsed.precision, Precision::F32);
+        assert_eq!(parsed.precision, Precision::Auto);
     }
 }
