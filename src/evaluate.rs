@@ -219,15 +219,46 @@ fn recorded_architecture(
     Architecture::new(num_classes, size, stem, width).map_err(|e| e.to_string())
 }
 
+/// The logits of `images` [N, C, H, W] averaged over test-time views, as airbench's
+/// `tta_level=2` takes them: the image and its mirror image, half each; then the same pair
+/// shifted one pixel up-left and one down-right (the border reflected), the unshifted pair
+/// weighing one half and each shifted pair a quarter. Six forward passes per batch.
+pub fn tta_logits(model: &dyn ModuleT, images: &Tensor) -> Result<Tensor> {
+    let (h, w) = (images.dim(2)?, images.dim(3)?);
+    if h < 2 || w < 2 {
+        return Err(Error::InvalidSetting(format!(
+            "test-time augmentation shifts images by a reflected pixel: {h}x{w} is too small"
+        )));
+    }
+    let mirrored = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let plain = model.forward_t(x, false)?.detach();
+        let flipped = model.forward_t(&x.flip(&[3])?, false)?.detach();
+        (plain + flipped)?.affine(0.5, 0.0)
+    };
+    // Reflection by one pixel: row 1 above row 0, row H-2 below row H-1 (and so for columns).
+    let mut padded = images.clone();
+    for (dim, len) in [(2, h), (3, w)] {
+        let before = padded.narrow(dim, 1, 1)?;
+        let after = padded.narrow(dim, len - 2, 1)?;
+        padded = Tensor::cat(&[&before, &padded, &after], dim)?;
+    }
+    let up_left = padded.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()?;
+    let down_right = padded.narrow(2, 2, h)?.narrow(3, 2, w)?.contiguous()?;
+    let centre = mirrored(images)?.affine(0.5, 0.0)?;
+    let shifted = (mirrored(&up_left)? + mirrored(&down_right)?)?.affine(0.25, 0.0)?;
+    Ok((centre + shifted)?)
+}
+
 /// Runs `model` (in evaluation mode) over every image of `set` in batches of `batch_size`,
-/// written into `buffer`; labels are in 0..num_classes. The sums stay on the device until the
-/// end: one read, not one per batch.
+/// written into `buffer`; labels are in 0..num_classes; with `tta`, on [`tta_logits`]' views.
+/// The sums stay on the device until the end: one read, not one per batch.
 pub fn evaluate(
     model: &dyn ModuleT,
     set: &DeviceSet,
     batch_size: usize,
     buffer: &mut BatchBuffer,
     num_classes: usize,
+    tta: bool,
 ) -> Result<Evaluation> {
     let mut confusion = vec![vec![0u64; num_classes]; num_classes];
     if set.is_empty() {
@@ -242,7 +273,11 @@ pub fn evaluate(
     for range in batch_ranges(set.len(), batch_size) {
         let n = range.len() as f64;
         let (images, labels) = set.batch(&order, range, buffer, None)?;
-        let logits = model.forward_t(&images, false)?.detach();
+        let logits = if tta {
+            tta_logits(model, &images)?
+        } else {
+            model.forward_t(&images, false)?.detach()
+        };
         let loss = (cross_entropy(&logits, &labels, 0.0)? * n)?;
         loss_sum = Some(match loss_sum {
             Some(sum) => (sum + loss)?,
@@ -289,7 +324,15 @@ mod tests {
     fn confusion_accuracy_and_loss_of_a_constant_model() {
         let set = crate::data::synthetic::generate(30, 0);
         let set = DeviceSet::new(set, crate::data::ChannelStats::CIFAR10, &Device::Cpu).unwrap();
-        let eval = evaluate(&AlwaysThree, &set, 7, &mut BatchBuffer::default(), 10).unwrap();
+        let eval = evaluate(
+            &AlwaysThree,
+            &set,
+            7,
+            &mut BatchBuffer::default(),
+            10,
+            false,
+        )
+        .unwrap();
         assert_eq!(eval.total(), 30);
         assert!(
             (eval.accuracy() - 0.1).abs() < 1e-12,
@@ -306,5 +349,81 @@ mod tests {
             "{} vs {expected}",
             eval.loss
         );
+    }
+
+    /// Reads four pixels of each image as its "logits", so the averaged views can be checked
+    /// one by one.
+    struct Probe;
+    impl candle_nn::Module for Probe {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let (_, _, h, w) = x.dims4()?;
+            let at = |c: usize, y: usize, x_: usize| {
+                x.narrow(1, c, 1)?
+                    .narrow(2, y, 1)?
+                    .narrow(3, x_, 1)?
+                    .flatten_from(1)
+            };
+            Tensor::cat(
+                &[
+                    at(0, 0, 0)?,
+                    at(0, 0, w - 1)?,
+                    at(1, h - 1, 1)?,
+                    at(2, 1, 2)?,
+                ],
+                1,
+            )
+        }
+    }
+
+    #[test]
+    fn test_time_augmentation_averages_mirrored_and_shifted_views() {
+        let (n, c, h, w) = (2, 3, 4, 5);
+        let values: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 37) % 101) as f32)
+            .collect();
+        let images = Tensor::from_vec(values.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+        let got = tta_logits(&Probe, &images)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(got.len(), n);
+        // The same views built by hand: pixel (y, x) of a view reads the image at (y + dy,
+        // x + dx), reflected at the border, mirrored first where asked.
+        let reflect = |i: isize, len: usize| -> usize {
+            let len = len as isize;
+            (if i < 0 {
+                -i
+            } else if i >= len {
+                2 * len - 2 - i
+            } else {
+                i
+            }) as usize
+        };
+        let pixel =
+            |img: usize, ch: usize, y: usize, x: usize, (dy, dx): (isize, isize), flip: bool| {
+                let x = if flip { w - 1 - x } else { x };
+                let (y, x) = (reflect(y as isize + dy, h), reflect(x as isize + dx, w));
+                values[((img * c + ch) * h + y) * w + x]
+            };
+        let probes = [(0, 0, 0), (0, 0, w - 1), (1, h - 1, 1), (2, 1, 2)];
+        let views = [((0, 0), 0.25), ((-1, -1), 0.125), ((1, 1), 0.125)];
+        for (img, row) in got.iter().enumerate() {
+            for (k, &(ch, y, x)) in probes.iter().enumerate() {
+                let want: f32 = views
+                    .iter()
+                    .flat_map(|&(shift, weight)| {
+                        [false, true].map(|flip| weight * pixel(img, ch, y, x, shift, flip))
+                    })
+                    .sum();
+                assert!(
+                    (row[k] - want).abs() < 1e-3,
+                    "image {img} probe {k}: {} vs {want}",
+                    row[k]
+                );
+            }
+        }
+        // A single row or column has no pixel to reflect.
+        let thin = Tensor::zeros((1, 3, 1, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(tta_logits(&Probe, &thin).is_err());
     }
 }

@@ -80,7 +80,29 @@ fn evaluate_reproduces_the_accuracy_training_recorded() {
         let confusion: Vec<Vec<u64>> = serde_json::from_value(report["confusion"].clone()).unwrap();
         assert_eq!(confusion.iter().flatten().sum::<u64>(), 200);
         assert_eq!(report["per_class"].as_object().unwrap().len(), 10);
+        assert_eq!(report["tta"], false);
     }
+
+    // Test-time augmentation evaluates every image once, through other views than training's.
+    let report = evaluate_json(
+        root.path(),
+        &[
+            "--checkpoint",
+            &best,
+            "--data-dir",
+            &data,
+            "--device",
+            "cpu",
+            "--tta",
+            "--json",
+        ],
+    );
+    assert_eq!(report["tta"], true);
+    assert_eq!(report["images"], 200);
+    assert!(
+        (report["loss"].as_f64().unwrap() - loss[best_epoch]).abs() > 1e-6,
+        "the views changed nothing: {report}"
+    );
 
     let out = run(
         "evaluate",

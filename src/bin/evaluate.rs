@@ -23,6 +23,7 @@ const EXAMPLES: &str = "\
 Examples:
   evaluate --checkpoint models/simplecnn/best.safetensors
   evaluate --checkpoint models/simplecnn/checkpoints/epoch-0004.safetensors --json
+  evaluate --checkpoint models/resnet18/best.safetensors --tta
   evaluate --checkpoint from_pytorch.safetensors --model simplecnn --device cpu
   evaluate --checkpoint models/pets/best.safetensors --data-dir other-photos --dataset folder";
 
@@ -54,6 +55,11 @@ struct Cli {
     /// Images per evaluation batch
     #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
+
+    /// Test-time augmentation: average each image's logits over its mirror image and one-pixel
+    /// shifts (airbench's views; six forward passes per image)
+    #[arg(long)]
+    tta: bool,
 
     /// Print one JSON object (accuracy, loss, per_class, confusion, ...) instead of tables
     #[arg(long)]
@@ -124,6 +130,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         cli.batch_size as usize,
         &mut buffer,
         classes.len(),
+        cli.tta,
     )?;
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli
@@ -145,6 +152,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             "epoch": loaded.epoch,
             "device": device::describe(&device),
             "images": eval.total(),
+            "tta": cli.tta,
             "loss": eval.loss,
             "accuracy": eval.accuracy(),
             "per_class": per_class,
@@ -159,7 +167,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .epoch
             .map(|e| format!(", epoch {e}"))
             .unwrap_or_default();
-        println!("{} ({}{epoch})", cli.checkpoint.display(), loaded.spec.name);
+        let views = if cli.tta {
+            ", test-time augmentation: mirror and one-pixel shifts"
+        } else {
+            ""
+        };
+        println!(
+            "{} ({}{epoch}{views})",
+            cli.checkpoint.display(),
+            loaded.spec.name
+        );
         println!("{}", report(&eval, &classes));
         println!("\nconfusion matrix drawn to {}", picture.display());
     }

@@ -252,6 +252,7 @@ pub fn fit(
                 config.eval_batch_size,
                 &mut test_buffer,
                 data.num_classes,
+                false,
             )
         })?;
         let record = EpochRecord {
