@@ -175,10 +175,10 @@ fn kernel_sizes(
     layout: &Layout,
     format: MemoryFormat,
 ) -> candle_core::Result<(usize, usize, usize)> {
-    let (a, b, c, d) = layout.shape().dims4()?;
+    let (n, c, h, w) = format.to_nchw_order(layout.shape().dims4()?);
     Ok(match format {
-        MemoryFormat::ChannelsFirst => (a, b, c * d),
-        MemoryFormat::ChannelsLast => (a * b * c, d, 1),
+        MemoryFormat::ChannelsFirst => (n, c, h * w),
+        MemoryFormat::ChannelsLast => (n * h * w, c, 1),
     })
 }
 

@@ -67,14 +67,30 @@ impl MemoryFormat {
     }
 
     /// `(n, c, h, w)` of a 4-D activation in this format.
-    pub fn nchw_dims(self, x: &Tensor) -> candle_core::Result<(usize, usize, usize, usize)> {
-        let (a, b, c, d) = x.dims4()?;
-        Ok(match self {
+    pub fn nchw_dims(self, x: &Tensor) -> candle_core::Result<Dims4> {
+        Ok(self.to_nchw_order(x.dims4()?))
+    }
+
+    /// The dimensions of a 4-D tensor in this format, in (n, c, h, w) order; weights
+    /// ([CO, C, KH, KW], or [CO, KH, KW, C] channels last) permute alike.
+    pub fn to_nchw_order(self, (a, b, c, d): Dims4) -> Dims4 {
+        match self {
             Self::ChannelsFirst => (a, b, c, d),
             Self::ChannelsLast => (a, d, b, c),
-        })
+        }
+    }
+
+    /// The inverse: a tensor's dimensions in this format from (n, c, h, w).
+    pub fn from_nchw_order(self, (n, c, h, w): Dims4) -> Dims4 {
+        match self {
+            Self::ChannelsFirst => (n, c, h, w),
+            Self::ChannelsLast => (n, h, w, c),
+        }
     }
 }
+
+/// Four dimensions of a 4-D tensor.
+pub type Dims4 = (usize, usize, usize, usize);
 
 #[cfg(test)]
 mod tests {
@@ -90,6 +106,7 @@ mod tests {
         let nhwc = last.from_nchw(&x).unwrap();
         assert_eq!(nhwc.dims(), [2, 4, 5, 3]);
         assert_eq!(last.nchw_dims(&nhwc).unwrap(), (2, 3, 4, 5));
+        assert_eq!(last.from_nchw_order((2, 3, 4, 5)), (2, 4, 5, 3));
         // Element (n=1, c=2, h=3, w=4) sits at [1, 3, 4, 2] channels last.
         let v = |t: &Tensor, i: [usize; 4]| {
             t.get(i[0])

@@ -31,6 +31,7 @@ use cudarc::cudnn::{
 use super::cpu::Geometry;
 use super::ConvParams;
 use crate::ops::cuda::int;
+use crate::ops::memory_format::Dims4;
 use crate::ops::MemoryFormat;
 
 /// The most workspace an algorithm may ask for and still be tried.
@@ -73,32 +74,9 @@ pub(super) fn conv2d(
         .apply_op2(&weight.contiguous()?, Conv2dOp { p, format })
 }
 
-/// (n, c, h, w) of an activation in `format`.
-fn activation_dims(
-    layout: &Layout,
-    format: MemoryFormat,
-) -> candle_core::Result<(usize, usize, usize, usize)> {
-    let (a, b, c, d) = layout.shape().dims4()?;
-    Ok(match format {
-        MemoryFormat::ChannelsFirst => (a, b, c, d),
-        MemoryFormat::ChannelsLast => (a, d, b, c),
-    })
-}
-
-/// (co, c, kh, kw) of a weight in `format`: the same permutation as an activation's.
-fn kernel_dims(
-    layout: &Layout,
-    format: MemoryFormat,
-) -> candle_core::Result<(usize, usize, usize, usize)> {
-    activation_dims(layout, format)
-}
-
-/// The shape in `format` of an activation (or weight) of logical dims (n, c, h, w).
-fn shape_in(format: MemoryFormat, (n, c, h, w): (usize, usize, usize, usize)) -> Shape {
-    match format {
-        MemoryFormat::ChannelsFirst => Shape::from((n, c, h, w)),
-        MemoryFormat::ChannelsLast => Shape::from((n, h, w, c)),
-    }
+/// (n, c, h, w) of an operand in `format` (for a weight: (co, c, kh, kw)).
+fn nchw(layout: &Layout, format: MemoryFormat) -> candle_core::Result<Dims4> {
+    Ok(format.to_nchw_order(layout.shape().dims4()?))
 }
 
 /// y = conv(x, w); its backward runs the other two directions.
@@ -130,9 +108,9 @@ impl CustomOp2 for Conv2dOp {
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let f = self.format;
-        let g = Geometry::new(activation_dims(xl, f)?, kernel_dims(wl, f)?, self.p)?;
+        let g = Geometry::new(nchw(xl, f)?, nchw(wl, f)?, self.p)?;
         let y = run(Direction::Forward, g, f, xs, xl, ws, wl)?;
-        Ok((y, shape_in(f, (g.n, g.co, g.oh, g.ow))))
+        Ok((y, f.from_nchw_order((g.n, g.co, g.oh, g.ow)).into()))
     }
 
     fn bwd(
@@ -149,7 +127,7 @@ impl CustomOp2 for Conv2dOp {
             let op = DataGrad {
                 p: self.p,
                 format,
-                input: activation_dims(x.layout(), format)?,
+                input: nchw(x.layout(), format)?,
             };
             Some(grad.apply_op2_no_bwd(weight, &op)?)
         } else {
@@ -159,7 +137,7 @@ impl CustomOp2 for Conv2dOp {
             let op = FilterGrad {
                 p: self.p,
                 format,
-                kernel: kernel_dims(weight.layout(), format)?,
+                kernel: nchw(weight.layout(), format)?,
             };
             Some(x.apply_op2_no_bwd(&grad, &op)?)
         } else {
@@ -174,7 +152,7 @@ struct DataGrad {
     p: ConvParams,
     format: MemoryFormat,
     /// (n, c, h, w)
-    input: (usize, usize, usize, usize),
+    input: Dims4,
 }
 
 impl CustomOp2 for DataGrad {
@@ -200,10 +178,10 @@ impl CustomOp2 for DataGrad {
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let f = self.format;
-        let g = Geometry::new(self.input, kernel_dims(wl, f)?, self.p)?;
+        let g = Geometry::new(self.input, nchw(wl, f)?, self.p)?;
         expect_dims(gl, f, (g.n, g.co, g.oh, g.ow), "output gradient")?;
         let dx = run(Direction::BackwardData, g, f, gs, gl, ws, wl)?;
-        Ok((dx, shape_in(f, self.input)))
+        Ok((dx, f.from_nchw_order(self.input).into()))
     }
 }
 
@@ -212,7 +190,7 @@ struct FilterGrad {
     p: ConvParams,
     format: MemoryFormat,
     /// (co, c, kh, kw)
-    kernel: (usize, usize, usize, usize),
+    kernel: Dims4,
 }
 
 impl CustomOp2 for FilterGrad {
@@ -238,10 +216,10 @@ impl CustomOp2 for FilterGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let f = self.format;
-        let g = Geometry::new(activation_dims(xl, f)?, self.kernel, self.p)?;
+        let g = Geometry::new(nchw(xl, f)?, self.kernel, self.p)?;
         expect_dims(gl, f, (g.n, g.co, g.oh, g.ow), "output gradient")?;
         let dw = run(Direction::BackwardFilter, g, f, xs, xl, gs, gl)?;
-        Ok((dw, shape_in(f, self.kernel)))
+        Ok((dw, f.from_nchw_order(self.kernel).into()))
     }
 }
 
@@ -249,10 +227,10 @@ impl CustomOp2 for FilterGrad {
 fn expect_dims(
     layout: &Layout,
     format: MemoryFormat,
-    dims: (usize, usize, usize, usize),
+    dims: Dims4,
     what: &str,
 ) -> candle_core::Result<()> {
-    let got = activation_dims(layout, format)?;
+    let got = nchw(layout, format)?;
     if got != dims {
         candle_core::bail!("kiln cuDNN conv2d: {what} is {got:?}, expected {dims:?}");
     }
