@@ -114,13 +114,8 @@ impl BatchNorm2d {
         } else {
             1.0
         };
-        let device = self.running_mean.device();
-        let blend = |running: &Var, batch: &Tensor, scale: f64| -> candle_core::Result<()> {
-            let batch = batch.to_device(device)?.affine(BN_MOMENTUM * scale, 0.0)?;
-            running.set(&(running.as_tensor().affine(1.0 - BN_MOMENTUM, 0.0)? + batch)?)
-        };
-        blend(&self.running_mean, &out.mean, 1.0)?;
-        blend(&self.running_var, &out.var, unbiased)?;
+        ops::batch_norm::blend_running(&self.running_mean, &out.mean, BN_MOMENTUM, 1.0)?;
+        ops::batch_norm::blend_running(&self.running_var, &out.var, BN_MOMENTUM, unbiased)?;
         let tracked = self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?;
         self.num_batches_tracked.set(&tracked)?;
         Ok(out.y)

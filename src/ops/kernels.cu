@@ -428,8 +428,9 @@ __device__ __forceinline__ void store(__nv_bfloat16* at, float v) { *at = __floa
 
 // BatchNorm's per-channel sums are split over `splits` blocks per channel (blockIdx.y), each
 // over a run of whole planes, so that every SM streams (one block per channel left most of the
-// GPU idle on ResNet's 64-channel stages); partials [2, C, splits] in double, added in split
-// order by a finishing kernel, so the result is the same every run.
+// GPU idle on ResNet's 64-channel stages); partials [2, splits, C] in double (channels
+// innermost, so that the finishing kernel's reads coalesce), added in a fixed order by a
+// finishing kernel, so the result is the same every run.
 
 // The planes split `split` of `splits` covers, of `n`.
 __device__ int2 bn_planes(int n, int split, int splits) {
@@ -453,22 +454,59 @@ __device__ void bn_stats_partial(const T* x, int n, int c, int hw, double* parti
     sum = block_sum_d(sum, scratch);
     squares = block_sum_d(squares, scratch);
     if (threadIdx.x == 0) {
-        partials[(size_t)ch * splits + split] = sum;
-        partials[((size_t)c + ch) * splits + split] = squares;
+        partials[(size_t)split * c + ch] = sum;
+        partials[((size_t)splits + split) * c + ch] = squares;
     }
+}
+
+// Channel groups: the channels-last partial sums and the finishing kernels give a block
+// NHWC_CHANNELS channels (a warp across them) and NHWC_ROWS lanes of rows (or splits) each.
+#define NHWC_CHANNELS 32
+#define NHWC_ROWS (BLOCK / NHWC_CHANNELS)
+
+// Adds each channel's NHWC_ROWS lane values `a` and `b` in lane order; true (with the totals)
+// in lane 0 of a channel that exists. Every thread of the block must call it.
+__device__ bool bn_lane_totals(double a, double b, int c, double* ta, double* tb) {
+    __shared__ double as[BLOCK], bs[BLOCK];
+    int lane = threadIdx.x % NHWC_CHANNELS, row = threadIdx.x / NHWC_CHANNELS;
+    int ch = blockIdx.x * NHWC_CHANNELS + lane;
+    as[threadIdx.x] = a;
+    bs[threadIdx.x] = b;
+    __syncthreads();
+    if (row != 0 || ch >= c) return false;
+    double sa = 0.0, sb = 0.0;
+    for (int r = 0; r < NHWC_ROWS; r++) {
+        sa += as[r * NHWC_CHANNELS + lane];
+        sb += bs[r * NHWC_CHANNELS + lane];
+    }
+    *ta = sa;
+    *tb = sb;
+    return true;
+}
+
+// Both sums of the block's channels over the splits of `partials` [2, splits, C]: lane r adds
+// splits r, r + NHWC_ROWS, ... in order, then the lanes are added in order. One thread per
+// channel summing every split serially took 85 us a layer on an H100 (1,024 splits).
+__device__ bool bn_split_totals(const double* partials, int c, int splits, double* ta,
+                                double* tb) {
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    double a = 0.0, b = 0.0;
+    if (ch < c) {
+        for (int s = threadIdx.x / NHWC_CHANNELS; s < splits; s += NHWC_ROWS) {
+            a += partials[(size_t)s * c + ch];
+            b += partials[((size_t)splits + s) * c + ch];
+        }
+    }
+    return bn_lane_totals(a, b, c, ta, tb);
 }
 
 // stats [3, C]: each channel's mean, biased variance and 1 / sqrt(variance + eps), from the
 // partial sums (double, as the CPU kernel and PyTorch's CPU kernel accumulate).
 extern "C" __global__ void bn_stats_finish(const double* partials, int c, int splits, double count,
                                            float eps, float* stats) {
-    int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
-    double sum = 0.0, squares = 0.0;
-    for (int s = 0; s < splits; s++) {
-        sum += partials[(size_t)ch * splits + s];
-        squares += partials[((size_t)c + ch) * splits + s];
-    }
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    double sum, squares;
+    if (!bn_split_totals(partials, c, splits, &sum, &squares)) return;
     double mean = sum / count;
     double var = fmax(squares / count - mean * mean, 0.0);
     stats[ch] = (float)mean;
@@ -482,17 +520,94 @@ __device__ float2 bn_affine(float mean, float inv_std, float gamma, float beta) 
     return make_float2(scale, __fsub_rn(beta, __fmul_rn(mean, scale)));
 }
 
+// Eight consecutive values as f32, read and written in 16-byte accesses (the address aligned to
+// 8 elements): the elementwise kernels below move bf16 two bytes per thread otherwise, and ran at
+// half of what PyTorch's vectorised kernels reach.
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    for (int k = 0; k < 4; k++) {
+        float2 f = __bfloat1622float2(h[k]);
+        v[2 * k] = f.x;
+        v[2 * k + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// The elementwise kernels take `vec8` where every operand is aligned to 8 elements and a run of
+// 8 never crosses a channel boundary the wrong way: channels first, planes of a multiple of 8
+// (one channel per run); channels last (hw = 1), a multiple of 8 channels (channels ch..ch+7).
+// Indices are 32-bit where the tensor allows (64-bit division and remainder cost more than
+// the arithmetic).
+// The width W (8 or 1) and index type I of the instance `call` names.
+#define BY_SHAPE(total, vec8, call)                                   \
+    if ((total) <= 0xffffffffull) {                                   \
+        typedef unsigned I;                                           \
+        if (vec8) {                                                   \
+            const int W = 8;                                          \
+            call;                                                     \
+        } else {                                                      \
+            const int W = 1;                                          \
+            call;                                                     \
+        }                                                             \
+    } else {                                                          \
+        typedef size_t I;                                             \
+        if (vec8) {                                                   \
+            const int W = 8;                                          \
+            call;                                                     \
+        } else {                                                      \
+            const int W = 1;                                          \
+            call;                                                     \
+        }                                                             \
+    }
+
+// W values at `p` as f32, and back.
+template <int W, typename T> __device__ __forceinline__ void load_w(const T* p, float* v) {
+    if constexpr (W == 8) load8(p, v); else v[0] = load(*p);
+}
+template <int W, typename T> __device__ __forceinline__ void store_w(T* p, const float* v) {
+    if constexpr (W == 8) store8(p, v); else store(p, v[0]);
+}
+
 // y = relu?(x * scale + shift), from bn_stats_finish's [3, C] and the layer's gamma and beta.
+template <typename T, typename I, int W>
+__device__ void bn_apply_run(const T* x, const float* stats, const float* gamma, const float* beta,
+                             int c, int hw, I total, int relu, T* y) {
+    I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    for (I g = first; g < total / W; g += step) {
+        I i = g * W;
+        int ch = (int)((i / (I)hw) % (I)c);
+        float v[W];
+        load_w<W>(x + i, v);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            int at = hw == 1 ? ch + k : ch;
+            float2 a = bn_affine(stats[at], stats[2 * c + at], gamma[at], beta[at]);
+            float o = __fadd_rn(__fmul_rn(v[k], a.x), a.y);
+            v[k] = relu ? fmaxf(o, 0.0f) : o;
+        }
+        store_w<W>(y + i, v);
+    }
+}
+
 template <typename T>
 __device__ void bn_apply(const T* x, const float* stats, const float* gamma, const float* beta,
-                         int c, int hw, size_t total, int relu, T* y) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        int ch = (i / hw) % c;
-        float2 a = bn_affine(stats[ch], stats[2 * c + ch], gamma[ch], beta[ch]);
-        float v = __fadd_rn(__fmul_rn(load(x[i]), a.x), a.y);
-        store(&y[i], relu ? fmaxf(v, 0.0f) : v);
-    }
+                         int c, int hw, size_t total, int relu, int vec8, T* y) {
+    BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, stats, gamma, beta, c, hw, (I)total, relu, y)))
 }
 
 // The upstream gradient through the fused ReLU, which passed where x * scale + shift > 0.
@@ -523,48 +638,34 @@ __device__ void bn_grad_partial(const T* x, const T* grad, const float* figures,
     dot = block_sum_d(dot, scratch);
     total = block_sum_d(total, scratch);
     if (threadIdx.x == 0) {
-        partials[(size_t)ch * splits + split] = dot;
-        partials[((size_t)c + ch) * splits + split] = total;
+        partials[(size_t)split * c + ch] = dot;
+        partials[((size_t)splits + split) * c + ch] = total;
     }
 }
 
 // sums [2, C]: sum(g * x_hat) (dgamma) and sum(g) (dbeta), from the partials; figures as above.
 extern "C" __global__ void bn_grad_finish(const double* partials, const float* figures, int c,
                                           int splits, float* sums) {
-    int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
-    double dot = 0.0, total = 0.0;
-    for (int s = 0; s < splits; s++) {
-        dot += partials[(size_t)ch * splits + s];
-        total += partials[((size_t)c + ch) * splits + s];
-    }
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    double dot, total;
+    if (!bn_split_totals(partials, c, splits, &dot, &total)) return;
     sums[ch] = (float)(dot * figures[c + ch]);
     sums[c + ch] = (float)total;
 }
 
 // Channels last, [rows, C] (rows = N*H*W, the launch's `n`; `hw` is 1): block (group, split)
-// sums NHWC_CHANNELS channels over a run of rows, a warp across the channels of BLOCK /
-// NHWC_CHANNELS rows at a time, so that each warp reads a run of a row; then the rows' lanes
-// are added in order. Partials as above.
-#define NHWC_CHANNELS 32
-#define NHWC_ROWS (BLOCK / NHWC_CHANNELS)
+// sums NHWC_CHANNELS channels over a run of rows, a warp across the channels of NHWC_ROWS rows
+// at a time, so that each warp reads a run of a row; then the rows' lanes are added in order.
+// Partials as above.
 
-// Adds each channel's NHWC_ROWS lane sums (in lane order) and writes the block's partials.
-__device__ void bn_nhwc_finish_block(double a, double b, int c, double* partials) {
-    __shared__ double as[BLOCK], bs[BLOCK];
-    int lane = threadIdx.x % NHWC_CHANNELS, row = threadIdx.x / NHWC_CHANNELS;
-    int ch = blockIdx.x * NHWC_CHANNELS + lane, split = blockIdx.y, splits = gridDim.y;
-    as[threadIdx.x] = a;
-    bs[threadIdx.x] = b;
-    __syncthreads();
-    if (row != 0 || ch >= c) return;
-    double sa = 0.0, sb = 0.0;
-    for (int r = 0; r < NHWC_ROWS; r++) {
-        sa += as[r * NHWC_CHANNELS + lane];
-        sb += bs[r * NHWC_CHANNELS + lane];
-    }
-    partials[(size_t)ch * splits + split] = sa;
-    partials[((size_t)c + ch) * splits + split] = sb;
+// Writes the block's partials from its lanes' sums.
+__device__ void bn_nhwc_partials(double a, double b, int c, double* partials) {
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    int split = blockIdx.y, splits = gridDim.y;
+    double sa, sb;
+    if (!bn_lane_totals(a, b, c, &sa, &sb)) return;
+    partials[(size_t)split * c + ch] = sa;
+    partials[((size_t)splits + split) * c + ch] = sb;
 }
 
 template <typename T>
@@ -579,7 +680,7 @@ __device__ void bn_stats_partial_nhwc(const T* x, int rows, int c, double* parti
             squares += v * v;
         }
     }
-    bn_nhwc_finish_block(sum, squares, c, partials);
+    bn_nhwc_partials(sum, squares, c, partials);
 }
 
 template <typename T>
@@ -599,41 +700,71 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* fig
             dot += g * ((double)v - (double)mean);
         }
     }
-    bn_nhwc_finish_block(dot, total, c, partials);
+    bn_nhwc_partials(dot, total, c, partials);
 }
 
 // dx = scale * (g - dbeta / M - x_hat * dgamma / M); figures [6, C] = mean; inv_std; gamma;
 // beta; dgamma; dbeta.
-template <typename T>
-__device__ void bn_input_grad(const T* x, const T* grad, const float* f, int n, int c, int hw,
-                              size_t total, int relu, T* dx) {
+template <typename T, typename I, int W>
+__device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int n, int c, int hw,
+                                  I total, int relu, T* dx) {
     float m = (float)((size_t)n * hw);
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        int ch = (i / hw) % c;
-        float mean = f[ch], inv_std = f[c + ch];
-        float2 a = bn_affine(mean, inv_std, f[2 * c + ch], f[3 * c + ch]);
-        float v = load(x[i]);
-        float g = bn_gated(relu, load(grad[i]), v, a);
-        float x_hat = __fmul_rn(__fsub_rn(v, mean), inv_std);
-        float rest = __fsub_rn(__fsub_rn(g, f[5 * c + ch] / m), __fmul_rn(x_hat, f[4 * c + ch] / m));
-        store(&dx[i], __fmul_rn(a.x, rest));
+    I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    for (I g = first; g < total / W; g += step) {
+        I i = g * W;
+        int ch = (int)((i / (I)hw) % (I)c);
+        float v[W], gv[W];
+        load_w<W>(x + i, v);
+        load_w<W>(grad + i, gv);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            int at = hw == 1 ? ch + k : ch;
+            float mean = f[at], inv_std = f[c + at];
+            float2 a = bn_affine(mean, inv_std, f[2 * c + at], f[3 * c + at]);
+            float g = bn_gated(relu, gv[k], v[k], a);
+            float x_hat = __fmul_rn(__fsub_rn(v[k], mean), inv_std);
+            float rest = __fsub_rn(__fsub_rn(g, f[5 * c + at] / m), __fmul_rn(x_hat, f[4 * c + at] / m));
+            v[k] = __fmul_rn(a.x, rest);
+        }
+        store_w<W>(dx + i, v);
     }
 }
 
-// relu(a + b), and the gradient where the output is positive.
 template <typename T>
-__device__ void add_relu_fwd(const T* a, const T* b, size_t total, T* y) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x)
-        store(&y[i], fmaxf(load(a[i]) + load(b[i]), 0.0f));
+__device__ void bn_input_grad(const T* x, const T* grad, const float* f, int n, int c, int hw,
+                              size_t total, int relu, int vec8, T* dx) {
+    BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, n, c, hw, (I)total, relu, dx)))
+}
+
+// Two same-sized operands, elementwise: relu(a + b) (`gate` 0), or a where b > 0 (`gate` 1: the
+// ReLU's gradient `a` read from its output `b`).
+template <typename T, typename I, int W>
+__device__ void pair_run(const T* a, const T* b, I total, int gate, T* out) {
+    I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    for (I g = first; g < total / W; g += step) {
+        I i = g * W;
+        float va[W], vb[W];
+        load_w<W>(a + i, va);
+        load_w<W>(b + i, vb);
+#pragma unroll
+        for (int k = 0; k < W; k++)
+            va[k] = gate ? (vb[k] > 0.0f ? va[k] : 0.0f) : fmaxf(va[k] + vb[k], 0.0f);
+        store_w<W>(out + i, va);
+    }
 }
 
 template <typename T>
-__device__ void relu_gate(const T* grad, const T* y, size_t total, T* out) {
+__device__ void pair(const T* a, const T* b, size_t total, int gate, int vec8, T* out) {
+    BY_SHAPE(total, vec8, (pair_run<T, I, W>(a, b, (I)total, gate, out)))
+}
+
+// running = running * keep + batch * take (BatchNorm's running statistics, in place), both
+// products rounded then added, as candle's composition on the CPU computes it.
+extern "C" __global__ void bn_blend_running(float* running, const float* batch, size_t total,
+                                            float keep, float take) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
-        store(&out[i], load(y[i]) > 0.0f ? load(grad[i]) : 0.0f);
+        running[i] = __fadd_rn(__fmul_rn(running[i], keep), __fmul_rn(batch[i], take));
 }
 
 // The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype).
@@ -653,8 +784,9 @@ __device__ void relu_gate(const T* grad, const T* y, size_t total, T* out) {
     }                                                                                          \
     extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats,               \
                                                  const float* gamma, const float* beta, int c, \
-                                                 int hw, size_t total, int relu, T* y) {       \
-        bn_apply(x, stats, gamma, beta, c, hw, total, relu, y);                                \
+                                                 int hw, size_t total, int relu, int vec8,     \
+                                                 T* y) {                                       \
+        bn_apply(x, stats, gamma, beta, c, hw, total, relu, vec8, y);                          \
     }                                                                                          \
     extern "C" __global__ void bn_grad_partial_##SUFFIX(const T* x, const T* grad,             \
                                                         const float* figures, int n, int c,    \
@@ -663,16 +795,16 @@ __device__ void relu_gate(const T* grad, const T* y, size_t total, T* out) {
     }                                                                                          \
     extern "C" __global__ void bn_input_grad_##SUFFIX(const T* x, const T* grad, const float* f, \
                                                       int n, int c, int hw, size_t total,      \
-                                                      int relu, T* dx) {                       \
-        bn_input_grad(x, grad, f, n, c, hw, total, relu, dx);                                  \
+                                                      int relu, int vec8, T* dx) {             \
+        bn_input_grad(x, grad, f, n, c, hw, total, relu, vec8, dx);                            \
     }                                                                                          \
     extern "C" __global__ void add_relu_fwd_##SUFFIX(const T* a, const T* b, size_t total,     \
-                                                     T* y) {                                   \
-        add_relu_fwd(a, b, total, y);                                                          \
+                                                     int vec8, T* y) {                         \
+        pair(a, b, total, 0, vec8, y);                                                         \
     }                                                                                          \
     extern "C" __global__ void relu_gate_##SUFFIX(const T* grad, const T* y, size_t total,     \
-                                                  T* out) {                                    \
-        relu_gate(grad, y, total, out);                                                        \
+                                                  int vec8, T* out) {                          \
+        pair(grad, y, total, 1, vec8, out);                                                    \
     }
 
 BN_ENTRY_POINTS(float, f32)

@@ -7,14 +7,16 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKer
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout};
 
-use crate::ops::cuda::{int, kernel, kernel_for, output, per_item, view, KernelFloat, THREADS};
+use crate::ops::cuda::{
+    int, kernel, kernel_for, output, per_item, view, view_mut, KernelFloat, THREADS,
+};
 use crate::ops::MemoryFormat;
 
 /// (N, C, H*W); channels last as (N*H*W, C, 1) (see `kernel_sizes`).
 type Sizes = (usize, usize, usize);
 
-/// Channels a channels-last partial-sum block covers (NHWC_CHANNELS in kernels.cu): one warp's
-/// worth, so that a warp reads a run of each row.
+/// Channels a channels-last partial-sum block, or a finishing block, covers (NHWC_CHANNELS in
+/// kernels.cu): one warp's worth, so that a warp reads a run of each row.
 const NHWC_CHANNELS: usize = 32;
 
 /// The grid of a partial-sum kernel over data of `sizes` in `format`, and its splits: blocks
@@ -57,13 +59,27 @@ fn per_channel_split(c: usize, splits: usize) -> LaunchConfig {
     }
 }
 
-/// One thread per channel, for adding the splits' partial sums.
-fn per_channel_thread(c: usize) -> LaunchConfig {
+/// A block per group of channels, for adding the splits' partial sums (lanes of each channel
+/// over the splits, then the lanes in order).
+fn per_channel_group(c: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (c.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+        grid_dim: (c.div_ceil(NHWC_CHANNELS).max(1) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Whether the elementwise kernels may take eight values at a time (`vec8` in kernels.cu): every
+/// operand starts at a multiple of 8 elements, and a run of 8 stays in one channel's plane
+/// (channels first) or covers 8 channels of one pixel (channels last, `hw` 1).
+fn vec8((_, c, hw): Sizes, operands: &[&Layout]) -> bool {
+    let runs = if hw == 1 { c % 8 == 0 } else { hw % 8 == 0 };
+    runs && operands.iter().all(|l| l.start_offset() % 8 == 0)
+}
+
+/// The launch for `total` values, eight per thread where `vec8`.
+fn per_value(total: usize, vec8: bool) -> LaunchConfig {
+    per_item(if vec8 { total / 8 } else { total })
 }
 
 pub(super) fn stats<T: KernelFloat>(
@@ -101,8 +117,8 @@ pub(super) fn stats<T: KernelFloat>(
         .arg(&count)
         .arg(&eps)
         .arg(&stats);
-    // SAFETY: as above; thread ch reads its channel's partials and writes its three figures.
-    unsafe { launch.launch(per_channel_thread(c)) }.w()?;
+    // SAFETY: as above; block g reads its channels' partials and writes their three figures.
+    unsafe { launch.launch(per_channel_group(c)) }.w()?;
     Ok(stats)
 }
 
@@ -128,10 +144,12 @@ pub(super) fn apply<T: KernelFloat>(
     let y = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, "bn_apply")?;
     let stream = dev.cuda_stream();
-    let (c32, hw32, relu) = (
+    let wide = vec8((n, c, hw), &[xl]);
+    let (c32, hw32, relu, wide32) = (
         int(c, "batch_norm")?,
         int(hw, "batch_norm")?,
         i32::from(relu),
+        i32::from(wide),
     );
     let mut launch = stream.launch_builder(&func);
     launch
@@ -143,9 +161,11 @@ pub(super) fn apply<T: KernelFloat>(
         .arg(&hw32)
         .arg(&total)
         .arg(&relu)
+        .arg(&wide32)
         .arg(&y);
-    // SAFETY: as above; a grid-stride loop writes all `total` outputs.
-    unsafe { launch.launch(per_item(total)) }.w()?;
+    // SAFETY: as above; a grid-stride loop writes all `total` outputs (eight at a time where
+    // `vec8` allows it).
+    unsafe { launch.launch(per_value(total, wide)) }.w()?;
     Ok(y)
 }
 
@@ -199,8 +219,8 @@ pub(super) fn grad_sums<T: KernelFloat>(
         .arg(&c32)
         .arg(&splits32)
         .arg(&sums);
-    // SAFETY: as in `stats`: thread ch writes its channel's two sums.
-    unsafe { launch.launch(per_channel_thread(c)) }.w()?;
+    // SAFETY: as in `stats`: block g writes its channels' two sums.
+    unsafe { launch.launch(per_channel_group(c)) }.w()?;
     Ok(sums)
 }
 
@@ -230,7 +250,8 @@ pub(super) fn input_grad<T: KernelFloat>(
         int(c, "batch_norm")?,
         int(hw, "batch_norm")?,
     );
-    let relu = i32::from(relu);
+    let wide = vec8((n, c, hw), &[xl, gl]);
+    let (relu, wide32) = (i32::from(relu), i32::from(wide));
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
@@ -241,9 +262,10 @@ pub(super) fn input_grad<T: KernelFloat>(
         .arg(&hw32)
         .arg(&total)
         .arg(&relu)
+        .arg(&wide32)
         .arg(&dx);
     // SAFETY: as in `apply`.
-    unsafe { launch.launch(per_item(total)) }.w()?;
+    unsafe { launch.launch(per_value(total, wide)) }.w()?;
     Ok(dx)
 }
 
@@ -262,10 +284,47 @@ pub(super) fn elementwise<T: KernelFloat>(
     let out = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, name)?;
     let stream = dev.cuda_stream();
+    // Elementwise: one "plane" of every value, so eight at a time where the count allows.
+    let wide = vec8((1, 1, total), &[al, bl]);
+    let wide32 = i32::from(wide);
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&a).arg(&b).arg(&total).arg(&out);
+    launch.arg(&a).arg(&b).arg(&total).arg(&wide32).arg(&out);
     // SAFETY: both inputs hold `total` contiguous `T` values (same shapes, checked by the
     // callers); a grid-stride loop writes every output.
-    unsafe { launch.launch(per_item(total)) }.w()?;
+    unsafe { launch.launch(per_value(total, wide)) }.w()?;
     Ok(out)
+}
+
+/// `running = running * keep + batch * take`, in place (f32, `bn_blend_running`).
+pub(super) fn blend_running(
+    rs: &mut CudaStorage,
+    rl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    keep: f32,
+    take: f32,
+) -> candle_core::Result<()> {
+    let dev = rs.device.clone();
+    let batch = view::<f32>(bs, bl, "batch statistic")?;
+    let total = rl.shape().elem_count();
+    if batch.len() != total {
+        candle_core::bail!(
+            "batch_norm: {} batch statistics for {total} running ones",
+            batch.len()
+        );
+    }
+    let mut running = view_mut::<f32>(rs, rl, "running statistic")?;
+    let func = kernel(&dev, "bn_blend_running")?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch
+        .arg(&mut running)
+        .arg(&batch)
+        .arg(&total)
+        .arg(&keep)
+        .arg(&take);
+    // SAFETY: both hold `total` contiguous f32 values (checked above); a grid-stride loop
+    // updates each running value once.
+    unsafe { launch.launch(per_item(total)) }.w()?;
+    Ok(())
 }
