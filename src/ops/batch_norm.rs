@@ -205,8 +205,9 @@ impl InplaceOp2 for BlendRunning {
     }
 }
 
-/// What the forward pass keeps for the backward pass and the caller: [3, C] on the device,
-/// each channel's mean, biased variance and 1 / sqrt(variance + eps).
+/// What the forward pass keeps for the backward pass and the caller: [5, C] on the device,
+/// each channel's mean, biased variance, 1 / sqrt(variance + eps), and the scale and shift the
+/// output applied ([`affine`]; the backward pass gates the fused ReLU by them).
 type Saved = Tensor;
 
 struct BatchNormTrain {
@@ -381,13 +382,18 @@ impl CustomOp3 for BatchNormTrain {
                 }
             })
         });
+        let affines: Vec<(f32, f32)> = (0..c)
+            .map(|ch| affine(stats[ch].0, stats[ch].2, gamma[ch], beta[ch]))
+            .collect();
         let rows: Vec<f32> = [
             stats.iter().map(|s| s.0).collect::<Vec<_>>(),
             stats.iter().map(|s| s.1).collect(),
             stats.iter().map(|s| s.2).collect(),
+            affines.iter().map(|a| a.0).collect(),
+            affines.iter().map(|a| a.1).collect(),
         ]
         .concat();
-        self.keep(Tensor::from_vec(rows, (3, c), &Device::Cpu)?)?;
+        self.keep(Tensor::from_vec(rows, (5, c), &Device::Cpu)?)?;
         Ok((CpuStorage::F32(y), Shape::from((n, c, h, w))))
     }
 
@@ -414,9 +420,9 @@ impl CustomOp3 for BatchNormTrain {
         }
         let dev = &xs.device;
         let y = by_float!(xs.dtype(), T => {
-            let stats = cuda::stats::<T>(xs, xl, sizes, self.format, self.eps as f32)?;
-            let y = cuda::apply::<T>(xs, xl, &stats, gs, gl, bs, bl, sizes, self.relu)?;
-            self.keep(super::cuda::tensor(stats, dev, (3, c)))?;
+            let stats = cuda::stats::<T>(xs, xl, gs, gl, bs, bl, sizes, self.format, self.eps as f32)?;
+            let y = cuda::apply::<T>(xs, xl, &stats, sizes, self.relu)?;
+            self.keep(super::cuda::tensor(stats, dev, (5, c)))?;
             super::cuda::storage(y, dev)
         });
         Ok((y, xl.shape().clone()))
@@ -425,8 +431,8 @@ impl CustomOp3 for BatchNormTrain {
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -438,24 +444,12 @@ impl CustomOp3 for BatchNormTrain {
         let Some(stats) = saved else {
             candle_core::bail!("batch_norm: backward before forward");
         };
-        let c = gamma.dim(0)?;
-        // [mean; inv_std; gamma; beta]: what both backward passes read per channel.
-        let figures = Tensor::cat(
-            &[
-                &stats.narrow(0, 0, 1)?,
-                &stats.narrow(0, 2, 1)?,
-                &gamma.reshape((1, c))?,
-                &beta.reshape((1, c))?,
-            ],
-            0,
-        )?;
         let grad = grad.contiguous()?;
         let (relu, format) = (self.relu, self.format);
-        // [dgamma; dbeta], then the input gradient from them.
-        let sums = x.apply_op3_no_bwd(&grad, &figures, &ChannelSums { relu, format })?;
-        let all = Tensor::cat(&[&figures, &sums], 0)?;
-        let grad_x = x.apply_op3_no_bwd(&grad, &all, &InputGrad { relu, format })?;
-        Ok((Some(grad_x), Some(sums.get(0)?), Some(sums.get(1)?)))
+        // [dgamma; dbeta; what the input gradient reads], then the input gradient from them.
+        let figures = x.apply_op3_no_bwd(&grad, &stats, &ChannelSums { relu, format })?;
+        let grad_x = x.apply_op3_no_bwd(&grad, &figures, &InputGrad { relu, format })?;
+        Ok((Some(grad_x), Some(figures.get(0)?), Some(figures.get(1)?)))
     }
 }
 
@@ -468,8 +462,10 @@ fn gated(relu: bool, g: f32, v: f32, scale: f32, shift: f32) -> f32 {
     g * f32::from(u8::from(passed))
 }
 
-/// Per channel, from x, dL/dy and [mean; inv_std; gamma; beta]: [sum(dy * x_hat); sum(dy)],
-/// i.e. the gradients of gamma and beta (dy gated by the fused ReLU).
+/// Per channel, from x, dL/dy and the forward pass's [`Saved`] statistics: [8, C] =
+/// dgamma = sum(dy * x_hat); dbeta = sum(dy) (dy gated by the fused ReLU); then what
+/// [`InputGrad`] reads: mean; inv_std; scale; shift; dbeta / M; dgamma / M (M the values per
+/// channel). One tensor, so that the backward pass assembles nothing between its two kernels.
 struct ChannelSums {
     relu: bool,
     format: MemoryFormat,
@@ -497,11 +493,12 @@ impl CustomOp3 for ChannelSums {
             contiguous_f32(gs, gl, "gradient")?,
             contiguous_f32(fs, fl, "statistics")?,
         );
+        let m = (x.len() / c.max(1)) as f32;
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mean, inv_std) = (f[ch], f[c + ch]);
-                let (scale, shift) = affine(mean, inv_std, f[2 * c + ch], f[3 * c + ch]);
+                let (mean, inv_std) = (f[ch], f[2 * c + ch]);
+                let (scale, shift) = (f[3 * c + ch], f[4 * c + ch]);
                 let gate = |g: f32, v: f32| gated(self.relu, g, v, scale, shift);
                 let (mut total, mut dot) = (0f64, 0f64);
                 for (xp, gp) in planes(x, ch, c, hw).zip(planes(grad, ch, c, hw)) {
@@ -512,9 +509,19 @@ impl CustomOp3 for ChannelSums {
                 ((dot * f64::from(inv_std)) as f32, total as f32)
             })
             .collect();
-        let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        out.extend(sums.iter().map(|s| s.1));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        let row = |k: usize| &f[k * c..][..c];
+        let out: Vec<f32> = [
+            sums.iter().map(|s| s.0).collect::<Vec<_>>(),
+            sums.iter().map(|s| s.1).collect(),
+            row(0).to_vec(),
+            row(2).to_vec(),
+            row(3).to_vec(),
+            row(4).to_vec(),
+            sums.iter().map(|s| s.1 / m).collect(),
+            sums.iter().map(|s| s.0 / m).collect(),
+        ]
+        .concat();
+        Ok((CpuStorage::F32(out), Shape::from((8, c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -532,13 +539,13 @@ impl CustomOp3 for ChannelSums {
         let sums = by_float!(xs.dtype(), T => {
             cuda::grad_sums::<T>(xs, xl, gs, gl, fs, fl, sizes, self.format, self.relu)?
         });
-        Ok((super::cuda::storage(sums, &xs.device), Shape::from((2, c))))
+        Ok((super::cuda::storage(sums, &xs.device), Shape::from((8, c))))
     }
 }
 
-/// dL/dx from x, dL/dy and [mean; inv_std; gamma; beta; dgamma; dbeta]:
-/// gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M), M the values per channel (dy gated
-/// by the fused ReLU).
+/// dL/dx from x, dL/dy and [`ChannelSums`]' figures:
+/// scale * (dy - dbeta / M - x_hat * dgamma / M), M the values per channel (dy gated by the
+/// fused ReLU).
 struct InputGrad {
     relu: bool,
     format: MemoryFormat,
@@ -566,14 +573,12 @@ impl CustomOp3 for InputGrad {
             contiguous_f32(gs, gl, "gradient")?,
             contiguous_f32(fs, fl, "statistics")?,
         );
-        let m = (n * hw) as f32;
         let relu = self.relu;
         let dx = par_collect(x.len(), hw, |plane| {
             let ch = plane % c;
-            let (mean, inv_std, gamma) = (f[ch], f[c + ch], f[2 * c + ch]);
-            let (scale, shift) = affine(mean, inv_std, gamma, f[3 * c + ch]);
-            let (dgamma, dbeta) = (f[4 * c + ch], f[5 * c + ch]);
-            let (mean_dbeta, mean_dgamma) = (dbeta / m, dgamma / m);
+            let (mean, inv_std) = (f[2 * c + ch], f[3 * c + ch]);
+            let (scale, shift) = (f[4 * c + ch], f[5 * c + ch]);
+            let (mean_dbeta, mean_dgamma) = (f[6 * c + ch], f[7 * c + ch]);
             let (xp, gp) = (&x[plane * hw..][..hw], &grad[plane * hw..][..hw]);
             xp.iter().zip(gp).map(move |(&v, &g)| {
                 let g = gated(relu, g, v, scale, shift);

@@ -459,15 +459,19 @@ __device__ void bn_stats_partial(const T* x, int n, int c, int hw, double* parti
     }
 }
 
-// Channel groups: the channels-last partial sums and the finishing kernels give a block
-// NHWC_CHANNELS channels (a warp across them) and NHWC_ROWS lanes of rows (or splits) each.
+// Channel groups: the scalar channels-last partial sums give a block NHWC_CHANNELS channels (a
+// warp across them) and NHWC_ROWS lanes of rows each; the finishing kernels take FINISH_THREADS
+// threads, NHWC_CHANNELS channels and FINISH_LANES lanes of splits.
 #define NHWC_CHANNELS 32
 #define NHWC_ROWS (BLOCK / NHWC_CHANNELS)
+#define FINISH_THREADS 1024
+#define FINISH_LANES (FINISH_THREADS / NHWC_CHANNELS)
 
-// Adds each channel's NHWC_ROWS lane values `a` and `b` in lane order; true (with the totals)
-// in lane 0 of a channel that exists. Every thread of the block must call it.
+// Adds each channel's LANES lane values `a` and `b` in lane order; true (with the totals) in
+// lane 0 of a channel that exists. Every thread of the block (NHWC_CHANNELS * LANES) must call it.
+template <int LANES>
 __device__ bool bn_lane_totals(double a, double b, int c, double* ta, double* tb) {
-    __shared__ double as[BLOCK], bs[BLOCK];
+    __shared__ double as[NHWC_CHANNELS * LANES], bs[NHWC_CHANNELS * LANES];
     int lane = threadIdx.x % NHWC_CHANNELS, row = threadIdx.x / NHWC_CHANNELS;
     int ch = blockIdx.x * NHWC_CHANNELS + lane;
     as[threadIdx.x] = a;
@@ -475,7 +479,7 @@ __device__ bool bn_lane_totals(double a, double b, int c, double* ta, double* tb
     __syncthreads();
     if (row != 0 || ch >= c) return false;
     double sa = 0.0, sb = 0.0;
-    for (int r = 0; r < NHWC_ROWS; r++) {
+    for (int r = 0; r < LANES; r++) {
         sa += as[r * NHWC_CHANNELS + lane];
         sb += bs[r * NHWC_CHANNELS + lane];
     }
@@ -485,39 +489,45 @@ __device__ bool bn_lane_totals(double a, double b, int c, double* ta, double* tb
 }
 
 // Both sums of the block's channels over the splits of `partials` [2, splits, C]: lane r adds
-// splits r, r + NHWC_ROWS, ... in order, then the lanes are added in order. One thread per
+// splits r, r + FINISH_LANES, ... in order, then the lanes are added in order. One thread per
 // channel summing every split serially took 85 us a layer on an H100 (1,024 splits).
 __device__ bool bn_split_totals(const double* partials, int c, int splits, double* ta,
                                 double* tb) {
     int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
     double a = 0.0, b = 0.0;
     if (ch < c) {
-        for (int s = threadIdx.x / NHWC_CHANNELS; s < splits; s += NHWC_ROWS) {
+        for (int s = threadIdx.x / NHWC_CHANNELS; s < splits; s += FINISH_LANES) {
             a += partials[(size_t)s * c + ch];
             b += partials[((size_t)splits + s) * c + ch];
         }
     }
-    return bn_lane_totals(a, b, c, ta, tb);
-}
-
-// stats [3, C]: each channel's mean, biased variance and 1 / sqrt(variance + eps), from the
-// partial sums (double, as the CPU kernel and PyTorch's CPU kernel accumulate).
-extern "C" __global__ void bn_stats_finish(const double* partials, int c, int splits, double count,
-                                           float eps, float* stats) {
-    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
-    double sum, squares;
-    if (!bn_split_totals(partials, c, splits, &sum, &squares)) return;
-    double mean = sum / count;
-    double var = fmax(squares / count - mean * mean, 0.0);
-    stats[ch] = (float)mean;
-    stats[c + ch] = (float)var;
-    stats[2 * c + ch] = (float)(1.0 / sqrt(var + (double)eps));
+    return bn_lane_totals<FINISH_LANES>(a, b, c, ta, tb);
 }
 
 // The channel's scale and shift: y = x * scale + shift (ops/batch_norm.rs `affine`).
 __device__ float2 bn_affine(float mean, float inv_std, float gamma, float beta) {
     float scale = __fmul_rn(inv_std, gamma);
     return make_float2(scale, __fsub_rn(beta, __fmul_rn(mean, scale)));
+}
+
+// stats [5, C]: each channel's mean, biased variance, 1 / sqrt(variance + eps), and the scale
+// and shift the output and both backward kernels apply, from the partial sums (double, as the
+// CPU kernel and PyTorch's CPU kernel accumulate) and the layer's gamma and beta.
+extern "C" __global__ void bn_stats_finish(const double* partials, const float* gamma,
+                                           const float* beta, int c, int splits, double count,
+                                           float eps, float* stats) {
+    int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
+    double sum, squares;
+    if (!bn_split_totals(partials, c, splits, &sum, &squares)) return;
+    double mean = sum / count;
+    double var = fmax(squares / count - mean * mean, 0.0);
+    float inv_std = (float)(1.0 / sqrt(var + (double)eps));
+    float2 a = bn_affine((float)mean, inv_std, gamma[ch], beta[ch]);
+    stats[ch] = (float)mean;
+    stats[c + ch] = (float)var;
+    stats[2 * c + ch] = inv_std;
+    stats[3 * c + ch] = a.x;
+    stats[4 * c + ch] = a.y;
 }
 
 // Eight consecutive values as f32, read and written in 16-byte accesses (the address aligned to
@@ -583,21 +593,41 @@ template <int W, typename T> __device__ __forceinline__ void store_w(T* p, const
     if constexpr (W == 8) store8(p, v); else store(p, v[0]);
 }
 
-// y = relu?(x * scale + shift), from bn_stats_finish's [3, C] and the layer's gamma and beta.
+// The channel of element i of [N, C, hw] (hw = 1: channels last, no division).
+template <typename I> __device__ __forceinline__ int bn_channel(I i, int c, int hw) {
+    return hw == 1 ? (int)(i % (I)c) : (int)((i / (I)hw) % (I)c);
+}
+
+// A per-channel figure (`row`, [C]) for the W values from element of channel `ch`: channels last
+// (hw = 1) W channels' own, in 16-byte loads; channels first one channel's for all W.
+template <int W> __device__ __forceinline__ void bn_figure(const float* row, int ch, int hw,
+                                                           float* v) {
+    if constexpr (W == 8) {
+        if (hw == 1) {
+            load8(row + ch, v);
+            return;
+        }
+    }
+    float f = row[ch];
+#pragma unroll
+    for (int k = 0; k < W; k++) v[k] = f;
+}
+
+// y = relu?(x * scale + shift), the scale and shift from bn_stats_finish's [5, C].
 template <typename T, typename I, int W>
-__device__ void bn_apply_run(const T* x, const float* stats, const float* gamma, const float* beta,
-                             int c, int hw, I total, int relu, T* y) {
+__device__ void bn_apply_run(const T* x, const float* stats, int c, int hw, I total, int relu,
+                             T* y) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     for (I g = first; g < total / W; g += step) {
         I i = g * W;
-        int ch = (int)((i / (I)hw) % (I)c);
-        float v[W];
+        int ch = bn_channel(i, c, hw);
+        float v[W], scale[W], shift[W];
         load_w<W>(x + i, v);
+        bn_figure<W>(stats + 3 * c, ch, hw, scale);
+        bn_figure<W>(stats + 4 * c, ch, hw, shift);
 #pragma unroll
         for (int k = 0; k < W; k++) {
-            int at = hw == 1 ? ch + k : ch;
-            float2 a = bn_affine(stats[at], stats[2 * c + at], gamma[at], beta[at]);
-            float o = __fadd_rn(__fmul_rn(v[k], a.x), a.y);
+            float o = __fadd_rn(__fmul_rn(v[k], scale[k]), shift[k]);
             v[k] = relu ? fmaxf(o, 0.0f) : o;
         }
         store_w<W>(y + i, v);
@@ -605,25 +635,24 @@ __device__ void bn_apply_run(const T* x, const float* stats, const float* gamma,
 }
 
 template <typename T>
-__device__ void bn_apply(const T* x, const float* stats, const float* gamma, const float* beta,
-                         int c, int hw, size_t total, int relu, int vec8, T* y) {
-    BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, stats, gamma, beta, c, hw, (I)total, relu, y)))
+__device__ void bn_apply(const T* x, const float* stats, int c, int hw, size_t total, int relu,
+                         int vec8, T* y) {
+    BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, stats, c, hw, (I)total, relu, y)))
 }
 
 // The upstream gradient through the fused ReLU, which passed where x * scale + shift > 0.
-__device__ float bn_gated(int relu, float g, float v, float2 a) {
-    return (!relu || __fadd_rn(__fmul_rn(v, a.x), a.y) > 0.0f) ? g : 0.0f;
+__device__ __forceinline__ float bn_gated(int relu, float g, float v, float scale, float shift) {
+    return (!relu || __fadd_rn(__fmul_rn(v, scale), shift) > 0.0f) ? g : 0.0f;
 }
 
-// partials: sum(g * (x - mean)) and sum(g) of each channel's split, g gated; figures [4, C] =
-// mean; inv_std; gamma; beta.
+// partials: sum(g * (x - mean)) and sum(g) of each channel's split, g gated; stats [5, C] as
+// bn_stats_finish writes them.
 template <typename T>
-__device__ void bn_grad_partial(const T* x, const T* grad, const float* figures, int n, int c,
+__device__ void bn_grad_partial(const T* x, const T* grad, const float* stats, int n, int c,
                                 int hw, int relu, double* partials) {
     __shared__ double scratch[BLOCK];
     int ch = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-    float mean = figures[ch], inv_std = figures[c + ch];
-    float2 a = bn_affine(mean, inv_std, figures[2 * c + ch], figures[3 * c + ch]);
+    float mean = stats[ch], scale = stats[3 * c + ch], shift = stats[4 * c + ch];
     int2 planes = bn_planes(n, split, splits);
     unsigned count = (unsigned)(planes.y - planes.x) * (unsigned)hw;
     double dot = 0.0, total = 0.0;
@@ -631,7 +660,7 @@ __device__ void bn_grad_partial(const T* x, const T* grad, const float* figures,
         unsigned plane = planes.x + k / hw, pixel = k % hw;
         size_t at = ((size_t)plane * c + ch) * hw + pixel;
         float v = load(x[at]);
-        double g = bn_gated(relu, load(grad[at]), v, a);
+        double g = bn_gated(relu, load(grad[at]), v, scale, shift);
         total += g;
         dot += g * ((double)v - (double)mean);
     }
@@ -643,27 +672,35 @@ __device__ void bn_grad_partial(const T* x, const T* grad, const float* figures,
     }
 }
 
-// sums [2, C]: sum(g * x_hat) (dgamma) and sum(g) (dbeta), from the partials; figures as above.
-extern "C" __global__ void bn_grad_finish(const double* partials, const float* figures, int c,
-                                          int splits, float* sums) {
+// figures [8, C]: dgamma = sum(g * x_hat); dbeta = sum(g); then what bn_input_grad reads: mean;
+// inv_std; scale; shift; dbeta / M; dgamma / M (M = `count`, the values per channel).
+extern "C" __global__ void bn_grad_finish(const double* partials, const float* stats, int c,
+                                          int splits, float count, float* figures) {
     int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
     double dot, total;
     if (!bn_split_totals(partials, c, splits, &dot, &total)) return;
-    sums[ch] = (float)(dot * figures[c + ch]);
-    sums[c + ch] = (float)total;
+    float dgamma = (float)(dot * stats[2 * c + ch]), dbeta = (float)total;
+    figures[ch] = dgamma;
+    figures[c + ch] = dbeta;
+    figures[2 * c + ch] = stats[ch];
+    figures[3 * c + ch] = stats[2 * c + ch];
+    figures[4 * c + ch] = stats[3 * c + ch];
+    figures[5 * c + ch] = stats[4 * c + ch];
+    figures[6 * c + ch] = dbeta / count;
+    figures[7 * c + ch] = dgamma / count;
 }
 
 // Channels last, [rows, C] (rows = N*H*W, the launch's `n`; `hw` is 1): block (group, split)
 // sums NHWC_CHANNELS channels over a run of rows, a warp across the channels of NHWC_ROWS rows
 // at a time, so that each warp reads a run of a row; then the rows' lanes are added in order.
-// Partials as above.
+// Partials as above. For any C; bn_partial_nhwc8 below is the fast path.
 
 // Writes the block's partials from its lanes' sums.
 __device__ void bn_nhwc_partials(double a, double b, int c, double* partials) {
     int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
     int split = blockIdx.y, splits = gridDim.y;
     double sa, sb;
-    if (!bn_lane_totals(a, b, c, &sa, &sb)) return;
+    if (!bn_lane_totals<NHWC_ROWS>(a, b, c, &sa, &sb)) return;
     partials[(size_t)split * c + ch] = sa;
     partials[((size_t)splits + split) * c + ch] = sb;
 }
@@ -684,18 +721,17 @@ __device__ void bn_stats_partial_nhwc(const T* x, int rows, int c, double* parti
 }
 
 template <typename T>
-__device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* figures, int rows,
+__device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* stats, int rows,
                                      int c, int relu, double* partials) {
     int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
     int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
     double dot = 0.0, total = 0.0;
     if (ch < c) {
-        float mean = figures[ch], inv_std = figures[c + ch];
-        float2 a = bn_affine(mean, inv_std, figures[2 * c + ch], figures[3 * c + ch]);
+        float mean = stats[ch], scale = stats[3 * c + ch], shift = stats[4 * c + ch];
         for (int r = span.x + threadIdx.x / NHWC_CHANNELS; r < span.y; r += NHWC_ROWS) {
             size_t at = (size_t)r * c + ch;
             float v = load(x[at]);
-            double g = bn_gated(relu, load(grad[at]), v, a);
+            double g = bn_gated(relu, load(grad[at]), v, scale, shift);
             total += g;
             dot += g * ((double)v - (double)mean);
         }
@@ -703,37 +739,108 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* fig
     bn_nhwc_partials(dot, total, c, partials);
 }
 
-// dx = scale * (g - dbeta / M - x_hat * dgamma / M); figures [6, C] = mean; inv_std; gamma;
-// beta; dgamma; dbeta.
+// Channels last with C a multiple of 8 where C / 8 divides 32 or is a multiple of it: each
+// thread sums 8 channels from 16-byte loads (the scalar kernels above read 2 bytes a thread and
+// ran at a third of the memory's bandwidth). A block is `across` = min(32, C / 8) threads across
+// 8 * across channels (blockIdx.x's group) times BLOCK / across lanes of rows; the lanes are
+// added pairwise in a fixed order. `grad` null: the statistics' sums (x, x * x); otherwise the
+// gradient's (g * (x - mean), g), stats [5, C]. Partials as above.
+template <typename T>
+__device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, int rows, int c,
+                                 int relu, double* partials) {
+    __shared__ double sa[BLOCK * 8], sb[BLOCK * 8];
+    int across = min(32, c / 8), lanes = BLOCK / across;
+    int lane = threadIdx.x / across, ch = (blockIdx.x * across + threadIdx.x % across) * 8;
+    int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
+    double a[8] = {0}, b[8] = {0};
+    if (ch < c) {
+        float mean[8], scale[8], shift[8];
+        if (grad) {
+            load8(stats + ch, mean);
+            load8(stats + 3 * c + ch, scale);
+            load8(stats + 4 * c + ch, shift);
+        }
+        for (int r = span.x + lane; r < span.y; r += lanes) {
+            float v[8];
+            load8(x + (size_t)r * c + ch, v);
+            if (grad) {
+                float g[8];
+                load8(grad + (size_t)r * c + ch, g);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    double gated = bn_gated(relu, g[k], v[k], scale[k], shift[k]);
+                    a[k] += gated * ((double)v[k] - (double)mean[k]);
+                    b[k] += gated;
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    a[k] += (double)v[k];
+                    b[k] += (double)v[k] * (double)v[k];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        sa[k * BLOCK + threadIdx.x] = a[k];
+        sb[k * BLOCK + threadIdx.x] = b[k];
+    }
+    __syncthreads();
+    // Lane l adds lane l + half, halving: thread t and t + half * across hold the same channels.
+    for (int half = lanes / 2; half > 0; half /= 2) {
+        if (lane < half) {
+            int other = threadIdx.x + half * across;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                sa[k * BLOCK + threadIdx.x] += sa[k * BLOCK + other];
+                sb[k * BLOCK + threadIdx.x] += sb[k * BLOCK + other];
+            }
+        }
+        __syncthreads();
+    }
+    if (lane == 0 && ch < c) {
+        int split = blockIdx.y, splits = gridDim.y;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            partials[(size_t)split * c + ch + k] = sa[k * BLOCK + threadIdx.x];
+            partials[((size_t)splits + split) * c + ch + k] = sb[k * BLOCK + threadIdx.x];
+        }
+    }
+}
+
+// dx = scale * (g - dbeta / M - x_hat * dgamma / M), from bn_grad_finish's figures [8, C].
 template <typename T, typename I, int W>
-__device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int n, int c, int hw,
+__device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int c, int hw,
                                   I total, int relu, T* dx) {
-    float m = (float)((size_t)n * hw);
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     for (I g = first; g < total / W; g += step) {
         I i = g * W;
-        int ch = (int)((i / (I)hw) % (I)c);
-        float v[W], gv[W];
+        int ch = bn_channel(i, c, hw);
+        float v[W], gv[W], mean[W], inv_std[W], scale[W], shift[W], mean_dbeta[W], mean_dgamma[W];
         load_w<W>(x + i, v);
         load_w<W>(grad + i, gv);
+        bn_figure<W>(f + 2 * c, ch, hw, mean);
+        bn_figure<W>(f + 3 * c, ch, hw, inv_std);
+        bn_figure<W>(f + 4 * c, ch, hw, scale);
+        bn_figure<W>(f + 5 * c, ch, hw, shift);
+        bn_figure<W>(f + 6 * c, ch, hw, mean_dbeta);
+        bn_figure<W>(f + 7 * c, ch, hw, mean_dgamma);
 #pragma unroll
         for (int k = 0; k < W; k++) {
-            int at = hw == 1 ? ch + k : ch;
-            float mean = f[at], inv_std = f[c + at];
-            float2 a = bn_affine(mean, inv_std, f[2 * c + at], f[3 * c + at]);
-            float g = bn_gated(relu, gv[k], v[k], a);
-            float x_hat = __fmul_rn(__fsub_rn(v[k], mean), inv_std);
-            float rest = __fsub_rn(__fsub_rn(g, f[5 * c + at] / m), __fmul_rn(x_hat, f[4 * c + at] / m));
-            v[k] = __fmul_rn(a.x, rest);
+            float g = bn_gated(relu, gv[k], v[k], scale[k], shift[k]);
+            float x_hat = __fmul_rn(__fsub_rn(v[k], mean[k]), inv_std[k]);
+            float rest = __fsub_rn(__fsub_rn(g, mean_dbeta[k]), __fmul_rn(x_hat, mean_dgamma[k]));
+            v[k] = __fmul_rn(scale[k], rest);
         }
         store_w<W>(dx + i, v);
     }
 }
 
 template <typename T>
-__device__ void bn_input_grad(const T* x, const T* grad, const float* f, int n, int c, int hw,
+__device__ void bn_input_grad(const T* x, const T* grad, const float* f, int c, int hw,
                               size_t total, int relu, int vec8, T* dx) {
-    BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, n, c, hw, (I)total, relu, dx)))
+    BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, c, hw, (I)total, relu, dx)))
 }
 
 // Two same-sized operands, elementwise: relu(a + b) (`gate` 0), or a where b > 0 (`gate` 1: the
@@ -777,26 +884,34 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
                                                               int hw, double* partials) {      \
         bn_stats_partial_nhwc(x, rows, c, partials);                                           \
     }                                                                                          \
-    extern "C" __global__ void bn_grad_partial_nhwc_##SUFFIX(                                  \
-        const T* x, const T* grad, const float* figures, int rows, int c, int hw, int relu,    \
-        double* partials) {                                                                    \
-        bn_grad_partial_nhwc(x, grad, figures, rows, c, relu, partials);                       \
+    extern "C" __global__ void bn_stats_partial_nhwc8_##SUFFIX(const T* x, int rows, int c,    \
+                                                               int hw, double* partials) {     \
+        bn_partial_nhwc8<T>(x, nullptr, nullptr, rows, c, 0, partials);                        \
     }                                                                                          \
-    extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats,               \
-                                                 const float* gamma, const float* beta, int c, \
+    extern "C" __global__ void bn_grad_partial_nhwc_##SUFFIX(                                  \
+        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int relu,      \
+        double* partials) {                                                                    \
+        bn_grad_partial_nhwc(x, grad, stats, rows, c, relu, partials);                         \
+    }                                                                                          \
+    extern "C" __global__ void bn_grad_partial_nhwc8_##SUFFIX(                                 \
+        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int relu,      \
+        double* partials) {                                                                    \
+        bn_partial_nhwc8(x, grad, stats, rows, c, relu, partials);                             \
+    }                                                                                          \
+    extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats, int c,        \
                                                  int hw, size_t total, int relu, int vec8,     \
                                                  T* y) {                                       \
-        bn_apply(x, stats, gamma, beta, c, hw, total, relu, vec8, y);                          \
+        bn_apply(x, stats, c, hw, total, relu, vec8, y);                                       \
     }                                                                                          \
     extern "C" __global__ void bn_grad_partial_##SUFFIX(const T* x, const T* grad,             \
-                                                        const float* figures, int n, int c,    \
+                                                        const float* stats, int n, int c,      \
                                                         int hw, int relu, double* partials) {  \
-        bn_grad_partial(x, grad, figures, n, c, hw, relu, partials);                           \
+        bn_grad_partial(x, grad, stats, n, c, hw, relu, partials);                             \
     }                                                                                          \
     extern "C" __global__ void bn_input_grad_##SUFFIX(const T* x, const T* grad, const float* f, \
-                                                      int n, int c, int hw, size_t total,      \
-                                                      int relu, int vec8, T* dx) {             \
-        bn_input_grad(x, grad, f, n, c, hw, total, relu, vec8, dx);                            \
+                                                      int c, int hw, size_t total, int relu,   \
+                                                      int vec8, T* dx) {                       \
+        bn_input_grad(x, grad, f, c, hw, total, relu, vec8, dx);                               \
     }                                                                                          \
     extern "C" __global__ void add_relu_fwd_##SUFFIX(const T* a, const T* b, size_t total,     \
                                                      int vec8, T* y) {                         \

@@ -19,27 +19,62 @@ type Sizes = (usize, usize, usize);
 /// kernels.cu): one warp's worth, so that a warp reads a run of each row.
 const NHWC_CHANNELS: usize = 32;
 
-/// The grid of a partial-sum kernel over data of `sizes` in `format`, and its splits: blocks
-/// (channel or channel group, split), each split a run of planes (channels first) or rows
-/// (channels last), enough blocks that every SM streams.
-fn partial_grid(format: MemoryFormat, (n, c, _): Sizes) -> (LaunchConfig, usize) {
-    let groups = match format {
-        MemoryFormat::ChannelsFirst => c,
-        MemoryFormat::ChannelsLast => c.div_ceil(NHWC_CHANNELS),
-    };
-    let splits = splits(n, groups);
-    (per_channel_split(groups, splits), splits)
+/// How a partial-sum kernel reads the data: channels first (a block per channel and split),
+/// channels last a warp across 32 channels of a row (`_nhwc`), or eight channels a thread in
+/// 16-byte loads (`_nhwc8`) where C allows it and the operands are aligned.
+#[derive(Clone, Copy, PartialEq)]
+enum PartialSums {
+    Planes,
+    Rows,
+    Rows8 { across: usize },
 }
 
-/// The partial-sum kernel `name` for `T` in `format`.
-fn partial_kernel<T: KernelFloat>(
-    dev: &candle_core::CudaDevice,
-    name: &str,
-    format: MemoryFormat,
-) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
-    match format {
-        MemoryFormat::ChannelsFirst => kernel_for::<T>(dev, name),
-        MemoryFormat::ChannelsLast => kernel_for::<T>(dev, &format!("{name}_nhwc")),
+impl PartialSums {
+    fn of(format: MemoryFormat, c: usize, operands: &[&Layout]) -> Self {
+        let across = (c / 8).min(NHWC_CHANNELS);
+        let eights = c % 8 == 0 && across > 0 && (c / 8 >= NHWC_CHANNELS || NHWC_CHANNELS % across == 0);
+        match format {
+            MemoryFormat::ChannelsFirst => PartialSums::Planes,
+            MemoryFormat::ChannelsLast
+                if eights && operands.iter().all(|l| l.start_offset() % 8 == 0) =>
+            {
+                PartialSums::Rows8 { across }
+            }
+            MemoryFormat::ChannelsLast => PartialSums::Rows,
+        }
+    }
+
+    /// The grid over data of `sizes`, and its splits: blocks (channel or channel group, split),
+    /// each split a run of planes or rows, enough blocks that every SM streams. The eight-wide
+    /// kernel's splits give each thread at least 8 rows, so that streaming, not the lanes'
+    /// final sum, takes its time.
+    fn grid(self, (n, c, _): Sizes) -> (LaunchConfig, usize) {
+        let (groups, splits) = match self {
+            PartialSums::Planes => (c, splits(n, c)),
+            PartialSums::Rows => {
+                let groups = c.div_ceil(NHWC_CHANNELS);
+                (groups, splits(n, groups))
+            }
+            PartialSums::Rows8 { across } => {
+                let groups = c.div_ceil(8 * across);
+                let lanes = THREADS as usize / across;
+                (groups, splits(n, groups).min(n / (8 * lanes)).max(1))
+            }
+        };
+        (per_channel_split(groups, splits), splits)
+    }
+
+    /// The kernel `name` for `T` read this way.
+    fn kernel<T: KernelFloat>(
+        self,
+        dev: &candle_core::CudaDevice,
+        name: &str,
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+        match self {
+            PartialSums::Planes => kernel_for::<T>(dev, name),
+            PartialSums::Rows => kernel_for::<T>(dev, &format!("{name}_nhwc")),
+            PartialSums::Rows8 { .. } => kernel_for::<T>(dev, &format!("{name}_nhwc8")),
+        }
     }
 }
 
@@ -47,7 +82,7 @@ fn partial_kernel<T: KernelFloat>(
 /// planes or rows: enough that every SM has work where the channels are few (ResNet's
 /// 64-channel stages), never more than the planes.
 fn splits(n: usize, groups: usize) -> usize {
-    (2048 / groups.max(1)).clamp(1, n.max(1))
+    (1024 / groups.max(1)).clamp(1, n.max(1))
 }
 
 /// `splits` blocks for each of `c` channels (or channel groups).
@@ -59,12 +94,15 @@ fn per_channel_split(c: usize, splits: usize) -> LaunchConfig {
     }
 }
 
+/// Threads of a finishing block (FINISH_THREADS in kernels.cu): 32 lanes of splits per channel.
+const FINISH_THREADS: u32 = 1024;
+
 /// A block per group of channels, for adding the splits' partial sums (lanes of each channel
 /// over the splits, then the lanes in order).
 fn per_channel_group(c: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (c.div_ceil(NHWC_CHANNELS).max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (FINISH_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -82,18 +120,29 @@ fn per_value(total: usize, vec8: bool) -> LaunchConfig {
     per_item(if vec8 { total / 8 } else { total })
 }
 
+/// [5, C]: mean; variance; inv_std; scale; shift (bn_stats_finish).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn stats<T: KernelFloat>(
     xs: &CudaStorage,
     xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
     (n, c, hw): Sizes,
     format: MemoryFormat,
     eps: f32,
 ) -> candle_core::Result<CudaSlice<f32>> {
     let dev = &xs.device;
-    let x = view::<T>(xs, xl, "input")?;
-    let (grid, splits) = partial_grid(format, (n, c, hw));
+    let (x, gamma, beta) = (
+        view::<T>(xs, xl, "input")?,
+        view::<f32>(gs, gl, "weight")?,
+        view::<f32>(bs, bl, "bias")?,
+    );
+    let sums = PartialSums::of(format, c, &[xl]);
+    let (grid, splits) = sums.grid((n, c, hw));
     let partials = output::<f64>(dev, 2 * c * splits)?;
-    let stats = output::<f32>(dev, 3 * c)?;
+    let stats = output::<f32>(dev, 5 * c)?;
     let stream = dev.cuda_stream();
     let (n32, c32, hw32, splits32) = (
         int(n, "batch_norm")?,
@@ -101,7 +150,7 @@ pub(super) fn stats<T: KernelFloat>(
         int(hw, "batch_norm")?,
         int(splits, "batch_norm")?,
     );
-    let func = partial_kernel::<T>(dev, "bn_stats_partial", format)?;
+    let func = sums.kernel::<T>(dev, "bn_stats_partial")?;
     let mut launch = stream.launch_builder(&func);
     launch.arg(&x).arg(&n32).arg(&c32).arg(&hw32).arg(&partials);
     // SAFETY: the arguments match the kernel's signature; block (ch, s) writes its channels'
@@ -112,34 +161,27 @@ pub(super) fn stats<T: KernelFloat>(
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&partials)
+        .arg(&gamma)
+        .arg(&beta)
         .arg(&c32)
         .arg(&splits32)
         .arg(&count)
         .arg(&eps)
         .arg(&stats);
-    // SAFETY: as above; block g reads its channels' partials and writes their three figures.
+    // SAFETY: as above; block g reads its channels' partials and writes their five figures.
     unsafe { launch.launch(per_channel_group(c)) }.w()?;
     Ok(stats)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn apply<T: KernelFloat>(
     xs: &CudaStorage,
     xl: &Layout,
     stats: &CudaSlice<f32>,
-    gs: &CudaStorage,
-    gl: &Layout,
-    bs: &CudaStorage,
-    bl: &Layout,
     (n, c, hw): Sizes,
     relu: bool,
 ) -> candle_core::Result<CudaSlice<T>> {
     let dev = &xs.device;
-    let (x, gamma, beta) = (
-        view::<T>(xs, xl, "input")?,
-        view::<f32>(gs, gl, "weight")?,
-        view::<f32>(bs, bl, "bias")?,
-    );
+    let x = view::<T>(xs, xl, "input")?;
     let total = n * c * hw;
     let y = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, "bn_apply")?;
@@ -155,8 +197,6 @@ pub(super) fn apply<T: KernelFloat>(
     launch
         .arg(&x)
         .arg(stats)
-        .arg(&gamma)
-        .arg(&beta)
         .arg(&c32)
         .arg(&hw32)
         .arg(&total)
@@ -182,14 +222,15 @@ pub(super) fn grad_sums<T: KernelFloat>(
     relu: bool,
 ) -> candle_core::Result<CudaSlice<f32>> {
     let dev = &xs.device;
-    let (x, grad, figures) = (
+    let (x, grad, stats) = (
         view::<T>(xs, xl, "input")?,
         view::<T>(gs, gl, "gradient")?,
         view::<f32>(fs, fl, "statistics")?,
     );
-    let (grid, splits) = partial_grid(format, (n, c, hw));
+    let reads = PartialSums::of(format, c, &[xl, gl]);
+    let (grid, splits) = reads.grid((n, c, hw));
     let partials = output::<f64>(dev, 2 * c * splits)?;
-    let sums = output::<f32>(dev, 2 * c)?;
+    let figures = output::<f32>(dev, 8 * c)?;
     let stream = dev.cuda_stream();
     let (n32, c32, hw32, splits32) = (
         int(n, "batch_norm")?,
@@ -198,12 +239,12 @@ pub(super) fn grad_sums<T: KernelFloat>(
         int(splits, "batch_norm")?,
     );
     let relu = i32::from(relu);
-    let func = partial_kernel::<T>(dev, "bn_grad_partial", format)?;
+    let func = reads.kernel::<T>(dev, "bn_grad_partial")?;
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
         .arg(&grad)
-        .arg(&figures)
+        .arg(&stats)
         .arg(&n32)
         .arg(&c32)
         .arg(&hw32)
@@ -212,16 +253,18 @@ pub(super) fn grad_sums<T: KernelFloat>(
     // SAFETY: as in `stats`: block (ch, s) writes its channels' two partial sums of split s.
     unsafe { launch.launch(grid) }.w()?;
     let func = kernel(dev, "bn_grad_finish")?;
+    let count = (n * hw) as f32;
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&partials)
-        .arg(&figures)
+        .arg(&stats)
         .arg(&c32)
         .arg(&splits32)
-        .arg(&sums);
-    // SAFETY: as in `stats`: block g writes its channels' two sums.
+        .arg(&count)
+        .arg(&figures);
+    // SAFETY: as in `stats`: block g writes its channels' eight figures.
     unsafe { launch.launch(per_channel_group(c)) }.w()?;
-    Ok(sums)
+    Ok(figures)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -245,19 +288,14 @@ pub(super) fn input_grad<T: KernelFloat>(
     let dx = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, "bn_input_grad")?;
     let stream = dev.cuda_stream();
-    let (n32, c32, hw32) = (
-        int(n, "batch_norm")?,
-        int(c, "batch_norm")?,
-        int(hw, "batch_norm")?,
-    );
-    let wide = vec8((n, c, hw), &[xl, gl]);
+    let (c32, hw32) = (int(c, "batch_norm")?, int(hw, "batch_norm")?);
+    let wide = vec8((n, c, hw), &[xl, gl, fl]);
     let (relu, wide32) = (i32::from(relu), i32::from(wide));
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
         .arg(&grad)
         .arg(&figures)
-        .arg(&n32)
         .arg(&c32)
         .arg(&hw32)
         .arg(&total)
