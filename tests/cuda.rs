@@ -443,6 +443,37 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
     }
 }
 
+/// The backward pass's gradient sums (kiln's kernel, which `device::open` installs in candle)
+/// give the CPU's sums bit for bit, eight at a time or one, f32 and bf16; and candle's backward
+/// pass uses it for a tensor with two consumers.
+#[test]
+fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
+    let gpu = cuda();
+    for (shape, dtype) in [
+        (&[64, 8, 8, 16][..], DType::F32),
+        (&[1001][..], DType::F32),
+        (&[64, 8, 8, 16][..], DType::BF16),
+        (&[3, 7, 5][..], DType::BF16),
+    ] {
+        let (a, b) = (
+            ops_input(shape, 1).to_dtype(dtype).unwrap(),
+            ops_input(shape, 2).to_dtype(dtype).unwrap(),
+        );
+        let on_cpu = (&a + &b).unwrap();
+        let on_gpu = ops::batch_norm::add_gradients(
+            &a.to_device(&gpu).unwrap(),
+            &b.to_device(&gpu).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(values(&on_cpu), values(&on_gpu), "{shape:?} {dtype:?}");
+    }
+    let x = Var::from_tensor(&ops_input(&[4096], 3).to_device(&gpu).unwrap()).unwrap();
+    let y = (x.as_tensor().sqr().unwrap() + x.as_tensor().affine(3.0, 0.0).unwrap()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let expected = (x.as_tensor().affine(2.0, 3.0)).unwrap();
+    assert_eq!(values(grads.get(&x).unwrap()), values(&expected));
+}
+
 /// Values uniform in [-1, 1), the same for the same seed.
 fn ops_input(shape: &[usize], seed: u64) -> Tensor {
     let count: usize = shape.iter().product();

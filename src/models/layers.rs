@@ -19,13 +19,15 @@ pub struct Conv2d {
 impl ModuleT for Conv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         // Weights in the activations' type: f32 master weights, cast for a bf16 step (the
-        // cast's gradient comes back in f32).
+        // cast's gradient comes back in f32); channels last casts inside the convolution.
         let cast = |t: &Tensor| eval_detached(t, train).to_dtype(x.dtype());
-        let weight = cast(&self.weight)?;
         let bias = self.bias.as_ref().map(cast).transpose()?;
         match self.format {
-            MemoryFormat::ChannelsFirst => ops::conv2d(x, &weight, bias.as_ref(), self.params),
+            MemoryFormat::ChannelsFirst => {
+                ops::conv2d(x, &cast(&self.weight)?, bias.as_ref(), self.params)
+            }
             MemoryFormat::ChannelsLast => {
+                let weight = eval_detached(&self.weight, train);
                 ops::conv2d_channels_last(x, &weight, bias.as_ref(), self.params)
             }
         }

@@ -613,18 +613,30 @@ template <int W> __device__ __forceinline__ void bn_figure(const float* row, int
     for (int k = 0; k < W; k++) v[k] = f;
 }
 
+// Whether every run of W values a thread takes (first, first + step, ...) covers the same
+// channels: channels last with a stride of whole rows. The kernels below then load a thread's
+// per-channel figures once (launched on a capped grid, a thread takes several runs).
+template <typename I, int W> __device__ __forceinline__ bool bn_fixed_channels(int c, int hw) {
+    I step = (I)gridDim.x * blockDim.x;
+    return hw == 1 && (step * W) % (I)c == 0;
+}
+
 // y = relu?(x * scale + shift), the scale and shift from bn_stats_finish's [5, C].
 template <typename T, typename I, int W>
 __device__ void bn_apply_run(const T* x, const float* stats, int c, int hw, I total, int relu,
                              T* y) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    bool fixed = bn_fixed_channels<I, W>(c, hw);
+    float scale[W], shift[W];
     for (I g = first; g < total / W; g += step) {
         I i = g * W;
-        int ch = bn_channel(i, c, hw);
-        float v[W], scale[W], shift[W];
+        if (!fixed || g == first) {
+            int ch = bn_channel(i, c, hw);
+            bn_figure<W>(stats + 3 * c, ch, hw, scale);
+            bn_figure<W>(stats + 4 * c, ch, hw, shift);
+        }
+        float v[W];
         load_w<W>(x + i, v);
-        bn_figure<W>(stats + 3 * c, ch, hw, scale);
-        bn_figure<W>(stats + 4 * c, ch, hw, shift);
 #pragma unroll
         for (int k = 0; k < W; k++) {
             float o = __fadd_rn(__fmul_rn(v[k], scale[k]), shift[k]);
@@ -752,39 +764,54 @@ __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, 
     int across = min(32, c / 8), lanes = BLOCK / across;
     int lane = threadIdx.x / across, ch = (blockIdx.x * across + threadIdx.x % across) * 8;
     int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
-    double a[8] = {0}, b[8] = {0};
+    // A thread's rows in f32 (at most 64 with `PartialSums::grid`'s splits; PyTorch's CUDA
+    // kernel sums in f32 throughout), its lanes' and the splits' sums in f64. A first version
+    // kept f64 sums per row: the conversions and the registers (one block per SM) held it to
+    // 1.5 TB/s.
+    float fa[8] = {0}, fb[8] = {0};
+    float mean[8], scale[8], shift[8];
+    auto add = [&](const float* v, const float* g) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            if (grad) {
+                float gated = bn_gated(relu, g[k], v[k], scale[k], shift[k]);
+                fa[k] = fmaf(gated, v[k] - mean[k], fa[k]);
+                fb[k] += gated;
+            } else {
+                fa[k] += v[k];
+                fb[k] = fmaf(v[k], v[k], fb[k]);
+            }
+        }
+    };
     if (ch < c) {
-        float mean[8], scale[8], shift[8];
         if (grad) {
             load8(stats + ch, mean);
             load8(stats + 3 * c + ch, scale);
             load8(stats + 4 * c + ch, shift);
         }
-        for (int r = span.x + lane; r < span.y; r += lanes) {
-            float v[8];
-            load8(x + (size_t)r * c + ch, v);
-            if (grad) {
-                float g[8];
-                load8(grad + (size_t)r * c + ch, g);
+        // Two rows' loads in flight before their sums.
+        int r = span.x + lane;
+        for (; r + lanes < span.y; r += 2 * lanes) {
+            float v[2][8], g[2][8];
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    double gated = bn_gated(relu, g[k], v[k], scale[k], shift[k]);
-                    a[k] += gated * ((double)v[k] - (double)mean[k]);
-                    b[k] += gated;
-                }
-            } else {
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    a[k] += (double)v[k];
-                    b[k] += (double)v[k] * (double)v[k];
-                }
+            for (int u = 0; u < 2; u++) {
+                load8(x + (size_t)(r + u * lanes) * c + ch, v[u]);
+                if (grad) load8(grad + (size_t)(r + u * lanes) * c + ch, g[u]);
             }
+            add(v[0], g[0]);
+            add(v[1], g[1]);
+        }
+        if (r < span.y) {
+            float v[8], g[8];
+            load8(x + (size_t)r * c + ch, v);
+            if (grad) load8(grad + (size_t)r * c + ch, g);
+            add(v, g);
         }
     }
 #pragma unroll
     for (int k = 0; k < 8; k++) {
-        sa[k * BLOCK + threadIdx.x] = a[k];
-        sb[k * BLOCK + threadIdx.x] = b[k];
+        sa[k * BLOCK + threadIdx.x] = (double)fa[k];
+        sb[k * BLOCK + threadIdx.x] = (double)fb[k];
     }
     __syncthreads();
     // Lane l adds lane l + half, halving: thread t and t + half * across hold the same channels.
@@ -810,22 +837,28 @@ __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, 
 }
 
 // dx = scale * (g - dbeta / M - x_hat * dgamma / M), from bn_grad_finish's figures [8, C].
+// (Two runs a thread with both runs' loads first measured slower on an H200: 0.96 ms against
+// 0.81 a ResNet-18 step.)
 template <typename T, typename I, int W>
 __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int c, int hw,
                                   I total, int relu, T* dx) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    bool fixed = bn_fixed_channels<I, W>(c, hw);
+    float mean[W], inv_std[W], scale[W], shift[W], mean_dbeta[W], mean_dgamma[W];
     for (I g = first; g < total / W; g += step) {
         I i = g * W;
-        int ch = bn_channel(i, c, hw);
-        float v[W], gv[W], mean[W], inv_std[W], scale[W], shift[W], mean_dbeta[W], mean_dgamma[W];
+        if (!fixed || g == first) {
+            int ch = bn_channel(i, c, hw);
+            bn_figure<W>(f + 2 * c, ch, hw, mean);
+            bn_figure<W>(f + 3 * c, ch, hw, inv_std);
+            bn_figure<W>(f + 4 * c, ch, hw, scale);
+            bn_figure<W>(f + 5 * c, ch, hw, shift);
+            bn_figure<W>(f + 6 * c, ch, hw, mean_dbeta);
+            bn_figure<W>(f + 7 * c, ch, hw, mean_dgamma);
+        }
+        float v[W], gv[W];
         load_w<W>(x + i, v);
         load_w<W>(grad + i, gv);
-        bn_figure<W>(f + 2 * c, ch, hw, mean);
-        bn_figure<W>(f + 3 * c, ch, hw, inv_std);
-        bn_figure<W>(f + 4 * c, ch, hw, scale);
-        bn_figure<W>(f + 5 * c, ch, hw, shift);
-        bn_figure<W>(f + 6 * c, ch, hw, mean_dbeta);
-        bn_figure<W>(f + 7 * c, ch, hw, mean_dgamma);
 #pragma unroll
         for (int k = 0; k < W; k++) {
             float g = bn_gated(relu, gv[k], v[k], scale[k], shift[k]);
@@ -843,10 +876,10 @@ __device__ void bn_input_grad(const T* x, const T* grad, const float* f, int c, 
     BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, c, hw, (I)total, relu, dx)))
 }
 
-// Two same-sized operands, elementwise: relu(a + b) (`gate` 0), or a where b > 0 (`gate` 1: the
-// ReLU's gradient `a` read from its output `b`).
+// Two same-sized operands, elementwise, by `mode`: 0 relu(a + b); 1 a where b > 0 (the ReLU's
+// gradient `a` read from its output `b`); 2 a + b (the backward pass's sum of two gradients).
 template <typename T, typename I, int W>
-__device__ void pair_run(const T* a, const T* b, I total, int gate, T* out) {
+__device__ void pair_run(const T* a, const T* b, I total, int mode, T* out) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     for (I g = first; g < total / W; g += step) {
         I i = g * W;
@@ -855,14 +888,16 @@ __device__ void pair_run(const T* a, const T* b, I total, int gate, T* out) {
         load_w<W>(b + i, vb);
 #pragma unroll
         for (int k = 0; k < W; k++)
-            va[k] = gate ? (vb[k] > 0.0f ? va[k] : 0.0f) : fmaxf(va[k] + vb[k], 0.0f);
+            va[k] = mode == 1   ? (vb[k] > 0.0f ? va[k] : 0.0f)
+                    : mode == 0 ? fmaxf(va[k] + vb[k], 0.0f)
+                                : va[k] + vb[k];
         store_w<W>(out + i, va);
     }
 }
 
 template <typename T>
-__device__ void pair(const T* a, const T* b, size_t total, int gate, int vec8, T* out) {
-    BY_SHAPE(total, vec8, (pair_run<T, I, W>(a, b, (I)total, gate, out)))
+__device__ void pair(const T* a, const T* b, size_t total, int mode, int vec8, T* out) {
+    BY_SHAPE(total, vec8, (pair_run<T, I, W>(a, b, (I)total, mode, out)))
 }
 
 // running = running * keep + batch * take (BatchNorm's running statistics, in place), both
@@ -920,7 +955,37 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
     extern "C" __global__ void relu_gate_##SUFFIX(const T* grad, const T* y, size_t total,     \
                                                   int vec8, T* out) {                          \
         pair(grad, y, total, 1, vec8, out);                                                    \
+    }                                                                                          \
+    extern "C" __global__ void add_same_##SUFFIX(const T* a, const T* b, size_t total,         \
+                                                 int vec8, T* out) {                           \
+        pair(a, b, total, 2, vec8, out);                                                       \
     }
 
 BN_ENTRY_POINTS(float, f32)
 BN_ENTRY_POINTS(__nv_bfloat16, bf16)
+
+// ---- convolution filters: the f32 master weight [CO, C, KH, KW] (PyTorch's layout) in the
+// activations' type and cuDNN's channels-last filter layout [CO, KH, KW, C], and the filter's
+// gradient back, each in one pass (a cast and a strided copy each way took four launches) ------
+
+#define FILTER_ENTRY_POINTS(T, SUFFIX)                                                          \
+    extern "C" __global__ void filter_to_last_##SUFFIX(const float* w, unsigned c,            \
+                                                       unsigned taps, unsigned total, T* out) { \
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total;                    \
+             i += gridDim.x * blockDim.x) {                                                    \
+            unsigned ch = i % c, rest = i / c, tap = rest % taps, co = rest / taps;            \
+            store(out + i, w[(co * c + ch) * taps + tap]);                                     \
+        }                                                                                      \
+    }                                                                                          \
+    extern "C" __global__ void filter_from_last_##SUFFIX(const T* g, unsigned c,              \
+                                                         unsigned taps, unsigned total,        \
+                                                         float* out) {                         \
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total;                    \
+             i += gridDim.x * blockDim.x) {                                                    \
+            unsigned tap = i % taps, rest = i / taps, ch = rest % c, co = rest / c;            \
+            out[i] = load(g[(co * taps + tap) * c + ch]);                                      \
+        }                                                                                      \
+    }
+
+FILTER_ENTRY_POINTS(float, f32)
+FILTER_ENTRY_POINTS(__nv_bfloat16, bf16)

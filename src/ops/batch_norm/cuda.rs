@@ -32,7 +32,9 @@ enum PartialSums {
 impl PartialSums {
     fn of(format: MemoryFormat, c: usize, operands: &[&Layout]) -> Self {
         let across = (c / 8).min(NHWC_CHANNELS);
-        let eights = c % 8 == 0 && across > 0 && (c / 8 >= NHWC_CHANNELS || NHWC_CHANNELS % across == 0);
+        let eights = c.is_multiple_of(8)
+            && across > 0
+            && (c / 8 >= NHWC_CHANNELS || NHWC_CHANNELS.is_multiple_of(across));
         match format {
             MemoryFormat::ChannelsFirst => PartialSums::Planes,
             MemoryFormat::ChannelsLast
@@ -46,8 +48,8 @@ impl PartialSums {
 
     /// The grid over data of `sizes`, and its splits: blocks (channel or channel group, split),
     /// each split a run of planes or rows, enough blocks that every SM streams. The eight-wide
-    /// kernel's splits give each thread at least 8 rows, so that streaming, not the lanes'
-    /// final sum, takes its time.
+    /// kernel's splits give each thread at least 8 rows where there are enough, so that
+    /// streaming, not the lanes' final sum, takes its time, and at most 64 (summed in f32).
     fn grid(self, (n, c, _): Sizes) -> (LaunchConfig, usize) {
         let (groups, splits) = match self {
             PartialSums::Planes => (c, splits(n, c)),
@@ -58,7 +60,13 @@ impl PartialSums {
             PartialSums::Rows8 { across } => {
                 let groups = c.div_ceil(8 * across);
                 let lanes = THREADS as usize / across;
-                (groups, splits(n, groups).min(n / (8 * lanes)).max(1))
+                (
+                    groups,
+                    splits(n, groups)
+                        .min(n / (8 * lanes))
+                        .max(n.div_ceil(64 * lanes))
+                        .max(1),
+                )
             }
         };
         (per_channel_split(groups, splits), splits)
@@ -118,6 +126,18 @@ fn vec8((_, c, hw): Sizes, operands: &[&Layout]) -> bool {
 /// The launch for `total` values, eight per thread where `vec8`.
 fn per_value(total: usize, vec8: bool) -> LaunchConfig {
     per_item(if vec8 { total / 8 } else { total })
+}
+
+/// Blocks of the per-channel elementwise kernels at most: about one resident wave of an H100's
+/// or H200's 132 SMs, so that a thread takes several runs of the same channels and loads their
+/// figures once (`bn_fixed_channels` in kernels.cu).
+const WAVE_BLOCKS: u32 = 1024;
+
+/// [`per_value`] on at most [`WAVE_BLOCKS`] blocks.
+fn per_value_wave(total: usize, vec8: bool) -> LaunchConfig {
+    let mut config = per_value(total, vec8);
+    config.grid_dim.0 = config.grid_dim.0.min(WAVE_BLOCKS);
+    config
 }
 
 /// [5, C]: mean; variance; inv_std; scale; shift (bn_stats_finish).
@@ -205,7 +225,7 @@ pub(super) fn apply<T: KernelFloat>(
         .arg(&y);
     // SAFETY: as above; a grid-stride loop writes all `total` outputs (eight at a time where
     // `vec8` allows it).
-    unsafe { launch.launch(per_value(total, wide)) }.w()?;
+    unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
     Ok(y)
 }
 
@@ -303,12 +323,12 @@ pub(super) fn input_grad<T: KernelFloat>(
         .arg(&wide32)
         .arg(&dx);
     // SAFETY: as in `apply`.
-    unsafe { launch.launch(per_value(total, wide)) }.w()?;
+    unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
     Ok(dx)
 }
 
-/// A kernel of two same-sized inputs and one output, all `T`: `add_relu_fwd` or
-/// `relu_gate`.
+/// A kernel of two same-sized inputs and one output, all `T`: `add_relu_fwd`, `relu_gate` or
+/// `add_same`.
 pub(super) fn elementwise<T: KernelFloat>(
     name: &str,
     a_s: &CudaStorage,

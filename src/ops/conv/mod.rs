@@ -14,6 +14,8 @@
 mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+#[cfg(feature = "cudnn")]
+mod filter;
 mod winograd;
 
 pub(crate) use cpu::{Geometry, InputGrad};
@@ -56,9 +58,11 @@ pub fn conv2d(
 }
 
 /// [`conv2d`] on channels-last data: `x` [N, H, W, C], `weight` [CO, C, KH, KW] (PyTorch's
-/// layout, in which parameters are kept), `bias` [CO]; the output is [N, OH, OW, CO]. cuDNN
-/// convolves it as it lies, with the weight transposed to [CO, KH, KW, C] (cuDNN's channels-last
-/// filter); elsewhere it is the channels-first convolution between two transposes.
+/// layout, in which parameters are kept; any float type, convolved in `x`'s), `bias` [CO]; the
+/// output is [N, OH, OW, CO]. cuDNN convolves it as it lies, with the weight as cuDNN's
+/// channels-last filter [CO, KH, KW, C] (one kernel casts and transposes an f32 master weight,
+/// one brings its gradient back); elsewhere it is the channels-first convolution between two
+/// transposes.
 pub fn conv2d_channels_last(
     x: &Tensor,
     weight: &Tensor,
@@ -68,11 +72,14 @@ pub fn conv2d_channels_last(
     let last = MemoryFormat::ChannelsLast;
     let y = match x.device() {
         #[cfg(feature = "cudnn")]
-        Device::Cuda(_) if cudnn::convolves(x.dtype(), weight.dtype()) => {
-            let filter = weight.permute((0, 2, 3, 1))?.contiguous()?;
+        Device::Cuda(_) if cudnn::convolves(x.dtype(), x.dtype()) => {
+            let filter = filter::channels_last_filter(weight, x.dtype())?;
             cudnn::conv2d(x, &filter, p, last)?
         }
-        _ => last.from_nchw(&conv2d(&last.to_nchw(x)?, weight, None, p)?)?,
+        _ => {
+            let weight = weight.to_dtype(x.dtype())?;
+            last.from_nchw(&conv2d(&last.to_nchw(x)?, &weight, None, p)?)?
+        }
     };
     match bias {
         Some(b) => y.broadcast_add(&b.reshape(last.per_channel(b.dim(0)?))?),

@@ -694,6 +694,18 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// How the backward pass adds a second gradient to the one a tensor holds: [`Tensor::add`]
+/// unless the application sets its own addition (kiln: a vectorised CUDA kernel for same-shaped
+/// contiguous tensors, falling back to `Tensor::add`).
+pub type GradAdd = fn(&Tensor, &Tensor) -> Result<Tensor>;
+
+static GRAD_ADD: std::sync::OnceLock<GradAdd> = std::sync::OnceLock::new();
+
+/// Sets the gradient addition for the rest of the process; false if one was set already.
+pub fn set_grad_add(add: GradAdd) -> bool {
+    GRAD_ADD.set(add).is_ok()
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -730,7 +742,10 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let sum = match GRAD_ADD.get() {
+                    Some(add) => add(entry.get(), grad)?,
+                    None => entry.get().add(grad)?,
+                };
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
