@@ -4,11 +4,12 @@
 //! the median of several repeats.
 //!
 //!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
-//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512] [--precision auto|f32|bf16]
-//!         [--memory-format first|last]
+//!         [--threads N] [--repeats N] [--steps N] [--batches 64,512]
+//!         [--precision auto|f32|bf16|f16] [--memory-format first|last]
 //!
 //! `--precision bf16`: kiln's mixed precision (bf16 activations, f32 master weights) against
-//! PyTorch's bf16 autocast with channels_last, the fastest eager setting a PyTorch user picks.
+//! PyTorch's bf16 autocast with channels_last, the fastest eager setting a PyTorch user picks;
+//! `f16` the same in f16, both sides with dynamic loss scaling.
 //! `--memory-format`: the ResNets' activations channels first or last (default: the device's
 //! fastest, channels last on CUDA with cuDNN).
 //!
@@ -60,13 +61,25 @@ fn kiln(
     arch.memory_format = Some(format);
     let built = models::build(spec, &arch, 0, device)?;
     let mut optimizer = optim::build(&config, built.params.vars())?;
+    if dtype == DType::F16 {
+        // As the training loop: f16 steps scale the loss (LossScaled).
+        let params = built.params.vars().into_iter().map(|(_, v)| v).collect();
+        let settings = optim::loss_scale::Settings::default();
+        optimizer = Box::new(optim::LossScaled::new(optimizer, params, settings));
+    }
     let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
             let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
             let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-            optimizer.step(&loss.backward()?)?;
+            let mut grads = match optimizer.loss_scale() {
+                Some(scale) => loss.affine(scale, 0.0)?.backward()?,
+                None => loss.backward()?,
+            };
+            if optimizer.unscale(&mut grads)? {
+                optimizer.step(&grads)?;
+            }
         }
         // Queued GPU work counts: the clock stops when it is done.
         device.synchronize()?;
@@ -175,6 +188,7 @@ fn main() {
     let dtype = precision.activations(mixed, device.is_cuda());
     let precision = match dtype {
         DType::BF16 => Precision::Bf16,
+        DType::F16 => Precision::F16,
         _ => Precision::F32,
     };
     let format = match arg::<String>("--memory-format").as_deref() {

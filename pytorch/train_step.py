@@ -4,7 +4,8 @@ warm-up excluded, with each model's recipe as kiln's configs have it: SimpleCNN 
 and cross-entropy; the ResNets (pytorch/resnet.py, CIFAR stem) with SGD lr 0.1, Nesterov momentum
 0.9, weight decay 5e-4 and label smoothing 0.1, in float32 (TF32 off on a GPU), or with
 `--precision bf16` in PyTorch's fastest eager setting: bf16 autocast, channels_last and
-cudnn.benchmark (f32 master weights, as kiln's bf16). Prints one JSON
+cudnn.benchmark (f32 master weights, as kiln's bf16), or `--precision f16`: the same in f16 with
+torch.amp.GradScaler's dynamic loss scaling (as kiln's f16). Prints one JSON
 line: {"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat],
 "peak_device_bytes": max_memory_reserved on CUDA, else null}.
 
@@ -31,7 +32,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -50,18 +51,20 @@ def main():
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    bf16 = args.precision == "bf16"
-    if bf16:
+    half = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.precision)
+    if half is not None:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
 
     def steps(n):
         for _ in range(n):
             optimizer.zero_grad()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                 loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize()
 

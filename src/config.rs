@@ -81,11 +81,13 @@ impl fmt::Display for OptimizerKind {
     }
 }
 
-/// The arithmetic of training steps: f32 throughout, or bf16 activations and convolutions with
-/// f32 master weights, optimizer state and BatchNorm statistics (Lightning's "bf16-mixed",
-/// PyTorch's bf16 autocast); `auto` (the default) is bf16 for models that support it (the
-/// ResNets) on CUDA, where tensor cores run it, and f32 elsewhere. Weights files and checkpoints
-/// hold f32 either way, so a run may change precision when it resumes; evaluation runs in f32.
+/// The arithmetic of training steps: f32 throughout, or bf16 (or f16) activations and
+/// convolutions with f32 master weights, optimizer state and BatchNorm statistics (Lightning's
+/// "bf16-mixed" and "16-mixed", PyTorch's autocast); f16, whose range is narrow, multiplies the
+/// loss by a dynamic scale ([`crate::optim::LossScaled`], PyTorch's GradScaler). `auto` (the
+/// default) is bf16 for models that support it (the ResNets) on CUDA, where tensor cores run it,
+/// and f32 elsewhere. Weights files and checkpoints hold f32 either way, so a run may change
+/// precision when it resumes; evaluation runs in f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -93,6 +95,7 @@ pub enum Precision {
     Auto,
     F32,
     Bf16,
+    F16,
 }
 
 impl Precision {
@@ -101,6 +104,7 @@ impl Precision {
     pub fn activations(self, mixed_precision: bool, on_cuda: bool) -> DType {
         match self {
             Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
             Self::Auto if mixed_precision && on_cuda => DType::BF16,
             Self::Auto | Self::F32 => DType::F32,
         }
@@ -115,8 +119,9 @@ impl FromStr for Precision {
             "auto" => Ok(Self::Auto),
             "f32" | "32" => Ok(Self::F32),
             "bf16" | "bf16-mixed" => Ok(Self::Bf16),
+            "f16" | "16" | "16-mixed" => Ok(Self::F16),
             _ => Err(Error::InvalidSetting(format!(
-                "unknown precision '{s}': expected auto, f32 or bf16"
+                "unknown precision '{s}': expected auto, f32, bf16 or f16"
             ))),
         }
     }
@@ -128,6 +133,7 @@ impl fmt::Display for Precision {
             Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+            Self::F16 => "f16",
         })
     }
 }
@@ -472,13 +478,14 @@ mod tests {
 
     #[test]
     fn auto_precision_is_bf16_only_for_mixed_precision_models_on_cuda() {
-        use candle_core::DType::{BF16, F32};
+        use candle_core::DType::{BF16, F16, F32};
         let cases = [
             (Precision::Auto, true, true, BF16),
             (Precision::Auto, true, false, F32),
             (Precision::Auto, false, true, F32),
             (Precision::F32, true, true, F32),
             (Precision::Bf16, true, false, BF16),
+            (Precision::F16, true, true, F16),
         ];
         for (precision, mixed, cuda, want) in cases {
             assert_eq!(
@@ -488,6 +495,7 @@ mod tests {
             );
         }
         assert_eq!("AUTO".parse::<Precision>().unwrap(), Precision::Auto);
+        assert_eq!("16-mixed".parse::<Precision>().unwrap(), Precision::F16);
         assert_eq!(Precision::default().to_string(), "auto");
     }
 

@@ -162,39 +162,42 @@ fn every_parameter_gradient_of_every_model_matches_the_cpu() {
     }
 }
 
-/// bf16 activations on the GPU (kiln's bf16 BatchNorm and add-ReLU kernels, cuDNN's bf16
-/// convolutions) against f32 on the CPU: every gradient comes back f32 and points the same way.
+/// bf16 and f16 activations on the GPU (kiln's BatchNorm and add-ReLU kernels, cuDNN's
+/// half-precision convolutions) against f32 on the CPU: every gradient comes back f32 and points
+/// the same way.
 #[test]
-fn resnet_gradients_in_bf16_on_the_gpu_are_close_to_the_cpus_f32() {
+fn resnet_gradients_in_bf16_and_f16_on_the_gpu_are_close_to_the_cpus_f32() {
     let gpu = cuda();
     let resnets = MODELS.iter().filter(|spec| spec.mixed_precision);
     for (spec, format) in resnets.flat_map(|m| FORMATS.map(|f| (m, f))) {
         let on_cpu = gradients(spec, &Device::Cpu, DType::F32, MemoryFormat::ChannelsFirst);
-        let on_gpu = gradients(spec, &gpu, DType::BF16, format);
-        let (mut dot, mut cpu_norm, mut gpu_norm) = (0f64, 0f64, 0f64);
-        for ((name, a), (_, b)) in on_cpu.iter().zip(&on_gpu) {
-            assert_eq!(
-                b.dtype(),
-                DType::F32,
-                "{} {name}: master gradients are f32",
+        for half in [DType::BF16, DType::F16] {
+            let on_gpu = gradients(spec, &gpu, half, format);
+            let (mut dot, mut cpu_norm, mut gpu_norm) = (0f64, 0f64, 0f64);
+            for ((name, a), (_, b)) in on_cpu.iter().zip(&on_gpu) {
+                assert_eq!(
+                    b.dtype(),
+                    DType::F32,
+                    "{} {half:?} {name}: master gradients are f32",
+                    spec.name
+                );
+                for (x, y) in values(a).iter().zip(values(b)) {
+                    dot += f64::from(*x) * f64::from(y);
+                    cpu_norm += f64::from(*x) * f64::from(*x);
+                    gpu_norm += f64::from(y) * f64::from(y);
+                }
+            }
+            let cosine = dot / (cpu_norm.sqrt() * gpu_norm.sqrt());
+            eprintln!(
+                "{} {format:?} {half:?} gradients: cosine similarity {cosine:.5} to f32",
                 spec.name
             );
-            for (x, y) in values(a).iter().zip(values(b)) {
-                dot += f64::from(*x) * f64::from(y);
-                cpu_norm += f64::from(*x) * f64::from(*x);
-                gpu_norm += f64::from(y) * f64::from(y);
-            }
+            assert!(
+                cosine > 0.99,
+                "{} {format:?} {half:?}: cosine similarity {cosine}",
+                spec.name
+            );
         }
-        let cosine = dot / (cpu_norm.sqrt() * gpu_norm.sqrt());
-        eprintln!(
-            "{} {format:?} bf16 gradients: cosine similarity {cosine:.5} to f32",
-            spec.name
-        );
-        assert!(
-            cosine > 0.99,
-            "{} {format:?}: cosine similarity {cosine}",
-            spec.name
-        );
     }
 }
 
@@ -332,21 +335,23 @@ fn batch_norm_and_add_relu_match_the_cpu() {
     }
 }
 
-/// The bf16 kernels against the CPU's reference composition in bf16 (f32 arithmetic, results
-/// rounded to bf16, as the kernels do), on the same inputs, in the L2 norm: where the two round
-/// an output to neighbouring bf16 values, a ReLU after it may pass or stop a whole gradient, so
-/// single elements may differ by their size, the whole by well under 1% (measured: the rest
-/// agree to the bit).
+/// The bf16 and f16 kernels against the CPU's reference composition in the same type (f32
+/// arithmetic, results rounded to the half type, as the kernels do), on the same inputs, in the
+/// L2 norm: where the two round an output to neighbouring half values, a ReLU after it may pass
+/// or stop a whole gradient, so single elements may differ by their size, the whole by well under
+/// 1% (measured in bf16: the rest agree to the bit).
 #[test]
-fn batch_norm_and_add_relu_in_bf16_are_close_to_the_cpu() {
+fn batch_norm_and_add_relu_in_bf16_and_f16_are_close_to_the_cpu() {
     let gpu = cuda();
     let first = MemoryFormat::ChannelsFirst;
     for ((shape, relu), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
-        let on_cpu = batch_norm_and_add_relu(shape, relu, DType::BF16, first, &Device::Cpu);
-        let on_gpu = batch_norm_and_add_relu(shape, relu, DType::BF16, format, &gpu);
-        for (name, (a, b)) in BN_FIGURES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
-            let what = format!("{shape:?} {format:?} relu {relu} bf16 {name}");
-            assert_relative_l2(&what, a, b, 1e-2);
+        for half in [DType::BF16, DType::F16] {
+            let on_cpu = batch_norm_and_add_relu(shape, relu, half, first, &Device::Cpu);
+            let on_gpu = batch_norm_and_add_relu(shape, relu, half, format, &gpu);
+            for (name, (a, b)) in BN_FIGURES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
+                let what = format!("{shape:?} {format:?} relu {relu} {half:?} {name}");
+                assert_relative_l2(&what, a, b, 1e-2);
+            }
         }
     }
 }
@@ -454,6 +459,7 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
         (&[1001][..], DType::F32),
         (&[64, 8, 8, 16][..], DType::BF16),
         (&[3, 7, 5][..], DType::BF16),
+        (&[64, 8, 8, 16][..], DType::F16),
     ] {
         let (a, b) = (
             ops_input(shape, 1).to_dtype(dtype).unwrap(),

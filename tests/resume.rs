@@ -243,6 +243,63 @@ fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactl
     );
 }
 
+/// f16 training scales its loss dynamically; the scale is optimizer state, so a run stopped
+/// by Ctrl-C and resumed ends bit-identical to a straight one, and its checkpoints hold the
+/// scale (PyTorch's GradScaler starts at 65,536 and only halves or doubles it).
+#[test]
+fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let config = root.path().join("resnet.toml");
+    std::fs::write(&config, RESNET_RECIPE).unwrap();
+    let config = config.display().to_string();
+    let f16_args = |name: &'static str| -> Vec<String> {
+        let all = [
+            "--config",
+            &config,
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--run",
+            name,
+            "--precision",
+            "f16",
+            "--epochs",
+            "2",
+            "--early-stop",
+            "0",
+        ];
+        all.into_iter().map(String::from).collect()
+    };
+    let straight = f16_args("straight");
+    train_ok(
+        root.path(),
+        &straight.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let split = f16_args("split");
+    let split: Vec<&str> = split.iter().map(String::as_str).collect();
+    let out = interrupt_after_epoch_1(root.path(), &split);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let run_dir = RunDir::at(&models_dir(root.path()), "split");
+    let newest = run_dir.list_checkpoints().unwrap().remove(0).0;
+    let saved = load_checkpoint(&newest, &Device::Cpu).unwrap();
+    let scale = saved.optimizer["loss_scale"].to_vec1::<f32>().unwrap();
+    assert!(
+        scale[0] >= 1.0 && scale[0].log2().fract() == 0.0,
+        "the loss scale is a power of two: {scale:?}"
+    );
+    let mut resumed = split.clone();
+    resumed.push("--resume");
+    train_ok(root.path(), &resumed);
+    let (a, b) = (
+        models_dir(root.path()).join("straight"),
+        models_dir(root.path()).join("split"),
+    );
+    assert!(weight_bits(&a.join("last.safetensors")) == weight_bits(&b.join("last.safetensors")));
+    assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
+}
+
 /// ResNet-18 at width 4 on the 600 fixture images: 19 steps an epoch, about a second each.
 const RESNET_RECIPE: &str = r#"
 model = "resnet18"

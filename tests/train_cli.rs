@@ -252,7 +252,11 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
             "label_smoothing must be in [0, 1)",
             1,
         ),
-        (vec!["--precision", "fp8"], "expected auto, f32 or bf16", 2),
+        (
+            vec!["--precision", "fp8"],
+            "expected auto, f32, bf16 or f16",
+            2,
+        ),
         (
             vec![
                 "--model",

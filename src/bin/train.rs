@@ -176,9 +176,10 @@ struct Cli {
     #[arg(long, value_name = "S", help_heading = "Hyper-parameters")]
     backbone_lr_scale: Option<f64>,
 
-    /// auto, f32 or bf16: bf16 runs activations and convolutions in bf16 with f32 master
+    /// auto, f32, bf16 or f16: bf16 runs activations and convolutions in bf16 with f32 master
     /// weights, optimizer state and BatchNorm statistics (the ResNets; for CUDA, where tensor
-    /// cores run it); auto is bf16 for the ResNets on CUDA and f32 otherwise
+    /// cores run it); f16 the same in f16, the loss scaled dynamically against its narrow
+    /// range; auto is bf16 for the ResNets on CUDA and f32 otherwise
     /// [default: the config's precision, auto]
     #[arg(long, value_name = "P", help_heading = "Hyper-parameters")]
     precision: Option<Precision>,

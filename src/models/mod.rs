@@ -233,27 +233,13 @@ mod tests {
         (loss, logits, grads)
     }
 
-    /// bf16 activations with f32 master weights: the logits and every gradient come back in
-    /// f32, the numbers are bf16's (not f32's bits) and close to f32's.
+    /// bf16 or f16 activations with f32 master weights: the logits and every gradient come back
+    /// in f32, the numbers are the half type's (not f32's bits) and close to f32's.
     #[test]
-    fn resnets_train_in_bf16_with_f32_master_weights() {
+    fn resnets_train_in_half_precision_with_f32_master_weights() {
         let first = MemoryFormat::ChannelsFirst;
         let (loss32, logits32, grads32) = resnet_step(DType::F32, first);
-        let (loss16, logits16, grads16) = resnet_step(DType::BF16, first);
-        assert_eq!(logits16.dtype(), DType::F32, "the head runs in f32");
         let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
-        let (a, b) = (scalar(&loss32), scalar(&loss16));
-        assert!(
-            (a - b).abs() < 2e-2 * a.abs(),
-            "loss {a} (f32) against {b} (bf16)"
-        );
-        let gap = (&logits32 - &logits16)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(scalar(&gap) > 0.0, "the bf16 step computed in f32");
         let flat = |grads: &[(String, Tensor)]| {
             let parts: Vec<Tensor> = grads
                 .iter()
@@ -261,14 +247,33 @@ mod tests {
                 .collect();
             Tensor::cat(&parts, 0).unwrap()
         };
-        for (name, grad) in &grads16 {
-            assert_eq!(grad.dtype(), DType::F32, "{name}'s gradient");
+        for half in [DType::BF16, DType::F16] {
+            let (loss16, logits16, grads16) = resnet_step(half, first);
+            assert_eq!(logits16.dtype(), DType::F32, "the head runs in f32");
+            let (a, b) = (scalar(&loss32), scalar(&loss16));
+            assert!(
+                (a - b).abs() < 2e-2 * a.abs(),
+                "loss {a} (f32) against {b} ({half:?})"
+            );
+            let gap = (&logits32 - &logits16)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(scalar(&gap) > 0.0, "the {half:?} step computed in f32");
+            for (name, grad) in &grads16 {
+                assert_eq!(grad.dtype(), DType::F32, "{name}'s gradient");
+            }
+            let (g32, g16) = (flat(&grads32), flat(&grads16));
+            let dot = scalar(&(&g32 * &g16).unwrap().sum_all().unwrap());
+            let norm = |g: &Tensor| scalar(&g.sqr().unwrap().sum_all().unwrap()).sqrt();
+            let cosine = dot / (norm(&g32) * norm(&g16));
+            assert!(
+                cosine > 0.99,
+                "{half:?} gradients' cosine similarity {cosine}"
+            );
         }
-        let (g32, g16) = (flat(&grads32), flat(&grads16));
-        let dot = scalar(&(&g32 * &g16).unwrap().sum_all().unwrap());
-        let norm = |g: &Tensor| scalar(&g.sqr().unwrap().sum_all().unwrap()).sqrt();
-        let cosine = dot / (norm(&g32) * norm(&g16));
-        assert!(cosine > 0.99, "gradients' cosine similarity {cosine}");
     }
 
     /// Channels-last activations (CUDA's layout; on the CPU through the reference

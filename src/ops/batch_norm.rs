@@ -6,7 +6,8 @@
 //!
 //! On the CPU (f32, channels first) and CUDA (f32 or bf16 data in either format, f32 statistics
 //! and parameters), kiln's kernels:
-//! a channel's sums in f64 (as PyTorch's CPU kernel accumulates), on the CPU in a fixed order so
+//! a channel's sums in f64 (as PyTorch's CPU kernel accumulates; CUDA's channels-last kernel adds
+//! each thread's at most 64 rows in f32 first), on the CPU in a fixed order so
 //! that results do not depend on the thread count;
 //! the backward pass reads the saved mean and inverse deviation and recomputes where the fused
 //! ReLU passed. Elsewhere (Metal, other dtypes), candle's composition, which is also the

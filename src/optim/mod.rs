@@ -2,6 +2,7 @@
 //! it per parameter so checkpoints can hold it.
 
 pub mod adam;
+pub mod loss_scale;
 pub mod schedule;
 pub mod sgd;
 
@@ -14,6 +15,7 @@ use crate::config::{Config, OptimizerKind};
 use crate::error::{Error, Result};
 
 pub use adam::Adam;
+pub use loss_scale::LossScaled;
 pub use sgd::Sgd;
 
 pub trait Optimizer {
@@ -26,6 +28,15 @@ pub trait Optimizer {
     fn state(&self) -> Result<Vec<(String, Tensor)>>;
     /// Restores what [`Optimizer::state`] returned; names and shapes must match.
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+    /// The factor the loss is multiplied by before the backward pass ([`LossScaled`]), if any.
+    fn loss_scale(&self) -> Option<f64> {
+        None
+    }
+    /// Readies the backward pass's gradients for [`Optimizer::step`] (divides them by the loss
+    /// scale); false where they overflowed, and the step is to be skipped.
+    fn unscale(&mut self, _grads: &mut GradStore) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 /// `state[name]`, checked to have `like`'s shape, moved to `like`'s device.

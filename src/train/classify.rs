@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use super::fit::{self, Data, Driving, Observer, Outcome, Trainee};
 use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog};
@@ -74,20 +74,37 @@ pub fn run(
 ) -> Result<Ended> {
     let arch = architecture(config, &data)?;
     config.augment.validate(arch.image_size)?;
-    if config.precision == Precision::Bf16 && !spec.mixed_precision {
+    let half = matches!(config.precision, Precision::Bf16 | Precision::F16);
+    if half && !spec.mixed_precision {
         return Err(Error::InvalidSetting(format!(
             "precision {} is for the ResNets; {} trains in f32 (use --precision f32)",
             config.precision, spec.name
         )));
     }
-    if config.precision == Precision::Bf16 && device.is_cpu() {
+    if half && device.is_cpu() {
         tracing::warn!(
             "precision {} on the CPU runs candle's generic operations, slower than kiln's f32 kernels",
             config.precision
         );
     }
     let built = models::build(spec, &arch, config.seed, device)?;
+    let input_dtype = config
+        .precision
+        .activations(spec.mixed_precision, device.is_cuda());
     let mut optimizer = optim::build(config, built.params.vars())?;
+    if input_dtype == DType::F16 {
+        let params = built
+            .params
+            .vars()
+            .into_iter()
+            .map(|(_, var)| var)
+            .collect();
+        optimizer = Box::new(optim::LossScaled::new(
+            optimizer,
+            params,
+            optim::loss_scale::Settings::default(),
+        ));
+    }
     // Weights trained elsewhere expect the inputs normalised as they were trained.
     let mut weights_stats = None;
     let (progress, resumed_tally) = match start {
@@ -216,9 +233,7 @@ pub fn run(
             model: built.module.as_ref(),
             state: &built.params,
             optimizer: optimizer.as_mut(),
-            input_dtype: config
-                .precision
-                .activations(spec.mixed_precision, device.is_cuda()),
+            input_dtype,
         },
         &Data {
             train: &train,
