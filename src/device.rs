@@ -111,7 +111,7 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
 ///   work across streams; kiln runs everything on one stream, where launch order is enough.
 /// - freed memory stays in the allocator's pool, as in PyTorch's caching allocator: by default
 ///   the driver hands it back at every synchronisation and maps it afresh on the next step.
-/// - gradients summed by kiln's vectorised addition ([`crate::ops::batch_norm::add_gradients`]).
+/// - gradients summed by kiln's vectorised addition ([`crate::ops::residual::add_gradients`]).
 #[cfg(feature = "cuda")]
 fn tune_cuda(cuda: &candle_core::CudaDevice) {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -120,7 +120,7 @@ fn tune_cuda(cuda: &candle_core::CudaDevice) {
     unsafe { cuda.disable_event_tracking() };
     // The backward pass's sums of two gradients (residual blocks' inputs) in kiln's kernel;
     // set once per process, whichever device opens first.
-    candle_core::backprop::set_grad_add(crate::ops::batch_norm::add_gradients);
+    candle_core::backprop::set_grad_add(crate::ops::residual::add_gradients);
     let device = cuda.cuda_stream().context().cu_device();
     let mut keep = u64::MAX;
     // SAFETY: `device` comes from a live context; the attribute takes a u64 byte count.

@@ -466,11 +466,9 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
             ops_input(shape, 2).to_dtype(dtype).unwrap(),
         );
         let on_cpu = (&a + &b).unwrap();
-        let on_gpu = ops::batch_norm::add_gradients(
-            &a.to_device(&gpu).unwrap(),
-            &b.to_device(&gpu).unwrap(),
-        )
-        .unwrap();
+        let on_gpu =
+            ops::residual::add_gradients(&a.to_device(&gpu).unwrap(), &b.to_device(&gpu).unwrap())
+                .unwrap();
         assert_eq!(values(&on_cpu), values(&on_gpu), "{shape:?} {dtype:?}");
     }
     let x = Var::from_tensor(&ops_input(&[4096], 3).to_device(&gpu).unwrap()).unwrap();

@@ -14,6 +14,16 @@ use rand::{Rng, SeedableRng};
 
 const EPOCHS: &str = "3";
 
+/// The tests that kill `train` at random moments count on its pace, and the f16 run (candle's
+/// generic f16 operations on the CPU) is the heaviest here: they take the two cores one at a time.
+static PACED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn paced() -> std::sync::MutexGuard<'static, ()> {
+    PACED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Arguments shared by every run of these tests: fixture data, CPU, 19 steps an epoch.
 fn args<'a>(data: &'a str, run_name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
@@ -144,6 +154,7 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_finishes_exactly() {
 /// runs to the end with exactly the straight run's weights and metrics.
 #[test]
 fn sigkill_at_random_moments_never_loses_a_checkpoint() {
+    let _alone = paced();
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let reference = straight(root.path(), &data);
@@ -173,6 +184,7 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
 /// bit-identical to a straight run.
 #[test]
 fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactly() {
+    let _alone = paced();
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let config = root.path().join("resnet.toml");
@@ -248,6 +260,7 @@ fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactl
 /// scale (PyTorch's GradScaler starts at 65,536 and only halves or doubles it).
 #[test]
 fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
+    let _alone = paced();
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let config = root.path().join("resnet.toml");

@@ -15,9 +15,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
@@ -106,7 +104,7 @@ pub fn batch_norm_train_reference(
         .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
         .broadcast_mul(&per_channel(gamma)?)?
         .broadcast_add(&per_channel(beta)?)?;
-    let y = if relu { self::relu(&y)? } else { y };
+    let y = if relu { super::residual::relu(&y)? } else { y };
     Ok(BatchNormOutput {
         y: y.to_dtype(dtype)?,
         mean: mean.flatten_all()?.detach(),
@@ -255,20 +253,6 @@ fn kernel_sizes(
 /// The planes of channel `c` in an [N, C, HW] buffer.
 fn planes(data: &[f32], c: usize, channels: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
     data.chunks_exact(hw.max(1)).skip(c).step_by(channels)
-}
-
-/// `f(a, b)` for each pair of elements of `a` and `b` (equally long), in parallel chunks.
-fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
-    let f = &f;
-    par_collect(a.len(), CHUNK, |i| {
-        let at = i * CHUNK;
-        a[at..]
-            .iter()
-            .zip(&b[at..])
-            .take(CHUNK)
-            .map(move |(&a, &b)| f(a, b))
-    })
 }
 
 /// Independent f64 accumulators per sum, so the compiler can keep them in vector registers
@@ -606,175 +590,6 @@ impl CustomOp3 for InputGrad {
             &xs.device,
         ));
         Ok((dx, xl.shape().clone()))
-    }
-}
-
-/// `grad` where `y > 0`, zero elsewhere: ReLU's gradient read from its output.
-struct ReluGate;
-
-impl CustomOp2 for ReluGate {
-    fn name(&self) -> &'static str {
-        "kiln-relu-gate"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        ys: &CpuStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (grad, y) = (
-            contiguous_f32(gs, gl, "gradient")?,
-            contiguous_f32(ys, yl, "output")?,
-        );
-        let out = zip_map(grad, y, |g, y| if y > 0.0 { g } else { 0.0 });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        gs: &candle_core::CudaStorage,
-        gl: &Layout,
-        ys: &candle_core::CudaStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = by_float!(gs.dtype(), T => super::cuda::storage(
-            cuda::elementwise::<T>("relu_gate", gs, gl, ys, yl)?,
-            &gs.device,
-        ));
-        Ok((out, gl.shape().clone()))
-    }
-}
-
-/// `relu(a + b)`: the end of a residual block, one pass each way.
-pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    // Elementwise: any format.
-    if ours(a.device(), a.dtype(), MemoryFormat::ChannelsFirst) && a.dtype() == b.dtype() {
-        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
-    } else {
-        relu(&(a + b)?)
-    }
-}
-
-/// ReLU whose gradient is 0 where its input is exactly 0, as PyTorch's and kiln's kernels
-/// (candle's `relu` passes it there): the compositions then agree with them on ties, which
-/// bf16's coarse rounding makes common (a + b = 0 wherever b = -a).
-pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
-    x * x.gt(0f64)?.to_dtype(x.dtype())?
-}
-
-struct AddRelu;
-
-impl CustomOp2 for AddRelu {
-    fn name(&self) -> &'static str {
-        "kiln-add-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if al.shape() != bl.shape() {
-            candle_core::bail!(
-                "add_relu: shapes {:?} and {:?} differ",
-                al.shape(),
-                bl.shape()
-            );
-        }
-        let (a, b) = (
-            contiguous_f32(a_s, al, "lhs")?,
-            contiguous_f32(bs, bl, "rhs")?,
-        );
-        let out = zip_map(a, b, |a, b| (a + b).max(0.0));
-        Ok((CpuStorage::F32(out), al.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a_s: &candle_core::CudaStorage,
-        al: &Layout,
-        bs: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        if al.shape() != bl.shape() {
-            candle_core::bail!(
-                "add_relu: shapes {:?} and {:?} differ",
-                al.shape(),
-                bl.shape()
-            );
-        }
-        let out = by_float!(a_s.dtype(), T => super::cuda::storage(
-            cuda::elementwise::<T>("add_relu_fwd", a_s, al, bs, bl)?,
-            &a_s.device,
-        ));
-        Ok((out, al.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gated = grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)?;
-        Ok((Some(gated.clone()), Some(gated)))
-    }
-}
-
-/// `a + b` as the backward pass sums two gradients of one tensor (a residual block's input):
-/// kiln's vectorised kernel for same-shaped f32 or bf16 tensors on CUDA (candle's addition
-/// moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an H200), candle's
-/// addition elsewhere. `device::open` installs it as candle's gradient addition.
-pub fn add_gradients(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let same = a.shape() == b.shape() && a.dtype() == b.dtype();
-    let on_cuda = cfg!(feature = "cuda") && a.device().is_cuda();
-    if same && on_cuda && matches!(a.dtype(), DType::F32 | DType::BF16) {
-        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddSame)
-    } else {
-        a.add(b)
-    }
-}
-
-/// `a + b`, same shapes, CUDA only (see [`add_gradients`]).
-struct AddSame;
-
-impl CustomOp2 for AddSame {
-    fn name(&self) -> &'static str {
-        "kiln-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "kiln-add: CUDA tensors only (add_gradients uses candle's addition elsewhere)"
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a_s: &candle_core::CudaStorage,
-        al: &Layout,
-        bs: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = by_float!(a_s.dtype(), T => super::cuda::storage(
-            cuda::elementwise::<T>("add_same", a_s, al, bs, bl)?,
-            &a_s.device,
-        ));
-        Ok((out, al.shape().clone()))
     }
 }
 

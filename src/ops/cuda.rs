@@ -1,10 +1,11 @@
 //! Launching kiln's CUDA kernels (src/ops/kernels.cu, compiled to PTX by build.rs) from candle
 //! custom ops: loading, argument views, output buffers, launch shapes.
 
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
 };
-use candle_core::cuda_backend::CudaDType;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln.ptx"));
@@ -129,6 +130,33 @@ pub fn per_item(items: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// A kernel of two same-sized inputs and one output, all `T` (the residual ops: `add_relu_fwd`,
+/// `relu_gate`, `add_same`), eight values a thread where the count and the offsets allow.
+pub fn elementwise<T: KernelFloat>(
+    name: &str,
+    a_s: &CudaStorage,
+    al: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+) -> candle_core::Result<CudaSlice<T>> {
+    let dev = &a_s.device;
+    let (a, b) = (view::<T>(a_s, al, "lhs")?, view::<T>(bs, bl, "rhs")?);
+    let total = al.shape().elem_count();
+    let out = output::<T>(dev, total)?;
+    let func = kernel_for::<T>(dev, name)?;
+    let stream = dev.cuda_stream();
+    let wide = total.is_multiple_of(8)
+        && al.start_offset().is_multiple_of(8)
+        && bl.start_offset().is_multiple_of(8);
+    let wide32 = i32::from(wide);
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&a).arg(&b).arg(&total).arg(&wide32).arg(&out);
+    // SAFETY: both inputs hold `total` contiguous `T` values (same shapes, checked by the
+    // callers); a grid-stride loop writes every output.
+    unsafe { launch.launch(per_item(if wide { total / 8 } else { total })) }.w()?;
+    Ok(out)
 }
 
 /// One block: for kernels that reduce a batch to a few numbers.

@@ -14,8 +14,9 @@ mod gemm;
 pub mod max_pool;
 pub mod memory_format;
 pub mod relu_maxpool;
+pub mod residual;
 
-pub use batch_norm::{add_relu, batch_norm_eval, batch_norm_train, BatchNormOutput};
+pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchNormOutput};
 pub use conv::{conv2d, conv2d_channels_last, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};
@@ -23,6 +24,7 @@ pub use gather::{gather_normalise, gather_normalise_into, Augmentation, Normalis
 pub use max_pool::{max_pool2d, PoolParams};
 pub use memory_format::MemoryFormat;
 pub use relu_maxpool::relu_max_pool2d;
+pub use residual::add_relu;
 
 use candle_core::{CpuStorage, Layout, Tensor};
 use rayon::prelude::*;

@@ -1,7 +1,7 @@
-//! Launching the BatchNorm, add-ReLU and ReLU-gate kernels of kernels.cu: bn_stats_partial +
-//! bn_stats_finish, bn_apply, bn_grad_partial + bn_grad_finish, bn_input_grad, add_relu_fwd,
-//! relu_gate; those that read data for f32 and bf16 (statistics and parameters f32). The
-//! partial sums have a channels-last version each (`_nhwc`); the rest read either format.
+//! Launching the BatchNorm kernels of kernels.cu: bn_stats_partial + bn_stats_finish, bn_apply,
+//! bn_grad_partial + bn_grad_finish, bn_input_grad, bn_blend_running; those that read data for
+//! f32 and bf16 (statistics and parameters f32). The partial sums have channels-last versions
+//! (`_nhwc`, `_nhwc8`); the rest read either format.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -325,32 +325,6 @@ pub(super) fn input_grad<T: KernelFloat>(
     // SAFETY: as in `apply`.
     unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
     Ok(dx)
-}
-
-/// A kernel of two same-sized inputs and one output, all `T`: `add_relu_fwd`, `relu_gate` or
-/// `add_same`.
-pub(super) fn elementwise<T: KernelFloat>(
-    name: &str,
-    a_s: &CudaStorage,
-    al: &Layout,
-    bs: &CudaStorage,
-    bl: &Layout,
-) -> candle_core::Result<CudaSlice<T>> {
-    let dev = &a_s.device;
-    let (a, b) = (view::<T>(a_s, al, "lhs")?, view::<T>(bs, bl, "rhs")?);
-    let total = al.shape().elem_count();
-    let out = output::<T>(dev, total)?;
-    let func = kernel_for::<T>(dev, name)?;
-    let stream = dev.cuda_stream();
-    // Elementwise: one "plane" of every value, so eight at a time where the count allows.
-    let wide = vec8((1, 1, total), &[al, bl]);
-    let wide32 = i32::from(wide);
-    let mut launch = stream.launch_builder(&func);
-    launch.arg(&a).arg(&b).arg(&total).arg(&wide32).arg(&out);
-    // SAFETY: both inputs hold `total` contiguous `T` values (same shapes, checked by the
-    // callers); a grid-stride loop writes every output.
-    unsafe { launch.launch(per_value(total, wide)) }.w()?;
-    Ok(out)
 }
 
 /// `running = running * keep + batch * take`, in place (f32, `bn_blend_running`).
