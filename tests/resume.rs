@@ -186,24 +186,7 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
 fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactly() {
     let _alone = paced();
     let root = tempfile::tempdir().unwrap();
-    let data = fixture_dir(root.path());
-    let config = root.path().join("resnet.toml");
-    std::fs::write(&config, RESNET_RECIPE).unwrap();
-    let config = config.display().to_string();
-    let resnet_args = |name: &str, extra: &[&str]| -> Vec<String> {
-        let mut all = vec![
-            "--config",
-            &config,
-            "--device",
-            "cpu",
-            "--data-dir",
-            &data,
-            "--run",
-            name,
-        ];
-        all.extend_from_slice(extra);
-        all.into_iter().map(String::from).collect()
-    };
+    let resnet_args = resnet_recipe(root.path());
     let train = |name: &str, extra: &[&str]| {
         let all = resnet_args(name, extra);
         train_ok(
@@ -262,29 +245,9 @@ fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactl
 fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
     let _alone = paced();
     let root = tempfile::tempdir().unwrap();
-    let data = fixture_dir(root.path());
-    let config = root.path().join("resnet.toml");
-    std::fs::write(&config, RESNET_RECIPE).unwrap();
-    let config = config.display().to_string();
-    let f16_args = |name: &'static str| -> Vec<String> {
-        let all = [
-            "--config",
-            &config,
-            "--device",
-            "cpu",
-            "--data-dir",
-            &data,
-            "--run",
-            name,
-            "--precision",
-            "f16",
-            "--epochs",
-            "2",
-            "--early-stop",
-            "0",
-        ];
-        all.into_iter().map(String::from).collect()
-    };
+    let resnet_args = resnet_recipe(root.path());
+    let f16 = ["--precision", "f16", "--epochs", "2", "--early-stop", "0"];
+    let f16_args = |name: &str| resnet_args(name, &f16);
     let straight = f16_args("straight");
     train_ok(
         root.path(),
@@ -311,6 +274,28 @@ fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
     );
     assert!(weight_bits(&a.join("last.safetensors")) == weight_bits(&b.join("last.safetensors")));
     assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
+}
+
+/// [`RESNET_RECIPE`] written under `root` with the fixture data beside it: the arguments of a
+/// CPU run named `name`, `extra` after them.
+fn resnet_recipe(root: &Path) -> impl Fn(&str, &[&str]) -> Vec<String> {
+    let data = fixture_dir(root);
+    let config = root.join("resnet.toml");
+    std::fs::write(&config, RESNET_RECIPE).unwrap();
+    let config = config.display().to_string();
+    move |name, extra| {
+        let all = [
+            "--config",
+            &config,
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--run",
+            name,
+        ];
+        all.iter().chain(extra).map(|a| a.to_string()).collect()
+    }
 }
 
 /// ResNet-18 at width 4 on the 600 fixture images: 19 steps an epoch, about a second each.
