@@ -751,7 +751,7 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* sta
     bn_nhwc_partials(dot, total, c, partials);
 }
 
-// Channels last with C a multiple of 8 where C / 8 divides 32 or is a multiple of it: each
+// Channels last with C a multiple of 8 where C / 8 divides 32 or is at least 32: each
 // thread sums 8 channels from 16-byte loads (the scalar kernels above read 2 bytes a thread and
 // ran at a third of the memory's bandwidth). A block is `across` = min(32, C / 8) threads across
 // 8 * across channels (blockIdx.x's group) times BLOCK / across lanes of rows; the lanes are
