@@ -60,23 +60,16 @@ fn kiln(
     let mut arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
     arch.memory_format = Some(format);
     let built = models::build(spec, &arch, 0, device)?;
-    let mut optimizer = optim::build(&config, built.params.vars())?;
-    if dtype == DType::F16 {
-        // As the training loop: f16 steps scale the loss (LossScaled).
-        let params = built.params.vars().into_iter().map(|(_, v)| v).collect();
-        let settings = optim::loss_scale::Settings::default();
-        optimizer = Box::new(optim::LossScaled::new(optimizer, params, settings));
-    }
+    // As the training loop: f16 steps scale the loss.
+    let optimizer = optim::build(&config, built.params.vars())?;
+    let mut optimizer = optim::for_precision(optimizer, built.params.vars(), dtype);
     let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut run = |n: usize| -> kiln::Result<()> {
         for _ in 0..n {
             let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
             let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-            let mut grads = match optimizer.loss_scale() {
-                Some(scale) => loss.affine(scale, 0.0)?.backward()?,
-                None => loss.backward()?,
-            };
+            let mut grads = optimizer.backward(&loss)?;
             if optimizer.unscale(&mut grads)? {
                 optimizer.step(&grads)?;
             }

@@ -9,7 +9,7 @@ pub mod sgd;
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::config::{Config, OptimizerKind};
 use crate::error::{Error, Result};
@@ -31,6 +31,14 @@ pub trait Optimizer {
     /// The factor the loss is multiplied by before the backward pass ([`LossScaled`]), if any.
     fn loss_scale(&self) -> Option<f64> {
         None
+    }
+    /// The backward pass of `loss`, scaled by [`Optimizer::loss_scale`] where there is one (f16:
+    /// small gradients survive); [`Optimizer::unscale`] readies the result for a step.
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok(match self.loss_scale() {
+            Some(scale) => loss.affine(scale, 0.0)?.backward()?,
+            None => loss.backward()?,
+        })
     }
     /// Readies the backward pass's gradients for [`Optimizer::step`] (divides them by the loss
     /// scale); false where they overflowed, and the step is to be skipped.
@@ -77,6 +85,24 @@ pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Opti
         backbone,
         scale,
     }))
+}
+
+/// `optimizer` as training in `dtype` needs it: with dynamic loss scaling over `params` for f16
+/// (PyTorch's GradScaler defaults), as it is otherwise.
+pub fn for_precision(
+    optimizer: Box<dyn Optimizer>,
+    params: Vec<(String, Var)>,
+    dtype: DType,
+) -> Box<dyn Optimizer> {
+    if dtype != DType::F16 {
+        return optimizer;
+    }
+    let params = params.into_iter().map(|(_, var)| var).collect();
+    Box::new(LossScaled::new(
+        optimizer,
+        params,
+        loss_scale::Settings::default(),
+    ))
 }
 
 /// The classifier's parameters at the scheduled rate, the backbone's (if trained) at a share.

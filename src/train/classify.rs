@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::fit::{self, Data, Driving, Observer, Outcome, Trainee};
 use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog};
@@ -91,20 +91,8 @@ pub fn run(
     let input_dtype = config
         .precision
         .activations(spec.mixed_precision, device.is_cuda());
-    let mut optimizer = optim::build(config, built.params.vars())?;
-    if input_dtype == DType::F16 {
-        let params = built
-            .params
-            .vars()
-            .into_iter()
-            .map(|(_, var)| var)
-            .collect();
-        optimizer = Box::new(optim::LossScaled::new(
-            optimizer,
-            params,
-            optim::loss_scale::Settings::default(),
-        ));
-    }
+    let optimizer = optim::build(config, built.params.vars())?;
+    let mut optimizer = optim::for_precision(optimizer, built.params.vars(), input_dtype);
     // Weights trained elsewhere expect the inputs normalised as they were trained.
     let mut weights_stats = None;
     let (progress, resumed_tally) = match start {

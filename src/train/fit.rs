@@ -207,13 +207,7 @@ pub fn fit(
                 let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
                 Ok((logits, loss))
             })?;
-            let mut grads = phases.time(Phase::Backward, || {
-                // f16: the loss scaled up so that small gradients survive (LossScaled).
-                Ok(match optimizer.loss_scale() {
-                    Some(scale) => loss.affine(scale, 0.0)?.backward()?,
-                    None => loss.backward()?,
-                })
-            })?;
+            let mut grads = phases.time(Phase::Backward, || optimizer.backward(&loss))?;
             phases.time(Phase::Optimizer, || {
                 if !optimizer.unscale(&mut grads)? {
                     return Ok(());
