@@ -4,8 +4,8 @@
 //! and shifted, optionally followed by ReLU in the same pass (ResNet's `relu(bn(conv(x)))`).
 //! The batch mean and variance come back too, for the caller's running statistics.
 //!
-//! On the CPU (f32, channels first) and CUDA (f32 or bf16 data in either format, f32 statistics
-//! and parameters), kiln's kernels:
+//! On the CPU (f32, channels first) and CUDA (f32, bf16 or f16 data in either format, f32
+//! statistics and parameters), kiln's kernels:
 //! a channel's sums in f64 (as PyTorch's CPU kernel accumulates; CUDA's channels-last kernel adds
 //! each thread's at most 64 rows in f32 first), on the CPU in a fixed order so
 //! that results do not depend on the thread count;
@@ -71,11 +71,13 @@ pub fn batch_norm_train(
 }
 
 /// Whether kiln's kernels run on `device` for data of type `dtype` in `format`: f32 channels
-/// first on the CPU, f32 and bf16 in either format on CUDA.
+/// first on the CPU, f32, bf16 and f16 in either format on CUDA.
 fn ours(device: &Device, dtype: DType, format: MemoryFormat) -> bool {
     match device {
         Device::Cpu => dtype == DType::F32 && format == MemoryFormat::ChannelsFirst,
-        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16),
+        Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        }
         Device::Metal(_) => false,
     }
 }

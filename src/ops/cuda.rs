@@ -30,6 +30,10 @@ impl KernelFloat for half::bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
+impl KernelFloat for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
 /// `name_f32` or `name_bf16`, for data of type `T`.
 pub fn kernel_for<T: KernelFloat>(
     device: &CudaDevice,
@@ -38,7 +42,7 @@ pub fn kernel_for<T: KernelFloat>(
     kernel(device, &format!("{name}_{}", T::SUFFIX))
 }
 
-/// Evaluates `$body` with the type alias `$t` naming the Rust type of `$dtype` (f32 or bf16),
+/// Evaluates `$body` with the type alias `$t` naming the Rust type of `$dtype` (f32, bf16, f16),
 /// and fails with a clear error on any other data type.
 macro_rules! by_float {
     ($dtype:expr, $t:ident => $body:expr) => {
@@ -51,7 +55,13 @@ macro_rules! by_float {
                 type $t = half::bf16;
                 $body
             }
-            other => candle_core::bail!("kiln's CUDA kernels take f32 or bf16 data, not {other:?}"),
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            other => {
+                candle_core::bail!("kiln's CUDA kernels take f32, bf16 or f16 data, not {other:?}")
+            }
         }
     };
 }

@@ -6,6 +6,7 @@
 // kernel mirrors a CPU implementation in src/ops or src/optim, which the tests compare against.
 #include <stdint.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #define NO_WINNER 0xffffffffu
 #define BLOCK 256
@@ -418,13 +419,15 @@ __device__ double block_sum_d(double value, double* scratch) {
     return total;
 }
 
-// ---- BatchNorm, add-ReLU, the ReLU gate: f32 or bf16 data (`_f32` / `_bf16` entry points),
+// ---- BatchNorm, add-ReLU, the ReLU gate: f32, bf16 or f16 data (`_f32` / `_bf16` / `_f16`),
 // f32 parameters and statistics, f32 arithmetic (as PyTorch's bf16 autocast runs them) --------
 
 __device__ __forceinline__ float load(float v) { return v; }
 __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float load(__half v) { return __half2float(v); }
 __device__ __forceinline__ void store(float* at, float v) { *at = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* at, float v) { *at = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(__half* at, float v) { *at = __float2half_rn(v); }
 
 // BatchNorm's per-channel sums are split over `splits` blocks per channel (blockIdx.y), each
 // over a run of whole planes, so that every SM streams (one block per channel left most of the
@@ -547,6 +550,15 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
         v[2 * k + 1] = f.y;
     }
 }
+__device__ __forceinline__ void load8(const __half* p, float* v) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+    for (int k = 0; k < 4; k++) {
+        float2 f = __half22float2(h[k]);
+        v[2 * k] = f.x;
+        v[2 * k + 1] = f.y;
+    }
+}
 __device__ __forceinline__ void store8(float* p, const float* v) {
     reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -555,6 +567,12 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
     uint4 u;
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
     for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+__device__ __forceinline__ void store8(__half* p, const float* v) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+    for (int k = 0; k < 4; k++) h[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
     *reinterpret_cast<uint4*>(p) = u;
 }
 
@@ -963,6 +981,7 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
 
 BN_ENTRY_POINTS(float, f32)
 BN_ENTRY_POINTS(__nv_bfloat16, bf16)
+BN_ENTRY_POINTS(__half, f16)
 
 // ---- convolution filters: the f32 master weight [CO, C, KH, KW] (PyTorch's layout) in the
 // activations' type and cuDNN's channels-last filter layout [CO, KH, KW, C], and the filter's
@@ -989,3 +1008,4 @@ BN_ENTRY_POINTS(__nv_bfloat16, bf16)
 
 FILTER_ENTRY_POINTS(float, f32)
 FILTER_ENTRY_POINTS(__nv_bfloat16, bf16)
+FILTER_ENTRY_POINTS(__half, f16)

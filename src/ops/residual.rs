@@ -1,10 +1,9 @@
-//! The elementwise ends of a residual block, and the backward pass's gradient sums: `relu(a + b)`
-//! with its gradient gate read from the output, and `a + b` of two gradients of one tensor. kiln's
-//! kernels on the CPU (f32, in parallel chunks) and CUDA (f32 or bf16, eight values a thread in
-//! 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same` in kernels.cu); candle's
-//! composition elsewhere, which is also the reference for the tests. Any memory format: each
-//! value meets only its partner.
-
+//! The elementwise ends of a residual block, and the backward pass's gradient sums:
+//! `relu(a + b)` with its gradient gate read from the output, and `a + b` of two gradients of
+//! one tensor. kiln's kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16,
+//! eight values a thread in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same` in
+//! kernels.cu); candle's composition elsewhere, which is also the reference for the tests. Any
+//! memory format: each value meets only its partner.
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
 #[cfg(feature = "cuda")]
@@ -13,12 +12,14 @@ use super::{contiguous_f32, par_collect};
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 
-/// Whether kiln's kernels run on `device` for data of type `dtype`: f32 on the CPU, f32 and bf16
-/// on CUDA.
+/// Whether kiln's kernels run on `device` for data of type `dtype`: f32 on the CPU, f32, bf16
+/// and f16 on CUDA.
 fn ours(device: &Device, dtype: DType) -> bool {
     match device {
         Device::Cpu => dtype == DType::F32,
-        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16),
+        Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        }
         Device::Metal(_) => false,
     }
 }
@@ -165,13 +166,13 @@ impl CustomOp2 for AddRelu {
 }
 
 /// `a + b` as the backward pass sums two gradients of one tensor (a residual block's input):
-/// kiln's vectorised kernel for same-shaped f32 or bf16 tensors on CUDA (candle's addition
+/// kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA (candle's addition
 /// moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an H200), candle's
 /// addition elsewhere. `device::open` installs it as candle's gradient addition.
 pub fn add_gradients(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let same = a.shape() == b.shape() && a.dtype() == b.dtype();
     let on_cuda = cfg!(feature = "cuda") && a.device().is_cuda();
-    if same && on_cuda && matches!(a.dtype(), DType::F32 | DType::BF16) {
+    if same && on_cuda && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddSame)
     } else {
         a.add(b)

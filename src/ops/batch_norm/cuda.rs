@@ -1,6 +1,6 @@
 //! Launching the BatchNorm kernels of kernels.cu: bn_stats_partial + bn_stats_finish, bn_apply,
 //! bn_grad_partial + bn_grad_finish, bn_input_grad, bn_blend_running; those that read data for
-//! f32 and bf16 (statistics and parameters f32). The partial sums have channels-last versions
+//! f32, bf16 and f16 (statistics and parameters f32). The partial sums have channels-last versions
 //! (`_nhwc`, `_nhwc8`); the rest read either format.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};

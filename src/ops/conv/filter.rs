@@ -15,7 +15,7 @@ use crate::ops::cuda::{by_float, kernel_for, output, per_item, storage, view};
 pub(super) fn channels_last_filter(weight: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     let ours = weight.device().is_cuda()
         && weight.dtype() == DType::F32
-        && matches!(dtype, DType::F32 | DType::BF16);
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
     if ours {
         weight.contiguous()?.apply_op1(ToChannelsLast { dtype })
     } else {
