@@ -1,6 +1,7 @@
 //! The run configuration: a TOML file (`configs/<model>.toml`, built into the binary as each
 //! model's default) with command-line overrides on top, resolved and validated once.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -87,7 +88,8 @@ impl fmt::Display for OptimizerKind {
 /// loss by a dynamic scale ([`crate::optim::LossScaled`], PyTorch's GradScaler). `auto` (the
 /// default) is bf16 for models that support it (the ResNets) on CUDA, where tensor cores run it,
 /// and f32 elsewhere. Weights files and checkpoints hold f32 either way, so a run may change
-/// precision when it resumes; evaluation runs in f32.
+/// precision when it resumes; the training loop evaluates in its precision (as under
+/// autocast), the `evaluate` binary in f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -198,6 +200,24 @@ pub struct Config {
     /// 1 when fine-tuning pretrained weights; 0 freezes them (`--freeze-backbone`).
     #[serde(default = "default_backbone_lr_scale")]
     pub backbone_lr_scale: f64,
+    /// BatchNorm's parameters train at this multiple of the rate, their weight decay divided
+    /// by it (airbench's `bias_scaler`; `optim::groups`).
+    #[serde(default = "default_norm_lr_scale")]
+    pub norm_lr_scale: f64,
+    /// Parameters trained for the first so many epochs only, by name (fastnet's whitening
+    /// bias: `{ "0.bias" = 3 }`).
+    #[serde(default)]
+    pub train_until: BTreeMap<String, usize>,
+    /// Lookahead averaging of the weights every five steps, ending on the average
+    /// (`optim::lookahead`, airbench's).
+    #[serde(default)]
+    pub lookahead: bool,
+    /// Leave out each epoch's last batch when it comes out short.
+    #[serde(default)]
+    pub drop_last: bool,
+    /// The last epoch's evaluation with test-time augmentation (`evaluate --tta`).
+    #[serde(default)]
+    pub tta: bool,
     /// The network's first layers (ResNets): auto, cifar or imagenet.
     #[serde(default)]
     pub stem: Stem,
@@ -222,6 +242,10 @@ fn default_synthetic_images() -> usize {
 }
 
 fn default_backbone_lr_scale() -> f64 {
+    1.0
+}
+
+fn default_norm_lr_scale() -> f64 {
     1.0
 }
 
@@ -413,6 +437,17 @@ impl Config {
             return Err(format!(
                 "backbone_lr_scale must be 0 (frozen) or more, got {}",
                 self.backbone_lr_scale
+            ));
+        }
+        if !(self.norm_lr_scale > 0.0 && self.norm_lr_scale.is_finite()) {
+            return Err(format!(
+                "norm_lr_scale must be above 0, got {}",
+                self.norm_lr_scale
+            ));
+        }
+        if let Some((name, _)) = self.train_until.iter().find(|(_, &epochs)| epochs == 0) {
+            return Err(format!(
+                "train_until: {name} = 0 would never train it; give at least 1 epoch"
             ));
         }
         if self.width == 0 {

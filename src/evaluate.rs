@@ -250,8 +250,10 @@ pub fn tta_logits(model: &dyn ModuleT, images: &Tensor) -> Result<Tensor> {
 }
 
 /// Runs `model` (in evaluation mode) over every image of `set` in batches of `batch_size`,
-/// written into `buffer`; labels are in 0..num_classes; with `tta`, on [`tta_logits`]' views.
-/// The sums stay on the device until the end: one read, not one per batch.
+/// written into `buffer`, the images in `dtype` (the training loop's precision; f32 for
+/// `evaluate`); labels are in 0..num_classes; with `tta`, on [`tta_logits`]' views. The sums
+/// stay on the device until the end: one read, not one per batch.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &dyn ModuleT,
     set: &DeviceSet,
@@ -259,6 +261,7 @@ pub fn evaluate(
     buffer: &mut BatchBuffer,
     num_classes: usize,
     tta: bool,
+    dtype: candle_core::DType,
 ) -> Result<Evaluation> {
     let mut confusion = vec![vec![0u64; num_classes]; num_classes];
     if set.is_empty() {
@@ -273,6 +276,7 @@ pub fn evaluate(
     for range in batch_ranges(set.len(), batch_size) {
         let n = range.len() as f64;
         let (images, labels) = set.batch(&order, range, buffer, None)?;
+        let images = images.to_dtype(dtype)?;
         let logits = if tta {
             tta_logits(model, &images)?
         } else {
@@ -331,6 +335,7 @@ mod tests {
             &mut BatchBuffer::default(),
             10,
             false,
+            candle_core::DType::F32,
         )
         .unwrap();
         assert_eq!(eval.total(), 30);

@@ -35,6 +35,9 @@ pub struct RunSummary {
     pub best_epoch: usize,
     pub best_accuracy: f64,
     pub seconds: f64,
+    /// Of which training steps, and the last evaluation.
+    pub train_seconds: f64,
+    pub last_evaluation_seconds: f64,
     pub mean_images_per_s: f64,
     pub peak_rss_bytes: Option<u64>,
     /// Peak device memory of the allocations (see `device::peak_memory`).
@@ -119,6 +122,8 @@ impl Reporter {
                     "best_epoch": s.best_epoch,
                     "best_test_acc": s.best_accuracy,
                     "seconds": s.seconds,
+                    "train_seconds": s.train_seconds,
+                    "last_evaluation_seconds": s.last_evaluation_seconds,
                     "mean_images_per_s": s.mean_images_per_s,
                     "peak_rss_bytes": s.peak_rss_bytes,
                     "device_memory_bytes": s.device_memory_bytes,
@@ -152,7 +157,13 @@ impl Reporter {
                         "best test acc",
                         format!("{:.4} (epoch {})", s.best_accuracy, s.best_epoch),
                     ),
-                    ("time", format!("{:.1} s", s.seconds)),
+                    (
+                        "time",
+                        format!(
+                            "{:.1} s (training steps {:.2} s, last evaluation {:.2} s)",
+                            s.seconds, s.train_seconds, s.last_evaluation_seconds
+                        ),
+                    ),
                     (
                         "images/s",
                         format!(

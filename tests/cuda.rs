@@ -155,6 +155,12 @@ fn every_parameter_gradient_of_every_model_matches_the_cpu() {
             // gradient is off by tens of percent.
             if spec.name == "resnet50" {
                 assert_relative_l2(&what, a, b, 1e-2);
+            } else if spec.name == "fastnet" {
+                // Max-pooling sends each window's gradient to one pixel: where two are equal
+                // within rounding, the CPU's and cuDNN's rounding pick different ones (4e-3 of
+                // a weight gradient's norm on an H200), and the whitening bias's gradient sums
+                // 46,000 terms that largely cancel.
+                assert_relative_l2(&what, a, b, 1e-2);
             } else {
                 assert_close(&what, a, b);
             }
@@ -222,21 +228,25 @@ fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
 fn augmented_batches_on_the_gpu_are_the_cpus_bit_for_bit() {
     let gpu = cuda();
     let set = synthetic::generate(40, 1);
+    let alternate = |turned| Some(kiln::ops::gather::AlternateFlip { key: 77, turned });
     let cases = [
-        (4, false, 0, None),
-        (4, true, 8, None),
-        (0, false, 5, None),
-        (31, true, 32, None),
-        (0, false, 0, Some([0.08, 1.0])),
-        (0, false, 6, Some([0.5, 0.9])),
+        (4, false, 0, None, None),
+        (4, true, 8, None, None),
+        (0, false, 5, None, None),
+        (31, true, 32, None, None),
+        (0, false, 0, Some([0.08, 1.0]), None),
+        (0, false, 6, Some([0.5, 0.9]), None),
+        (2, true, 0, None, alternate(false)),
+        (2, true, 0, None, alternate(true)),
     ];
-    for (padding, reflect, cutout, resized_crop) in cases {
+    for (padding, reflect, cutout, resized_crop, alternate_flip) in cases {
         let augment = kiln::ops::Augmentation {
             key: 12345 + padding as u64 + cutout as u64,
             width: 32,
             crop_padding: padding,
             reflect,
             flip: true,
+            alternate_flip,
             cutout,
             resized_crop,
         };
@@ -421,7 +431,7 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
         let step = |device: &Device| {
             let built = models::build(spec, &architecture(spec, first), 7, device).unwrap();
             let params = built.params.vars();
-            let mut optimizer = kiln::optim::build(&config, params.clone()).unwrap();
+            let mut optimizer = kiln::optim::build(&config, &built.params, 1).unwrap();
             for _ in 0..3 {
                 let mut store = candle_core::backprop::GradStore::default();
                 for ((_, var), (_, grad)) in params.iter().zip(&grads) {
@@ -625,6 +635,75 @@ fn half_precision_convolutions_are_close_to_the_cpu() {
                     case.0
                 );
             }
+        }
+    }
+}
+
+/// fastnet's max-pooling (k x k, stride k) in either format against the CPU's channels-first
+/// kernel, on values with many ties (quarters) and sides that leave rows and columns over: the
+/// same maxima, and each window's gradient on the same (first) winner, bit for bit.
+#[test]
+fn max_pooling_on_the_gpu_picks_the_cpus_winners() {
+    let gpu = cuda();
+    let x = (ops_input(&[3, 5, 7, 9], 21) * 4.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        .affine(0.25, 0.0)
+        .unwrap();
+    for k in [2, 3] {
+        let upstream = |dims: &[usize]| ops_input(dims, 22);
+        let run = |device: &Device, format: MemoryFormat| {
+            let input = Var::from_tensor(&format.from_nchw(&x.to_device(device).unwrap()).unwrap())
+                .unwrap();
+            let y = ops::max_pool::max_pool2d_in(input.as_tensor(), k, format).unwrap();
+            let y = format.to_nchw(&y).unwrap();
+            let g = upstream(y.dims()).to_device(device).unwrap();
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = format.to_nchw(grads.get(&input).unwrap()).unwrap();
+            (values(&y), values(&dx))
+        };
+        let on_cpu = run(&Device::Cpu, MemoryFormat::ChannelsFirst);
+        for format in FORMATS {
+            assert!(run(&gpu, format) == on_cpu, "k {k}, {format:?}");
+        }
+    }
+}
+
+/// GELU's kernels against candle's `gelu_erf` on the CPU: forward and gradient, f32 closely,
+/// bf16 and f16 within their rounding.
+#[test]
+fn gelu_on_the_gpu_matches_the_cpu() {
+    let gpu = cuda();
+    let x = (ops_input(&[4, 1000], 31) * 4.0).unwrap();
+    let g = ops_input(&[4, 1000], 32);
+    let run = |device: &Device, dtype: DType| {
+        let input =
+            Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap();
+        let y = ops::gelu(input.as_tensor()).unwrap();
+        let upstream = g.to_dtype(dtype).unwrap().to_device(device).unwrap();
+        let grads = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = grads.get(&input).unwrap().to_dtype(DType::F32).unwrap();
+        (y.to_dtype(DType::F32).unwrap(), dx)
+    };
+    let (y, dx) = run(&Device::Cpu, DType::F32);
+    let (gy, gdx) = run(&gpu, DType::F32);
+    assert_close("gelu f32", &y, &gy);
+    assert_close("gelu f32 gradient", &dx, &gdx);
+    for half in [DType::BF16, DType::F16] {
+        let (hy, hdx) = run(&gpu, half);
+        for (what, a, b) in [("output", &y, &hy), ("gradient", &dx, &hdx)] {
+            let worst = values(a)
+                .iter()
+                .zip(values(b))
+                .map(|(p, q)| (p - q).abs() / p.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-2, "gelu {half:?} {what}: off by {worst}");
         }
     }
 }

@@ -224,7 +224,7 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
         ),
         (
             vec!["--model", "resnet"],
-            "available models: simplecnn, resnet18, resnet34, resnet50, linear",
+            "available models: simplecnn, resnet18, resnet34, resnet50, fastnet, linear",
             1,
         ),
         (

@@ -131,6 +131,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         &mut buffer,
         classes.len(),
         cli.tta,
+        candle_core::DType::F32,
     )?;
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ops::gather::mix;
+use crate::ops::gather::{mix, AlternateFlip};
 use crate::ops::Augmentation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -57,6 +57,10 @@ pub struct Augment {
     pub resized_crop_scale: [f32; 2],
     /// Horizontal flip with probability 1/2.
     pub flip: bool,
+    /// With `flip`: each image's flip drawn once for the run, and every image flipped the
+    /// other way on every other epoch (airbench's alternating flip: each image seen both ways
+    /// in any two epochs).
+    pub alternate_flip: bool,
     /// Side of a square set to zero (the data's mean) around a random pixel; 0 = off.
     pub cutout: usize,
 }
@@ -70,6 +74,7 @@ impl Default for Augment {
             // torchvision's default scale.
             resized_crop_scale: [0.08, 1.0],
             flip: false,
+            alternate_flip: false,
             cutout: 0,
         }
     }
@@ -77,6 +82,8 @@ impl Default for Augment {
 
 /// Tags the augmentation's hash apart from anything else a seed feeds.
 const STREAM: u64 = 0x6175_676d_656e_7400; // "augment\0"
+/// The same for the alternating flip's once-per-run coins.
+const FLIP_STREAM: u64 = 0x666c_6970_0000_0000; // "flip"
 
 impl Augment {
     pub fn is_off(&self) -> bool {
@@ -107,6 +114,11 @@ impl Augment {
                 image_size.saturating_sub(1)
             )));
         }
+        if self.alternate_flip && !self.flip {
+            return Err(Error::InvalidSetting(
+                "augment.alternate_flip is a way of flipping; set flip = true with it".into(),
+            ));
+        }
         if self.cutout > image_size {
             return Err(Error::InvalidSetting(format!(
                 "augment.cutout = {} is larger than the {image_size}-pixel images",
@@ -135,6 +147,10 @@ impl Augment {
             crop_padding: self.crop_padding,
             reflect: self.padding_mode == PaddingMode::Reflect,
             flip: self.flip,
+            alternate_flip: self.alternate_flip.then_some(AlternateFlip {
+                key: mix(seed ^ FLIP_STREAM),
+                turned: epoch.is_multiple_of(2),
+            }),
             cutout: self.cutout,
             resized_crop: self.resized_crop.then_some(self.resized_crop_scale),
         })

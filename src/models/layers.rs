@@ -45,10 +45,10 @@ pub fn eval_detached(t: &Tensor, train: bool) -> Tensor {
     }
 }
 
-/// `nn.BatchNorm2d(C)` with PyTorch's defaults (momentum 0.1, eps 1e-5): `weight` and `bias`
-/// (parameters), `running_mean`, `running_var` and `num_batches_tracked` (buffers). Training
-/// normalises with the batch's statistics (biased variance) and moves the running ones towards
-/// them (unbiased variance); evaluation uses the running ones.
+/// `nn.BatchNorm2d(C)`: `weight` and `bias` (parameters), `running_mean`, `running_var` and
+/// `num_batches_tracked` (buffers). Training normalises with the batch's statistics (biased
+/// variance) and moves the running ones towards them (unbiased variance); evaluation uses the
+/// running ones.
 pub struct BatchNorm2d {
     weight: Tensor,
     bias: Tensor,
@@ -58,13 +58,43 @@ pub struct BatchNorm2d {
     num_batches_tracked: Var,
     /// The activations' layout.
     format: MemoryFormat,
+    settings: NormSettings,
 }
 
-const BN_MOMENTUM: f64 = 0.1;
-const BN_EPS: f64 = 1e-5;
+/// A batch norm's constants, PyTorch's meaning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormSettings {
+    /// running = (1 - momentum) * running + momentum * batch.
+    pub momentum: f64,
+    pub eps: f64,
+    /// `weight.requires_grad`: false keeps the scale at 1 (airbench's), a buffer under the same
+    /// name that no optimizer sees.
+    pub train_weight: bool,
+}
+
+impl Default for NormSettings {
+    /// PyTorch's defaults.
+    fn default() -> Self {
+        Self {
+            momentum: 0.1,
+            eps: 1e-5,
+            train_weight: true,
+        }
+    }
+}
 
 impl BatchNorm2d {
+    /// With PyTorch's defaults (momentum 0.1, eps 1e-5).
     pub fn new(channels: usize, format: MemoryFormat, scope: &Scope) -> candle_core::Result<Self> {
+        Self::with(channels, format, NormSettings::default(), scope)
+    }
+
+    pub fn with(
+        channels: usize,
+        format: MemoryFormat,
+        settings: NormSettings,
+        scope: &Scope,
+    ) -> candle_core::Result<Self> {
         let param = |name, value| {
             scope
                 .params
@@ -77,18 +107,26 @@ impl BatchNorm2d {
                     .get_with_hints(channels, name, Init::Const(value))?,
             )
         };
+        let weight = if settings.train_weight {
+            param("weight", 1.0)?
+        } else {
+            scope
+                .buffers
+                .get_with_hints(channels, "weight", Init::Const(1.0))?
+        };
         let tracked = scope
             .buffers
             .clone()
             .set_device(Device::Cpu)
             .get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.0), DType::I64)?;
         Ok(Self {
-            weight: param("weight", 1.0)?,
+            weight,
             bias: param("bias", 0.0)?,
             running_mean: buffer("running_mean", 0.0)?,
             running_var: buffer("running_var", 1.0)?,
             num_batches_tracked: Var::from_tensor(&tracked)?,
             format,
+            settings,
         })
     }
 
@@ -101,12 +139,19 @@ impl BatchNorm2d {
                 &self.bias.detach(),
                 &self.running_mean.as_tensor().detach(),
                 &self.running_var.as_tensor().detach(),
-                BN_EPS,
+                self.settings.eps,
                 relu,
                 self.format,
             );
         }
-        let out = ops::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu, self.format)?;
+        let out = ops::batch_norm_train(
+            x,
+            &self.weight,
+            &self.bias,
+            self.settings.eps,
+            relu,
+            self.format,
+        )?;
         let (n, _, h, w) = self.format.nchw_dims(x)?;
         let count = (n * h * w) as f64;
         // PyTorch: running = (1 - momentum) * running + momentum * batch, with the variance
@@ -116,8 +161,13 @@ impl BatchNorm2d {
         } else {
             1.0
         };
-        ops::batch_norm::blend_running(&self.running_mean, &out.mean, BN_MOMENTUM, 1.0)?;
-        ops::batch_norm::blend_running(&self.running_var, &out.var, BN_MOMENTUM, unbiased)?;
+        ops::batch_norm::blend_running(&self.running_mean, &out.mean, self.settings.momentum, 1.0)?;
+        ops::batch_norm::blend_running(
+            &self.running_var,
+            &out.var,
+            self.settings.momentum,
+            unbiased,
+        )?;
         let tracked = self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?;
         self.num_batches_tracked.set(&tracked)?;
         Ok(out.y)

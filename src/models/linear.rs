@@ -12,6 +12,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     mixed_precision: false,
     default_config: include_str!("../../configs/linear.toml"),
     build,
+    data_init: None,
 };
 
 fn build(_: &Architecture, scope: &Scope) -> candle_core::Result<Box<dyn ModuleT>> {

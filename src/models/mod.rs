@@ -1,5 +1,6 @@
 //! The model registry: a model is one file here and one line in [`MODELS`].
 
+pub mod fastnet;
 pub mod init;
 pub mod layers;
 pub mod linear;
@@ -40,6 +41,16 @@ pub struct ModelSpec {
     /// The model's `configs/<name>.toml`, built in so the binary works from any directory.
     pub default_config: &'static str,
     pub build: fn(&Architecture, &Scope) -> candle_core::Result<Box<dyn ModuleT>>,
+    /// Initialisation from the training images, before a fresh run's first step (fastnet's
+    /// whitening layer).
+    pub data_init: Option<DataInit>,
+}
+
+/// Parameters set from data rather than drawn: `apply` reads the first `images` training
+/// images, normalised, [N, 3, H, W] f32 on the model's device.
+pub struct DataInit {
+    pub images: usize,
+    pub apply: fn(&ParamStore, &candle_core::Tensor) -> Result<()>,
 }
 
 /// Every image classifier's last layer, named as torchvision's: fine-tuning starts it afresh
@@ -51,6 +62,7 @@ pub const MODELS: &[ModelSpec] = &[
     resnet::RESNET18,
     resnet::RESNET34,
     resnet::RESNET50,
+    fastnet::SPEC,
     linear::SPEC,
 ];
 

@@ -28,6 +28,7 @@ pub const RESNET18: ModelSpec = ModelSpec {
             scope,
         )?))
     },
+    data_init: None,
 };
 
 pub const RESNET34: ModelSpec = ModelSpec {
@@ -44,6 +45,7 @@ pub const RESNET34: ModelSpec = ModelSpec {
             scope,
         )?))
     },
+    data_init: None,
 };
 
 pub const RESNET50: ModelSpec = ModelSpec {
@@ -60,6 +62,7 @@ pub const RESNET50: ModelSpec = ModelSpec {
             scope,
         )?))
     },
+    data_init: None,
 };
 
 /// Blocks per stage, and their kind.

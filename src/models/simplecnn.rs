@@ -16,6 +16,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     mixed_precision: false,
     default_config: include_str!("../../configs/simplecnn.toml"),
     build,
+    data_init: None,
 };
 
 pub struct SimpleCnn {
@@ -81,7 +82,7 @@ mod tests {
         assert_eq!(spec.name, "simplecnn");
         let params = ParamStore::new(3);
         let model = SimpleCnn::new(32, 10, params.var_builder(&Device::Cpu)).unwrap();
-        let mut optimizer = optim::build(&config, params.vars()).unwrap();
+        let mut optimizer = optim::build(&config, &params, 1).unwrap();
         let set = DeviceSet::new(
             synthetic::generate(40, 9),
             crate::data::ChannelStats::CIFAR10,

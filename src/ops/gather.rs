@@ -45,10 +45,22 @@ pub struct Augmentation {
     /// Pad by reflection (torchvision's `reflect`: no edge repeat) instead of with zeros.
     pub reflect: bool,
     pub flip: bool,
+    /// With `flip`: flips drawn once per image rather than per batch, turned on alternate
+    /// epochs.
+    pub alternate_flip: Option<AlternateFlip>,
     /// The cutout square's side; 0 means none.
     pub cutout: usize,
     /// The share of the area a resized crop keeps, drawn from [min, max]; None means none.
     pub resized_crop: Option<[f32; 2]>,
+}
+
+/// airbench's alternating flip: each image's flip is a coin drawn once, from `key` and the
+/// image's index in the data set, and every image is turned the other way when `turned` (on
+/// every other epoch), so that two epochs show each image both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlternateFlip {
+    pub key: u64,
+    pub turned: bool,
 }
 
 /// A resized crop's box in the source image.
@@ -136,11 +148,15 @@ impl Augmentation {
         }
     }
 
-    /// Image `i`'s crop offsets or box, flip and cutout square, for images of `height` rows.
-    pub fn draw(&self, i: usize, height: usize) -> Draw {
+    /// The crop offsets or box, flip and cutout square of the batch's image `i`, which is
+    /// `image` in the data set, for images of `height` rows.
+    pub fn draw(&self, i: usize, image: usize, height: usize) -> Draw {
         let side = 2 * self.crop_padding + 1;
         let (dy, dx) = (self.uniform(i, 0, side), self.uniform(i, 1, side));
-        let flip = self.flip && self.uniform(i, 2, 2) == 1;
+        let flip = match self.alternate_flip {
+            Some(f) => ((mix(f.key ^ image as u64) >> 63) == 1) != f.turned,
+            None => self.flip && self.uniform(i, 2, 2) == 1,
+        };
         let span = |centre: usize, size: usize| {
             let half = self.cutout / 2;
             if self.cutout == 0 {
@@ -368,6 +384,7 @@ pub fn gather_normalise_reference(
     let Some(a) = augment else {
         return normalise(&gathered);
     };
+    let sources = order.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
     let (h, w) = (norm.plane / a.width, a.width);
     let reversed =
         |len: usize| Tensor::from_vec((0..len as u32).rev().collect::<Vec<_>>(), len, device);
@@ -390,8 +407,8 @@ pub fn gather_normalise_reference(
         Tensor::cat(&[&before, image, &after], dim)
     };
     let mut augmented = Vec::with_capacity(n);
-    for i in 0..n {
-        let d = a.draw(i, h);
+    for (i, &source) in sources.iter().enumerate() {
+        let d = a.draw(i, source as usize, h);
         let image = gathered.get(i)?.reshape((channels, h, w))?;
         let mut crop = match d.crop {
             // Resizing as two matrix products: every weight is a multiple of 1/256 and every
@@ -432,7 +449,7 @@ pub fn gather_normalise_reference(
     }
     let mut keep = vec![1f32; n * h * w];
     for i in 0..n {
-        let d = a.draw(i, h);
+        let d = a.draw(i, sources[i] as usize, h);
         for y in d.cut_rows.0..d.cut_rows.1 {
             for x in d.cut_cols.0..d.cut_cols.1 {
                 keep[(i * h + y) * w + x] = 0.0;
@@ -506,7 +523,7 @@ impl GatherNormalise {
                     return;
                 };
                 let (h, w) = (self.plane / a.width, a.width);
-                let d = a.draw(slot, h);
+                let d = a.draw(slot, i as usize, h);
                 if let Some(crop) = d.crop {
                     let rows: Vec<_> = (0..h).map(|y| resize_tap(y, h, crop.height)).collect();
                     let cols: Vec<_> = (0..w)
@@ -610,6 +627,7 @@ impl InplaceOp3 for GatherNormalise {
         #[repr(C)]
         struct Augment {
             key: u64,
+            flip_key: u64,
             on: u32,
             width: u32,
             crop_padding: u32,
@@ -617,12 +635,14 @@ impl InplaceOp3 for GatherNormalise {
             flip: u32,
             cutout: u32,
             resized: u32,
+            alternate: u32,
         }
         // SAFETY: integers, laid out as kernels.cu's `Augment`.
         unsafe impl DeviceRepr for Augment {}
         let augment = match &self.augment {
             Some(a) => Augment {
                 key: a.key,
+                flip_key: a.alternate_flip.map_or(0, |f| f.key),
                 on: 1,
                 width: a.width as u32,
                 crop_padding: a.crop_padding as u32,
@@ -630,9 +650,11 @@ impl InplaceOp3 for GatherNormalise {
                 flip: u32::from(a.flip),
                 cutout: a.cutout as u32,
                 resized: u32::from(a.resized_crop.is_some()),
+                alternate: a.alternate_flip.map_or(0, |f| 1 + u32::from(f.turned)),
             },
             None => Augment {
                 key: 0,
+                flip_key: 0,
                 on: 0,
                 width: 1,
                 crop_padding: 0,
@@ -640,6 +662,7 @@ impl InplaceOp3 for GatherNormalise {
                 flip: 0,
                 cutout: 0,
                 resized: 0,
+                alternate: 0,
             },
         };
 
@@ -782,7 +805,7 @@ mod tests {
         fn augmented_batches_match_candles_composition(
             h in 2usize..9, w in 2usize..9, c in 1usize..4, padding in 0usize..5,
             reflect in any::<bool>(), flip in any::<bool>(), cutout in 0usize..6, key in any::<u64>(),
-            resized in any::<bool>(), min_share in 0.05f32..1.0,
+            resized in any::<bool>(), min_share in 0.05f32..1.0, alternate in 0u32..3,
         ) {
             prop_assume!(!reflect || padding < h.min(w));
             let padding = if resized { 0 } else { padding };
@@ -792,8 +815,13 @@ mod tests {
             let images = Tensor::from_vec(bytes, (count, c * h * w), &Device::Cpu).unwrap();
             let order = Tensor::new(&[3u32, 0, 4, 4, 1, 2, 0], &Device::Cpu).unwrap();
             let norm = Normalisation { mean: &MEAN[..c], std: &STD[..c], plane: h * w };
+            let alternate_flip = (alternate > 0).then_some(AlternateFlip {
+                key: key.rotate_left(7),
+                turned: alternate == 2,
+            });
             let a = Augmentation {
-                key, width: w, crop_padding: padding, reflect, flip, cutout, resized_crop,
+                key, width: w, crop_padding: padding, reflect, flip, alternate_flip, cutout,
+                resized_crop,
             };
             let ours = gather_normalise(&images, &order, norm, Some(&a)).unwrap();
             let reference = gather_normalise_reference(&images, &order, norm, Some(&a)).unwrap();
@@ -811,10 +839,11 @@ mod tests {
             crop_padding: 4,
             reflect: false,
             flip: true,
+            alternate_flip: None,
             cutout: 8,
             resized_crop: None,
         };
-        let draws: Vec<Draw> = (0..4000).map(|i| a.draw(i, 32)).collect();
+        let draws: Vec<Draw> = (0..4000).map(|i| a.draw(i, i, 32)).collect();
         let mut offsets = [0usize; 9];
         for d in &draws {
             offsets[d.dy] += 1;
@@ -828,7 +857,35 @@ mod tests {
         assert!(draws.iter().any(|d| d.cut_rows == (0, 4)));
         assert!(draws.iter().any(|d| d.cut_cols.1 == 32));
         let other = Augmentation { key: 43, ..a };
-        assert_ne!(other.draw(0, 32), a.draw(0, 32));
+        assert_ne!(other.draw(0, 0, 32), a.draw(0, 0, 32));
+    }
+
+    /// Alternating flips: about half the images flipped, each image the same way wherever it
+    /// sits in a batch and whatever the batch's key, and every one of them the other way on a
+    /// turned epoch.
+    #[test]
+    fn alternating_flips_follow_the_image_and_turn_every_other_epoch() {
+        let epoch = |key: u64, turned: bool| Augmentation {
+            key,
+            width: 32,
+            crop_padding: 2,
+            reflect: true,
+            flip: true,
+            alternate_flip: Some(AlternateFlip { key: 9, turned }),
+            cutout: 0,
+            resized_crop: None,
+        };
+        let flips = |a: &Augmentation, slot: usize| -> Vec<bool> {
+            (0..2000)
+                .map(|image| a.draw(slot, image, 32).flip)
+                .collect()
+        };
+        let first = flips(&epoch(1, false), 0);
+        let count = first.iter().filter(|&&f| f).count();
+        assert!((900..1100).contains(&count), "{count}");
+        assert_eq!(flips(&epoch(2, false), 17), first);
+        let turned: Vec<bool> = first.iter().map(|f| !f).collect();
+        assert_eq!(flips(&epoch(3, true), 5), turned);
     }
 
     /// Resized crops: boxes inside the image with area shares and aspect ratios in range
@@ -842,12 +899,13 @@ mod tests {
             crop_padding: 0,
             reflect: false,
             flip: false,
+            alternate_flip: None,
             cutout: 0,
             resized_crop: Some([0.25, 1.0]),
         };
         let (mut smallest, mut largest) = (f64::MAX, 0f64);
         for i in 0..2000 {
-            let b = a.draw(i, 48).crop.unwrap();
+            let b = a.draw(i, i, 48).crop.unwrap();
             assert!(b.top + b.height <= 48 && b.left + b.width <= 64, "{b:?}");
             let share = (b.height * b.width) as f64 / (48.0 * 64.0);
             let ratio = b.width as f64 / b.height as f64;
@@ -872,7 +930,7 @@ mod tests {
             resized_crop: Some([1.0, 1.0]),
             ..a
         };
-        let b = whole.draw(0, 6).crop.unwrap();
+        let b = whole.draw(0, 0, 6).crop.unwrap();
         assert_eq!((b.height, b.width), (6, 6));
         let batch = |augment| {
             gather_normalise(&images, &order, norm, augment)

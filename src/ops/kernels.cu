@@ -33,9 +33,11 @@ struct Normalisation {
 };
 
 // The random transforms of one batch (ops/gather.rs: `Augmentation`); on = 0: none.
+// alternate: 0 a coin per image and batch; 1, 2 a coin per image from flip_key (as
+// `AlternateFlip`), turned over when 2.
 struct Augment {
-    uint64_t key;
-    uint32_t on, width, crop_padding, reflect, flip, cutout, resized;
+    uint64_t key, flip_key;
+    uint32_t on, width, crop_padding, reflect, flip, cutout, resized, alternate;
 };
 
 // SplitMix64's finaliser, as ops/gather.rs `mix`.
@@ -97,7 +99,8 @@ extern "C" __global__ void gather_normalise(
         int y = (int)((r % plane) / a.width), x = (int)((r % plane) % a.width);
         uint32_t side = 2 * a.crop_padding + 1;
         int dy = (int)uniform(a, i, 0, side), dx = (int)uniform(a, i, 1, side);
-        bool flip = a.flip && uniform(a, i, 2, 2) == 1;
+        bool flip = a.alternate ? ((mix(a.flip_key ^ (uint64_t)order[i]) >> 63) == 1) != (a.alternate == 2)
+                                : (a.flip && uniform(a, i, 2, 2) == 1);
         if (a.cutout) {
             int half = (int)(a.cutout / 2);
             int cy = (int)uniform(a, i, 3, (uint32_t)h), cx = (int)uniform(a, i, 4, (uint32_t)w);
@@ -1009,3 +1012,154 @@ BN_ENTRY_POINTS(__half, f16)
 FILTER_ENTRY_POINTS(float, f32)
 FILTER_ENTRY_POINTS(__nv_bfloat16, bf16)
 FILTER_ENTRY_POINTS(__half, f16)
+
+// ---- max-pooling k x k with stride k (no padding; rows and columns past the last whole window
+// dropped), channels first or last: each window's first maximum in row-major order wins, a NaN
+// always (PyTorch's rule), and the backward pass gives the gradient to that winner alone ------
+
+struct Pooling {
+    int n, c, h, w, k, oh, ow, channels_last;
+};
+
+// The offset of (image, channel, row, column) in a tensor of `c` channels, `h` x `w`; in 32
+// bits (the host checks sizes), as 64-bit division costs several times more.
+__device__ __forceinline__ unsigned pool_at(const Pooling& p, int img, int ch, int y, int x,
+                                            int h, int w) {
+    return p.channels_last ? (((unsigned)img * h + y) * w + x) * p.c + ch
+                           : (((unsigned)img * p.c + ch) * h + y) * w + x;
+}
+
+// The window (oy, ox)'s winner as dy * k + dx, and its value.
+template <typename T>
+__device__ __forceinline__ int pool_winner(const T* x, const Pooling& p, int img, int ch, int oy,
+                                           int ox, float* best) {
+    int at = 0;
+    float top = -INFINITY;
+    for (int dy = 0; dy < p.k; ++dy) {
+        for (int dx = 0; dx < p.k; ++dx) {
+            float v = load(x[pool_at(p, img, ch, oy * p.k + dy, ox * p.k + dx, p.h, p.w)]);
+            if (v > top || isnan(v)) {
+                top = v;
+                at = dy * p.k + dx;
+            }
+        }
+    }
+    *best = top;
+    return at;
+}
+
+// Output i (in memory order) as (image, channel, row, column) of the pooled plane.
+__device__ __forceinline__ void pool_coords(const Pooling& p, unsigned i, int* img, int* ch,
+                                            int* oy, int* ox) {
+    if (p.channels_last) {
+        *ch = (int)(i % p.c);
+        i /= p.c;
+        *ox = (int)(i % p.ow);
+        i /= p.ow;
+        *oy = (int)(i % p.oh);
+        *img = (int)(i / p.oh);
+    } else {
+        *ox = (int)(i % p.ow);
+        i /= p.ow;
+        *oy = (int)(i % p.oh);
+        i /= p.oh;
+        *ch = (int)(i % p.c);
+        *img = (int)(i / p.c);
+    }
+}
+
+template <typename T>
+__device__ void max_pool_fwd(const T* x, Pooling p, T* y) {
+    unsigned total = (unsigned)p.n * p.c * p.oh * p.ow;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        int img, ch, oy, ox;
+        pool_coords(p, i, &img, &ch, &oy, &ox);
+        float best;
+        pool_winner(x, p, img, ch, oy, ox, &best);
+        store(y + i, best);
+    }
+}
+
+// One thread per window: its gradient to the winner, 0 to the rest of the window; the last
+// window of a row or column also zeroes the pixels past it that no window reads.
+template <typename T>
+__device__ void max_pool_bwd(const T* x, const T* grad, Pooling p, T* dx) {
+    unsigned total = (unsigned)p.n * p.c * p.oh * p.ow;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        int img, ch, oy, ox;
+        pool_coords(p, i, &img, &ch, &oy, &ox);
+        float best;
+        int at = pool_winner(x, p, img, ch, oy, ox, &best);
+        float g = load(grad[i]);
+        int y_end = oy == p.oh - 1 ? p.h : (oy + 1) * p.k;
+        int x_end = ox == p.ow - 1 ? p.w : (ox + 1) * p.k;
+        for (int yy = oy * p.k; yy < y_end; ++yy) {
+            for (int xx = ox * p.k; xx < x_end; ++xx) {
+                bool won = yy - oy * p.k < p.k && xx - ox * p.k < p.k &&
+                           (yy - oy * p.k) * p.k + (xx - ox * p.k) == at;
+                store(dx + pool_at(p, img, ch, yy, xx, p.h, p.w), won ? g : 0.0f);
+            }
+        }
+    }
+}
+
+// ---- GELU (erf form, PyTorch's default), forward and backward in one pass each: candle's
+// backward composes eight kernels ---------------------------------------------------------
+
+template <typename T>
+__device__ void gelu_fwd(const T* x, size_t total, T* y) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = load(x[i]);
+        store(y + i, 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+    }
+}
+
+// d/dx [x * Phi(x)] = Phi(x) + x * phi(x).
+template <typename T>
+__device__ void gelu_bwd(const T* x, const T* grad, size_t total, T* dx) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = load(x[i]);
+        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+        store(dx + i, load(grad[i]) * (cdf + v * pdf));
+    }
+}
+
+#define POOL_GELU_ENTRY_POINTS(T, SUFFIX)                                                      \
+    extern "C" __global__ void max_pool_fwd_##SUFFIX(const T* x, Pooling p, T* y) {           \
+        max_pool_fwd(x, p, y);                                                                 \
+    }                                                                                          \
+    extern "C" __global__ void max_pool_bwd_##SUFFIX(const T* x, const T* grad, Pooling p,    \
+                                                     T* dx) {                                  \
+        max_pool_bwd(x, grad, p, dx);                                                          \
+    }                                                                                          \
+    extern "C" __global__ void gelu_fwd_##SUFFIX(const T* x, size_t total, T* y) {            \
+        gelu_fwd(x, total, y);                                                                 \
+    }                                                                                          \
+    extern "C" __global__ void gelu_bwd_##SUFFIX(const T* x, const T* grad, size_t total,     \
+                                                 T* dx) {                                      \
+        gelu_bwd(x, grad, total, dx);                                                          \
+    }
+
+POOL_GELU_ENTRY_POINTS(float, f32)
+POOL_GELU_ENTRY_POINTS(__nv_bfloat16, bf16)
+POOL_GELU_ENTRY_POINTS(__half, f16)
+
+// ---- a per-channel bias added to channels-last activations (the bias in their type); its
+// gradient is a matrix product on the host side (candle's sum over rows took 1.1 ms of a
+// fastnet step) ----------------------------------------------------------------------------
+
+#define BIAS_ENTRY_POINTS(T, SUFFIX)                                                            \
+    extern "C" __global__ void bias_last_##SUFFIX(const T* y, const T* b, unsigned c,         \
+                                                  unsigned total, T* out) {                    \
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total;                    \
+             i += gridDim.x * blockDim.x) {                                                    \
+            store(out + i, load(y[i]) + load(b[i % c]));                                       \
+        }                                                                                      \
+    }
+
+BIAS_ENTRY_POINTS(float, f32)
+BIAS_ENTRY_POINTS(__nv_bfloat16, bf16)
+BIAS_ENTRY_POINTS(__half, f16)

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, every_nth};
+use super::{contiguous_f32, every_nth, MemoryFormat};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolParams {
@@ -55,6 +55,196 @@ pub fn max_pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `nn.MaxPool2d(k)` (stride k, no padding, the last rows and columns that do not fill a window
+/// dropped) over activations in `format`: kiln's kernels on CUDA (either format, f32, bf16 or
+/// f16; `max_pool_fwd` and `max_pool_bwd` in kernels.cu) and on the CPU (channels first, f32);
+/// elsewhere reshaped windows and a maximum, whose gradient goes to each tied maximum.
+pub fn max_pool2d_in(x: &Tensor, k: usize, format: MemoryFormat) -> candle_core::Result<Tensor> {
+    let p = PoolParams {
+        kernel: k,
+        stride: k,
+        padding: 0,
+    };
+    let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda();
+    if on_cuda && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.rank() == 4 {
+        return x.contiguous()?.apply_op1(StridedPool { k, format });
+    }
+    if format == MemoryFormat::ChannelsFirst {
+        return max_pool2d(x, p);
+    }
+    let (n, h, w, c) = x.dims4()?;
+    let (oh, ow) = (p.out(h)?, p.out(w)?);
+    x.narrow(1, 0, oh * k)?
+        .narrow(2, 0, ow * k)?
+        .reshape((n, oh, k, ow, k, c))?
+        .max(4)?
+        .max(2)
+}
+
+/// k x k windows with stride k on CUDA; the backward pass finds each window's winner again.
+struct StridedPool {
+    k: usize,
+    format: MemoryFormat,
+}
+
+impl StridedPool {
+    /// The output's shape and the kernels' description of the pooling, for input `layout`.
+    #[cfg(feature = "cuda")]
+    fn describe(&self, layout: &Layout) -> candle_core::Result<(Shape, Pooling)> {
+        use super::cuda::int;
+        let (n, c, h, w) = self.format.to_nchw_order(layout.shape().dims4()?);
+        let p = PoolParams {
+            kernel: self.k,
+            stride: self.k,
+            padding: 0,
+        };
+        let (oh, ow) = (p.out(h)?, p.out(w)?);
+        // The kernels index in 32 bits.
+        int(n * c * h * w, "max_pool2d")?;
+        let shape = Shape::from(self.format.from_nchw_order((n, c, oh, ow)));
+        let pooling = Pooling {
+            n: int(n, "max_pool2d")?,
+            c: int(c, "max_pool2d")?,
+            h: int(h, "max_pool2d")?,
+            w: int(w, "max_pool2d")?,
+            k: int(self.k, "max_pool2d")?,
+            oh: int(oh, "max_pool2d")?,
+            ow: int(ow, "max_pool2d")?,
+            channels_last: i32::from(self.format == MemoryFormat::ChannelsLast),
+        };
+        Ok((shape, pooling))
+    }
+}
+
+/// kernels.cu's `Pooling`.
+#[cfg(feature = "cuda")]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pooling {
+    n: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    k: i32,
+    oh: i32,
+    ow: i32,
+    channels_last: i32,
+}
+
+// SAFETY: plain integers, laid out as kernels.cu's `Pooling`.
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Pooling {}
+
+impl CustomOp1 for StridedPool {
+    fn name(&self) -> &'static str {
+        "kiln-max-pool"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-max-pool: CUDA tensors only (the CPU has its own kernel)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{by_float, kernel_for, output, per_item, storage, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let (shape, pooling) = self.describe(xl)?;
+        let dev = &xs.device;
+        let out = by_float!(xs.dtype(), T => {
+            let x = view::<T>(xs, xl, "input")?;
+            let y = output::<T>(dev, shape.elem_count())?;
+            let func = kernel_for::<T>(dev, "max_pool_fwd")?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&x).arg(&pooling).arg(&y);
+            // SAFETY: x holds n * c * h * w values in the format the flag names; the grid-stride
+            // loop writes every one of y's n * c * oh * ow.
+            unsafe { launch.launch(per_item(shape.elem_count())) }.w()?;
+            storage(y, dev)
+        });
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad,
+            &StridedPoolGrad {
+                pool: StridedPool {
+                    k: self.k,
+                    format: self.format,
+                },
+            },
+        )?))
+    }
+}
+
+/// The input's gradient: each window's gradient to its winner, zero elsewhere.
+struct StridedPoolGrad {
+    // Read by the CUDA launch alone.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pool: StridedPool,
+}
+
+impl CustomOp2 for StridedPoolGrad {
+    fn name(&self) -> &'static str {
+        "kiln-max-pool-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-max-pool-grad: CUDA tensors only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{by_float, kernel_for, output, per_item, storage, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let (shape, pooling) = self.pool.describe(xl)?;
+        if gl.shape() != &shape || gs.dtype() != xs.dtype() {
+            candle_core::bail!(
+                "kiln-max-pool-grad: a gradient of shape {:?} for an output of {shape:?}",
+                gl.shape()
+            );
+        }
+        let dev = &xs.device;
+        let total = xl.shape().elem_count();
+        let out = by_float!(xs.dtype(), T => {
+            let x = view::<T>(xs, xl, "input")?;
+            let g = view::<T>(gs, gl, "gradient")?;
+            let dx = output::<T>(dev, total)?;
+            let func = kernel_for::<T>(dev, "max_pool_bwd")?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&x).arg(&g).arg(&pooling).arg(&dx);
+            // SAFETY: x and dx hold the input's n * c * h * w values, g the output's; a thread
+            // per window writes its window, the last ones also what lies past them: all of dx.
+            unsafe { launch.launch(per_item(shape.elem_count())) }.w()?;
+            storage(dx, dev)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
+
 /// The same from candle operations: -inf padding, one strided view per window tap, a maximum.
 pub fn max_pool2d_reference(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
@@ -63,18 +253,23 @@ pub fn max_pool2d_reference(x: &Tensor, p: PoolParams) -> candle_core::Result<Te
         Tensor::full(f32::NEG_INFINITY, dims, x.device())?.to_dtype(x.dtype())
     };
     let (pad, padded_w) = (p.padding, w + 2 * p.padding);
-    let rows = Tensor::cat(
-        &[fill((n, c, h, pad))?, x.clone(), fill((n, c, h, pad))?],
-        3,
-    )?;
-    let padded = Tensor::cat(
-        &[
-            fill((n, c, pad, padded_w))?,
-            rows,
-            fill((n, c, pad, padded_w))?,
-        ],
-        2,
-    )?;
+    // Without padding, no empty fill: a cast of an empty tensor fails on CUDA.
+    let padded = if pad == 0 {
+        x.clone()
+    } else {
+        let rows = Tensor::cat(
+            &[fill((n, c, h, pad))?, x.clone(), fill((n, c, h, pad))?],
+            3,
+        )?;
+        Tensor::cat(
+            &[
+                fill((n, c, pad, padded_w))?,
+                rows,
+                fill((n, c, pad, padded_w))?,
+            ],
+            2,
+        )?
+    };
     let mut taps = Vec::with_capacity(p.kernel * p.kernel);
     for ky in 0..p.kernel {
         for kx in 0..p.kernel {

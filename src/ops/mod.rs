@@ -10,6 +10,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod gather;
+pub mod gelu;
 mod gemm;
 pub mod max_pool;
 pub mod memory_format;
@@ -21,6 +22,7 @@ pub use conv::{conv2d, conv2d_channels_last, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};
 pub use gather::{gather_normalise, gather_normalise_into, Augmentation, Normalisation};
+pub use gelu::gelu;
 pub use max_pool::{max_pool2d, PoolParams};
 pub use memory_format::MemoryFormat;
 pub use relu_maxpool::relu_max_pool2d;

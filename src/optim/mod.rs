@@ -2,6 +2,8 @@
 //! it per parameter so checkpoints can hold it.
 
 pub mod adam;
+pub mod groups;
+pub mod lookahead;
 pub mod loss_scale;
 pub mod schedule;
 pub mod sgd;
@@ -13,8 +15,10 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::config::{Config, OptimizerKind};
 use crate::error::{Error, Result};
+use crate::models::ParamStore;
 
 pub use adam::Adam;
+pub use lookahead::Lookahead;
 pub use loss_scale::LossScaled;
 pub use sgd::Sgd;
 
@@ -62,29 +66,20 @@ fn restore(state: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result
     Ok(tensor.to_device(like.device())?.to_dtype(like.dtype())?)
 }
 
-/// The optimizer that `config` names, over `params` (name, variable): one group at `lr`, or,
-/// with `backbone_lr_scale` other than 1, the classifier (`fc.*`) at `lr` and the rest at
-/// `lr * backbone_lr_scale` (left out altogether at 0: frozen).
-pub fn build(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Optimizer>> {
-    let scale = config.backbone_lr_scale;
-    if scale == 1.0 {
-        return single(config, params);
+/// The optimizer `config` names over the parameters in `store`, in the groups its keys ask for
+/// ([`groups`]: `backbone_lr_scale`, `norm_lr_scale`, `train_until`), with lookahead averaging
+/// on top where `lookahead` is set. `steps_per_epoch` turns epochs into steps.
+pub fn build(
+    config: &Config,
+    store: &ParamStore,
+    steps_per_epoch: usize,
+) -> Result<Box<dyn Optimizer>> {
+    let grouped = groups::build(config, store, steps_per_epoch)?;
+    if !config.lookahead {
+        return Ok(grouped);
     }
-    let (head, backbone): (Vec<_>, Vec<_>) = params
-        .into_iter()
-        .partition(|(name, _)| name.starts_with(&format!("{}.", crate::models::HEAD)));
-    let backbone = if scale > 0.0 {
-        let mut optimizer = single(config, backbone)?;
-        optimizer.set_learning_rate(config.lr * scale);
-        Some(optimizer)
-    } else {
-        None
-    };
-    Ok(Box::new(Groups {
-        head: single(config, head)?,
-        backbone,
-        scale,
-    }))
+    let total = (config.epochs * steps_per_epoch) as u64;
+    Ok(Box::new(Lookahead::new(grouped, store, total)?))
 }
 
 /// `optimizer` as training in `dtype` needs it: with dynamic loss scaling over `params` for f16
@@ -105,76 +100,32 @@ pub fn for_precision(
     ))
 }
 
-/// The classifier's parameters at the scheduled rate, the backbone's (if trained) at a share.
-struct Groups {
-    head: Box<dyn Optimizer>,
-    backbone: Option<Box<dyn Optimizer>>,
-    scale: f64,
-}
-
-impl Optimizer for Groups {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.head.step(grads)?;
-        if let Some(backbone) = &mut self.backbone {
-            backbone.step(grads)?;
-        }
-        Ok(())
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.head.learning_rate()
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.head.set_learning_rate(lr);
-        if let Some(backbone) = &mut self.backbone {
-            backbone.set_learning_rate(lr * self.scale);
-        }
-    }
-
-    // Parameter names differ between the groups, so their states share one namespace; what
-    // both groups hold alike (Adam's step count: they step together) is kept once.
-    fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut state = self.head.state()?;
-        if let Some(backbone) = &self.backbone {
-            for (name, tensor) in backbone.state()? {
-                if !state.iter().any(|(n, _)| *n == name) {
-                    state.push((name, tensor));
-                }
-            }
-        }
-        Ok(state)
-    }
-
-    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.head.load_state(state)?;
-        if let Some(backbone) = &mut self.backbone {
-            backbone.load_state(state)?;
-        }
-        Ok(())
-    }
-}
-
-fn single(config: &Config, params: Vec<(String, Var)>) -> Result<Box<dyn Optimizer>> {
+/// One optimizer of `config`'s kind over `params`, at `lr` and `weight_decay` as given.
+fn single(
+    config: &Config,
+    params: Vec<(String, Var)>,
+    lr: f64,
+    weight_decay: f64,
+) -> Result<Box<dyn Optimizer>> {
     Ok(match config.optimizer {
         OptimizerKind::Adam | OptimizerKind::AdamW => Box::new(Adam::new(
             params,
             adam::Settings {
-                lr: config.lr,
+                lr,
                 beta1: config.betas[0],
                 beta2: config.betas[1],
                 eps: config.eps,
-                weight_decay: config.weight_decay,
+                weight_decay,
                 decoupled: config.optimizer == OptimizerKind::AdamW,
             },
         )?),
         OptimizerKind::Sgd => Box::new(Sgd::new(
             params,
             sgd::Settings {
-                lr: config.lr,
+                lr,
                 momentum: config.momentum,
                 nesterov: config.nesterov,
-                weight_decay: config.weight_decay,
+                weight_decay,
             },
         )),
     })

@@ -22,9 +22,9 @@ pub enum ScheduleKind {
     Cosine,
     /// Linear warm-up over `warmup_epochs`, then a straight line from `lr` to `min_lr`.
     Linear,
-    /// PyTorch's `OneCycleLR` (cosine both ways, no momentum cycling): from
-    /// `lr / div_factor` up to `lr` over the first `pct_start` of the steps, then down to
-    /// `lr / div_factor / final_div_factor`.
+    /// PyTorch's `OneCycleLR` (no momentum cycling): from `lr / div_factor` up to `lr` over
+    /// the first `pct_start` of the steps, then down to `lr / div_factor / final_div_factor`,
+    /// along cosines or straight lines (`anneal`).
     OneCycle,
 }
 
@@ -81,6 +81,16 @@ pub struct Schedule {
     pub div_factor: f64,
     /// onecycle: the last rate is lr / div_factor / final_div_factor.
     pub final_div_factor: f64,
+    /// onecycle: the shape of both phases (PyTorch's `anneal_strategy`).
+    pub anneal: Anneal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Anneal {
+    #[default]
+    Cos,
+    Linear,
 }
 
 impl Default for Schedule {
@@ -94,6 +104,7 @@ impl Default for Schedule {
             pct_start: 0.3,
             div_factor: 25.0,
             final_div_factor: 1e4,
+            anneal: Anneal::Cos,
         }
     }
 }
@@ -165,7 +176,10 @@ impl Schedule {
                 } else {
                     (lr, last, (t - rise_end) / (total - 1.0 - rise_end))
                 };
-                end + (start - end) / 2.0 * ((PI * pct).cos() + 1.0)
+                match self.anneal {
+                    Anneal::Cos => end + (start - end) / 2.0 * ((PI * pct).cos() + 1.0),
+                    Anneal::Linear => start + (end - start) * pct,
+                }
             }
         }
     }
@@ -212,6 +226,26 @@ mod tests {
         for (t, want) in pytorch.iter().enumerate() {
             let got = s.rate(0.1, t as u64, 4, 5);
             assert!((got - want).abs() < 1e-15, "step {t}: {got} vs {want}");
+        }
+    }
+
+    /// `OneCycleLR(max_lr=0.1, total_steps=20, anneal_strategy="linear")`: its phases end at
+    /// steps 5 and 19, and each moves along a straight line.
+    #[test]
+    fn onecycle_anneals_linearly_when_asked() {
+        let linear = Schedule {
+            anneal: Anneal::Linear,
+            ..with(ScheduleKind::OneCycle)
+        };
+        let rate = |t| linear.rate(0.1, t, 2, 10);
+        for (t, want) in [
+            (0, 0.004),
+            (1, 0.0232),
+            (5, 0.1),
+            (12, 0.0500002),
+            (19, 4e-7),
+        ] {
+            assert!((rate(t) - want).abs() < 1e-12, "step {t}: {}", rate(t));
         }
     }
 

@@ -13,7 +13,7 @@ use super::fit::{self, Data, Driving, Observer, Outcome, Trainee};
 use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir};
 use crate::config::{Config, Precision};
-use crate::data::batches::DeviceSet;
+use crate::data::batches::{BatchBuffer, DeviceSet};
 use crate::data::{ChannelStats, DataSets};
 use crate::error::{Error, Result};
 use crate::metrics::Tally;
@@ -77,7 +77,7 @@ pub fn run(
     let half = matches!(config.precision, Precision::Bf16 | Precision::F16);
     if half && !spec.mixed_precision {
         return Err(Error::InvalidSetting(format!(
-            "precision {} is for the ResNets; {} trains in f32 (use --precision f32)",
+            "precision {} is for the ResNets and fastnet; {} trains in f32 (use --precision f32)",
             config.precision, spec.name
         )));
     }
@@ -91,8 +91,18 @@ pub fn run(
     let input_dtype = config
         .precision
         .activations(spec.mixed_precision, device.is_cuda());
-    let optimizer = optim::build(config, built.params.vars())?;
+    let steps_per_epoch = fit::steps_per_epoch(config, data.train.len());
+    if steps_per_epoch == 0 {
+        return Err(Error::InvalidSetting(format!(
+            "drop_last with {} training images and batches of {} leaves no batch to train on; \
+             use a smaller batch_size or drop_last = false",
+            data.train.len(),
+            config.batch_size
+        )));
+    }
+    let optimizer = optim::build(config, &built.params, steps_per_epoch)?;
     let mut optimizer = optim::for_precision(optimizer, built.params.vars(), input_dtype);
+    let fresh = matches!(start, Start::Fresh);
     // Weights trained elsewhere expect the inputs normalised as they were trained.
     let mut weights_stats = None;
     let (progress, resumed_tally) = match start {
@@ -194,6 +204,18 @@ pub fn run(
     // The whole data set lives where training runs; batches are cut from it there.
     let train = DeviceSet::new(data.train, stats, device)?;
     let test = DeviceSet::new(data.test, stats, device)?;
+    if let Some(init) = spec.data_init.as_ref().filter(|_| fresh) {
+        let started = std::time::Instant::now();
+        let count = init.images.min(train.len());
+        let order = train.order(&(0..count).collect::<Vec<_>>())?;
+        let (images, _) = train.batch(&order, 0..count, &mut BatchBuffer::default(), None)?;
+        (init.apply)(&built.params, &images)?;
+        reporter.note(&format!(
+            "{} set up from the first {count} training images in {:.3} s",
+            spec.name,
+            started.elapsed().as_secs_f64()
+        ));
+    }
     let mut checkpointer = Checkpointer {
         run_dir,
         model: spec.name,

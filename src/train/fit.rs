@@ -88,6 +88,10 @@ pub struct Summary {
     /// Why the run ended before its last epoch, if it did.
     pub stopped_early: Option<String>,
     pub seconds: f64,
+    /// Of which the epochs' training steps (evaluations and checkpoints left out).
+    pub train_seconds: f64,
+    /// The last epoch's evaluation (with test-time augmentation where `tta` is set).
+    pub last_evaluation_seconds: f64,
     pub mean_images_per_s: f64,
 }
 
@@ -152,7 +156,7 @@ pub fn fit(
         });
     }
     let params = state.vars();
-    let steps_per_epoch = data.train.len().div_ceil(config.batch_size);
+    let steps_per_epoch = steps_per_epoch(config, data.train.len());
     let first_epoch = progress.epochs_done + 1;
     let mut tally = match resumed_tally {
         Some(tally) if progress.steps_into_epoch > 0 => tally,
@@ -166,7 +170,7 @@ pub fn fit(
         }
     }
     let started = Instant::now();
-    let (mut images_trained, mut train_seconds) = (0usize, 0f64);
+    let (mut images_trained, mut train_seconds, mut last_evaluation_seconds) = (0usize, 0f64, 0f64);
     let (mut train_buffer, mut test_buffer) = (BatchBuffer::default(), BatchBuffer::default());
     let mut phases = PhaseTimer::new(driving.device, driving.trace);
     let show_phases = driving.trace || driving.device.is_cpu();
@@ -183,7 +187,7 @@ pub fn fit(
         let order = epoch_order(data.train.len(), config.shuffle.then_some(&mut order_rng));
         let order = data.train.order(&order)?;
         let seen_before = tally.seen();
-        let batches = batch_ranges(data.train.len(), config.batch_size);
+        let batches = batch_ranges(data.train.len(), config.batch_size).take(steps_per_epoch);
         for (step, range) in batches.enumerate().skip(progress.steps_into_epoch) {
             let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
             let lr = config.schedule.rate(
@@ -248,6 +252,7 @@ pub fn fit(
         images_trained += trained;
         train_seconds += epoch_train_seconds;
 
+        let evaluation_start = Instant::now();
         let evaluation = phases.time(Phase::Evaluate, || {
             evaluate(
                 model,
@@ -255,9 +260,12 @@ pub fn fit(
                 config.eval_batch_size,
                 &mut test_buffer,
                 data.num_classes,
-                false,
+                config.tta && epoch == config.epochs,
+                // In the training precision, as under autocast (f32 tripled fastnet's TTA).
+                input_dtype,
             )
         })?;
+        last_evaluation_seconds = evaluation_start.elapsed().as_secs_f64();
         let record = EpochRecord {
             epoch,
             train_loss,
@@ -303,6 +311,8 @@ pub fn fit(
         trained_here: first_epoch..=progress.epochs_done,
         stopped_early,
         seconds: started.elapsed().as_secs_f64(),
+        train_seconds,
+        last_evaluation_seconds,
         mean_images_per_s: images_trained as f64 / train_seconds.max(1e-9),
     };
     for observer in observers.iter_mut() {
@@ -310,6 +320,16 @@ pub fn fit(
         observer.finished(&summary, &run)?;
     }
     Ok(Outcome::Finished(summary))
+}
+
+/// Training steps an epoch takes under `config` from `images` images: the last, short batch
+/// left out under `drop_last`.
+pub fn steps_per_epoch(config: &Config, images: usize) -> usize {
+    if config.drop_last {
+        images / config.batch_size
+    } else {
+        images.div_ceil(config.batch_size)
+    }
 }
 
 fn view<'a>(

@@ -230,6 +230,8 @@ impl Observer for Console<'_> {
             best_epoch,
             best_accuracy,
             seconds: summary.seconds,
+            train_seconds: summary.train_seconds,
+            last_evaluation_seconds: summary.last_evaluation_seconds,
             mean_images_per_s: summary.mean_images_per_s,
             peak_rss_bytes: metrics::peak_rss_bytes(),
             device_memory_bytes: crate::device::peak_memory(&self.device),

@@ -24,6 +24,10 @@ pub const BINDING: &[&str] = &[
     "width",
     // Frozen (0) or not decides which parameters the optimizer holds state for.
     "backbone_lr_scale",
+    // The average is optimizer state that only a lookahead run keeps.
+    "lookahead",
+    // Steps per epoch, and so where a checkpoint within an epoch stands.
+    "drop_last",
 ];
 
 /// Compares the checkpoint's settings with today's. A change to a [`BINDING`] setting is an

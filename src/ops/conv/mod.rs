@@ -11,6 +11,7 @@
 //!
 //! candle's conv2d on the CPU ([`conv2d_reference`]) is what the tests hold every path to.
 
+mod bias;
 mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
@@ -82,6 +83,9 @@ pub fn conv2d_channels_last(
         }
     };
     match bias {
+        Some(b) if cfg!(feature = "cuda") && y.device().is_cuda() && b.dtype() == y.dtype() => {
+            bias::add(&y, b)
+        }
         Some(b) => y.broadcast_add(&b.reshape(last.per_channel(b.dim(0)?))?),
         None => Ok(y),
     }

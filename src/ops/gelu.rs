@@ -1,0 +1,112 @@
+//! GELU in its exact (erf) form, PyTorch's `nn.GELU()` default: kiln's kernels on CUDA (f32,
+//! bf16 or f16, `gelu_fwd` and `gelu_bwd` in kernels.cu: one pass each way, where candle's
+//! backward composes eight kernels), candle's `gelu_erf` elsewhere, which is also the
+//! reference for the CUDA tests.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda();
+    if on_cuda && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "kiln-gelu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-gelu: CUDA tensors only (the CPU runs candle's gelu_erf)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{by_float, kernel_for, output, per_item, storage, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let dev = &xs.device;
+        let total = xl.shape().elem_count();
+        let out = by_float!(xs.dtype(), T => {
+            let x = view::<T>(xs, xl, "input")?;
+            let y = output::<T>(dev, total)?;
+            let func = kernel_for::<T>(dev, "gelu_fwd")?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&x).arg(&total).arg(&y);
+            // SAFETY: x holds `total` contiguous values; the grid-stride loop writes all of y.
+            unsafe { launch.launch(per_item(total)) }.w()?;
+            storage(y, dev)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// grad * (Phi(x) + x * phi(x)).
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "kiln-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-gelu-grad: CUDA tensors only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{by_float, kernel_for, output, per_item, storage, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        if xl.shape() != gl.shape() || xs.dtype() != gs.dtype() {
+            candle_core::bail!(
+                "kiln-gelu-grad: a gradient of {:?} for an input of {:?}",
+                gl.shape(),
+                xl.shape()
+            );
+        }
+        let dev = &xs.device;
+        let total = xl.shape().elem_count();
+        let out = by_float!(xs.dtype(), T => {
+            let x = view::<T>(xs, xl, "input")?;
+            let g = view::<T>(gs, gl, "gradient")?;
+            let dx = output::<T>(dev, total)?;
+            let func = kernel_for::<T>(dev, "gelu_bwd")?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&x).arg(&g).arg(&total).arg(&dx);
+            // SAFETY: x, g and dx hold `total` contiguous values each; every dx is written.
+            unsafe { launch.launch(per_item(total)) }.w()?;
+            storage(dx, dev)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
