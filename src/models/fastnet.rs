@@ -30,7 +30,7 @@ pub const SPEC: ModelSpec = ModelSpec {
     name: "fastnet",
     about:
         "airbench94's CIFAR-10 network (whitening conv, three conv-pool-BatchNorm-GELU groups), \
-            2M parameters: 94% in seconds on a GPU",
+            2M parameters, trained in seconds on a GPU",
     task: Task::ImageClassification,
     has_stem: false,
     mixed_precision: true,
