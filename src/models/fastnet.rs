@@ -1,6 +1,6 @@
 //! `fastnet`: the network of airbench94 (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a
-//! single GPU", arXiv 2404.00498), under the names of its PyTorch `nn.Sequential`, so the two
-//! load each other's weights:
+//! single GPU", arXiv 2404.00498), under the names and shapes of its PyTorch `nn.Sequential`'s
+//! state_dict (tested here; loading a file into airbench's model has not been tried yet):
 //!
 //! ```text
 //! 0  Conv2d(3, 24, 2, bias)      whitening: frozen weight from the training patches' covariance
