@@ -5,7 +5,8 @@
 //!   so cuDNN's kernels stay ordered with candle's and kiln's.
 //! - Algorithms are chosen by measurement: the first time a (direction, shape, data type, math
 //!   type) runs on a device, every algorithm cuDNN supports for it (within [`MAX_WORKSPACE`]) is
-//!   run and timed, and the fastest is kept for the rest of the process.
+//!   run and timed, and the fastest is kept for the rest of the process, and on disk for the
+//!   next ones ([`super::algorithm_cache`]).
 //! - One workspace buffer per device, grown to the largest that a chosen algorithm needs and
 //!   reused by every call.
 //! - f32 convolutions use FMA math (exact f32 products, as the CPU's) unless
@@ -28,6 +29,7 @@ use cudarc::cudnn::{
     CudnnError, FilterDescriptor, TensorDescriptor,
 };
 
+use super::algorithm_cache::{AlgorithmCache, Saved};
 use super::cpu::Geometry;
 use super::ConvParams;
 use crate::ops::cuda::int;
@@ -360,29 +362,87 @@ fn convolve<T: Element>(
     };
     let d = Descriptors::new(&state.cudnn, &g, format, math)?;
     let plan = d.plan(direction);
-    let choice = match state.algorithms.get(&key) {
-        Some(choice) => *choice,
-        None => {
-            let choice = choose(&plan, &state.stream, &mut state.workspace, &a, &b, &mut out)
-                .map_err(|e| e.context(format!("{key:?}")))?;
-            tracing::debug!(
-                "cuDNN {direction:?} {:?}: {:?}, {:.3} ms, {} bytes of workspace",
-                key,
-                choice.algorithm,
-                choice.ms,
-                choice.workspace
-            );
-            state.algorithms.insert(key, choice);
-            choice
-        }
+    let described = format!("{key:?}");
+    let (choice, remembered) = match state.algorithms.get(&key) {
+        Some(choice) => (*choice, false),
+        None => match state
+            .saved
+            .get(&described)
+            .and_then(|s| remembered(&plan, s))
+        {
+            Some(choice) => (choice, true),
+            None => (
+                choose_and_keep(state, &plan, &described, &a, &b, &mut out)?,
+                false,
+            ),
+        },
     };
+    state.algorithms.insert(key, choice);
     let workspace = state.workspace(choice.workspace)?;
     // SAFETY: the descriptors describe `a`, `b` and `out` (their lengths were checked against the
     // geometry the descriptors were made from), all on the handle's stream; the workspace holds
     // at least what cuDNN asked for this algorithm.
-    unsafe { plan.launch(choice.algorithm, workspace, &a, &b, &mut out) }
-        .map_err(cudnn_error(&format!("{direction:?} {key:?}")))?;
-    Ok(out)
+    let ran = unsafe { plan.launch(choice.algorithm, workspace, &a, &b, &mut out) };
+    match ran {
+        Ok(()) => Ok(out),
+        // A choice from an earlier run that no longer runs here: choose afresh.
+        Err(e) if remembered => {
+            tracing::debug!(
+                "cuDNN {described}: the remembered {:?} failed ({e})",
+                choice.algorithm
+            );
+            let choice = choose_and_keep(state, &plan, &described, &a, &b, &mut out)?;
+            state.algorithms.insert(key, choice);
+            let workspace = state.workspace(choice.workspace)?;
+            // SAFETY: as above.
+            unsafe { plan.launch(choice.algorithm, workspace, &a, &b, &mut out) }
+                .map_err(cudnn_error(&format!("{direction:?} {key:?}")))?;
+            Ok(out)
+        }
+        Err(e) => Err(cudnn_error(&format!("{direction:?} {key:?}"))(e)),
+    }
+}
+
+/// The fastest algorithm for the convolution `described`, measured, and kept on disk.
+fn choose_and_keep<T: Element>(
+    state: &mut DeviceState,
+    plan: &Plan<'_, T>,
+    described: &str,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    out: &mut CudaSlice<T>,
+) -> candle_core::Result<Choice> {
+    let choice = choose(plan, &state.stream, &mut state.workspace, a, b, out)
+        .map_err(|e| e.context(described.to_string()))?;
+    tracing::debug!(
+        "cuDNN {described}: {:?}, {:.3} ms, {} bytes of workspace",
+        choice.algorithm,
+        choice.ms,
+        choice.workspace
+    );
+    let saved = Saved {
+        algorithm: format!("{:?}", choice.algorithm),
+        workspace: choice.workspace,
+    };
+    state.saved.insert(described, saved);
+    Ok(choice)
+}
+
+/// An earlier run's choice, where the algorithm still exists and fits [`MAX_WORKSPACE`] here.
+fn remembered<T: Element>(plan: &Plan<'_, T>, saved: &Saved) -> Option<Choice> {
+    let algorithm = plan
+        .algorithms()
+        .into_iter()
+        .find(|a| format!("{a:?}") == saved.algorithm)?;
+    let workspace = plan
+        .workspace_size(algorithm)
+        .ok()
+        .filter(|&bytes| bytes <= MAX_WORKSPACE)?;
+    Some(Choice {
+        algorithm,
+        workspace,
+        ms: f32::NAN,
+    })
 }
 
 /// f32: FMA unless TF32 is allowed (then cuDNN's default, which is TF32 on Ampere and newer);
@@ -432,6 +492,8 @@ struct DeviceState {
     stream: Arc<CudaStream>,
     workspace: Option<CudaSlice<u8>>,
     algorithms: HashMap<Key, Choice>,
+    /// Choices of earlier runs on this kind of device.
+    saved: AlgorithmCache,
 }
 
 // SAFETY: `Cudnn` is neither Send nor Sync because a cuDNN handle must not be used by two threads
@@ -476,11 +538,15 @@ fn device_state(device: &CudaDevice) -> candle_core::Result<Arc<Mutex<DeviceStat
         .bind_to_thread()
         .map_err(driver_error("binding the device's context"))?;
     let cudnn = Cudnn::new(stream.clone()).map_err(cudnn_error("creating a handle"))?;
+    let name = stream.context().name().unwrap_or_else(|_| "unknown".into());
+    // SAFETY: a plain query of the loaded library, after a handle was made.
+    let version = unsafe { sys::cudnnGetVersion() };
     let state = Arc::new(Mutex::new(DeviceState {
         cudnn,
         stream,
         workspace: None,
         algorithms: HashMap::new(),
+        saved: AlgorithmCache::open(&name, version),
     }));
     devices.insert(device.id(), state.clone());
     Ok(state)

@@ -11,6 +11,8 @@
 //!
 //! candle's conv2d on the CPU ([`conv2d_reference`]) is what the tests hold every path to.
 
+#[cfg(feature = "cudnn")]
+mod algorithm_cache;
 mod bias;
 mod cpu;
 #[cfg(feature = "cudnn")]
