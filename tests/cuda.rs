@@ -12,7 +12,7 @@ use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::{synthetic, ChannelStats};
 use kiln::device::DeviceRequest;
 use kiln::models::{self, Task, MODELS};
-use kiln::ops::{self, ConvParams, MemoryFormat};
+use kiln::ops::{self, Activation, ConvParams, MemoryFormat};
 
 /// The activations' layouts CUDA runs: channels last is the ResNets' default there.
 const FORMATS: [MemoryFormat; 2] = [MemoryFormat::ChannelsLast, MemoryFormat::ChannelsFirst];
@@ -263,12 +263,12 @@ fn augmented_batches_on_the_gpu_are_the_cpus_bit_for_bit() {
     }
 }
 
-/// BatchNorm (training) then add-ReLU on `device` with the data in `dtype` (parameters f32)
+/// BatchNorm (training, its activation fused) then add-ReLU on `device` with the data in `dtype` (parameters f32)
 /// and `format`: output, mean, variance, and the gradients of x, gamma and beta, as f32 and
 /// channels first.
 fn batch_norm_and_add_relu(
     shape: [usize; 4],
-    relu: bool,
+    act: Activation,
     dtype: DType,
     format: MemoryFormat,
     device: &Device,
@@ -288,7 +288,7 @@ fn batch_norm_and_add_relu(
         gamma.as_tensor(),
         beta.as_tensor(),
         1e-5,
-        relu,
+        act,
         format,
     )
     .unwrap();
@@ -317,10 +317,12 @@ fn batch_norm_and_add_relu(
     .collect()
 }
 
-const BN_CASES: [([usize; 4], bool); 3] = [
-    ([6, 128, 4, 4], true),
-    ([13, 3, 7, 5], false),
-    ([64, 16, 32, 32], true),
+const BN_CASES: [([usize; 4], Activation); 5] = [
+    ([6, 128, 4, 4], Activation::Relu),
+    ([13, 3, 7, 5], Activation::Identity),
+    ([64, 16, 32, 32], Activation::Relu),
+    ([9, 64, 5, 5], Activation::Gelu),
+    ([7, 5, 6, 3], Activation::Gelu),
 ];
 
 const BN_FIGURES: [&str; 6] = [
@@ -336,11 +338,11 @@ const BN_FIGURES: [&str; 6] = [
 fn batch_norm_and_add_relu_match_the_cpu() {
     let gpu = cuda();
     let first = MemoryFormat::ChannelsFirst;
-    for ((shape, relu), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
-        let on_cpu = batch_norm_and_add_relu(shape, relu, DType::F32, first, &Device::Cpu);
-        let on_gpu = batch_norm_and_add_relu(shape, relu, DType::F32, format, &gpu);
+    for ((shape, act), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
+        let on_cpu = batch_norm_and_add_relu(shape, act, DType::F32, first, &Device::Cpu);
+        let on_gpu = batch_norm_and_add_relu(shape, act, DType::F32, format, &gpu);
         for (name, (a, b)) in BN_FIGURES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
-            assert_close(&format!("{shape:?} {format:?} relu {relu} {name}"), a, b);
+            assert_close(&format!("{shape:?} {format:?} {act:?} {name}"), a, b);
         }
     }
 }
@@ -354,14 +356,130 @@ fn batch_norm_and_add_relu_match_the_cpu() {
 fn batch_norm_and_add_relu_in_bf16_and_f16_are_close_to_the_cpu() {
     let gpu = cuda();
     let first = MemoryFormat::ChannelsFirst;
-    for ((shape, relu), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
+    for ((shape, act), format) in BN_CASES.iter().flat_map(|c| FORMATS.map(|f| (*c, f))) {
         for half in [DType::BF16, DType::F16] {
-            let on_cpu = batch_norm_and_add_relu(shape, relu, half, first, &Device::Cpu);
-            let on_gpu = batch_norm_and_add_relu(shape, relu, half, format, &gpu);
+            let on_cpu = batch_norm_and_add_relu(shape, act, half, first, &Device::Cpu);
+            let on_gpu = batch_norm_and_add_relu(shape, act, half, format, &gpu);
             for (name, (a, b)) in BN_FIGURES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
-                let what = format!("{shape:?} {format:?} relu {relu} {half:?} {name}");
+                let what = format!("{shape:?} {format:?} {act:?} {half:?} {name}");
                 assert_relative_l2(&what, a, b, 1e-2);
             }
+        }
+    }
+}
+
+/// Evaluation-mode BatchNorm (one kernel on CUDA) against the CPU's composition: every
+/// activation, both formats; f32 closely, bf16 and f16 within their rounding.
+#[test]
+fn batch_norm_in_evaluation_mode_matches_the_cpu() {
+    let gpu = cuda();
+    let shape = [5, 24, 6, 7];
+    let c = shape[1];
+    let x = ops_input(&shape, 41).to_dtype(DType::BF16).unwrap();
+    let var = (ops_input(&[c], 45).abs().unwrap() + 0.5).unwrap();
+    let figures = [
+        ops_input(&[c], 42),
+        ops_input(&[c], 43),
+        ops_input(&[c], 44),
+        var,
+    ];
+    for act in [Activation::Identity, Activation::Relu, Activation::Gelu] {
+        for format in FORMATS {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let run = |device: &Device, format: MemoryFormat| {
+                    let input = x.to_dtype(dtype).unwrap().to_device(device).unwrap();
+                    let f: Vec<Tensor> = figures
+                        .iter()
+                        .map(|t| t.to_device(device).unwrap())
+                        .collect();
+                    let y = ops::batch_norm_eval(
+                        &format.from_nchw(&input).unwrap(),
+                        &f[0],
+                        &f[1],
+                        &f[2],
+                        &f[3],
+                        1e-5,
+                        act,
+                        format,
+                    )
+                    .unwrap();
+                    assert_eq!(y.dtype(), dtype, "the output keeps the data's type");
+                    format.to_nchw(&y).unwrap().to_dtype(DType::F32).unwrap()
+                };
+                let on_cpu = run(&Device::Cpu, MemoryFormat::ChannelsFirst);
+                let on_gpu = run(&gpu, format);
+                let what = format!("{act:?} {format:?} {dtype:?}");
+                if dtype == DType::F32 {
+                    assert_close(&what, &on_cpu, &on_gpu);
+                } else {
+                    assert_relative_l2(&what, &on_cpu, &on_gpu, 1e-2);
+                }
+            }
+        }
+    }
+}
+
+/// BatchNorm with GELU fused against BatchNorm then kiln's GELU kernels, on the GPU: the fused
+/// kernels round to the data's type where the unfused ones store, so every output and gradient
+/// is the same to the bit, in training and in evaluation, in each type and format.
+#[test]
+fn fusing_gelu_into_batch_norm_changes_no_bit() {
+    let gpu = cuda();
+    let shape = [6, 32, 5, 7];
+    let c = shape[1];
+    let on_gpu = |t: Tensor| t.to_device(&gpu).unwrap();
+    let (gamma, beta, mean) = (
+        on_gpu(ops_input(&[c], 52)),
+        on_gpu(ops_input(&[c], 53)),
+        on_gpu(ops_input(&[c], 54)),
+    );
+    let var = on_gpu((ops_input(&[c], 55).abs().unwrap() + 0.5).unwrap());
+    for format in FORMATS {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let data = |seed| {
+                let t = on_gpu(ops_input(&shape, seed).to_dtype(dtype).unwrap());
+                format.from_nchw(&t).unwrap()
+            };
+            let run = |fused: bool| {
+                let x = Var::from_tensor(&data(51)).unwrap();
+                let (g, b) = (
+                    Var::from_tensor(&gamma).unwrap(),
+                    Var::from_tensor(&beta).unwrap(),
+                );
+                let act = if fused {
+                    Activation::Gelu
+                } else {
+                    Activation::Identity
+                };
+                let finish = |y: Tensor| if fused { y } else { ops::gelu(&y).unwrap() };
+                let train = ops::batch_norm_train(
+                    x.as_tensor(),
+                    g.as_tensor(),
+                    b.as_tensor(),
+                    1e-5,
+                    act,
+                    format,
+                )
+                .unwrap();
+                let y = finish(train.y);
+                let grads = (&y * &data(56))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let eval = ops::batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-5, act, format)
+                    .unwrap();
+                [
+                    y,
+                    grads.get(&x).unwrap().clone(),
+                    grads.get(&g).unwrap().clone(),
+                    grads.get(&b).unwrap().clone(),
+                    finish(eval),
+                ]
+                .map(|t| values(&t))
+            };
+            assert!(run(true) == run(false), "{format:?} {dtype:?}");
         }
     }
 }
@@ -641,17 +759,23 @@ fn half_precision_convolutions_are_close_to_the_cpu() {
 
 /// fastnet's max-pooling (k x k, stride k) in either format against the CPU's channels-first
 /// kernel, on values with many ties (quarters) and sides that leave rows and columns over: the
-/// same maxima, and each window's gradient on the same (first) winner, bit for bit.
+/// same maxima, and each window's gradient on the same (first) winner, bit for bit. 16 channels
+/// take the eight-channel kernels channels last; 5 the one-value ones.
 #[test]
 fn max_pooling_on_the_gpu_picks_the_cpus_winners() {
     let gpu = cuda();
-    let x = (ops_input(&[3, 5, 7, 9], 21) * 4.0)
-        .unwrap()
-        .round()
-        .unwrap()
-        .affine(0.25, 0.0)
-        .unwrap();
-    for k in [2, 3] {
+    for (shape, k) in [
+        ([3, 5, 7, 9], 2),
+        ([3, 5, 7, 9], 3),
+        ([2, 16, 7, 9], 2),
+        ([2, 16, 7, 9], 3),
+    ] {
+        let x = (ops_input(&shape, 21) * 4.0)
+            .unwrap()
+            .round()
+            .unwrap()
+            .affine(0.25, 0.0)
+            .unwrap();
         let upstream = |dims: &[usize]| ops_input(dims, 22);
         let run = |device: &Device, format: MemoryFormat| {
             let input = Var::from_tensor(&format.from_nchw(&x.to_device(device).unwrap()).unwrap())
@@ -665,7 +789,7 @@ fn max_pooling_on_the_gpu_picks_the_cpus_winners() {
         };
         let on_cpu = run(&Device::Cpu, MemoryFormat::ChannelsFirst);
         for format in FORMATS {
-            assert!(run(&gpu, format) == on_cpu, "k {k}, {format:?}");
+            assert!(run(&gpu, format) == on_cpu, "{shape:?} k {k}, {format:?}");
         }
     }
 }

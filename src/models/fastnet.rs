@@ -15,7 +15,9 @@
 //! with w = `width` (airbench's 64). Convolutions are bias-free with PyTorch's default init and
 //! their first input-count filters set to the identity (`dirac_`); BatchNorms have eps 1e-12,
 //! momentum 0.4 (airbench's 0.6 in its own convention) and a scale frozen at 1. The whitening
-//! weight is not learnt from gradients but set from data before training: [`whiten`].
+//! weight is not learnt from gradients but set from data before training: [`whiten`]. Each GELU
+//! after a BatchNorm runs in the BatchNorm's own passes ([`Activation::Gelu`]; one kernel each
+//! way on CUDA, the same bits as the two apart).
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Module, ModuleT};
@@ -24,7 +26,7 @@ use super::init::{pytorch_uniform, ParamStore, Scope};
 use super::layers::{eval_detached, BatchNorm2d, Conv2d, NormSettings};
 use super::{Architecture, ModelSpec, Task};
 use crate::error::{Error, Result};
-use crate::ops::{self, ConvParams, MemoryFormat};
+use crate::ops::{self, Activation, ConvParams, MemoryFormat};
 
 pub const SPEC: ModelSpec = ModelSpec {
     name: "fastnet",
@@ -118,9 +120,9 @@ impl ConvGroup {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let h = self.conv1.forward_t(x, train)?;
         let h = ops::max_pool::max_pool2d_in(&h, 2, self.format)?;
-        let h = ops::gelu(&self.norm1.forward(&h, train, false)?)?;
+        let h = self.norm1.forward(&h, train, Activation::Gelu)?;
         let h = self.conv2.forward_t(&h, train)?;
-        ops::gelu(&self.norm2.forward(&h, train, false)?)
+        self.norm2.forward(&h, train, Activation::Gelu)
     }
 }
 

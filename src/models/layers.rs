@@ -130,8 +130,13 @@ impl BatchNorm2d {
         })
     }
 
-    /// The layer's output, then ReLU if `relu` (one pass on the CPU).
-    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+    /// The layer's output through `act` (one pass where kiln's kernels fuse it).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        act: ops::Activation,
+    ) -> candle_core::Result<Tensor> {
         if !train {
             return ops::batch_norm_eval(
                 x,
@@ -140,7 +145,7 @@ impl BatchNorm2d {
                 &self.running_mean.as_tensor().detach(),
                 &self.running_var.as_tensor().detach(),
                 self.settings.eps,
-                relu,
+                act,
                 self.format,
             );
         }
@@ -149,7 +154,7 @@ impl BatchNorm2d {
             &self.weight,
             &self.bias,
             self.settings.eps,
-            relu,
+            act,
             self.format,
         )?;
         let (n, _, h, w) = self.format.nchw_dims(x)?;
@@ -176,6 +181,6 @@ impl BatchNorm2d {
 
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.forward(x, train, false)
+        self.forward(x, train, ops::Activation::Identity)
     }
 }

@@ -12,7 +12,7 @@ use candle_nn::{Linear, Module, ModuleT};
 use super::init::{self, kaiming_normal_fan_out, Scope};
 use super::layers::{eval_detached, BatchNorm2d, Conv2d};
 use super::{Architecture, ModelSpec, Stem, Task};
-use crate::ops::{self, ConvParams, MemoryFormat, PoolParams};
+use crate::ops::{self, Activation, ConvParams, MemoryFormat, PoolParams};
 
 pub const RESNET18: ModelSpec = ModelSpec {
     name: "resnet18",
@@ -117,7 +117,7 @@ impl Downsample {
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.bn
-            .forward(&self.conv.forward_t(x, train)?, train, false)
+            .forward(&self.conv.forward_t(x, train)?, train, Activation::Identity)
     }
 }
 
@@ -176,7 +176,13 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut h = x.clone();
         for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            h = bn.forward(&conv.forward_t(&h, train)?, train, i < last)?;
+            // ReLU after each but the last, which the shortcut joins first.
+            let act = if i < last {
+                Activation::Relu
+            } else {
+                Activation::Identity
+            };
+            h = bn.forward(&conv.forward_t(&h, train)?, train, act)?;
         }
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x, train)?,
@@ -258,7 +264,7 @@ impl ModuleT for ResNet {
         let x = format.from_nchw(x)?;
         let mut h = self
             .bn1
-            .forward(&self.conv1.forward_t(&x, train)?, train, true)?;
+            .forward(&self.conv1.forward_t(&x, train)?, train, Activation::Relu)?;
         if let Some(pool) = self.pool {
             // kiln's pool reads channels first: the photo stem's one pool between transposes.
             h = format.from_nchw(&ops::max_pool2d(&format.to_nchw(&h)?, pool)?)?;

@@ -1,7 +1,8 @@
 //! Batch normalisation over the channels of [N, C, H, W] (or channels last, [N, H, W, C]), as
 //! `nn.BatchNorm2d` computes it in
 //! training mode: each channel normalised by its batch mean and biased variance, then scaled
-//! and shifted, optionally followed by ReLU in the same pass (ResNet's `relu(bn(conv(x)))`).
+//! and shifted, optionally followed by an activation in the same pass ([`Activation`]: ResNet's
+//! `relu(bn(conv(x)))`, fastnet's `gelu(bn(x))`).
 //! The batch mean and variance come back too, for the caller's running statistics.
 //!
 //! On the CPU (f32, channels first) and CUDA (f32, bf16 or f16 data in either format, f32
@@ -9,8 +10,9 @@
 //! a channel's sums in f64 (as PyTorch's CPU kernel accumulates; CUDA's channels-last kernel adds
 //! each thread's at most 64 rows in f32 first), on the CPU in a fixed order so
 //! that results do not depend on the thread count;
-//! the backward pass reads the saved mean and inverse deviation and recomputes where the fused
-//! ReLU passed. Elsewhere (Metal, other dtypes), candle's composition, which is also the
+//! the backward pass reads the saved mean and inverse deviation and recomputes the fused
+//! activation's input. The CPU kernels fuse ReLU (GELU follows them as candle's `gelu_erf`); CUDA's
+//! fuse both. Elsewhere (Metal, other dtypes), candle's composition, which is also the
 //! reference for the tests.
 
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,44 @@ use super::{contiguous_f32, contiguous_f32_mut, par_collect, MemoryFormat};
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 
+/// What follows the normalisation in the same pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    /// The erf form, PyTorch's `nn.GELU()` default.
+    Gelu,
+}
+
+impl Activation {
+    /// `act` in kernels.cu (ACT_IDENTITY, ACT_RELU, ACT_GELU).
+    #[cfg(feature = "cuda")]
+    fn code(self) -> i32 {
+        match self {
+            Activation::Identity => 0,
+            Activation::Relu => 1,
+            Activation::Gelu => 2,
+        }
+    }
+
+    /// The activation as candle operations.
+    fn compose(self, y: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Identity => Ok(y.clone()),
+            Activation::Relu => super::residual::relu(y),
+            Activation::Gelu => y.gelu_erf(),
+        }
+    }
+
+    /// What kiln's kernels on `device` fuse of it, and what is left to apply after them.
+    fn split_for(self, device: &Device) -> (Activation, Option<Activation>) {
+        match (self, device) {
+            (Activation::Gelu, Device::Cpu) => (Activation::Identity, Some(Activation::Gelu)),
+            _ => (self, None),
+        }
+    }
+}
+
 /// What a training-mode batch norm returns: the output, and the batch's statistics per channel
 /// (outside any graph): the mean and the biased variance it normalised with.
 pub struct BatchNormOutput {
@@ -32,30 +72,35 @@ pub struct BatchNormOutput {
     pub var: Tensor,
 }
 
-/// `relu?((x - mean) / sqrt(var + eps) * gamma + beta)` with the batch's statistics; `x` in
+/// `act((x - mean) / sqrt(var + eps) * gamma + beta)` with the batch's statistics; `x` in
 /// `format`.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
     let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
     if !(f32_parameters && ours(x.device(), x.dtype(), format) && x.rank() == 4) {
-        return batch_norm_train_reference(x, gamma, beta, eps, relu, format);
+        return batch_norm_train_reference(x, gamma, beta, eps, act, format);
     }
+    let (fused, after) = act.split_for(x.device());
     let saved = Arc::new(Mutex::new(None));
     let op = BatchNormTrain {
         eps,
-        relu,
+        act: fused,
         format,
         saved: Arc::clone(&saved),
     };
     let y = x
         .contiguous()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let y = match after {
+        Some(act) => act.compose(&y)?,
+        None => y,
+    };
     let stats = saved
         .lock()
         .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
@@ -84,13 +129,13 @@ fn ours(device: &Device, dtype: DType, format: MemoryFormat) -> bool {
 
 /// The same from candle operations: the reference, and the path for other backends and dtypes.
 /// Half-precision data is normalised in f32 and the result rounded back, as kiln's CUDA
-/// kernels and PyTorch's autocast do.
+/// kernels and PyTorch's autocast do; the activation reads the rounded values ([`as_stored`]).
 pub fn batch_norm_train_reference(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
     let dtype = x.dtype();
@@ -106,7 +151,7 @@ pub fn batch_norm_train_reference(
         .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
         .broadcast_mul(&per_channel(gamma)?)?
         .broadcast_add(&per_channel(beta)?)?;
-    let y = if relu { super::residual::relu(&y)? } else { y };
+    let y = act.compose(&as_stored(&y, dtype)?)?;
     Ok(BatchNormOutput {
         y: y.to_dtype(dtype)?,
         mean: mean.flatten_all()?.detach(),
@@ -114,8 +159,9 @@ pub fn batch_norm_train_reference(
     })
 }
 
-/// Evaluation mode: `relu?((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`, as
-/// one scale and shift per channel; `x` in `format`.
+/// Evaluation mode: `act((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`, as one
+/// scale and shift per channel; `x` in `format`. One kernel on CUDA (kiln's `bn_apply`, which
+/// training runs too); candle's composition elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_eval(
     x: &Tensor,
@@ -124,20 +170,83 @@ pub fn batch_norm_eval(
     running_mean: &Tensor,
     running_var: &Tensor,
     eps: f64,
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
 ) -> candle_core::Result<Tensor> {
     let c = x.dim(format.channel_dim())?;
     let per_channel = format.per_channel(c);
     let scale = (gamma / (running_var + eps)?.sqrt()?)?;
     let shift = (beta - (running_mean * &scale)?)?;
+    let f32_figures = scale.dtype() == DType::F32 && shift.dtype() == DType::F32;
+    if x.device().is_cuda() && ours(x.device(), x.dtype(), format) && f32_figures && x.rank() == 4 {
+        let affine = Tensor::stack(&[&scale, &shift], 0)?;
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&affine, &BatchNormEval { act, format });
+    }
     // In f32 whatever the data's type, then rounded back (as in training).
     let y = x
         .to_dtype(DType::F32)?
         .broadcast_mul(&scale.reshape(per_channel)?)?
         .broadcast_add(&shift.reshape(per_channel)?)?;
-    let y = if relu { y.relu()? } else { y };
-    y.to_dtype(x.dtype())
+    act.compose(&as_stored(&y, x.dtype())?)?.to_dtype(x.dtype())
+}
+
+/// `y` (f32) rounded to `dtype` and back: the activation reads the normalised values as a
+/// separate BatchNorm would have stored them (and PyTorch does), which kiln's fused kernels
+/// reproduce; its gradient is rounded the same way on the way back.
+fn as_stored(y: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    y.to_dtype(dtype)?.to_dtype(DType::F32)
+}
+
+/// [`batch_norm_eval`]'s kernel: `x` and the affine [2, C] (scale; shift), on CUDA.
+struct BatchNormEval {
+    // Read by the CUDA launch alone.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    act: Activation,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    format: MemoryFormat,
+}
+
+impl candle_core::CustomOp2 for BatchNormEval {
+    fn name(&self) -> &'static str {
+        "kiln-batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-batch-norm-eval: CUDA tensors only (the CPU composes it)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let sizes = kernel_sizes(xl, self.format)?;
+        let c = sizes.1;
+        let affine = super::cuda::view::<f32>(as_, al, "scale and shift")?;
+        if affine.len() != 2 * c {
+            candle_core::bail!(
+                "batch_norm: {} scales and shifts for {c} channels",
+                affine.len()
+            );
+        }
+        let (scale, shift) = (affine.slice(..c), affine.slice(c..));
+        let y = by_float!(xs.dtype(), T => super::cuda::storage(
+            cuda::apply::<T>(xs, xl, &scale, &shift, sizes, self.act)?,
+            &xs.device,
+        ));
+        Ok((y, xl.shape().clone()))
+    }
 }
 
 /// `running = running * (1 - momentum) + batch * (momentum * scale)`, in place: how a running
@@ -208,12 +317,12 @@ impl InplaceOp2 for BlendRunning {
 
 /// What the forward pass keeps for the backward pass and the caller: [5, C] on the device,
 /// each channel's mean, biased variance, 1 / sqrt(variance + eps), and the scale and shift the
-/// output applied ([`affine`]; the backward pass gates the fused ReLU by them).
+/// output applied ([`affine`]; the backward pass recomputes the fused activation's input by them).
 type Saved = Tensor;
 
 struct BatchNormTrain {
     eps: f64,
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
     saved: Arc<Mutex<Option<Saved>>>,
 }
@@ -226,6 +335,16 @@ impl BatchNormTrain {
             .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))? =
             Some(stats);
         Ok(())
+    }
+}
+
+/// Whether a CPU kernel's fused activation is ReLU: GELU is left to candle there
+/// ([`Activation::split_for`]).
+fn cpu_fuses(act: Activation) -> candle_core::Result<bool> {
+    match act {
+        Activation::Identity => Ok(false),
+        Activation::Relu => Ok(true),
+        Activation::Gelu => candle_core::bail!("batch_norm: kiln's CPU kernels fuse ReLU only"),
     }
 }
 
@@ -355,7 +474,7 @@ impl CustomOp3 for BatchNormTrain {
                 )
             })
             .collect();
-        let relu = self.relu;
+        let relu = cpu_fuses(self.act)?;
         let y = par_collect(x.len(), hw, |plane| {
             let ch = plane % c;
             let (mean, _, inv_std) = stats[ch];
@@ -408,7 +527,8 @@ impl CustomOp3 for BatchNormTrain {
         let dev = &xs.device;
         let y = by_float!(xs.dtype(), T => {
             let stats = cuda::stats::<T>(xs, xl, gs, gl, bs, bl, sizes, self.format, self.eps as f32)?;
-            let y = cuda::apply::<T>(xs, xl, &stats, sizes, self.relu)?;
+            let (scale, shift) = (stats.slice(3 * c..4 * c), stats.slice(4 * c..));
+            let y = cuda::apply::<T>(xs, xl, &scale, &shift, sizes, self.act)?;
             self.keep(super::cuda::tensor(stats, dev, (5, c)))?;
             super::cuda::storage(y, dev)
         });
@@ -432,10 +552,10 @@ impl CustomOp3 for BatchNormTrain {
             candle_core::bail!("batch_norm: backward before forward");
         };
         let grad = grad.contiguous()?;
-        let (relu, format) = (self.relu, self.format);
+        let (act, format) = (self.act, self.format);
         // [dgamma; dbeta; what the input gradient reads], then the input gradient from them.
-        let figures = x.apply_op3_no_bwd(&grad, &stats, &ChannelSums { relu, format })?;
-        let grad_x = x.apply_op3_no_bwd(&grad, &figures, &InputGrad { relu, format })?;
+        let figures = x.apply_op3_no_bwd(&grad, &stats, &ChannelSums { act, format })?;
+        let grad_x = x.apply_op3_no_bwd(&grad, &figures, &InputGrad { act, format })?;
         Ok((Some(grad_x), Some(figures.get(0)?), Some(figures.get(1)?)))
     }
 }
@@ -450,11 +570,11 @@ fn gated(relu: bool, g: f32, v: f32, scale: f32, shift: f32) -> f32 {
 }
 
 /// Per channel, from x, dL/dy and the forward pass's [`Saved`] statistics: [8, C] =
-/// dgamma = sum(dy * x_hat); dbeta = sum(dy) (dy gated by the fused ReLU); then what
+/// dgamma = sum(dy * x_hat); dbeta = sum(dy) (dy through the fused activation); then what
 /// [`InputGrad`] reads: mean; inv_std; scale; shift; dbeta / M; dgamma / M (M the values per
 /// channel). One tensor, so that the backward pass assembles nothing between its two kernels.
 struct ChannelSums {
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
 }
 
@@ -481,12 +601,13 @@ impl CustomOp3 for ChannelSums {
             contiguous_f32(fs, fl, "statistics")?,
         );
         let m = (x.len() / c.max(1)) as f32;
+        let relu = cpu_fuses(self.act)?;
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let (mean, inv_std) = (f[ch], f[2 * c + ch]);
                 let (scale, shift) = (f[3 * c + ch], f[4 * c + ch]);
-                let gate = |g: f32, v: f32| gated(self.relu, g, v, scale, shift);
+                let gate = |g: f32, v: f32| gated(relu, g, v, scale, shift);
                 let (mut total, mut dot) = (0f64, 0f64);
                 for (xp, gp) in planes(x, ch, c, hw).zip(planes(grad, ch, c, hw)) {
                     let (t, d) = plane_grad_sums(xp, gp, f64::from(mean), gate);
@@ -524,17 +645,17 @@ impl CustomOp3 for ChannelSums {
         let sizes = kernel_sizes(xl, self.format)?;
         let c = sizes.1;
         let sums = by_float!(xs.dtype(), T => {
-            cuda::grad_sums::<T>(xs, xl, gs, gl, fs, fl, sizes, self.format, self.relu)?
+            cuda::grad_sums::<T>(xs, xl, gs, gl, fs, fl, sizes, self.format, self.act)?
         });
         Ok((super::cuda::storage(sums, &xs.device), Shape::from((8, c))))
     }
 }
 
 /// dL/dx from x, dL/dy and [`ChannelSums`]' figures:
-/// scale * (dy - dbeta / M - x_hat * dgamma / M), M the values per channel (dy gated by the
-/// fused ReLU).
+/// scale * (dy - dbeta / M - x_hat * dgamma / M), M the values per channel (dy through the
+/// fused activation).
 struct InputGrad {
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
 }
 
@@ -560,7 +681,7 @@ impl CustomOp3 for InputGrad {
             contiguous_f32(gs, gl, "gradient")?,
             contiguous_f32(fs, fl, "statistics")?,
         );
-        let relu = self.relu;
+        let relu = cpu_fuses(self.act)?;
         let dx = par_collect(x.len(), hw, |plane| {
             let ch = plane % c;
             let (mean, inv_std) = (f[2 * c + ch], f[3 * c + ch]);
@@ -588,7 +709,7 @@ impl CustomOp3 for InputGrad {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let sizes = kernel_sizes(xl, self.format)?;
         let dx = by_float!(xs.dtype(), T => super::cuda::storage(
-            cuda::input_grad::<T>(xs, xl, gs, gl, fs, fl, sizes, self.relu)?,
+            cuda::input_grad::<T>(xs, xl, gs, gl, fs, fl, sizes, self.act)?,
             &xs.device,
         ));
         Ok((dx, xl.shape().clone()))

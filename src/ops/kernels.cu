@@ -432,6 +432,29 @@ __device__ __forceinline__ void store(float* at, float v) { *at = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* at, float v) { *at = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store(__half* at, float v) { *at = __float2half_rn(v); }
 
+// v as T holds it (f32: v itself).
+template <typename T> __device__ __forceinline__ float rounded(float v) {
+    T t;
+    store(&t, v);
+    return load(t);
+}
+
+// What follows a BatchNorm in its kernels' pass (`act`; ops::Activation on the host side).
+#define ACT_IDENTITY 0
+#define ACT_RELU 1
+#define ACT_GELU 2
+
+// GELU in its erf form (PyTorch's nn.GELU() default), and its slope
+// d/dx [x * Phi(x)] = Phi(x) + x * phi(x).
+__device__ __forceinline__ float gelu_value(float v) {
+    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+}
+__device__ __forceinline__ float gelu_slope(float v) {
+    float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    return cdf + v * pdf;
+}
+
 // BatchNorm's per-channel sums are split over `splits` blocks per channel (blockIdx.y), each
 // over a run of whole planes, so that every SM streams (one block per channel left most of the
 // GPU idle on ResNet's 64-channel stages); partials [2, splits, C] in double (channels
@@ -642,10 +665,11 @@ template <typename I, int W> __device__ __forceinline__ bool bn_fixed_channels(i
     return hw == 1 && (step * W) % (I)c == 0;
 }
 
-// y = relu?(x * scale + shift), the scale and shift from bn_stats_finish's [5, C].
+// y = act(x * scale + shift), the scale and shift per channel ([C] each: rows 3 and 4 of
+// bn_stats_finish's [5, C] in training, from the running statistics in evaluation).
 template <typename T, typename I, int W>
-__device__ void bn_apply_run(const T* x, const float* stats, int c, int hw, I total, int relu,
-                             T* y) {
+__device__ void bn_apply_run(const T* x, const float* scale_of, const float* shift_of, int c,
+                             int hw, I total, int act, T* y) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     bool fixed = bn_fixed_channels<I, W>(c, hw);
     float scale[W], shift[W];
@@ -653,36 +677,46 @@ __device__ void bn_apply_run(const T* x, const float* stats, int c, int hw, I to
         I i = g * W;
         if (!fixed || g == first) {
             int ch = bn_channel(i, c, hw);
-            bn_figure<W>(stats + 3 * c, ch, hw, scale);
-            bn_figure<W>(stats + 4 * c, ch, hw, shift);
+            bn_figure<W>(scale_of, ch, hw, scale);
+            bn_figure<W>(shift_of, ch, hw, shift);
         }
         float v[W];
         load_w<W>(x + i, v);
 #pragma unroll
         for (int k = 0; k < W; k++) {
             float o = __fadd_rn(__fmul_rn(v[k], scale[k]), shift[k]);
-            v[k] = relu ? fmaxf(o, 0.0f) : o;
+            // GELU reads the normalised value rounded to T, as it would from memory unfused (and
+            // in PyTorch): fusing saves the traffic and changes no bit.
+            v[k] = act == ACT_RELU   ? fmaxf(o, 0.0f)
+                   : act == ACT_GELU ? gelu_value(rounded<T>(o))
+                                     : o;
         }
         store_w<W>(y + i, v);
     }
 }
 
 template <typename T>
-__device__ void bn_apply(const T* x, const float* stats, int c, int hw, size_t total, int relu,
-                         int vec8, T* y) {
-    BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, stats, c, hw, (I)total, relu, y)))
+__device__ void bn_apply(const T* x, const float* scale, const float* shift, int c, int hw,
+                         size_t total, int act, int vec8, T* y) {
+    BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, scale, shift, c, hw, (I)total, act, y)))
 }
 
-// The upstream gradient through the fused ReLU, which passed where x * scale + shift > 0.
-__device__ __forceinline__ float bn_gated(int relu, float g, float v, float scale, float shift) {
-    return (!relu || __fadd_rn(__fmul_rn(v, scale), shift) > 0.0f) ? g : 0.0f;
+// The upstream gradient through the fused activation, at y = x * scale + shift as bn_apply
+// computed it: ReLU passed where y > 0; GELU scales by its slope at y rounded to T, and the
+// product is rounded to T, as the unfused gelu_bwd stores it (see bn_apply_run).
+template <typename T>
+__device__ __forceinline__ float bn_gated(int act, float g, float v, float scale, float shift) {
+    if (act == ACT_IDENTITY) return g;
+    float y = __fadd_rn(__fmul_rn(v, scale), shift);
+    if (act == ACT_RELU) return y > 0.0f ? g : 0.0f;
+    return rounded<T>(g * gelu_slope(rounded<T>(y)));
 }
 
 // partials: sum(g * (x - mean)) and sum(g) of each channel's split, g gated; stats [5, C] as
 // bn_stats_finish writes them.
 template <typename T>
 __device__ void bn_grad_partial(const T* x, const T* grad, const float* stats, int n, int c,
-                                int hw, int relu, double* partials) {
+                                int hw, int act, double* partials) {
     __shared__ double scratch[BLOCK];
     int ch = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     float mean = stats[ch], scale = stats[3 * c + ch], shift = stats[4 * c + ch];
@@ -693,7 +727,7 @@ __device__ void bn_grad_partial(const T* x, const T* grad, const float* stats, i
         unsigned plane = planes.x + k / hw, pixel = k % hw;
         size_t at = ((size_t)plane * c + ch) * hw + pixel;
         float v = load(x[at]);
-        double g = bn_gated(relu, load(grad[at]), v, scale, shift);
+        double g = bn_gated<T>(act, load(grad[at]), v, scale, shift);
         total += g;
         dot += g * ((double)v - (double)mean);
     }
@@ -755,7 +789,7 @@ __device__ void bn_stats_partial_nhwc(const T* x, int rows, int c, double* parti
 
 template <typename T>
 __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* stats, int rows,
-                                     int c, int relu, double* partials) {
+                                     int c, int act, double* partials) {
     int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
     int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
     double dot = 0.0, total = 0.0;
@@ -764,7 +798,7 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* sta
         for (int r = span.x + threadIdx.x / NHWC_CHANNELS; r < span.y; r += NHWC_ROWS) {
             size_t at = (size_t)r * c + ch;
             float v = load(x[at]);
-            double g = bn_gated(relu, load(grad[at]), v, scale, shift);
+            double g = bn_gated<T>(act, load(grad[at]), v, scale, shift);
             total += g;
             dot += g * ((double)v - (double)mean);
         }
@@ -780,7 +814,7 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* sta
 // gradient's (g * (x - mean), g), stats [5, C]. Partials as above.
 template <typename T>
 __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, int rows, int c,
-                                 int relu, double* partials) {
+                                 int act, double* partials) {
     __shared__ double sa[BLOCK * 8], sb[BLOCK * 8];
     int across = min(32, c / 8), lanes = BLOCK / across;
     int lane = threadIdx.x / across, ch = (blockIdx.x * across + threadIdx.x % across) * 8;
@@ -795,7 +829,7 @@ __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, 
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             if (grad) {
-                float gated = bn_gated(relu, g[k], v[k], scale[k], shift[k]);
+                float gated = bn_gated<T>(act, g[k], v[k], scale[k], shift[k]);
                 fa[k] = fmaf(gated, v[k] - mean[k], fa[k]);
                 fb[k] += gated;
             } else {
@@ -862,7 +896,7 @@ __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, 
 // 0.81 a ResNet-18 step.)
 template <typename T, typename I, int W>
 __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int c, int hw,
-                                  I total, int relu, T* dx) {
+                                  I total, int act, T* dx) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     bool fixed = bn_fixed_channels<I, W>(c, hw);
     float mean[W], inv_std[W], scale[W], shift[W], mean_dbeta[W], mean_dgamma[W];
@@ -882,7 +916,7 @@ __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int
         load_w<W>(grad + i, gv);
 #pragma unroll
         for (int k = 0; k < W; k++) {
-            float g = bn_gated(relu, gv[k], v[k], scale[k], shift[k]);
+            float g = bn_gated<T>(act, gv[k], v[k], scale[k], shift[k]);
             float x_hat = __fmul_rn(__fsub_rn(v[k], mean[k]), inv_std[k]);
             float rest = __fsub_rn(__fsub_rn(g, mean_dbeta[k]), __fmul_rn(x_hat, mean_dgamma[k]));
             v[k] = __fmul_rn(scale[k], rest);
@@ -893,8 +927,8 @@ __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int
 
 template <typename T>
 __device__ void bn_input_grad(const T* x, const T* grad, const float* f, int c, int hw,
-                              size_t total, int relu, int vec8, T* dx) {
-    BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, c, hw, (I)total, relu, dx)))
+                              size_t total, int act, int vec8, T* dx) {
+    BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, c, hw, (I)total, act, dx)))
 }
 
 // Two same-sized operands, elementwise, by `mode`: 0 relu(a + b); 1 a where b > 0 (the ReLU's
@@ -942,32 +976,32 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
     }                                                                                          \
     extern "C" __global__ void bn_stats_partial_nhwc8_##SUFFIX(const T* x, int rows, int c,    \
                                                                int hw, double* partials) {     \
-        bn_partial_nhwc8<T>(x, nullptr, nullptr, rows, c, 0, partials);                        \
+        bn_partial_nhwc8<T>(x, nullptr, nullptr, rows, c, ACT_IDENTITY, partials);             \
     }                                                                                          \
     extern "C" __global__ void bn_grad_partial_nhwc_##SUFFIX(                                  \
-        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int relu,      \
+        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int act,       \
         double* partials) {                                                                    \
-        bn_grad_partial_nhwc(x, grad, stats, rows, c, relu, partials);                         \
+        bn_grad_partial_nhwc(x, grad, stats, rows, c, act, partials);                         \
     }                                                                                          \
     extern "C" __global__ void bn_grad_partial_nhwc8_##SUFFIX(                                 \
-        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int relu,      \
+        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int act,       \
         double* partials) {                                                                    \
-        bn_partial_nhwc8(x, grad, stats, rows, c, relu, partials);                             \
+        bn_partial_nhwc8(x, grad, stats, rows, c, act, partials);                             \
     }                                                                                          \
-    extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* stats, int c,        \
-                                                 int hw, size_t total, int relu, int vec8,     \
-                                                 T* y) {                                       \
-        bn_apply(x, stats, c, hw, total, relu, vec8, y);                                       \
+    extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* scale,               \
+                                                 const float* shift, int c, int hw,            \
+                                                 size_t total, int act, int vec8, T* y) {      \
+        bn_apply(x, scale, shift, c, hw, total, act, vec8, y);                                 \
     }                                                                                          \
     extern "C" __global__ void bn_grad_partial_##SUFFIX(const T* x, const T* grad,             \
                                                         const float* stats, int n, int c,      \
-                                                        int hw, int relu, double* partials) {  \
-        bn_grad_partial(x, grad, stats, n, c, hw, relu, partials);                             \
+                                                        int hw, int act,  double* partials) {  \
+        bn_grad_partial(x, grad, stats, n, c, hw, act, partials);                             \
     }                                                                                          \
     extern "C" __global__ void bn_input_grad_##SUFFIX(const T* x, const T* grad, const float* f, \
-                                                      int c, int hw, size_t total, int relu,   \
+                                                      int c, int hw, size_t total, int act,    \
                                                       int vec8, T* dx) {                       \
-        bn_input_grad(x, grad, f, c, hw, total, relu, vec8, dx);                               \
+        bn_input_grad(x, grad, f, c, hw, total, act, vec8, dx);                               \
     }                                                                                          \
     extern "C" __global__ void add_relu_fwd_##SUFFIX(const T* a, const T* b, size_t total,     \
                                                      int vec8, T* y) {                         \
@@ -1017,8 +1051,11 @@ FILTER_ENTRY_POINTS(__half, f16)
 // dropped), channels first or last: each window's first maximum in row-major order wins, a NaN
 // always (PyTorch's rule), and the backward pass gives the gradient to that winner alone ------
 
+// `vec8`: channels last, C a multiple of 8 and the data aligned to 8 elements: a thread takes a
+// window's 8 channels in 16-byte loads and stores (one bf16 channel a thread ran at a third of
+// the memory's bandwidth).
 struct Pooling {
-    int n, c, h, w, k, oh, ow, channels_last;
+    int n, c, h, w, k, oh, ow, channels_last, vec8;
 };
 
 // The offset of (image, channel, row, column) in a tensor of `c` channels, `h` x `w`; in 32
@@ -1103,6 +1140,81 @@ __device__ void max_pool_bwd(const T* x, const T* grad, Pooling p, T* dx) {
     }
 }
 
+// The winners (as dy * k + dx) and maxima of 8 channels from `ch` of window (oy, ox), channels
+// last: pool_winner's rule for each channel.
+template <typename T>
+__device__ __forceinline__ void pool_winners8(const T* x, const Pooling& p, int img, int ch,
+                                              int oy, int ox, float* best, int* at) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        best[k] = -INFINITY;
+        at[k] = 0;
+    }
+    for (int dy = 0; dy < p.k; ++dy) {
+        for (int dx = 0; dx < p.k; ++dx) {
+            float v[8];
+            load8(x + pool_at(p, img, ch, oy * p.k + dy, ox * p.k + dx, p.h, p.w), v);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                if (v[k] > best[k] || isnan(v[k])) {
+                    best[k] = v[k];
+                    at[k] = dy * p.k + dx;
+                }
+            }
+        }
+    }
+}
+
+// Output run i (8 channels from `ch`) as (image, channel, row, column), channels last.
+__device__ __forceinline__ void pool_coords8(const Pooling& p, unsigned i, int* img, int* ch,
+                                             int* oy, int* ox) {
+    int groups = p.c / 8;
+    *ch = (int)(i % groups) * 8;
+    i /= groups;
+    *ox = (int)(i % p.ow);
+    i /= p.ow;
+    *oy = (int)(i % p.oh);
+    *img = (int)(i / p.oh);
+}
+
+template <typename T>
+__device__ void max_pool_fwd8(const T* x, Pooling p, T* y) {
+    unsigned total = (unsigned)p.n * p.oh * p.ow * (p.c / 8);
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        int img, ch, oy, ox, at[8];
+        float best[8];
+        pool_coords8(p, i, &img, &ch, &oy, &ox);
+        pool_winners8(x, p, img, ch, oy, ox, best, at);
+        store8(y + (size_t)i * 8, best);
+    }
+}
+
+// As max_pool_bwd, 8 channels a thread.
+template <typename T>
+__device__ void max_pool_bwd8(const T* x, const T* grad, Pooling p, T* dx) {
+    unsigned total = (unsigned)p.n * p.oh * p.ow * (p.c / 8);
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        int img, ch, oy, ox, at[8];
+        float best[8], g[8];
+        pool_coords8(p, i, &img, &ch, &oy, &ox);
+        pool_winners8(x, p, img, ch, oy, ox, best, at);
+        load8(grad + (size_t)i * 8, g);
+        int y_end = oy == p.oh - 1 ? p.h : (oy + 1) * p.k;
+        int x_end = ox == p.ow - 1 ? p.w : (ox + 1) * p.k;
+        for (int yy = oy * p.k; yy < y_end; ++yy) {
+            for (int xx = ox * p.k; xx < x_end; ++xx) {
+                int dy = yy - oy * p.k, dx_ = xx - ox * p.k;
+                bool inside = dy < p.k && dx_ < p.k;
+                float out[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    out[k] = inside && dy * p.k + dx_ == at[k] ? g[k] : 0.0f;
+                store8(dx + pool_at(p, img, ch, yy, xx, p.h, p.w), out);
+            }
+        }
+    }
+}
+
 // ---- GELU (erf form, PyTorch's default), forward and backward in one pass each: candle's
 // backward composes eight kernels ---------------------------------------------------------
 
@@ -1110,30 +1222,31 @@ template <typename T>
 __device__ void gelu_fwd(const T* x, size_t total, T* y) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
-        float v = load(x[i]);
-        store(y + i, 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+        store(y + i, gelu_value(load(x[i])));
     }
 }
 
-// d/dx [x * Phi(x)] = Phi(x) + x * phi(x).
 template <typename T>
 __device__ void gelu_bwd(const T* x, const T* grad, size_t total, T* dx) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
-        float v = load(x[i]);
-        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-        float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-        store(dx + i, load(grad[i]) * (cdf + v * pdf));
+        store(dx + i, load(grad[i]) * gelu_slope(load(x[i])));
     }
 }
 
 #define POOL_GELU_ENTRY_POINTS(T, SUFFIX)                                                      \
     extern "C" __global__ void max_pool_fwd_##SUFFIX(const T* x, Pooling p, T* y) {           \
-        max_pool_fwd(x, p, y);                                                                 \
+        if (p.vec8)                                                                            \
+            max_pool_fwd8(x, p, y);                                                            \
+        else                                                                                   \
+            max_pool_fwd(x, p, y);                                                             \
     }                                                                                          \
     extern "C" __global__ void max_pool_bwd_##SUFFIX(const T* x, const T* grad, Pooling p,    \
                                                      T* dx) {                                  \
-        max_pool_bwd(x, grad, p, dx);                                                          \
+        if (p.vec8)                                                                            \
+            max_pool_bwd8(x, grad, p, dx);                                                     \
+        else                                                                                   \
+            max_pool_bwd(x, grad, p, dx);                                                      \
     }                                                                                          \
     extern "C" __global__ void gelu_fwd_##SUFFIX(const T* x, size_t total, T* y) {            \
         gelu_fwd(x, total, y);                                                                 \

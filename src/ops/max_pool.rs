@@ -57,7 +57,8 @@ pub fn max_pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
 
 /// `nn.MaxPool2d(k)` (stride k, no padding, the last rows and columns that do not fill a window
 /// dropped) over activations in `format`: kiln's kernels on CUDA (either format, f32, bf16 or
-/// f16; `max_pool_fwd` and `max_pool_bwd` in kernels.cu) and on the CPU (channels first, f32);
+/// f16; `max_pool_fwd` and `max_pool_bwd` in kernels.cu, eight channels a thread in 16-byte
+/// accesses where channels last allows) and on the CPU (channels first, f32);
 /// elsewhere reshaped windows and a maximum, whose gradient goes to each tied maximum.
 pub fn max_pool2d_in(x: &Tensor, k: usize, format: MemoryFormat) -> candle_core::Result<Tensor> {
     let p = PoolParams {
@@ -88,9 +89,14 @@ struct StridedPool {
 }
 
 impl StridedPool {
-    /// The output's shape and the kernels' description of the pooling, for input `layout`.
+    /// The output's shape and the kernels' description of the pooling, for input `layout`
+    /// (`operands`: the layouts of all it reads, for the eight-channel kernels' alignment).
     #[cfg(feature = "cuda")]
-    fn describe(&self, layout: &Layout) -> candle_core::Result<(Shape, Pooling)> {
+    fn describe(
+        &self,
+        layout: &Layout,
+        operands: &[&Layout],
+    ) -> candle_core::Result<(Shape, Pooling)> {
         use super::cuda::int;
         let (n, c, h, w) = self.format.to_nchw_order(layout.shape().dims4()?);
         let p = PoolParams {
@@ -102,6 +108,10 @@ impl StridedPool {
         // The kernels index in 32 bits.
         int(n * c * h * w, "max_pool2d")?;
         let shape = Shape::from(self.format.from_nchw_order((n, c, oh, ow)));
+        let channels_last = self.format == MemoryFormat::ChannelsLast;
+        let vec8 = channels_last
+            && c.is_multiple_of(8)
+            && operands.iter().all(|l| l.start_offset().is_multiple_of(8));
         let pooling = Pooling {
             n: int(n, "max_pool2d")?,
             c: int(c, "max_pool2d")?,
@@ -110,7 +120,8 @@ impl StridedPool {
             k: int(self.k, "max_pool2d")?,
             oh: int(oh, "max_pool2d")?,
             ow: int(ow, "max_pool2d")?,
-            channels_last: i32::from(self.format == MemoryFormat::ChannelsLast),
+            channels_last: i32::from(channels_last),
+            vec8: i32::from(vec8),
         };
         Ok((shape, pooling))
     }
@@ -129,6 +140,19 @@ struct Pooling {
     oh: i32,
     ow: i32,
     channels_last: i32,
+    vec8: i32,
+}
+
+#[cfg(feature = "cuda")]
+impl Pooling {
+    /// The kernels' threads: one per output value, or per eight channels of one.
+    fn threads(&self, outputs: usize) -> usize {
+        if self.vec8 == 1 {
+            outputs / 8
+        } else {
+            outputs
+        }
+    }
 }
 
 // SAFETY: plain integers, laid out as kernels.cu's `Pooling`.
@@ -154,7 +178,7 @@ impl CustomOp1 for StridedPool {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
-        let (shape, pooling) = self.describe(xl)?;
+        let (shape, pooling) = self.describe(xl, &[xl])?;
         let dev = &xs.device;
         let out = by_float!(xs.dtype(), T => {
             let x = view::<T>(xs, xl, "input")?;
@@ -164,8 +188,9 @@ impl CustomOp1 for StridedPool {
             let mut launch = stream.launch_builder(&func);
             launch.arg(&x).arg(&pooling).arg(&y);
             // SAFETY: x holds n * c * h * w values in the format the flag names; the grid-stride
-            // loop writes every one of y's n * c * oh * ow.
-            unsafe { launch.launch(per_item(shape.elem_count())) }.w()?;
+            // loop writes every one of y's n * c * oh * ow (eight at a time where `vec8`: C a
+            // multiple of 8 and every operand aligned for the 16-byte accesses).
+            unsafe { launch.launch(per_item(pooling.threads(shape.elem_count()))) }.w()?;
             storage(y, dev)
         });
         Ok((out, shape))
@@ -219,7 +244,7 @@ impl CustomOp2 for StridedPoolGrad {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
-        let (shape, pooling) = self.pool.describe(xl)?;
+        let (shape, pooling) = self.pool.describe(xl, &[xl, gl])?;
         if gl.shape() != &shape || gs.dtype() != xs.dtype() {
             candle_core::bail!(
                 "kiln-max-pool-grad: a gradient of shape {:?} for an output of {shape:?}",
@@ -238,7 +263,7 @@ impl CustomOp2 for StridedPoolGrad {
             launch.arg(&x).arg(&g).arg(&pooling).arg(&dx);
             // SAFETY: x and dx hold the input's n * c * h * w values, g the output's; a thread
             // per window writes its window, the last ones also what lies past them: all of dx.
-            unsafe { launch.launch(per_item(shape.elem_count())) }.w()?;
+            unsafe { launch.launch(per_item(pooling.threads(shape.elem_count()))) }.w()?;
             storage(dx, dev)
         });
         Ok((out, xl.shape().clone()))

@@ -3,10 +3,11 @@
 //! f32, bf16 and f16 (statistics and parameters f32). The partial sums have channels-last versions
 //! (`_nhwc`, `_nhwc8`); the rest read either format.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout};
 
+use super::Activation;
 use crate::ops::cuda::{
     int, kernel, kernel_for, output, per_item, view, view_mut, KernelFloat, THREADS,
 };
@@ -193,34 +194,41 @@ pub(super) fn stats<T: KernelFloat>(
     Ok(stats)
 }
 
+/// `act(x * scale + shift)`, the scale and shift [C] each (16-byte aligned where C is a multiple
+/// of 8: rows of a [5, C] or [2, C] allocation).
 pub(super) fn apply<T: KernelFloat>(
     xs: &CudaStorage,
     xl: &Layout,
-    stats: &CudaSlice<f32>,
+    scale: &CudaView<'_, f32>,
+    shift: &CudaView<'_, f32>,
     (n, c, hw): Sizes,
-    relu: bool,
+    act: Activation,
 ) -> candle_core::Result<CudaSlice<T>> {
     let dev = &xs.device;
     let x = view::<T>(xs, xl, "input")?;
+    if scale.len() != c || shift.len() != c {
+        candle_core::bail!("batch_norm: {} scales for {c} channels", scale.len());
+    }
     let total = n * c * hw;
     let y = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, "bn_apply")?;
     let stream = dev.cuda_stream();
     let wide = vec8((n, c, hw), &[xl]);
-    let (c32, hw32, relu, wide32) = (
+    let (c32, hw32, act, wide32) = (
         int(c, "batch_norm")?,
         int(hw, "batch_norm")?,
-        i32::from(relu),
+        act.code(),
         i32::from(wide),
     );
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
-        .arg(stats)
+        .arg(scale)
+        .arg(shift)
         .arg(&c32)
         .arg(&hw32)
         .arg(&total)
-        .arg(&relu)
+        .arg(&act)
         .arg(&wide32)
         .arg(&y);
     // SAFETY: as above; a grid-stride loop writes all `total` outputs (eight at a time where
@@ -239,7 +247,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
     fl: &Layout,
     (n, c, hw): Sizes,
     format: MemoryFormat,
-    relu: bool,
+    act: Activation,
 ) -> candle_core::Result<CudaSlice<f32>> {
     let dev = &xs.device;
     let (x, grad, stats) = (
@@ -258,7 +266,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
         int(hw, "batch_norm")?,
         int(splits, "batch_norm")?,
     );
-    let relu = i32::from(relu);
+    let act = act.code();
     let func = reads.kernel::<T>(dev, "bn_grad_partial")?;
     let mut launch = stream.launch_builder(&func);
     launch
@@ -268,7 +276,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
         .arg(&n32)
         .arg(&c32)
         .arg(&hw32)
-        .arg(&relu)
+        .arg(&act)
         .arg(&partials);
     // SAFETY: as in `stats`: block (ch, s) writes its channels' two partial sums of split s.
     unsafe { launch.launch(grid) }.w()?;
@@ -296,7 +304,7 @@ pub(super) fn input_grad<T: KernelFloat>(
     fs: &CudaStorage,
     fl: &Layout,
     (n, c, hw): Sizes,
-    relu: bool,
+    act: Activation,
 ) -> candle_core::Result<CudaSlice<T>> {
     let dev = &xs.device;
     let (x, grad, figures) = (
@@ -310,7 +318,7 @@ pub(super) fn input_grad<T: KernelFloat>(
     let stream = dev.cuda_stream();
     let (c32, hw32) = (int(c, "batch_norm")?, int(hw, "batch_norm")?);
     let wide = vec8((n, c, hw), &[xl, gl, fl]);
-    let (relu, wide32) = (i32::from(relu), i32::from(wide));
+    let (act, wide32) = (act.code(), i32::from(wide));
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
@@ -319,7 +327,7 @@ pub(super) fn input_grad<T: KernelFloat>(
         .arg(&c32)
         .arg(&hw32)
         .arg(&total)
-        .arg(&relu)
+        .arg(&act)
         .arg(&wide32)
         .arg(&dx);
     // SAFETY: as in `apply`.

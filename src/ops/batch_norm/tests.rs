@@ -26,8 +26,14 @@ fn close(what: &str, a: &Tensor, b: &Tensor, tolerance: f32) -> Result<(), TestC
     Ok(())
 }
 
-type Norm =
-    fn(&Tensor, &Tensor, &Tensor, f64, bool, MemoryFormat) -> candle_core::Result<BatchNormOutput>;
+type Norm = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    f64,
+    Activation,
+    MemoryFormat,
+) -> candle_core::Result<BatchNormOutput>;
 
 /// Output, statistics and the gradients of x, gamma and beta under a random upstream gradient.
 fn run(
@@ -35,7 +41,7 @@ fn run(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    relu: bool,
+    act: Activation,
     format: MemoryFormat,
 ) -> Vec<Tensor> {
     let (xv, gv, bv) = (
@@ -48,7 +54,7 @@ fn run(
         gv.as_tensor(),
         bv.as_tensor(),
         1e-5,
-        relu,
+        act,
         format,
     )
     .unwrap();
@@ -65,6 +71,14 @@ fn run(
     vec![out.y, out.mean, out.var, grad(&xv), grad(&gv), grad(&bv)]
 }
 
+fn activation() -> impl Strategy<Value = Activation> {
+    prop_oneof![
+        Just(Activation::Identity),
+        Just(Activation::Relu),
+        Just(Activation::Gelu)
+    ]
+}
+
 const NAMES: [&str; 6] = [
     "output",
     "mean",
@@ -79,7 +93,7 @@ proptest! {
     #[test]
     fn batch_norm_matches_candles_composition(
         n in 1usize..6, c in 1usize..6, h in 1usize..7, w in 1usize..7,
-        relu in any::<bool>(), shift in -3f32..3f32, seed in 0u64..1000,
+        act in activation(), shift in -3f32..3f32, seed in 0u64..1000,
     ) {
         prop_assume!(n * h * w > 1);
         // An offset mean, as activations have: the sums must not lose the variance to it.
@@ -87,8 +101,8 @@ proptest! {
         let gamma = random(&[c], seed + 1);
         let beta = random(&[c], seed + 2);
         let first = MemoryFormat::ChannelsFirst;
-        let ours = run(batch_norm_train, &x, &gamma, &beta, relu, first);
-        let reference = run(batch_norm_train_reference, &x, &gamma, &beta, relu, first);
+        let ours = run(batch_norm_train, &x, &gamma, &beta, act, first);
+        let reference = run(batch_norm_train_reference, &x, &gamma, &beta, act, first);
         for (name, (a, b)) in NAMES.iter().zip(ours.iter().zip(&reference)) {
             close(name, a, b, 2e-5)?;
         }
@@ -100,7 +114,7 @@ proptest! {
     #[test]
     fn channels_last_batch_norm_matches_channels_first(
         n in 1usize..4, c in 1usize..6, h in 1usize..5, w in 1usize..5,
-        relu in any::<bool>(), seed in 0u64..1000,
+        act in activation(), seed in 0u64..1000,
     ) {
         prop_assume!(n * h * w > 1);
         let last = MemoryFormat::ChannelsLast;
@@ -108,8 +122,8 @@ proptest! {
         let gamma = random(&[c], seed + 1);
         let beta = random(&[c], seed + 2);
         let first = MemoryFormat::ChannelsFirst;
-        let first = run(batch_norm_train_reference, &x, &gamma, &beta, relu, first);
-        let nhwc = run(batch_norm_train, &last.from_nchw(&x).unwrap(), &gamma, &beta, relu, last);
+        let first = run(batch_norm_train_reference, &x, &gamma, &beta, act, first);
+        let nhwc = run(batch_norm_train, &last.from_nchw(&x).unwrap(), &gamma, &beta, act, last);
         for (i, (name, (a, b))) in NAMES.iter().zip(first.iter().zip(&nhwc)).enumerate() {
             // The output and input gradient come back channels last; the rest are per channel.
             let b = if i == 0 || i == 3 { last.to_nchw(b).unwrap() } else { b.clone() };
@@ -130,8 +144,15 @@ fn normalises_with_the_biased_variance() {
     .unwrap();
     let gamma = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
     let beta = Tensor::new(&[0f32, 1.], &Device::Cpu).unwrap();
-    let out =
-        batch_norm_train(&x, &gamma, &beta, 1e-5, false, MemoryFormat::ChannelsFirst).unwrap();
+    let out = batch_norm_train(
+        &x,
+        &gamma,
+        &beta,
+        1e-5,
+        Activation::Identity,
+        MemoryFormat::ChannelsFirst,
+    )
+    .unwrap();
     // Channel 0: values 1, 2, 3, 6: mean 3, biased variance 3.5.
     assert_eq!(out.mean.to_vec1::<f32>().unwrap(), [3.0, 2.0]);
     assert_eq!(out.var.to_vec1::<f32>().unwrap(), [3.5, 2.0]);
