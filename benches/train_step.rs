@@ -13,8 +13,11 @@
 //! `--memory-format`: the ResNets' activations channels first or last (default: the device's
 //! fastest, channels last on CUDA with cuDNN).
 //!
-//! Peak device memory (CUDA): kiln's allocator pool at its fullest and PyTorch's
-//! `max_memory_reserved`, the CUDA context left out of both.
+//! Peak device memory (CUDA), the CUDA context left out of both: "MiB", the allocator's pool at
+//! its fullest over the whole run, cuDNN's algorithm search included (kiln's reserved high
+//! watermark, PyTorch's `max_memory_reserved`); "in use", the most held by live tensors during
+//! the timed steps (kiln's in-use high watermark, PyTorch's `max_memory_allocated`, both reset
+//! after the warm-up).
 //!
 //! PyTorch's figures come from pytorch/train_step.py (needs `python3` with torch); without it
 //! they are skipped with a message.
@@ -47,6 +50,13 @@ fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
     args.get(at + 1)?.parse().ok()
 }
 
+/// Peak device memory: the pool at its fullest, and in use during the timed steps.
+#[derive(Default)]
+struct Memory {
+    reserved: Option<u64>,
+    in_use: Option<u64>,
+}
+
 /// kiln's images/s for each repeat of `steps` steps at `batch`, and the peak device memory.
 fn kiln(
     model: &str,
@@ -55,7 +65,7 @@ fn kiln(
     steps: usize,
     repeats: usize,
     (dtype, format): (DType, MemoryFormat),
-) -> kiln::Result<(Vec<f64>, Option<u64>)> {
+) -> kiln::Result<(Vec<f64>, Memory)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
     let mut arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
     arch.memory_format = Some(format);
@@ -79,6 +89,7 @@ fn kiln(
         Ok(())
     };
     run((steps / 10).max(2))?;
+    kiln::device::reset_peak_memory_in_use(device);
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let start = Instant::now();
@@ -94,7 +105,11 @@ fn kiln(
         run(profiled)?;
         profiler_range(false);
     }
-    Ok((rates, kiln::device::peak_memory(device)))
+    let memory = Memory {
+        reserved: kiln::device::peak_memory(device),
+        in_use: kiln::device::peak_memory_in_use(device),
+    };
+    Ok((rates, memory))
 }
 
 /// Starts or stops the CUDA profiler's collection (what `ncu --profile-from-start off` waits for).
@@ -124,7 +139,7 @@ fn pytorch(
     repeats: usize,
     threads: usize,
     precision: Precision,
-) -> Result<(Vec<f64>, Option<u64>), String> {
+) -> Result<(Vec<f64>, Memory), String> {
     // From the working directory when it is a checkout (a binary carried to a GPU machine runs
     // there), else from the one this was built in.
     let script = [
@@ -149,7 +164,11 @@ fn pytorch(
     }
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
     let rates = serde_json::from_value(line["images_per_s"].clone()).map_err(|e| e.to_string())?;
-    Ok((rates, line["peak_device_bytes"].as_u64()))
+    let memory = Memory {
+        reserved: line["peak_device_bytes"].as_u64(),
+        in_use: line["peak_in_use_bytes"].as_u64(),
+    };
+    Ok((rates, memory))
 }
 
 fn mib(bytes: Option<u64>) -> String {
@@ -199,7 +218,7 @@ fn main() {
         kiln::device::describe(&device)
     );
     println!(
-        "{:>6} {:>7} {:>12} {:>9} {:>14} {:>9} {:>8} {:>10} {:>10}",
+        "{:>6} {:>7} {:>12} {:>9} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13}",
         "batch",
         "steps",
         "kiln img/s",
@@ -208,7 +227,9 @@ fn main() {
         "ms/step",
         "ratio",
         "kiln MiB",
-        "torch MiB"
+        "torch MiB",
+        "kiln in use",
+        "torch in use"
     );
     // At least 1000 timed steps on a GPU where small batches take well under a millisecond; a
     // ResNet step on the CPU takes about a second at batch 64.
@@ -241,22 +262,26 @@ fn main() {
             Ok((rates, their_peak)) => {
                 let theirs = median(rates);
                 println!(
-                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {theirs:>14.0} {:>9.3} {:>7.2}x {:>10} {:>10}",
+                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {theirs:>14.0} {:>9.3} {:>7.2}x {:>10} {:>10} {:>12} {:>13}",
                     ms(ours),
                     ms(theirs),
                     ours / theirs,
-                    mib(our_peak),
-                    mib(their_peak),
+                    mib(our_peak.reserved),
+                    mib(their_peak.reserved),
+                    mib(our_peak.in_use),
+                    mib(their_peak.in_use),
                 );
             }
             Err(why) => {
                 println!(
-                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {:>14} {:>9} {:>8} {:>10} {:>10}",
+                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13}",
                     ms(ours),
                     "-",
                     "-",
                     "-",
-                    mib(our_peak),
+                    mib(our_peak.reserved),
+                    "-",
+                    mib(our_peak.in_use),
                     "-"
                 );
                 eprintln!("PyTorch reference skipped: {why}");

@@ -7,7 +7,10 @@ and cross-entropy; the ResNets (pytorch/resnet.py, CIFAR stem) with SGD lr 0.1, 
 cudnn.benchmark (f32 master weights, as kiln's bf16), or `--precision f16`: the same in f16 with
 torch.amp.GradScaler's dynamic loss scaling (as kiln's f16). Prints one JSON
 line: {"framework": "pytorch", "batch": B, "threads": T, "images_per_s": [one figure per repeat],
-"peak_device_bytes": max_memory_reserved on CUDA, else null}.
+"peak_device_bytes": max_memory_reserved on CUDA, else null, "peak_in_use_bytes": the timed
+steps' max_memory_allocated on CUDA, else null} (the peaks are reset after the warm-up; the
+caching allocator keeps what it reserved, so the reserved figure still counts cudnn.benchmark's
+search).
 
     python3 pytorch/train_step.py --model resnet18 --batch 64 --steps 10 --repeats 5 --threads 2
 """
@@ -69,6 +72,8 @@ def main():
             torch.cuda.synchronize()
 
     steps(max(2, args.steps // 10))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # "in use": the timed steps' peak only
     rates = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -81,10 +86,13 @@ def main():
         torch.cuda.profiler.start()
         steps(profiled)
         torch.cuda.profiler.stop()
-    peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_reserved(device) if cuda else None
+    in_use = torch.cuda.max_memory_allocated(device) if cuda else None
     print(json.dumps({"framework": "pytorch", "version": torch.__version__, "model": args.model,
                       "precision": args.precision, "batch": args.batch,
-                      "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak}))
+                      "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak,
+                      "peak_in_use_bytes": in_use}))
 
 
 if __name__ == "__main__":

@@ -258,21 +258,64 @@ pub fn flush_denormals() {
 /// The most device memory this process's allocations have held at once (the allocator's pool
 /// at its fullest, the CUDA context not included), where the backend tells: CUDA does.
 pub fn peak_memory(device: &Device) -> Option<u64> {
+    pool_high_watermark(device, Watermark::Reserved)
+}
+
+/// The most device memory in use by live tensors at once since [`reset_peak_memory_in_use`]
+/// (or the start), where the backend tells: what PyTorch calls `max_memory_allocated`. Below
+/// [`peak_memory`] by what the pool held free, such as cuDNN's algorithm search's workspaces.
+pub fn peak_memory_in_use(device: &Device) -> Option<u64> {
+    pool_high_watermark(device, Watermark::InUse)
+}
+
+/// Starts [`peak_memory_in_use`] afresh from what is in use now (PyTorch's
+/// `reset_peak_memory_stats`); [`peak_memory`] keeps counting from the start.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn reset_peak_memory_in_use(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let device = cuda.cuda_stream().context().cu_device();
+        let mut zero = 0u64;
+        // SAFETY: as in `tune_cuda`; the high watermark can only be reset to zero (CUDA then
+        // restarts it from the memory in use), and the attribute takes a u64. A failure leaves
+        // the watermark counting from the start, which only overstates.
+        unsafe {
+            let _ = result::device::get_mem_pool(device).and_then(|pool| {
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            });
+        }
+    }
+}
+
+/// Which of the CUDA memory pool's high watermarks to read.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum Watermark {
+    Reserved,
+    InUse,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn pool_high_watermark(device: &Device, watermark: Watermark) -> Option<u64> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => {
             use candle_core::cuda_backend::cudarc::driver::{result, sys};
+            let attribute = match watermark {
+                Watermark::Reserved => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                Watermark::InUse => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            };
             let device = cuda.cuda_stream().context().cu_device();
             let mut high = 0u64;
             // SAFETY: as in `tune_cuda`; the attribute writes a u64.
             unsafe {
                 let pool = result::device::get_mem_pool(device).ok()?;
-                result::mem_pool::get_attribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                    (&mut high as *mut u64).cast(),
-                )
-                .ok()?;
+                result::mem_pool::get_attribute(pool, attribute, (&mut high as *mut u64).cast())
+                    .ok()?;
             }
             Some(high)
         }
