@@ -17,7 +17,8 @@
 //! its fullest over the whole run, cuDNN's algorithm search included (kiln's reserved high
 //! watermark, PyTorch's `max_memory_reserved`); "in use", the most held by live tensors during
 //! the timed steps (kiln's in-use high watermark, PyTorch's `max_memory_allocated`, both reset
-//! after the warm-up).
+//! after the warm-up). On the CPU, kiln's "in use" is the heap's peak over the timed steps (a
+//! counting allocator; weights, optimizer state and the batch included).
 //!
 //! PyTorch's figures come from pytorch/train_step.py (needs `python3` with torch); without it
 //! they are skipped with a message.
@@ -26,9 +27,66 @@
 //! inside a CUDA profiler range, so that `ncu --profile-from-start off` measures steady steps'
 //! kernels only (not the warm-up or cuDNN's algorithm timing).
 
-// See Cargo.toml: large tensors are allocated and freed every step.
+// See Cargo.toml: large tensors are allocated and freed every step. Counted, for the CPU's
+// "in use" figure.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: heap::Counting = heap::Counting;
+
+/// mimalloc with a count of the bytes allocated and not yet freed, and their peak: on the CPU,
+/// tensors live on this heap, so its peak during the timed steps is what they held at once.
+mod heap {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Counting;
+
+    fn grew(bytes: usize) {
+        let now = LIVE.fetch_add(bytes, Relaxed) + bytes;
+        PEAK.fetch_max(now, Relaxed);
+    }
+
+    // SAFETY: every call is mimalloc's, with the caller's arguments; the counters only observe.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { mimalloc::MiMalloc.alloc(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+            unsafe { mimalloc::MiMalloc.dealloc(p, layout) };
+            LIVE.fetch_sub(layout.size(), Relaxed);
+        }
+        unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+            let q = unsafe { mimalloc::MiMalloc.realloc(p, layout, size) };
+            if !q.is_null() {
+                LIVE.fetch_sub(layout.size(), Relaxed);
+                grew(size);
+            }
+            q
+        }
+    }
+
+    /// Starts the peak afresh from what is allocated now.
+    pub fn reset_peak() {
+        PEAK.store(LIVE.load(Relaxed), Relaxed);
+    }
+
+    pub fn peak() -> u64 {
+        PEAK.load(Relaxed) as u64
+    }
+}
 
 use std::process::Command;
 use std::time::Instant;
@@ -90,6 +148,7 @@ fn kiln(
     };
     run((steps / 10).max(2))?;
     kiln::device::reset_peak_memory_in_use(device);
+    heap::reset_peak();
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let start = Instant::now();
@@ -107,7 +166,10 @@ fn kiln(
     }
     let memory = Memory {
         reserved: kiln::device::peak_memory(device),
-        in_use: kiln::device::peak_memory_in_use(device),
+        in_use: match device {
+            Device::Cpu => Some(heap::peak()),
+            _ => kiln::device::peak_memory_in_use(device),
+        },
     };
     Ok((rates, memory))
 }
