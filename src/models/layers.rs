@@ -157,6 +157,38 @@ impl BatchNorm2d {
             act,
             self.format,
         )?;
+        self.track(x, out)
+    }
+
+    /// `relu(self(x) + residual)`, a residual block's end; in training one node of the graph
+    /// ([`ops::batch_norm_add_relu_train`]), so the normalised values are not kept for the
+    /// backward pass.
+    pub fn forward_add_relu(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        if !train {
+            return ops::add_relu(
+                &self.forward(x, false, ops::Activation::Identity)?,
+                residual,
+            );
+        }
+        let out = ops::batch_norm_add_relu_train(
+            x,
+            &self.weight,
+            &self.bias,
+            self.settings.eps,
+            residual,
+            self.format,
+        )?;
+        self.track(x, out)
+    }
+
+    /// Blends the batch's statistics into the running ones and counts the batch; returns the
+    /// output.
+    fn track(&self, x: &Tensor, out: ops::BatchNormOutput) -> candle_core::Result<Tensor> {
         let (n, _, h, w) = self.format.nchw_dims(x)?;
         let count = (n * h * w) as f64;
         // PyTorch: running = (1 - momentum) * running + momentum * batch, with the variance

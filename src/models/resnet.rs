@@ -175,20 +175,16 @@ impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let last = self.convs.len() - 1;
         let mut h = x.clone();
-        for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            // ReLU after each but the last, which the shortcut joins first.
-            let act = if i < last {
-                Activation::Relu
-            } else {
-                Activation::Identity
-            };
-            h = bn.forward(&conv.forward_t(&h, train)?, train, act)?;
+        // ReLU after each but the last, which the shortcut joins first.
+        for (conv, bn) in self.convs[..last].iter().zip(&self.bns) {
+            h = bn.forward(&conv.forward_t(&h, train)?, train, Activation::Relu)?;
         }
+        let h = self.convs[last].forward_t(&h, train)?;
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x, train)?,
             None => x.clone(),
         };
-        ops::add_relu(&h, &shortcut)
+        self.bns[last].forward_add_relu(&h, &shortcut, train)
     }
 }
 

@@ -17,7 +17,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var,
+};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
@@ -101,6 +103,14 @@ pub fn batch_norm_train(
         Some(act) => act.compose(&y)?,
         None => y,
     };
+    with_statistics(y, &saved)
+}
+
+/// `y` with the batch's mean and variance that the forward pass kept in `saved`.
+fn with_statistics(
+    y: Tensor,
+    saved: &Mutex<Option<Saved>>,
+) -> candle_core::Result<BatchNormOutput> {
     let stats = saved
         .lock()
         .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
@@ -113,6 +123,47 @@ pub fn batch_norm_train(
         mean: stats.get(0)?,
         var: stats.get(1)?,
     })
+}
+
+/// `relu(batch_norm(x) + residual)`, a residual block's end, as one node of the graph: the
+/// normalised values live only inside it, so the graph does not hold them until the backward
+/// pass (PyTorch does not either: its ReLU overwrites the sum in place). Bit for bit
+/// [`batch_norm_train`] without an activation then [`add_relu`](super::add_relu), which it runs
+/// inside (the same kernels), and which it is elsewhere: on CUDA until the fused node has been
+/// run against the composition there (Metal and other dtypes have no kernels).
+pub fn batch_norm_add_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+    format: MemoryFormat,
+) -> candle_core::Result<BatchNormOutput> {
+    let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
+    let matching = residual.dtype() == x.dtype() && residual.shape() == x.shape();
+    let cpu_kernels = x.device().is_cpu() && ours(x.device(), x.dtype(), format);
+    if !(f32_parameters && matching && cpu_kernels && x.rank() == 4) {
+        let out = batch_norm_train(x, gamma, beta, eps, Activation::Identity, format)?;
+        return Ok(BatchNormOutput {
+            y: super::add_relu(&out.y, residual)?,
+            ..out
+        });
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let norm = BatchNormTrain {
+        eps,
+        act: Activation::Identity,
+        format,
+        saved: Arc::clone(&saved),
+    };
+    // A custom op takes three tensors: gamma and beta travel as the rows of one.
+    let parameters = Tensor::stack(&[gamma, beta], 0)?;
+    let y = x.contiguous()?.apply_op3(
+        &parameters,
+        &residual.contiguous()?,
+        BatchNormAddRelu { norm },
+    )?;
+    with_statistics(y, &saved)
 }
 
 /// Whether kiln's kernels run on `device` for data of type `dtype` in `format`: f32 channels
@@ -557,6 +608,64 @@ impl CustomOp3 for BatchNormTrain {
         let figures = x.apply_op3_no_bwd(&grad, &stats, &ChannelSums { act, format })?;
         let grad_x = x.apply_op3_no_bwd(&grad, &figures, &InputGrad { act, format })?;
         Ok((Some(grad_x), Some(figures.get(0)?), Some(figures.get(1)?)))
+    }
+}
+
+/// [`batch_norm_add_relu_train`]'s node: arguments x, [gamma; beta] and the residual.
+struct BatchNormAddRelu {
+    norm: BatchNormTrain,
+}
+
+impl BatchNormAddRelu {
+    /// Layouts of gamma and beta, the rows of the [2, C] parameters.
+    fn rows(pl: &Layout) -> candle_core::Result<(Layout, Layout)> {
+        let (rows, c) = pl.shape().dims2()?;
+        if rows != 2 || !pl.is_contiguous() {
+            candle_core::bail!("batch_norm_add_relu: parameters must be a contiguous [2, C]");
+        }
+        let at = pl.start_offset();
+        Ok((
+            Layout::contiguous_with_offset(c, at),
+            Layout::contiguous_with_offset(c, at + c),
+        ))
+    }
+}
+
+impl CustomOp3 for BatchNormAddRelu {
+    fn name(&self) -> &'static str {
+        "kiln-batch-norm-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gl, bl) = Self::rows(pl)?;
+        let (normalised, shape) = self.norm.cpu_fwd(xs, xl, ps, &gl, ps, &bl)?;
+        super::residual::AddRelu.cpu_fwd(&normalised, &Layout::contiguous(shape), rs, rl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gated = super::residual::relu_gate(grad, y)?;
+        // BatchNormTrain's backward pass reads only x and the gradient.
+        let (grad_x, grad_gamma, grad_beta) = self.norm.bwd(x, x, x, y, &gated)?;
+        let (Some(grad_gamma), Some(grad_beta)) = (grad_gamma, grad_beta) else {
+            candle_core::bail!("batch_norm_add_relu: no parameter gradients");
+        };
+        let grad_parameters = Tensor::stack(&[grad_gamma, grad_beta], 0)?;
+        Ok((grad_x, Some(grad_parameters), Some(gated)))
     }
 }
 

@@ -17,7 +17,9 @@ pub mod memory_format;
 pub mod relu_maxpool;
 pub mod residual;
 
-pub use batch_norm::{batch_norm_eval, batch_norm_train, Activation, BatchNormOutput};
+pub use batch_norm::{
+    batch_norm_add_relu_train, batch_norm_eval, batch_norm_train, Activation, BatchNormOutput,
+};
 pub use conv::{conv2d, conv2d_channels_last, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};

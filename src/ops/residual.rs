@@ -119,7 +119,7 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     x * x.gt(0f64)?.to_dtype(x.dtype())?
 }
 
-struct AddRelu;
+pub(crate) struct AddRelu;
 
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
@@ -160,9 +160,14 @@ impl CustomOp2 for AddRelu {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gated = grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)?;
+        let gated = relu_gate(grad, y)?;
         Ok((Some(gated.clone()), Some(gated)))
     }
+}
+
+/// `grad` through a ReLU whose output is `y` (kiln's kernel: [`add_relu`]'s backward pass).
+pub(crate) fn relu_gate(grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)
 }
 
 /// `a + b` as the backward pass sums two gradients of one tensor (a residual block's input):

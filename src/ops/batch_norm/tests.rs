@@ -131,6 +131,81 @@ proptest! {
         }
     }
 
+    /// The fused residual end is the composition it replaces, bit for bit: output, statistics
+    /// and the gradients of x, gamma, beta and the residual.
+    #[test]
+    fn batch_norm_add_relu_is_batch_norm_then_add_relu(
+        n in 1usize..5, c in 1usize..6, h in 1usize..6, w in 1usize..6, seed in 0u64..1000,
+    ) {
+        prop_assume!(n * h * w > 1);
+        let x = random(&[n, c, h, w], seed);
+        let residual = random(&[n, c, h, w], seed + 3);
+        let (gamma, beta) = (random(&[c], seed + 1), random(&[c], seed + 2));
+        let (fused, _) = residual_end_graph(true, &x, &residual, &gamma, &beta);
+        let (composed, _) = residual_end_graph(false, &x, &residual, &gamma, &beta);
+        for (name, (a, b)) in RESIDUAL_NAMES.iter().zip(fused.iter().zip(&composed)) {
+            let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+            prop_assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{}", name);
+        }
+    }
+}
+
+const RESIDUAL_NAMES: [&str; 7] = [
+    "output",
+    "mean",
+    "variance",
+    "input grad",
+    "gamma grad",
+    "beta grad",
+    "residual grad",
+];
+
+/// `relu(bn(x) + residual)` fused or composed: [`RESIDUAL_NAMES`] under a random upstream
+/// gradient, and the nodes of the loss's graph shaped as x.
+fn residual_end_graph(
+    fused: bool,
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> (Vec<Tensor>, usize) {
+    let vars: Vec<Var> = [x, gamma, beta, residual]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let [xv, gv, bv, rv] = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
+    let first = MemoryFormat::ChannelsFirst;
+    let out = if fused {
+        batch_norm_add_relu_train(xv, gv, bv, 1e-5, rv, first).unwrap()
+    } else {
+        let out = batch_norm_train(xv, gv, bv, 1e-5, Activation::Identity, first).unwrap();
+        BatchNormOutput {
+            y: crate::ops::add_relu(&out.y, rv).unwrap(),
+            ..out
+        }
+    };
+    let loss = (&out.y * random(x.dims(), 7)).unwrap().sum_all().unwrap();
+    let activations = loss
+        .sorted_nodes()
+        .iter()
+        .filter(|t| t.dims() == x.dims())
+        .count();
+    let grads = loss.backward().unwrap();
+    let mut results = vec![out.y, out.mean, out.var];
+    results.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
+    (results, activations)
+}
+
+/// What the fusion is for: the graph no longer holds the normalised values until the backward
+/// pass, only x, the residual, the output and the product with the upstream gradient.
+#[test]
+fn fused_residual_end_keeps_no_normalised_values_in_the_graph() {
+    let x = random(&[2, 3, 4, 4], 1);
+    let residual = random(&[2, 3, 4, 4], 2);
+    let (gamma, beta) = (random(&[3], 3), random(&[3], 4));
+    let (_, composed) = residual_end_graph(false, &x, &residual, &gamma, &beta);
+    let (_, fused) = residual_end_graph(true, &x, &residual, &gamma, &beta);
+    assert_eq!((composed, fused), (5, 4));
 }
 
 /// PyTorch's figures for one small batch (torch 2.x, nn.BatchNorm2d(2) in training mode):
