@@ -108,8 +108,7 @@ fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
     args.get(at + 1)?.parse().ok()
 }
 
-/// Peak device memory: the pool at its fullest, and in use during the timed steps.
-#[derive(Default)]
+/// Peak memory: the device pool at its fullest, and in use during the timed steps.
 struct Memory {
     reserved: Option<u64>,
     in_use: Option<u64>,
