@@ -143,25 +143,16 @@ proptest! {
         let (gamma, beta) = (random(&[c], seed + 1), random(&[c], seed + 2));
         let (fused, _) = residual_end_graph(true, &x, &residual, &gamma, &beta);
         let (composed, _) = residual_end_graph(false, &x, &residual, &gamma, &beta);
-        for (name, (a, b)) in RESIDUAL_NAMES.iter().zip(fused.iter().zip(&composed)) {
+        let names = NAMES.iter().chain(&["residual grad"]);
+        for (name, (a, b)) in names.zip(fused.iter().zip(&composed)) {
             let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
             prop_assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{}", name);
         }
     }
 }
 
-const RESIDUAL_NAMES: [&str; 7] = [
-    "output",
-    "mean",
-    "variance",
-    "input grad",
-    "gamma grad",
-    "beta grad",
-    "residual grad",
-];
-
-/// `relu(bn(x) + residual)` fused or composed: [`RESIDUAL_NAMES`] under a random upstream
-/// gradient, and the nodes of the loss's graph shaped as x.
+/// `relu(bn(x) + residual)` fused or composed: [`NAMES`]' figures and the residual's gradient
+/// under a random upstream gradient, and the nodes of the loss's graph shaped as x.
 fn residual_end_graph(
     fused: bool,
     x: &Tensor,
