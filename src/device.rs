@@ -114,27 +114,33 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
 /// - gradients summed by kiln's vectorised addition ([`crate::ops::residual::add_gradients`]).
 #[cfg(feature = "cuda")]
 fn tune_cuda(cuda: &candle_core::CudaDevice) {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    use candle_core::cuda_backend::cudarc::driver::sys;
     // SAFETY: called once, right after the device opens, before any tensor exists on it; all of
     // kiln's CUDA work runs on this device's one stream.
     unsafe { cuda.disable_event_tracking() };
     // The backward pass's sums of two gradients (residual blocks' inputs) in kiln's kernel;
     // set once per process, whichever device opens first.
     candle_core::backprop::set_grad_add(crate::ops::residual::add_gradients);
-    let device = cuda.cuda_stream().context().cu_device();
-    let mut keep = u64::MAX;
-    // SAFETY: `device` comes from a live context; the attribute takes a u64 byte count.
-    let kept = unsafe {
-        result::device::get_mem_pool(device).and_then(|pool| {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut keep as *mut u64).cast(),
-            )
-        })
-    };
-    if let Err(err) = kept {
+    let release_threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    if let Err(err) = set_pool_attribute(cuda, release_threshold, u64::MAX) {
         tracing::warn!("CUDA memory pool left as it was: {err}");
+    }
+}
+
+/// Sets one of the u64 attributes (byte counts) of the device's memory pool.
+#[cfg(feature = "cuda")]
+fn set_pool_attribute(
+    cuda: &candle_core::CudaDevice,
+    attribute: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    mut value: u64,
+) -> std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let device = cuda.cuda_stream().context().cu_device();
+    // SAFETY: `device` comes from a live context; the attributes callers set take a u64.
+    unsafe {
+        result::device::get_mem_pool(device).and_then(|pool| {
+            result::mem_pool::set_attribute(pool, attribute, (&mut value as *mut u64).cast())
+        })
     }
 }
 
@@ -274,21 +280,14 @@ pub fn peak_memory_in_use(device: &Device) -> Option<u64> {
 pub fn reset_peak_memory_in_use(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        let device = cuda.cuda_stream().context().cu_device();
-        let mut zero = 0u64;
-        // SAFETY: as in `tune_cuda`; the high watermark can only be reset to zero (CUDA then
-        // restarts it from the memory in use), and the attribute takes a u64. A failure leaves
-        // the watermark counting from the start, which only overstates.
-        unsafe {
-            let _ = result::device::get_mem_pool(device).and_then(|pool| {
-                result::mem_pool::set_attribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    (&mut zero as *mut u64).cast(),
-                )
-            });
-        }
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // The high watermark can only be reset to zero (CUDA then restarts it from the memory in
+        // use). A failure leaves it counting from the start, which only overstates.
+        let _ = set_pool_attribute(
+            cuda,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        );
     }
 }
 
