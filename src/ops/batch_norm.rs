@@ -84,8 +84,7 @@ pub fn batch_norm_train(
     act: Activation,
     format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
-    let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
-    if !(f32_parameters && ours(x.device(), x.dtype(), format) && x.rank() == 4) {
+    if !kernels_take(x, gamma, beta, format) {
         return batch_norm_train_reference(x, gamma, beta, eps, act, format);
     }
     let (fused, after) = act.split_for(x.device());
@@ -139,10 +138,8 @@ pub fn batch_norm_add_relu_train(
     residual: &Tensor,
     format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
-    let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
     let matching = residual.dtype() == x.dtype() && residual.shape() == x.shape();
-    let cpu_kernels = x.device().is_cpu() && ours(x.device(), x.dtype(), format);
-    if !(f32_parameters && matching && cpu_kernels && x.rank() == 4) {
+    if !(x.device().is_cpu() && matching && kernels_take(x, gamma, beta, format)) {
         let out = batch_norm_train(x, gamma, beta, eps, Activation::Identity, format)?;
         return Ok(BatchNormOutput {
             y: super::add_relu(&out.y, residual)?,
@@ -164,6 +161,13 @@ pub fn batch_norm_add_relu_train(
         BatchNormAddRelu { norm },
     )?;
     with_statistics(y, &saved)
+}
+
+/// Whether kiln's training kernels take `x` [N, C, H, W] (or channels last) with these
+/// parameters: [`ours`] for its data, and f32 parameters.
+fn kernels_take(x: &Tensor, gamma: &Tensor, beta: &Tensor, format: MemoryFormat) -> bool {
+    let f32_parameters = gamma.dtype() == DType::F32 && beta.dtype() == DType::F32;
+    f32_parameters && ours(x.device(), x.dtype(), format) && x.rank() == 4
 }
 
 /// Whether kiln's kernels run on `device` for data of type `dtype` in `format`: f32 channels
