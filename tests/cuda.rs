@@ -419,6 +419,61 @@ fn batch_norm_in_evaluation_mode_matches_the_cpu() {
     }
 }
 
+/// A channels-last convolution's bias on CUDA (kiln's `bias_last`: eight channels a thread where
+/// their count is a multiple of 8, one otherwise) and the bias's gradient, against the CPU's
+/// channels-first convolution with bias.
+#[test]
+fn channels_last_bias_and_its_gradient_match_the_cpu() {
+    let gpu = cuda();
+    let p = ConvParams {
+        stride: 1,
+        padding: 0,
+    };
+    for co in [24, 5] {
+        let (x, w, b) = (
+            ops_input(&[3, 4, 6, 5], 61),
+            ops_input(&[co, 4, 2, 2], 62),
+            ops_input(&[co], 63),
+        );
+        let r = ops_input(&[3, co, 5, 4], 64);
+        let run = |device: &Device, format: MemoryFormat| {
+            let bias = Var::from_tensor(&b.to_device(device).unwrap()).unwrap();
+            let (x, w) = (x.to_device(device).unwrap(), w.to_device(device).unwrap());
+            let y = match format {
+                MemoryFormat::ChannelsFirst => ops::conv2d(&x, &w, Some(bias.as_tensor()), p),
+                MemoryFormat::ChannelsLast => ops::conv2d_channels_last(
+                    &format.from_nchw(&x).unwrap(),
+                    &w,
+                    Some(bias.as_tensor()),
+                    p,
+                ),
+            }
+            .unwrap();
+            let y = format.to_nchw(&y).unwrap();
+            let grads = (&y * r.to_device(device).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grads.get(&bias).unwrap().to_device(&Device::Cpu).unwrap();
+            (y.to_device(&Device::Cpu).unwrap(), grad)
+        };
+        let (y, grad) = run(&Device::Cpu, MemoryFormat::ChannelsFirst);
+        let (gy, ggrad) = run(&gpu, MemoryFormat::ChannelsLast);
+        assert_close(&format!("{co} channels: output"), &y, &gy);
+        assert_close(&format!("{co} channels: bias gradient"), &grad, &ggrad);
+    }
+}
+
+/// What `ops::prepare` loads ahead of the first step (kiln's module, candle's modules by one of
+/// their kernels' names, cuDNN's handle) exists under the names it asks for: a candle release
+/// that renamed a kernel fails here rather than in a warning at the start of each run.
+#[test]
+fn preparing_the_gpu_finds_every_module_it_names() {
+    ops::prepare(&cuda()).unwrap();
+}
+
 /// BatchNorm with GELU fused against BatchNorm then kiln's GELU kernels, on the GPU: the fused
 /// kernels round to the data's type where the unfused ones store, so every output and gradient
 /// is the same to the bit, in training and in evaluation, in each type and format.
@@ -798,9 +853,16 @@ fn max_pooling_on_the_gpu_picks_the_cpus_winners() {
 /// bf16 and f16 within their rounding.
 #[test]
 fn gelu_on_the_gpu_matches_the_cpu() {
+    // 4,000 values take the eight-a-thread kernels, 111 the one-a-thread ones.
+    for shape in [[4, 1000], [3, 37]] {
+        gelu_matches_the_cpu(&shape);
+    }
+}
+
+fn gelu_matches_the_cpu(shape: &[usize]) {
     let gpu = cuda();
-    let x = (ops_input(&[4, 1000], 31) * 4.0).unwrap();
-    let g = ops_input(&[4, 1000], 32);
+    let x = (ops_input(shape, 31) * 4.0).unwrap();
+    let g = ops_input(shape, 32);
     let run = |device: &Device, dtype: DType| {
         let input =
             Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap();
@@ -817,8 +879,8 @@ fn gelu_on_the_gpu_matches_the_cpu() {
     };
     let (y, dx) = run(&Device::Cpu, DType::F32);
     let (gy, gdx) = run(&gpu, DType::F32);
-    assert_close("gelu f32", &y, &gy);
-    assert_close("gelu f32 gradient", &dx, &gdx);
+    assert_close(&format!("gelu f32 {shape:?}"), &y, &gy);
+    assert_close(&format!("gelu f32 gradient {shape:?}"), &dx, &gdx);
     for half in [DType::BF16, DType::F16] {
         let (hy, hdx) = run(&gpu, half);
         for (what, a, b) in [("output", &y, &hy), ("gradient", &dx, &hdx)] {
@@ -827,7 +889,10 @@ fn gelu_on_the_gpu_matches_the_cpu() {
                 .zip(values(b))
                 .map(|(p, q)| (p - q).abs() / p.abs().max(1.0))
                 .fold(0f32, f32::max);
-            assert!(worst < 1e-2, "gelu {half:?} {what}: off by {worst}");
+            assert!(
+                worst < 1e-2,
+                "gelu {shape:?} {half:?} {what}: off by {worst}"
+            );
         }
     }
 }

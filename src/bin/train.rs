@@ -384,10 +384,23 @@ fn train_classifier(
         fetch: fetch.as_ref(),
         folder: config.folder_options(),
     };
-    let (data, report) = data::load(
-        &request,
-        &kiln::cli::decode_bar(reporter.output == Output::Human),
-    )?;
+    // The GPU's libraries and kernels load on another thread while the data loads: otherwise
+    // the first training step waits for them.
+    let (loaded, prepared) = std::thread::scope(|scope| {
+        let preparing = scope.spawn(|| kiln::ops::prepare(device));
+        let loaded = data::load(
+            &request,
+            &kiln::cli::decode_bar(reporter.output == Output::Human),
+        );
+        (loaded, preparing.join())
+    });
+    let (data, report) = loaded?;
+    match prepared {
+        Ok(Ok(())) => {}
+        // Not fatal: the first step loads what is missing, and reports what fails then.
+        Ok(Err(err)) => tracing::warn!("preparing {}: {err}", device::describe(device)),
+        Err(_) => anyhow::bail!("preparing {} panicked", device::describe(device)),
+    }
     if let Some(report) = report {
         reporter.note(&kiln::cli::folder_summary(&config.data_dir, &data, &report));
     }

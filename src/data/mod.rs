@@ -92,6 +92,7 @@ pub fn load(
     request: &Request,
     progress: folder::Progress,
 ) -> Result<(DataSets, Option<folder::FolderReport>)> {
+    let _span = tracing::info_span!("load data").entered();
     let size = request.folder.image_size;
     let fixed_size = |name: &str| {
         if size == cifar::SIDE {

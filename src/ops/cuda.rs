@@ -81,6 +81,26 @@ pub fn kernel(device: &CudaDevice, name: &str) -> candle_core::Result<CudaFuncti
         .into_cuda_function())
 }
 
+/// Loads kiln's module and the candle modules a training step runs (a module is loaded, its PTX
+/// compiled or fetched from the driver's cache, on its first kernel).
+pub fn prepare(device: &CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::kernels;
+    kernel(device, "bn_blend_running")?;
+    for (name, module) in [
+        ("affine_f32", &kernels::AFFINE),
+        ("badd_f32", &kernels::BINARY),
+        ("cast_f32_bf16", &kernels::CAST),
+        ("fill_f32", &kernels::FILL),
+        ("is_u32_f32", &kernels::INDEXING),
+        ("fast_sum_f32", &kernels::REDUCE),
+        ("where_u8_f32", &kernels::TERNARY),
+        ("ucopy_f32", &kernels::UNARY),
+    ] {
+        device.get_or_load_func(name, module)?;
+    }
+    Ok(())
+}
+
 /// The elements of a contiguous tensor argument (`what` names it in the error).
 pub fn view<'a, T: CudaDType>(
     storage: &'a CudaStorage,

@@ -30,8 +30,24 @@ pub use memory_format::MemoryFormat;
 pub use relu_maxpool::relu_max_pool2d;
 pub use residual::add_relu;
 
-use candle_core::{CpuStorage, Layout, Tensor};
+use candle_core::{CpuStorage, Device, Layout, Tensor};
 use rayon::prelude::*;
+
+/// Loads ahead of the first training step what its kernels would load on first use: on CUDA,
+/// kiln's kernels, candle's modules that a step runs and cuDNN's handle with its libraries (about
+/// 0.2 s of a fastnet process's first step on an H200); nothing elsewhere. The train binary runs
+/// it beside loading the data.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn prepare(device: &Device) -> candle_core::Result<()> {
+    let _span = tracing::info_span!("prepare").entered();
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        cuda::prepare(cuda)?;
+        #[cfg(feature = "cudnn")]
+        conv::prepare(cuda)?;
+    }
+    Ok(())
+}
 
 /// Every `step`-th element of `t` along `dim`, from the first: a reshape of the zero-padded
 /// view and a narrow, both with plain gradients.

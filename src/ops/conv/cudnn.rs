@@ -523,6 +523,11 @@ impl DeviceState {
 
 type Devices = Mutex<HashMap<DeviceId, Arc<Mutex<DeviceState>>>>;
 
+/// Makes the device's cuDNN state now rather than at its first convolution.
+pub(super) fn prepare(device: &CudaDevice) -> candle_core::Result<()> {
+    device_state(device).map(drop)
+}
+
 /// The device's cuDNN state, made (a handle on the device's stream) on first use.
 fn device_state(device: &CudaDevice) -> candle_core::Result<Arc<Mutex<DeviceState>>> {
     static DEVICES: OnceLock<Devices> = OnceLock::new();

@@ -29,6 +29,12 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{every_nth, MemoryFormat};
 
+/// Makes the device's cuDNN handle (loading cuDNN's libraries) before the first convolution.
+#[cfg(feature = "cudnn")]
+pub(crate) fn prepare(device: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    cudnn::prepare(device)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
     pub stride: usize,
