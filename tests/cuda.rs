@@ -539,6 +539,51 @@ fn fusing_gelu_into_batch_norm_changes_no_bit() {
     }
 }
 
+/// A residual block's end as one node (`batch_norm_add_relu_train`) against BatchNorm then
+/// add-ReLU on the GPU: the same kernels inside, so every output and gradient is the same to
+/// the bit, in each type and format.
+#[test]
+fn the_fused_residual_end_changes_no_bit() {
+    let gpu = cuda();
+    let shape = [6, 16, 5, 7];
+    let c = shape[1];
+    let on_gpu = |t: Tensor| t.to_device(&gpu).unwrap();
+    let (gamma, beta) = (on_gpu(ops_input(&[c], 72)), on_gpu(ops_input(&[c], 73)));
+    for format in FORMATS {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let data = |seed| {
+                let t = on_gpu(ops_input(&shape, seed).to_dtype(dtype).unwrap());
+                format.from_nchw(&t).unwrap()
+            };
+            let run = |fused: bool| {
+                let vars = [data(71), gamma.clone(), beta.clone(), data(74)]
+                    .map(|t| Var::from_tensor(&t).unwrap());
+                let [x, g, b, r] = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
+                let out = if fused {
+                    ops::batch_norm_add_relu_train(x, g, b, 1e-5, r, format).unwrap()
+                } else {
+                    let out =
+                        ops::batch_norm_train(x, g, b, 1e-5, Activation::Identity, format).unwrap();
+                    ops::BatchNormOutput {
+                        y: ops::add_relu(&out.y, r).unwrap(),
+                        ..out
+                    }
+                };
+                let grads = (&out.y * &data(75))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut results = vec![values(&out.y), values(&out.mean), values(&out.var)];
+                results.extend(vars.iter().map(|v| values(grads.get(v).unwrap())));
+                results
+            };
+            assert!(run(true) == run(false), "{format:?} {dtype:?}");
+        }
+    }
+}
+
 #[test]
 fn the_fused_block_and_the_loss_match_the_cpu_on_odd_shapes() {
     let gpu = cuda();

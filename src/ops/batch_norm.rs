@@ -128,8 +128,7 @@ fn with_statistics(
 /// normalised values live only inside it, so the graph does not hold them until the backward
 /// pass (PyTorch does not either: its ReLU overwrites the sum in place). Bit for bit
 /// [`batch_norm_train`] without an activation then [`add_relu`](super::add_relu), which it runs
-/// inside (the same kernels), and which it is elsewhere: on CUDA until the fused node has been
-/// run against the composition there (Metal and other dtypes have no kernels).
+/// inside (the same kernels), and which it is where kiln's kernels do not run.
 pub fn batch_norm_add_relu_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -139,7 +138,7 @@ pub fn batch_norm_add_relu_train(
     format: MemoryFormat,
 ) -> candle_core::Result<BatchNormOutput> {
     let matching = residual.dtype() == x.dtype() && residual.shape() == x.shape();
-    if !(x.device().is_cpu() && matching && kernels_take(x, gamma, beta, format)) {
+    if !(matching && kernels_take(x, gamma, beta, format)) {
         let out = batch_norm_train(x, gamma, beta, eps, Activation::Identity, format)?;
         return Ok(BatchNormOutput {
             y: super::add_relu(&out.y, residual)?,
@@ -652,6 +651,21 @@ impl CustomOp3 for BatchNormAddRelu {
         let (gl, bl) = Self::rows(pl)?;
         let (normalised, shape) = self.norm.cpu_fwd(xs, xl, ps, &gl, ps, &bl)?;
         super::residual::AddRelu.cpu_fwd(&normalised, &Layout::contiguous(shape), rs, rl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (gl, bl) = Self::rows(pl)?;
+        let (normalised, shape) = self.norm.cuda_fwd(xs, xl, ps, &gl, ps, &bl)?;
+        super::residual::AddRelu.cuda_fwd(&normalised, &Layout::contiguous(shape), rs, rl)
     }
 
     fn bwd(
