@@ -540,46 +540,107 @@ fn fusing_gelu_into_batch_norm_changes_no_bit() {
 }
 
 /// A residual block's end as one node (`batch_norm_add_relu_train`) against BatchNorm then
-/// add-ReLU on the GPU: the same kernels inside, so every output and gradient is the same to
-/// the bit, in each type and format.
+/// add-ReLU on the GPU, joined by the input as it is or through its own BatchNorm: output,
+/// statistics and gradients to the bit, in each type and format.
 #[test]
 fn the_fused_residual_end_changes_no_bit() {
     let gpu = cuda();
     let shape = [6, 16, 5, 7];
     let c = shape[1];
     let on_gpu = |t: Tensor| t.to_device(&gpu).unwrap();
-    let (gamma, beta) = (on_gpu(ops_input(&[c], 72)), on_gpu(ops_input(&[c], 73)));
+    let parameters = [72, 73, 76, 77].map(|seed| on_gpu(ops_input(&[c], seed)));
     for format in FORMATS {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let data = |seed| {
                 let t = on_gpu(ops_input(&shape, seed).to_dtype(dtype).unwrap());
                 format.from_nchw(&t).unwrap()
             };
-            let run = |fused: bool| {
-                let vars = [data(71), gamma.clone(), beta.clone(), data(74)]
-                    .map(|t| Var::from_tensor(&t).unwrap());
-                let [x, g, b, r] = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
-                let out = if fused {
-                    ops::batch_norm_add_relu_train(x, g, b, 1e-5, r, format).unwrap()
-                } else {
-                    let out =
-                        ops::batch_norm_train(x, g, b, 1e-5, Activation::Identity, format).unwrap();
-                    ops::BatchNormOutput {
-                        y: ops::add_relu(&out.y, r).unwrap(),
-                        ..out
+            for normalised in [false, true] {
+                let run = |fused: bool| {
+                    let [g, b, gr, br] = parameters.clone();
+                    let mut inputs = vec![data(71), g, b, data(74)];
+                    if normalised {
+                        inputs.extend([gr, br]);
                     }
+                    let vars: Vec<Var> = inputs
+                        .iter()
+                        .map(|t| Var::from_tensor(t).unwrap())
+                        .collect();
+                    let v: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+                    let main = ops::NormInputs {
+                        x: v[0],
+                        gamma: v[1],
+                        beta: v[2],
+                        eps: 1e-5,
+                    };
+                    let shortcut = match v[..] {
+                        [_, _, _, r, gamma, beta] => ops::Shortcut::Normalised(ops::NormInputs {
+                            x: r,
+                            gamma,
+                            beta,
+                            eps: 1e-3,
+                        }),
+                        _ => ops::Shortcut::Identity(v[3]),
+                    };
+                    let out = if fused {
+                        ops::batch_norm_add_relu_train(main, shortcut, format).unwrap()
+                    } else {
+                        let train = |n: ops::NormInputs| {
+                            ops::batch_norm_train(
+                                n.x,
+                                n.gamma,
+                                n.beta,
+                                n.eps,
+                                Activation::Identity,
+                                format,
+                            )
+                            .unwrap()
+                        };
+                        let (joined, shortcut) = match shortcut {
+                            ops::Shortcut::Identity(r) => (r.clone(), None),
+                            ops::Shortcut::Normalised(n) => {
+                                let out = train(n);
+                                (
+                                    out.y,
+                                    Some(ops::BatchStatistics {
+                                        mean: out.mean,
+                                        var: out.var,
+                                    }),
+                                )
+                            }
+                        };
+                        let out = train(main);
+                        ops::ResidualEndOutput {
+                            y: ops::add_relu(&out.y, &joined).unwrap(),
+                            main: ops::BatchStatistics {
+                                mean: out.mean,
+                                var: out.var,
+                            },
+                            shortcut,
+                        }
+                    };
+                    let grads = (&out.y * &data(75))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let mut results = vec![
+                        values(&out.y),
+                        values(&out.main.mean),
+                        values(&out.main.var),
+                    ];
+                    if let Some(s) = &out.shortcut {
+                        results.extend([values(&s.mean), values(&s.var)]);
+                    }
+                    results.extend(vars.iter().map(|v| values(grads.get(v).unwrap())));
+                    results
                 };
-                let grads = (&out.y * &data(75))
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let mut results = vec![values(&out.y), values(&out.mean), values(&out.var)];
-                results.extend(vars.iter().map(|v| values(grads.get(v).unwrap())));
-                results
-            };
-            assert!(run(true) == run(false), "{format:?} {dtype:?}");
+                assert!(
+                    run(true) == run(false),
+                    "{format:?} {dtype:?} normalised {normalised}"
+                );
+            }
         }
     }
 }

@@ -157,38 +157,56 @@ impl BatchNorm2d {
             act,
             self.format,
         )?;
-        self.track(x, out)
+        let statistics = ops::BatchStatistics {
+            mean: out.mean,
+            var: out.var,
+        };
+        self.track(x, &statistics)?;
+        Ok(out.y)
     }
 
-    /// `relu(self(x) + residual)`, a residual block's end; in training one node of the graph
+    /// `relu(self(x) + shortcut)`, a residual block's end; in training one node of the graph
     /// ([`ops::batch_norm_add_relu_train`]), so the normalised values are not kept for the
     /// backward pass.
     pub fn forward_add_relu(
         &self,
         x: &Tensor,
-        residual: &Tensor,
+        shortcut: Shortcut,
         train: bool,
     ) -> candle_core::Result<Tensor> {
         if !train {
-            return ops::add_relu(
-                &self.forward(x, false, ops::Activation::Identity)?,
-                residual,
-            );
+            let joined = match shortcut {
+                Shortcut::Identity(r) => r.clone(),
+                Shortcut::Normalised(norm, r) => {
+                    norm.forward(r, false, ops::Activation::Identity)?
+                }
+            };
+            return ops::add_relu(&self.forward(x, false, ops::Activation::Identity)?, &joined);
         }
-        let out = ops::batch_norm_add_relu_train(
-            x,
-            &self.weight,
-            &self.bias,
-            self.settings.eps,
-            residual,
-            self.format,
-        )?;
-        self.track(x, out)
+        let joined = match shortcut {
+            Shortcut::Identity(r) => ops::Shortcut::Identity(r),
+            Shortcut::Normalised(norm, r) => ops::Shortcut::Normalised(norm.inputs(r)),
+        };
+        let out = ops::batch_norm_add_relu_train(self.inputs(x), joined, self.format)?;
+        if let (Shortcut::Normalised(norm, r), Some(statistics)) = (shortcut, &out.shortcut) {
+            norm.track(r, statistics)?;
+        }
+        self.track(x, &out.main)?;
+        Ok(out.y)
     }
 
-    /// Blends the batch's statistics into the running ones and counts the batch; returns the
-    /// output.
-    fn track(&self, x: &Tensor, out: ops::BatchNormOutput) -> candle_core::Result<Tensor> {
+    /// The training kernels' view of this layer applied to `x`.
+    fn inputs<'a>(&'a self, x: &'a Tensor) -> ops::NormInputs<'a> {
+        ops::NormInputs {
+            x,
+            gamma: &self.weight,
+            beta: &self.bias,
+            eps: self.settings.eps,
+        }
+    }
+
+    /// Blends the batch's statistics into the running ones and counts the batch.
+    fn track(&self, x: &Tensor, batch: &ops::BatchStatistics) -> candle_core::Result<()> {
         let (n, _, h, w) = self.format.nchw_dims(x)?;
         let count = (n * h * w) as f64;
         // PyTorch: running = (1 - momentum) * running + momentum * batch, with the variance
@@ -198,17 +216,20 @@ impl BatchNorm2d {
         } else {
             1.0
         };
-        ops::batch_norm::blend_running(&self.running_mean, &out.mean, self.settings.momentum, 1.0)?;
-        ops::batch_norm::blend_running(
-            &self.running_var,
-            &out.var,
-            self.settings.momentum,
-            unbiased,
-        )?;
+        let momentum = self.settings.momentum;
+        ops::batch_norm::blend_running(&self.running_mean, &batch.mean, momentum, 1.0)?;
+        ops::batch_norm::blend_running(&self.running_var, &batch.var, momentum, unbiased)?;
         let tracked = self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?;
-        self.num_batches_tracked.set(&tracked)?;
-        Ok(out.y)
+        self.num_batches_tracked.set(&tracked)
     }
+}
+
+/// What joins a residual block's end ([`BatchNorm2d::forward_add_relu`]): the block's input as
+/// it is, or a downsampling convolution's output through its batch norm.
+#[derive(Clone, Copy)]
+pub enum Shortcut<'a> {
+    Identity(&'a Tensor),
+    Normalised(&'a BatchNorm2d, &'a Tensor),
 }
 
 impl ModuleT for BatchNorm2d {

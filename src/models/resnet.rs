@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module, ModuleT};
 
 use super::init::{self, kaiming_normal_fan_out, Scope};
-use super::layers::{eval_detached, BatchNorm2d, Conv2d};
+use super::layers::{eval_detached, BatchNorm2d, Conv2d, Shortcut};
 use super::{Architecture, ModelSpec, Stem, Task};
 use crate::ops::{self, Activation, ConvParams, MemoryFormat, PoolParams};
 
@@ -114,11 +114,6 @@ impl Downsample {
             bn: BatchNorm2d::new(cout, format, &scope.pp(1))?,
         })
     }
-
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn
-            .forward(&self.conv.forward_t(x, train)?, train, Activation::Identity)
-    }
 }
 
 /// BasicBlock (two 3x3 convolutions) or Bottleneck (1x1, 3x3, 1x1 at four times the width).
@@ -180,11 +175,15 @@ impl Block {
             h = bn.forward(&conv.forward_t(&h, train)?, train, Activation::Relu)?;
         }
         let h = self.convs[last].forward_t(&h, train)?;
-        let shortcut = match &self.downsample {
-            Some(downsample) => downsample.forward(x, train)?,
-            None => x.clone(),
-        };
-        self.bns[last].forward_add_relu(&h, &shortcut, train)
+        // The downsampling batch norm joins the block's end, so its output is never held.
+        match &self.downsample {
+            Some(downsample) => {
+                let r = downsample.conv.forward_t(x, train)?;
+                let shortcut = Shortcut::Normalised(&downsample.bn, &r);
+                self.bns[last].forward_add_relu(&h, shortcut, train)
+            }
+            None => self.bns[last].forward_add_relu(&h, Shortcut::Identity(x), train),
+        }
     }
 }
 

@@ -110,6 +110,12 @@ fn with_statistics(
     y: Tensor,
     saved: &Mutex<Option<Saved>>,
 ) -> candle_core::Result<BatchNormOutput> {
+    let BatchStatistics { mean, var } = kept_statistics(saved)?;
+    Ok(BatchNormOutput { y, mean, var })
+}
+
+/// The batch's mean and variance that a forward pass kept in `saved`.
+fn kept_statistics(saved: &Mutex<Option<Saved>>) -> candle_core::Result<BatchStatistics> {
     let stats = saved
         .lock()
         .map_err(|_| candle_core::Error::Msg("batch_norm: statistics lost".into()))?
@@ -117,49 +123,130 @@ fn with_statistics(
     let Some(stats) = stats else {
         candle_core::bail!("batch_norm: the forward pass kept no statistics");
     };
-    Ok(BatchNormOutput {
-        y,
+    Ok(BatchStatistics {
         mean: stats.get(0)?,
         var: stats.get(1)?,
     })
 }
 
-/// `relu(batch_norm(x) + residual)`, a residual block's end, as one node of the graph: the
-/// normalised values live only inside it, so the graph does not hold them until the backward
-/// pass (PyTorch does not either: its ReLU overwrites the sum in place). Bit for bit
-/// [`batch_norm_train`] without an activation then [`add_relu`](super::add_relu), which it runs
-/// inside (the same kernels), and which it is where kiln's kernels do not run.
+/// A batch norm's training inputs: the data and the layer's scale, shift and epsilon.
+#[derive(Clone, Copy)]
+pub struct NormInputs<'a> {
+    pub x: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub eps: f64,
+}
+
+/// What joins a residual block's end: the block's input as it is, or a downsampling
+/// convolution's output through its own batch norm.
+#[derive(Clone, Copy)]
+pub enum Shortcut<'a> {
+    Identity(&'a Tensor),
+    Normalised(NormInputs<'a>),
+}
+
+/// One batch's statistics per channel (outside any graph): the mean and the biased variance.
+pub struct BatchStatistics {
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// What a residual block's end returns: its output, and the statistics of its batch norm and
+/// of the shortcut's, where it has one.
+pub struct ResidualEndOutput {
+    pub y: Tensor,
+    pub main: BatchStatistics,
+    pub shortcut: Option<BatchStatistics>,
+}
+
+/// `relu(batch_norm(main) + shortcut)`, a residual block's end, as one node of the graph: the
+/// normalised values (the shortcut's too, where it is normalised) live only inside it, so the
+/// graph does not hold them until the backward pass (PyTorch does not hold the main ones
+/// either: its ReLU overwrites the sum in place). Bit for bit [`batch_norm_train`]s without an
+/// activation then [`add_relu`](super::add_relu), which it runs inside (the same kernels), and
+/// which it is where kiln's kernels do not run.
 pub fn batch_norm_add_relu_train(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    residual: &Tensor,
+    main: NormInputs,
+    shortcut: Shortcut,
     format: MemoryFormat,
-) -> candle_core::Result<BatchNormOutput> {
-    let matching = residual.dtype() == x.dtype() && residual.shape() == x.shape();
-    if !(matching && kernels_take(x, gamma, beta, format)) {
-        let out = batch_norm_train(x, gamma, beta, eps, Activation::Identity, format)?;
-        return Ok(BatchNormOutput {
-            y: super::add_relu(&out.y, residual)?,
-            ..out
-        });
+) -> candle_core::Result<ResidualEndOutput> {
+    let joined = match shortcut {
+        Shortcut::Identity(r) => r,
+        Shortcut::Normalised(n) => n.x,
+    };
+    let matching = joined.dtype() == main.x.dtype() && joined.shape() == main.x.shape();
+    let take = |n: &NormInputs| kernels_take(n.x, n.gamma, n.beta, format);
+    let shortcut_taken = match &shortcut {
+        Shortcut::Identity(_) => true,
+        Shortcut::Normalised(n) => take(n),
+    };
+    if !(matching && take(&main) && shortcut_taken) {
+        return residual_end_composed(main, shortcut, format);
     }
-    let saved = Arc::new(Mutex::new(None));
-    let norm = BatchNormTrain {
-        eps,
+    let norm = |n: &NormInputs| BatchNormTrain {
+        eps: n.eps,
         act: Activation::Identity,
         format,
-        saved: Arc::clone(&saved),
+        saved: Arc::new(Mutex::new(None)),
     };
-    // A custom op takes three tensors: gamma and beta travel as the rows of one.
-    let parameters = Tensor::stack(&[gamma, beta], 0)?;
-    let y = x.contiguous()?.apply_op3(
-        &parameters,
-        &residual.contiguous()?,
-        BatchNormAddRelu { norm },
-    )?;
-    with_statistics(y, &saved)
+    let op = BatchNormAddRelu {
+        norm: norm(&main),
+        shortcut_norm: match &shortcut {
+            Shortcut::Identity(_) => None,
+            Shortcut::Normalised(n) => Some(norm(n)),
+        },
+    };
+    // A custom op takes three tensors: the scales and shifts travel as the rows of one.
+    let parameters = match &shortcut {
+        Shortcut::Identity(_) => Tensor::stack(&[main.gamma, main.beta], 0)?,
+        Shortcut::Normalised(n) => Tensor::stack(&[main.gamma, main.beta, n.gamma, n.beta], 0)?,
+    };
+    let (main_saved, shortcut_saved) = (
+        Arc::clone(&op.norm.saved),
+        op.shortcut_norm.as_ref().map(|n| Arc::clone(&n.saved)),
+    );
+    let y = main
+        .x
+        .contiguous()?
+        .apply_op3(&parameters, &joined.contiguous()?, op)?;
+    Ok(ResidualEndOutput {
+        y,
+        main: kept_statistics(&main_saved)?,
+        shortcut: shortcut_saved.map(|s| kept_statistics(&s)).transpose()?,
+    })
+}
+
+/// [`batch_norm_add_relu_train`] from its parts.
+fn residual_end_composed(
+    main: NormInputs,
+    shortcut: Shortcut,
+    format: MemoryFormat,
+) -> candle_core::Result<ResidualEndOutput> {
+    let train =
+        |n: NormInputs| batch_norm_train(n.x, n.gamma, n.beta, n.eps, Activation::Identity, format);
+    let (joined, shortcut) = match shortcut {
+        Shortcut::Identity(r) => (r.clone(), None),
+        Shortcut::Normalised(n) => {
+            let out = train(n)?;
+            (
+                out.y,
+                Some(BatchStatistics {
+                    mean: out.mean,
+                    var: out.var,
+                }),
+            )
+        }
+    };
+    let out = train(main)?;
+    Ok(ResidualEndOutput {
+        y: super::add_relu(&out.y, &joined)?,
+        main: BatchStatistics {
+            mean: out.mean,
+            var: out.var,
+        },
+        shortcut,
+    })
 }
 
 /// Whether kiln's training kernels take `x` [N, C, H, W] (or channels last) with these
@@ -614,19 +701,22 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
-/// [`batch_norm_add_relu_train`]'s node: arguments x, [gamma; beta] and the residual.
+/// [`batch_norm_add_relu_train`]'s node: arguments x, the parameters' rows [gamma; beta] (and
+/// the shortcut's [gamma; beta] where it is normalised) and what joins.
 struct BatchNormAddRelu {
     norm: BatchNormTrain,
+    shortcut_norm: Option<BatchNormTrain>,
 }
 
 impl BatchNormAddRelu {
-    /// Layouts of gamma and beta, the rows of the [2, C] parameters.
-    fn rows(pl: &Layout) -> candle_core::Result<(Layout, Layout)> {
+    /// Layouts of the parameters' rows `first` and `first + 1`: a batch norm's gamma and beta.
+    fn rows(&self, pl: &Layout, first: usize) -> candle_core::Result<(Layout, Layout)> {
         let (rows, c) = pl.shape().dims2()?;
-        if rows != 2 || !pl.is_contiguous() {
-            candle_core::bail!("batch_norm_add_relu: parameters must be a contiguous [2, C]");
+        let want = if self.shortcut_norm.is_some() { 4 } else { 2 };
+        if rows != want || !pl.is_contiguous() {
+            candle_core::bail!("batch_norm_add_relu: parameters must be a contiguous [{want}, C]");
         }
-        let at = pl.start_offset();
+        let at = pl.start_offset() + first * c;
         Ok((
             Layout::contiguous_with_offset(c, at),
             Layout::contiguous_with_offset(c, at + c),
@@ -648,9 +738,20 @@ impl CustomOp3 for BatchNormAddRelu {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (gl, bl) = Self::rows(pl)?;
+        let (gl, bl) = self.rows(pl, 0)?;
         let (normalised, shape) = self.norm.cpu_fwd(xs, xl, ps, &gl, ps, &bl)?;
-        super::residual::AddRelu.cpu_fwd(&normalised, &Layout::contiguous(shape), rs, rl)
+        let joined = match &self.shortcut_norm {
+            None => None,
+            Some(norm) => {
+                let (gl, bl) = self.rows(pl, 2)?;
+                Some(norm.cpu_fwd(rs, rl, ps, &gl, ps, &bl)?)
+            }
+        };
+        let (rs, rl) = match &joined {
+            None => (rs, rl.clone()),
+            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
+        };
+        super::residual::AddRelu.cpu_fwd(&normalised, &Layout::contiguous(shape), rs, &rl)
     }
 
     #[cfg(feature = "cuda")]
@@ -663,27 +764,49 @@ impl CustomOp3 for BatchNormAddRelu {
         rs: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (gl, bl) = Self::rows(pl)?;
+        let (gl, bl) = self.rows(pl, 0)?;
         let (normalised, shape) = self.norm.cuda_fwd(xs, xl, ps, &gl, ps, &bl)?;
-        super::residual::AddRelu.cuda_fwd(&normalised, &Layout::contiguous(shape), rs, rl)
+        let joined = match &self.shortcut_norm {
+            None => None,
+            Some(norm) => {
+                let (gl, bl) = self.rows(pl, 2)?;
+                Some(norm.cuda_fwd(rs, rl, ps, &gl, ps, &bl)?)
+            }
+        };
+        let (rs, rl) = match &joined {
+            None => (rs, rl.clone()),
+            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
+        };
+        super::residual::AddRelu.cuda_fwd(&normalised, &Layout::contiguous(shape), rs, &rl)
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         _: &Tensor,
-        _: &Tensor,
+        joined: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gated = super::residual::relu_gate(grad, y)?;
-        // BatchNormTrain's backward pass reads only x and the gradient.
-        let (grad_x, grad_gamma, grad_beta) = self.norm.bwd(x, x, x, y, &gated)?;
-        let (Some(grad_gamma), Some(grad_beta)) = (grad_gamma, grad_beta) else {
-            candle_core::bail!("batch_norm_add_relu: no parameter gradients");
+        // BatchNormTrain's backward pass reads only its input and the gradient.
+        let norm_grads = |norm: &BatchNormTrain, input: &Tensor| {
+            let (grad_input, grad_gamma, grad_beta) = norm.bwd(input, input, input, y, &gated)?;
+            match (grad_input, grad_gamma, grad_beta) {
+                (Some(i), Some(g), Some(b)) => Ok((i, g, b)),
+                _ => candle_core::bail!("batch_norm_add_relu: a gradient is missing"),
+            }
         };
-        let grad_parameters = Tensor::stack(&[grad_gamma, grad_beta], 0)?;
-        Ok((grad_x, Some(grad_parameters), Some(gated)))
+        let (grad_x, grad_gamma, grad_beta) = norm_grads(&self.norm, x)?;
+        let (grad_parameters, grad_joined) = match &self.shortcut_norm {
+            None => (Tensor::stack(&[grad_gamma, grad_beta], 0)?, gated.clone()),
+            Some(norm) => {
+                let (grad_r, grad_gamma_r, grad_beta_r) = norm_grads(norm, joined)?;
+                let rows = [grad_gamma, grad_beta, grad_gamma_r, grad_beta_r];
+                (Tensor::stack(&rows, 0)?, grad_r)
+            }
+        };
+        Ok((Some(grad_x), Some(grad_parameters), Some(grad_joined)))
     }
 }
 

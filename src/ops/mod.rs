@@ -19,6 +19,7 @@ pub mod residual;
 
 pub use batch_norm::{
     batch_norm_add_relu_train, batch_norm_eval, batch_norm_train, Activation, BatchNormOutput,
+    BatchStatistics, NormInputs, ResidualEndOutput, Shortcut,
 };
 pub use conv::{conv2d, conv2d_channels_last, ConvParams};
 pub use conv_block::conv_relu_pool;

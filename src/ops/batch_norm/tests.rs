@@ -132,71 +132,124 @@ proptest! {
     }
 
     /// The fused residual end is the composition it replaces, bit for bit: output, statistics
-    /// and the gradients of x, gamma, beta and the residual.
+    /// and the gradients of x, gamma, beta and what joins (through its own batch norm, too).
     #[test]
     fn batch_norm_add_relu_is_batch_norm_then_add_relu(
         n in 1usize..5, c in 1usize..6, h in 1usize..6, w in 1usize..6, seed in 0u64..1000,
+        normalised in proptest::bool::ANY,
     ) {
         prop_assume!(n * h * w > 1);
-        let x = random(&[n, c, h, w], seed);
-        let residual = random(&[n, c, h, w], seed + 3);
-        let (gamma, beta) = (random(&[c], seed + 1), random(&[c], seed + 2));
-        let (fused, _) = residual_end_graph(true, &x, &residual, &gamma, &beta);
-        let (composed, _) = residual_end_graph(false, &x, &residual, &gamma, &beta);
-        let names = NAMES.iter().chain(&["residual grad"]);
-        for (name, (a, b)) in names.zip(fused.iter().zip(&composed)) {
+        let end = ResidualEnd::new(&[n, c, h, w], seed, normalised);
+        let (fused, _) = end.graph(true);
+        let (composed, _) = end.graph(false);
+        for (name, (a, b)) in end.names().iter().zip(fused.iter().zip(&composed)) {
             let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
             prop_assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{}", name);
         }
     }
 }
 
-/// `relu(bn(x) + residual)` fused or composed: [`NAMES`]' figures and the residual's gradient
-/// under a random upstream gradient, and the nodes of the loss's graph shaped as x.
-fn residual_end_graph(
-    fused: bool,
-    x: &Tensor,
-    residual: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-) -> (Vec<Tensor>, usize) {
-    let vars: Vec<Var> = [x, gamma, beta, residual]
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let [xv, gv, bv, rv] = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
-    let first = MemoryFormat::ChannelsFirst;
-    let out = if fused {
-        batch_norm_add_relu_train(xv, gv, bv, 1e-5, rv, first).unwrap()
-    } else {
-        let out = batch_norm_train(xv, gv, bv, 1e-5, Activation::Identity, first).unwrap();
-        BatchNormOutput {
-            y: crate::ops::add_relu(&out.y, rv).unwrap(),
-            ..out
+/// A residual block's end, `relu(bn(x) + r)` or `relu(bn(x) + bn'(r))`, with random inputs.
+struct ResidualEnd {
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    r: Tensor,
+    /// The shortcut's own scale and shift, where it is normalised.
+    shortcut_norm: Option<(Tensor, Tensor)>,
+}
+
+impl ResidualEnd {
+    fn new(shape: &[usize], seed: u64, normalised: bool) -> Self {
+        let c = shape[1];
+        Self {
+            x: random(shape, seed),
+            gamma: random(&[c], seed + 1),
+            beta: random(&[c], seed + 2),
+            r: random(shape, seed + 3),
+            shortcut_norm: normalised.then(|| (random(&[c], seed + 4), random(&[c], seed + 5))),
         }
-    };
-    let loss = (&out.y * random(x.dims(), 7)).unwrap().sum_all().unwrap();
-    let activations = loss
-        .sorted_nodes()
-        .iter()
-        .filter(|t| t.dims() == x.dims())
-        .count();
-    let grads = loss.backward().unwrap();
-    let mut results = vec![out.y, out.mean, out.var];
-    results.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
-    (results, activations)
+    }
+
+    /// What [`Self::graph`] returns, in order.
+    fn names(&self) -> Vec<&'static str> {
+        let mut names = vec!["y", "mean", "var", "shortcut mean", "shortcut var"];
+        if self.shortcut_norm.is_none() {
+            names.truncate(3);
+        }
+        names.extend(["x grad", "gamma grad", "beta grad", "residual grad"]);
+        if self.shortcut_norm.is_some() {
+            names.extend(["shortcut gamma grad", "shortcut beta grad"]);
+        }
+        names
+    }
+
+    /// Fused or composed: the output, the statistics and every input's gradient under a random
+    /// upstream gradient ([`Self::names`]), and the nodes of the loss's graph shaped as x.
+    fn graph(&self, fused: bool) -> (Vec<Tensor>, usize) {
+        let mut inputs = vec![&self.x, &self.gamma, &self.beta, &self.r];
+        if let Some((g, b)) = &self.shortcut_norm {
+            inputs.extend([g, b]);
+        }
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let v: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+        let first = MemoryFormat::ChannelsFirst;
+        let main = NormInputs {
+            x: v[0],
+            gamma: v[1],
+            beta: v[2],
+            eps: 1e-5,
+        };
+        let shortcut = match v.len() {
+            4 => Shortcut::Identity(v[3]),
+            _ => Shortcut::Normalised(NormInputs {
+                x: v[3],
+                gamma: v[4],
+                beta: v[5],
+                eps: 1e-3,
+            }),
+        };
+        let out = if fused {
+            batch_norm_add_relu_train(main, shortcut, first).unwrap()
+        } else {
+            residual_end_composed(main, shortcut, first).unwrap()
+        };
+        let loss = (&out.y * random(self.x.dims(), 7))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let activations = loss
+            .sorted_nodes()
+            .iter()
+            .filter(|t| t.dims() == self.x.dims())
+            .count();
+        let grads = loss.backward().unwrap();
+        let mut results = vec![out.y, out.main.mean, out.main.var];
+        if let Some(s) = out.shortcut {
+            results.extend([s.mean, s.var]);
+        }
+        results.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
+        (results, activations)
+    }
 }
 
 /// What the fusion is for: the graph no longer holds the normalised values until the backward
-/// pass, only x, the residual, the output and the product with the upstream gradient.
+/// pass, only x, what joins, the output and the product with the upstream gradient.
 #[test]
 fn fused_residual_end_keeps_no_normalised_values_in_the_graph() {
-    let x = random(&[2, 3, 4, 4], 1);
-    let residual = random(&[2, 3, 4, 4], 2);
-    let (gamma, beta) = (random(&[3], 3), random(&[3], 4));
-    let (_, composed) = residual_end_graph(false, &x, &residual, &gamma, &beta);
-    let (_, fused) = residual_end_graph(true, &x, &residual, &gamma, &beta);
-    assert_eq!((composed, fused), (5, 4));
+    for (normalised, composed_nodes) in [(false, 5), (true, 6)] {
+        let end = ResidualEnd::new(&[2, 3, 4, 4], 1, normalised);
+        let (_, composed) = end.graph(false);
+        let (_, fused) = end.graph(true);
+        assert_eq!(
+            (composed, fused),
+            (composed_nodes, 4),
+            "normalised {normalised}"
+        );
+    }
 }
 
 /// PyTorch's figures for one small batch (torch 2.x, nn.BatchNorm2d(2) in training mode):
