@@ -540,7 +540,8 @@ fn fusing_gelu_into_batch_norm_changes_no_bit() {
 }
 
 /// A residual block's end as one node (`batch_norm_add_relu_train`) against BatchNorm then
-/// add-ReLU on the GPU, joined by the input as it is or through its own BatchNorm: output,
+/// add-ReLU on the GPU (`residual_end_composed`), joined by the input as it is or through its
+/// own BatchNorm: output,
 /// statistics and gradients to the bit, in each type and format.
 #[test]
 fn the_fused_residual_end_changes_no_bit() {
@@ -583,42 +584,11 @@ fn the_fused_residual_end_changes_no_bit() {
                         _ => ops::Shortcut::Identity(v[3]),
                     };
                     let out = if fused {
-                        ops::batch_norm_add_relu_train(main, shortcut, format).unwrap()
+                        ops::batch_norm_add_relu_train(main, shortcut, format)
                     } else {
-                        let train = |n: ops::NormInputs| {
-                            ops::batch_norm_train(
-                                n.x,
-                                n.gamma,
-                                n.beta,
-                                n.eps,
-                                Activation::Identity,
-                                format,
-                            )
-                            .unwrap()
-                        };
-                        let (joined, shortcut) = match shortcut {
-                            ops::Shortcut::Identity(r) => (r.clone(), None),
-                            ops::Shortcut::Normalised(n) => {
-                                let out = train(n);
-                                (
-                                    out.y,
-                                    Some(ops::BatchStatistics {
-                                        mean: out.mean,
-                                        var: out.var,
-                                    }),
-                                )
-                            }
-                        };
-                        let out = train(main);
-                        ops::ResidualEndOutput {
-                            y: ops::add_relu(&out.y, &joined).unwrap(),
-                            main: ops::BatchStatistics {
-                                mean: out.mean,
-                                var: out.var,
-                            },
-                            shortcut,
-                        }
-                    };
+                        ops::batch_norm::residual_end_composed(main, shortcut, format)
+                    }
+                    .unwrap();
                     let grads = (&out.y * &data(75))
                         .unwrap()
                         .sum_all()

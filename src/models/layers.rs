@@ -149,20 +149,17 @@ impl BatchNorm2d {
                 self.format,
             );
         }
-        let out = ops::batch_norm_train(
+        let (y, statistics) = ops::batch_norm_train(
             x,
             &self.weight,
             &self.bias,
             self.settings.eps,
             act,
             self.format,
-        )?;
-        let statistics = ops::BatchStatistics {
-            mean: out.mean,
-            var: out.var,
-        };
+        )?
+        .split();
         self.track(x, &statistics)?;
-        Ok(out.y)
+        Ok(y)
     }
 
     /// `relu(self(x) + shortcut)`, a residual block's end; in training one node of the graph

@@ -74,6 +74,14 @@ pub struct BatchNormOutput {
     pub var: Tensor,
 }
 
+impl BatchNormOutput {
+    /// The output, and the statistics apart (for the running ones).
+    pub fn split(self) -> (Tensor, BatchStatistics) {
+        let Self { y, mean, var } = self;
+        (y, BatchStatistics { mean, var })
+    }
+}
+
 /// `act((x - mean) / sqrt(var + eps) * gamma + beta)` with the batch's statistics; `x` in
 /// `format`.
 pub fn batch_norm_train(
@@ -217,8 +225,10 @@ pub fn batch_norm_add_relu_train(
     })
 }
 
-/// [`batch_norm_add_relu_train`] from its parts.
-fn residual_end_composed(
+/// [`batch_norm_add_relu_train`] from its parts, [`batch_norm_train`]s and
+/// [`add_relu`](super::add_relu): where the fused node does not run, and what the tests hold it
+/// to.
+pub fn residual_end_composed(
     main: NormInputs,
     shortcut: Shortcut,
     format: MemoryFormat,
@@ -228,23 +238,14 @@ fn residual_end_composed(
     let (joined, shortcut) = match shortcut {
         Shortcut::Identity(r) => (r.clone(), None),
         Shortcut::Normalised(n) => {
-            let out = train(n)?;
-            (
-                out.y,
-                Some(BatchStatistics {
-                    mean: out.mean,
-                    var: out.var,
-                }),
-            )
+            let (y, statistics) = train(n)?.split();
+            (y, Some(statistics))
         }
     };
-    let out = train(main)?;
+    let (y, main) = train(main)?.split();
     Ok(ResidualEndOutput {
-        y: super::add_relu(&out.y, &joined)?,
-        main: BatchStatistics {
-            mean: out.mean,
-            var: out.var,
-        },
+        y: super::add_relu(&y, &joined)?,
+        main,
         shortcut,
     })
 }
@@ -722,7 +723,35 @@ impl BatchNormAddRelu {
             Layout::contiguous_with_offset(c, at + c),
         ))
     }
+
+    /// The forward pass on one backend, given its storage `S`: `normalise(norm, x, layout,
+    /// gamma's layout, beta's layout)` runs a [`BatchNormTrain`]'s forward pass there (reading
+    /// the parameters' storage), `add_relu` [`AddRelu`](super::residual::AddRelu)'s.
+    fn forward<S>(
+        &self,
+        (xs, xl, pl, rs, rl): (&S, &Layout, &Layout, &S, &Layout),
+        normalise: impl Fn(&BatchNormTrain, &S, &Layout, &Layout, &Layout) -> Forward<S>,
+        add_relu: impl Fn(&S, &Layout, &S, &Layout) -> Forward<S>,
+    ) -> Forward<S> {
+        let (gl, bl) = self.rows(pl, 0)?;
+        let (normalised, shape) = normalise(&self.norm, xs, xl, &gl, &bl)?;
+        let joined = match &self.shortcut_norm {
+            None => None,
+            Some(norm) => {
+                let (gl, bl) = self.rows(pl, 2)?;
+                Some(normalise(norm, rs, rl, &gl, &bl)?)
+            }
+        };
+        let (rs, rl) = match &joined {
+            None => (rs, rl.clone()),
+            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
+        };
+        add_relu(&normalised, &Layout::contiguous(shape), rs, &rl)
+    }
 }
+
+/// A custom op's forward result on a backend whose storage is `S`.
+type Forward<S> = candle_core::Result<(S, Shape)>;
 
 impl CustomOp3 for BatchNormAddRelu {
     fn name(&self) -> &'static str {
@@ -738,20 +767,11 @@ impl CustomOp3 for BatchNormAddRelu {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (gl, bl) = self.rows(pl, 0)?;
-        let (normalised, shape) = self.norm.cpu_fwd(xs, xl, ps, &gl, ps, &bl)?;
-        let joined = match &self.shortcut_norm {
-            None => None,
-            Some(norm) => {
-                let (gl, bl) = self.rows(pl, 2)?;
-                Some(norm.cpu_fwd(rs, rl, ps, &gl, ps, &bl)?)
-            }
-        };
-        let (rs, rl) = match &joined {
-            None => (rs, rl.clone()),
-            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
-        };
-        super::residual::AddRelu.cpu_fwd(&normalised, &Layout::contiguous(shape), rs, &rl)
+        self.forward(
+            (xs, xl, pl, rs, rl),
+            |norm, s, l, gl, bl| norm.cpu_fwd(s, l, ps, gl, ps, bl),
+            |a, al, b, bl| super::residual::AddRelu.cpu_fwd(a, al, b, bl),
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -764,20 +784,11 @@ impl CustomOp3 for BatchNormAddRelu {
         rs: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (gl, bl) = self.rows(pl, 0)?;
-        let (normalised, shape) = self.norm.cuda_fwd(xs, xl, ps, &gl, ps, &bl)?;
-        let joined = match &self.shortcut_norm {
-            None => None,
-            Some(norm) => {
-                let (gl, bl) = self.rows(pl, 2)?;
-                Some(norm.cuda_fwd(rs, rl, ps, &gl, ps, &bl)?)
-            }
-        };
-        let (rs, rl) = match &joined {
-            None => (rs, rl.clone()),
-            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
-        };
-        super::residual::AddRelu.cuda_fwd(&normalised, &Layout::contiguous(shape), rs, &rl)
+        self.forward(
+            (xs, xl, pl, rs, rl),
+            |norm, s, l, gl, bl| norm.cuda_fwd(s, l, ps, gl, ps, bl),
+            |a, al, b, bl| super::residual::AddRelu.cuda_fwd(a, al, b, bl),
+        )
     }
 
     fn bwd(
