@@ -162,6 +162,18 @@ pub fn per_item(items: usize) -> LaunchConfig {
     }
 }
 
+/// Whether a kernel may take eight values a thread in 16-byte accesses (`vec8` in kernels.cu):
+/// `run` (the values, or the channels or plane that each eight stay within) a multiple of 8, and
+/// every operand starting at a multiple of 8 values.
+pub fn eights(run: usize, operands: &[&Layout]) -> bool {
+    run.is_multiple_of(8) && operands.iter().all(|l| l.start_offset().is_multiple_of(8))
+}
+
+/// The launch for `total` values, eight a thread where `wide`.
+pub fn per_value(total: usize, wide: bool) -> LaunchConfig {
+    per_item(if wide { total / 8 } else { total })
+}
+
 /// A kernel of two same-sized inputs and one output, all `T` (the residual ops: `add_relu_fwd`,
 /// `relu_gate`, `add_same`), eight values a thread where the count and the offsets allow.
 pub fn elementwise<T: KernelFloat>(
@@ -177,15 +189,13 @@ pub fn elementwise<T: KernelFloat>(
     let out = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, name)?;
     let stream = dev.cuda_stream();
-    let wide = total.is_multiple_of(8)
-        && al.start_offset().is_multiple_of(8)
-        && bl.start_offset().is_multiple_of(8);
+    let wide = eights(total, &[al, bl]);
     let wide32 = i32::from(wide);
     let mut launch = stream.launch_builder(&func);
     launch.arg(&a).arg(&b).arg(&total).arg(&wide32).arg(&out);
     // SAFETY: both inputs hold `total` contiguous `T` values (same shapes, checked by the
     // callers); a grid-stride loop writes every output.
-    unsafe { launch.launch(per_item(if wide { total / 8 } else { total })) }.w()?;
+    unsafe { launch.launch(per_value(total, wide)) }.w()?;
     Ok(out)
 }
 

@@ -31,7 +31,7 @@ impl CustomOp1 for Gelu {
         xs: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{by_float, kernel_for, output, per_item, storage, view};
+        use super::cuda::{by_float, eights, kernel_for, output, per_value, storage, view};
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
@@ -48,7 +48,7 @@ impl CustomOp1 for Gelu {
             launch.arg(&x).arg(&total).arg(&wide32).arg(&y);
             // SAFETY: x holds `total` contiguous values; the grid-stride loop writes all of y
             // (eight at a time where `wide`: `total` a multiple of 8, x aligned to 8 values).
-            unsafe { launch.launch(per_item(threads(total, wide))) }.w()?;
+            unsafe { launch.launch(per_value(total, wide)) }.w()?;
             storage(y, dev)
         });
         Ok((out, xl.shape().clone()))
@@ -85,7 +85,7 @@ impl CustomOp2 for GeluGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{by_float, kernel_for, output, per_item, storage, view};
+        use super::cuda::{by_float, eights, kernel_for, output, per_value, storage, view};
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
@@ -110,26 +110,9 @@ impl CustomOp2 for GeluGrad {
             launch.arg(&x).arg(&g).arg(&total).arg(&wide32).arg(&dx);
             // SAFETY: x, g and dx hold `total` contiguous values each; every dx is written
             // (eight at a time as in the forward pass).
-            unsafe { launch.launch(per_item(threads(total, wide))) }.w()?;
+            unsafe { launch.launch(per_value(total, wide)) }.w()?;
             storage(dx, dev)
         });
         Ok((out, xl.shape().clone()))
-    }
-}
-
-/// Whether the kernels may take eight values a thread: `total` a multiple of 8 and every operand
-/// aligned to 8 values (16-byte accesses).
-#[cfg(feature = "cuda")]
-fn eights(total: usize, operands: &[&Layout]) -> bool {
-    total.is_multiple_of(8) && operands.iter().all(|l| l.start_offset().is_multiple_of(8))
-}
-
-/// The kernels' threads for `total` values.
-#[cfg(feature = "cuda")]
-fn threads(total: usize, wide: bool) -> usize {
-    if wide {
-        total / 8
-    } else {
-        total
     }
 }

@@ -109,9 +109,7 @@ impl StridedPool {
         int(n * c * h * w, "max_pool2d")?;
         let shape = Shape::from(self.format.from_nchw_order((n, c, oh, ow)));
         let channels_last = self.format == MemoryFormat::ChannelsLast;
-        let vec8 = channels_last
-            && c.is_multiple_of(8)
-            && operands.iter().all(|l| l.start_offset().is_multiple_of(8));
+        let vec8 = channels_last && super::cuda::eights(c, operands);
         let pooling = Pooling {
             n: int(n, "max_pool2d")?,
             c: int(c, "max_pool2d")?,

@@ -9,7 +9,8 @@ use candle_core::{CudaStorage, Layout};
 
 use super::Activation;
 use crate::ops::cuda::{
-    int, kernel, kernel_for, output, per_item, view, view_mut, KernelFloat, THREADS,
+    eights, int, kernel, kernel_for, output, per_item, per_value, view, view_mut, KernelFloat,
+    THREADS,
 };
 use crate::ops::MemoryFormat;
 
@@ -120,13 +121,7 @@ fn per_channel_group(c: usize) -> LaunchConfig {
 /// operand starts at a multiple of 8 elements, and a run of 8 stays in one channel's plane
 /// (channels first) or covers 8 channels of one pixel (channels last, `hw` 1).
 fn vec8((_, c, hw): Sizes, operands: &[&Layout]) -> bool {
-    let runs = if hw == 1 { c % 8 == 0 } else { hw % 8 == 0 };
-    runs && operands.iter().all(|l| l.start_offset() % 8 == 0)
-}
-
-/// The launch for `total` values, eight per thread where `vec8`.
-fn per_value(total: usize, vec8: bool) -> LaunchConfig {
-    per_item(if vec8 { total / 8 } else { total })
+    eights(if hw == 1 { c } else { hw }, operands)
 }
 
 /// Blocks of the per-channel elementwise kernels at most: about one resident wave of an H100's

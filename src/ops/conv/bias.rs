@@ -35,7 +35,9 @@ impl CustomOp2 for BiasLast {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use crate::ops::cuda::{by_float, int, kernel_for, output, per_item, storage, view};
+        use crate::ops::cuda::{
+            by_float, eights, int, kernel_for, output, per_value, storage, view,
+        };
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
@@ -59,15 +61,13 @@ impl CustomOp2 for BiasLast {
             let func = kernel_for::<T>(dev, "bias_last")?;
             let stream = dev.cuda_stream();
             // Eight values a thread where C allows it and both are aligned to 8 values.
-            let wide = c.is_multiple_of(8)
-                && yl.start_offset().is_multiple_of(8)
-                && bl.start_offset().is_multiple_of(8);
+            let wide = eights(c, &[yl, bl]);
             let wide32 = i32::from(wide);
             let mut launch = stream.launch_builder(&func);
             launch.arg(&y).arg(&b).arg(&c32).arg(&total32).arg(&wide32).arg(&out);
             // SAFETY: y holds `total` values, b `c`; every output is written (eight at a time
             // where `wide`: C, and so `total`, a multiple of 8, runs aligned).
-            unsafe { launch.launch(per_item(if wide { total / 8 } else { total })) }.w()?;
+            unsafe { launch.launch(per_value(total, wide)) }.w()?;
             storage(out, dev)
         });
         Ok((out, yl.shape().clone()))
