@@ -23,6 +23,10 @@
 //! PyTorch's figures come from pytorch/train_step.py (needs `python3` with torch); without it
 //! they are skipped with a message.
 //!
+//! "kiln host ms": the host's time to queue one step on an idle device (the median of
+//! [`HOST_STEPS`], until the step's last launch returns). On a GPU, a step whose host time nears
+//! its ms/step waits on the host, not on the GPU's kernels. On the CPU it is the whole step.
+//!
 //! `KILN_PROFILE_STEPS=N` (CUDA): after the timed repeats, kiln and PyTorch each run N more steps
 //! inside a CUDA profiler range, so that `ncu --profile-from-start off` measures steady steps'
 //! kernels only (not the warm-up or cuDNN's algorithm timing).
@@ -97,6 +101,9 @@ use kiln::device::DeviceRequest;
 use kiln::ops::{cross_entropy, MemoryFormat};
 use kiln::{models, optim};
 
+/// Steps timed for the host's share of a step.
+const HOST_STEPS: usize = 10;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -114,7 +121,8 @@ struct Memory {
     in_use: Option<u64>,
 }
 
-/// kiln's images/s for each repeat of `steps` steps at `batch`, and the peak device memory.
+/// kiln's images/s for each repeat of `steps` steps at `batch`, the peak device memory, and
+/// the host's milliseconds to queue one step (median).
 fn kiln(
     model: &str,
     device: &Device,
@@ -122,7 +130,7 @@ fn kiln(
     steps: usize,
     repeats: usize,
     (dtype, format): (DType, MemoryFormat),
-) -> kiln::Result<(Vec<f64>, Memory)> {
+) -> kiln::Result<(Vec<f64>, Memory, f64)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
     let mut arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
     arch.memory_format = Some(format);
@@ -132,35 +140,50 @@ fn kiln(
     let mut optimizer = optim::for_precision(optimizer, built.params.vars(), dtype);
     let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
-    let mut run = |n: usize| -> kiln::Result<()> {
-        for _ in 0..n {
-            let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
-            let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-            let mut grads = optimizer.backward(&loss)?;
-            if optimizer.unscale(&mut grads)? {
-                optimizer.step(&grads)?;
-            }
+    let mut step = || -> kiln::Result<()> {
+        let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
+        let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
+        let mut grads = optimizer.backward(&loss)?;
+        if optimizer.unscale(&mut grads)? {
+            optimizer.step(&grads)?;
         }
-        // Queued GPU work counts: the clock stops when it is done.
-        device.synchronize()?;
         Ok(())
     };
-    run((steps / 10).max(2))?;
+    for _ in 0..(steps / 10).max(2) {
+        step()?;
+    }
+    device.synchronize()?;
     kiln::device::reset_peak_memory_in_use(device);
     heap::reset_peak();
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let start = Instant::now();
-        run(steps)?;
+        for _ in 0..steps {
+            step()?;
+        }
+        // Queued GPU work counts: the clock stops when it is done.
+        device.synchronize()?;
         rates.push((steps * batch) as f64 / start.elapsed().as_secs_f64());
     }
+    // The host's share: steps queued on an idle device, timed until the last launch returns.
+    let mut host_ms = Vec::new();
+    for _ in 0..HOST_STEPS {
+        device.synchronize()?;
+        let start = Instant::now();
+        step()?;
+        host_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    device.synchronize()?;
     let profiled: usize = std::env::var("KILN_PROFILE_STEPS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     if profiled > 0 && device.is_cuda() {
         profiler_range(true);
-        run(profiled)?;
+        for _ in 0..profiled {
+            step()?;
+        }
+        device.synchronize()?;
         profiler_range(false);
     }
     let memory = Memory {
@@ -170,7 +193,7 @@ fn kiln(
             _ => kiln::device::peak_memory_in_use(device),
         },
     };
-    Ok((rates, memory))
+    Ok((rates, memory, median(host_ms)))
 }
 
 /// Starts or stops the CUDA profiler's collection (what `ncu --profile-from-start off` waits for).
@@ -279,7 +302,7 @@ fn main() {
         kiln::device::describe(&device)
     );
     println!(
-        "{:>6} {:>7} {:>12} {:>9} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13}",
+        "{:>6} {:>7} {:>12} {:>9} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13} {:>13}",
         "batch",
         "steps",
         "kiln img/s",
@@ -290,7 +313,8 @@ fn main() {
         "kiln MiB",
         "torch MiB",
         "kiln in use",
-        "torch in use"
+        "torch in use",
+        "kiln host ms"
     );
     // At least 1000 timed steps on a GPU where small batches take well under a millisecond; a
     // ResNet step on the CPU takes about a second at batch 64.
@@ -311,8 +335,9 @@ fn main() {
     };
     for (batch, steps) in sizes {
         let steps = arg("--steps").unwrap_or(steps);
-        let (ours, our_peak) = match kiln(&model, &device, batch, steps, repeats, (dtype, format)) {
-            Ok((rates, peak)) => (median(rates), peak),
+        let run = kiln(&model, &device, batch, steps, repeats, (dtype, format));
+        let (ours, our_peak, host) = match run {
+            Ok((rates, peak, host)) => (median(rates), peak, host),
             Err(err) => {
                 eprintln!("kiln failed at batch {batch}: {err}");
                 std::process::exit(1);
@@ -323,7 +348,7 @@ fn main() {
             Ok((rates, their_peak)) => {
                 let theirs = median(rates);
                 println!(
-                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {theirs:>14.0} {:>9.3} {:>7.2}x {:>10} {:>10} {:>12} {:>13}",
+                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {theirs:>14.0} {:>9.3} {:>7.2}x {:>10} {:>10} {:>12} {:>13} {host:>13.3}",
                     ms(ours),
                     ms(theirs),
                     ours / theirs,
@@ -335,7 +360,7 @@ fn main() {
             }
             Err(why) => {
                 println!(
-                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13}",
+                    "{batch:>6} {steps:>7} {ours:>12.0} {:>9.3} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13} {host:>13.3}",
                     ms(ours),
                     "-",
                     "-",

@@ -1,10 +1,11 @@
 //! cuDNN's algorithm choices kept on disk between runs. Choosing by measurement runs every
-//! algorithm of every new convolution once (loading each algorithm's kernels on first use): about
-//! 1.4 s of a fastnet run's first epoch on an H200, paid again by every process. A choice found
-//! once is appended to a text file per device and cuDNN version, one line each:
+//! candidate engine configuration of every new convolution once (loading each one's kernels on
+//! first use): about 1.4 s of a fastnet run's first epoch on an H200, paid again by every
+//! process. A choice found once is appended to a text file per device and cuDNN version, one
+//! line each:
 //!
 //! ```text
-//! <the convolution, as kiln describes it>\t<the algorithm>\t<workspace bytes>
+//! <the convolution, as kiln describes it>\t<the configuration's name, e.g. A3>\t<workspace bytes>
 //! ```
 //!
 //! and read at the next run's start. The file is a cache: a line that does not parse is
@@ -15,7 +16,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// A choice as the file keeps it: the algorithm's name and its workspace.
+/// A choice as the file keeps it: the algorithm's name (an engine configuration's, as
+/// `cudnn_graph::candidates` names them) and its workspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Saved {
     pub algorithm: String,

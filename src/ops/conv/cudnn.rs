@@ -3,43 +3,39 @@
 //!
 //! - One cuDNN handle per candle device, created on first use and bound to the device's stream,
 //!   so cuDNN's kernels stay ordered with candle's and kiln's.
-//! - Algorithms are chosen by measurement: the first time a (direction, shape, data type, math
-//!   type) runs on a device, every algorithm cuDNN supports for it (within [`MAX_WORKSPACE`]) is
-//!   run and timed, and the fastest is kept for the rest of the process, and on disk for the
-//!   next ones ([`super::algorithm_cache`]).
-//! - One workspace buffer per device, grown to the largest that a chosen algorithm needs and
-//!   reused by every call.
-//! - f32 convolutions use FMA math (exact f32 products, as the CPU's) unless
-//!   [`set_allow_tf32`] allows TF32 tensor cores; bf16 and f16 always use tensor cores, with f32
-//!   accumulation.
+//! - Each convolution runs an execution plan of cuDNN's graph API ([`super::cudnn_graph`]), made
+//!   the first time a (direction, shape, data type, alignment) runs on a device: the engine
+//!   configurations cuDNN's heuristics rank first (within [`MAX_WORKSPACE`]) are run and timed,
+//!   and the fastest is kept for the rest of the process, and on disk for the next ones
+//!   ([`super::algorithm_cache`]).
+//! - One workspace buffer per device, grown to the largest that a chosen plan needs and reused
+//!   by every call.
+//! - f32 convolutions use no tensor cores (exact f32 products, as the CPU's) unless
+//!   [`set_allow_tf32`] allows TF32; bf16 and f16 always use tensor cores, with f32 sums.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys as driver_sys, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, ValidAsZeroBits,
+    sys as driver_sys, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId};
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType,
-};
-use cudarc::cudnn::{
-    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
-    CudnnError, FilterDescriptor, TensorDescriptor,
-};
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use cudarc::cudnn::{sys, CudnnDataType, CudnnError};
 
 use super::algorithm_cache::{AlgorithmCache, Saved};
 use super::cpu::Geometry;
+use super::cudnn_graph::{self, Accept, Candidates, Convolution, Handle, Plan};
 use super::ConvParams;
-use crate::ops::cuda::int;
 use crate::ops::memory_format::Dims4;
 use crate::ops::MemoryFormat;
 
 /// The most workspace an algorithm may ask for and still be tried.
 const MAX_WORKSPACE: usize = 1 << 30;
 
-/// Timed runs of each algorithm when one is chosen, after one untimed run.
+/// Timed runs of each plan when one is chosen, after one untimed run.
 const TIMED_RUNS: usize = 2;
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
@@ -244,7 +240,7 @@ fn expect_dims(
 /// - BackwardData: (dy, w) -> dx;
 /// - BackwardFilter: (x, dy) -> dw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Direction {
+pub(super) enum Direction {
     Forward,
     BackwardData,
     BackwardFilter,
@@ -267,8 +263,8 @@ impl Direction {
 }
 
 /// The element types cuDNN convolves here.
-trait Element: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType {}
-impl<T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType> Element for T {}
+trait Element: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits {}
+impl<T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits> Element for T {}
 
 /// One convolution of two contiguous operands of one data type into a new storage.
 fn run(
@@ -349,112 +345,171 @@ fn convolve<T: Element>(
         .bind_to_thread()
         .map_err(driver_error("binding the device's context"))?;
 
-    let math = math_type(T::DATA_TYPE);
+    let operands = {
+        let stream = &state.stream;
+        // No event is recorded on these guards: kiln turns cudarc's event tracking off.
+        let (a, _a) = a.device_ptr(stream);
+        let (b, _b) = b.device_ptr(stream);
+        let (out, _out) = out.device_ptr_mut(stream);
+        [a, b, out]
+    };
     let key = Key {
         direction,
         format,
         data_type: T::DATA_TYPE,
-        math,
+        tf32: T::DATA_TYPE == sys::cudnnDataType_t::CUDNN_DATA_FLOAT
+            && ALLOW_TF32.load(Ordering::Relaxed),
         x: [g.n, g.c, g.h, g.w],
         w: [g.co, g.c, g.kh, g.kw],
         stride: g.p.stride,
         padding: g.p.padding,
+        alignment: alignment(operands),
     };
-    let d = Descriptors::new(&state.cudnn, &g, format, math)?;
-    let plan = d.plan(direction);
-    let described = format!("{key:?}");
-    let (choice, remembered) = match state.algorithms.get(&key) {
-        Some(choice) => (*choice, false),
-        None => match state
-            .saved
-            .get(&described)
-            .and_then(|s| remembered(&plan, s))
-        {
-            Some(choice) => (choice, true),
-            None => (
-                choose_and_keep(state, &plan, &described, &a, &b, &mut out)?,
-                false,
-            ),
-        },
+    let remembered = match state.plans.contains_key(&key) {
+        true => false,
+        false => {
+            let (plan, remembered) = find_plan(state, &key, &g, operands)?;
+            state.plans.insert(key, plan);
+            remembered
+        }
     };
-    state.algorithms.insert(key, choice);
-    let workspace = state.workspace(choice.workspace)?;
-    // SAFETY: the descriptors describe `a`, `b` and `out` (their lengths were checked against the
-    // geometry the descriptors were made from), all on the handle's stream; the workspace holds
-    // at least what cuDNN asked for this algorithm.
-    let ran = unsafe { plan.launch(choice.algorithm, workspace, &a, &b, &mut out) };
-    match ran {
+    // SAFETY (both runs): the operands hold the elements the key's convolution reads and writes
+    // (their lengths were checked against the geometry), at the alignment the key records.
+    match unsafe { execute(state, &key, operands) } {
         Ok(()) => Ok(out),
         // A choice from an earlier run that no longer runs here: choose afresh.
         Err(e) if remembered => {
-            tracing::debug!(
-                "cuDNN {described}: the remembered {:?} failed ({e})",
-                choice.algorithm
-            );
-            let choice = choose_and_keep(state, &plan, &described, &a, &b, &mut out)?;
-            state.algorithms.insert(key, choice);
-            let workspace = state.workspace(choice.workspace)?;
-            // SAFETY: as above.
-            unsafe { plan.launch(choice.algorithm, workspace, &a, &b, &mut out) }
-                .map_err(cudnn_error(&format!("{direction:?} {key:?}")))?;
+            tracing::debug!("cuDNN {key:?}: the remembered plan failed ({e})");
+            let plan = choose_and_keep(state, &key, &g, operands)?;
+            state.plans.insert(key, plan);
+            unsafe { execute(state, &key, operands) }?;
             Ok(out)
         }
-        Err(e) => Err(cudnn_error(&format!("{direction:?} {key:?}"))(e)),
+        Err(e) => Err(e),
     }
 }
 
-/// The fastest algorithm for the convolution `described`, measured, and kept on disk.
-fn choose_and_keep<T: Element>(
+/// The largest power of two, at most 16, that divides every address.
+fn alignment(addresses: [u64; 3]) -> usize {
+    addresses
+        .iter()
+        .map(|a| 1usize << a.trailing_zeros().min(4))
+        .min()
+        .unwrap_or(16)
+}
+
+/// Runs the key's plan over `operands` (first operand, second, result).
+///
+/// # Safety
+/// The operands must hold the elements the key's convolution reads and writes, at its alignment.
+unsafe fn execute(
     state: &mut DeviceState,
-    plan: &Plan<'_, T>,
-    described: &str,
-    a: &CudaView<'_, T>,
-    b: &CudaView<'_, T>,
-    out: &mut CudaSlice<T>,
-) -> candle_core::Result<Choice> {
-    let choice = choose(plan, &state.stream, &mut state.workspace, a, b, out)
-        .map_err(|e| e.context(described.to_string()))?;
+    key: &Key,
+    operands: [u64; 3],
+) -> candle_core::Result<()> {
+    let DeviceState {
+        handle,
+        stream,
+        workspace,
+        plans,
+        ..
+    } = state;
+    let plan = plans
+        .get(key)
+        .ok_or_else(|| candle_core::Error::Msg(format!("cuDNN: no plan for {key:?}")))?;
+    let workspace = grown(stream, workspace, plan.workspace)?;
+    plan.execute(handle, operands, workspace)
+        .map_err(cudnn_error(&format!("running {key:?}")))
+}
+
+/// The device's workspace, grown to at least `bytes`: its address, or 0 where none is needed.
+fn grown(
+    stream: &Arc<CudaStream>,
+    workspace: &mut Option<CudaSlice<u8>>,
+    bytes: usize,
+) -> candle_core::Result<u64> {
+    if bytes == 0 {
+        return Ok(0);
+    }
+    if workspace.as_ref().is_none_or(|w| w.len() < bytes) {
+        // Free the old one first (stream-ordered), so both are never held at once.
+        *workspace = None;
+        // SAFETY: a workspace is scratch memory; cuDNN reads nothing it did not write.
+        let grown = unsafe { stream.alloc::<u8>(bytes) }.map_err(driver_error(&format!(
+            "allocating {bytes} bytes of workspace"
+        )))?;
+        *workspace = Some(grown);
+    }
+    Ok(workspace.as_ref().map_or(0, |w| w.device_ptr(stream).0))
+}
+
+/// The plan for a convolution not run yet in this process: an earlier run's choice where the
+/// disk keeps one that still runs here (and so true), else the fastest, measured.
+fn find_plan(
+    state: &mut DeviceState,
+    key: &Key,
+    g: &Geometry,
+    operands: [u64; 3],
+) -> candle_core::Result<(Plan, bool)> {
+    if let Some(saved) = state.saved.get(&format!("{key:?}")) {
+        let name = saved.algorithm.clone();
+        let candidates = candidates(state, key, g, Some(&name))?;
+        match candidates.plan(&state.handle, &name) {
+            Some(Ok(plan)) if plan.workspace <= MAX_WORKSPACE => return Ok((plan, true)),
+            Some(Ok(_)) => tracing::debug!("cuDNN {key:?}: {name} now needs too much workspace"),
+            Some(Err(e)) => tracing::debug!("cuDNN {key:?}: {name} has no plan here ({e})"),
+            None => tracing::debug!("cuDNN {key:?}: {name} is no longer a candidate"),
+        }
+    }
+    Ok((choose_and_keep(state, key, g, operands)?, false))
+}
+
+/// The candidates cuDNN proposes for the key's convolution (`only`: see
+/// [`cudnn_graph::candidates`]).
+fn candidates(
+    state: &DeviceState,
+    key: &Key,
+    g: &Geometry,
+    only: Option<&str>,
+) -> candle_core::Result<Candidates> {
+    let dims = |v: [usize; 4]| v.map(|d| d as i64);
+    let convolution = Convolution {
+        direction: key.direction,
+        channels_last: key.format == MemoryFormat::ChannelsLast,
+        data_type: key.data_type,
+        x: dims(key.x),
+        w: dims(key.w),
+        y: dims([g.n, g.co, g.oh, g.ow]),
+        stride: key.stride as i64,
+        padding: key.padding as i64,
+        alignment: key.alignment as i64,
+    };
+    cudnn_graph::candidates(&state.handle, &convolution, Accept { tf32: key.tf32 }, only)
+        .map_err(cudnn_error(&format!("describing {key:?}")))
+}
+
+/// The fastest plan for the key's convolution, measured, and kept on disk.
+fn choose_and_keep(
+    state: &mut DeviceState,
+    key: &Key,
+    g: &Geometry,
+    operands: [u64; 3],
+) -> candle_core::Result<Plan> {
+    let described = format!("{key:?}");
+    let candidates = candidates(state, key, g, None)?;
+    let (plan, ms) =
+        choose(state, candidates, operands).map_err(|e| e.context(described.clone()))?;
     tracing::debug!(
-        "cuDNN {described}: {:?}, {:.3} ms, {} bytes of workspace",
-        choice.algorithm,
-        choice.ms,
-        choice.workspace
+        "cuDNN {described}: {}, {ms:.3} ms, {} bytes of workspace",
+        plan.name,
+        plan.workspace
     );
     let saved = Saved {
-        algorithm: format!("{:?}", choice.algorithm),
-        workspace: choice.workspace,
+        algorithm: plan.name.clone(),
+        workspace: plan.workspace,
     };
-    state.saved.insert(described, saved);
-    Ok(choice)
-}
-
-/// An earlier run's choice, where the algorithm still exists and fits [`MAX_WORKSPACE`] here.
-fn remembered<T: Element>(plan: &Plan<'_, T>, saved: &Saved) -> Option<Choice> {
-    let algorithm = plan
-        .algorithms()
-        .into_iter()
-        .find(|a| format!("{a:?}") == saved.algorithm)?;
-    let workspace = plan
-        .workspace_size(algorithm)
-        .ok()
-        .filter(|&bytes| bytes <= MAX_WORKSPACE)?;
-    Some(Choice {
-        algorithm,
-        workspace,
-        ms: f32::NAN,
-    })
-}
-
-/// f32: FMA unless TF32 is allowed (then cuDNN's default, which is TF32 on Ampere and newer);
-/// bf16 and f16: tensor cores.
-fn math_type(data_type: sys::cudnnDataType_t) -> sys::cudnnMathType_t {
-    match data_type {
-        sys::cudnnDataType_t::CUDNN_DATA_FLOAT if ALLOW_TF32.load(Ordering::Relaxed) => {
-            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-        }
-        sys::cudnnDataType_t::CUDNN_DATA_FLOAT => sys::cudnnMathType_t::CUDNN_FMA_MATH,
-        _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
-    }
+    state.saved.insert(&described, saved);
+    Ok(plan)
 }
 
 /// What an algorithm choice depends on (the device being the map it is kept in).
@@ -463,63 +518,30 @@ struct Key {
     direction: Direction,
     format: MemoryFormat,
     data_type: sys::cudnnDataType_t,
-    math: sys::cudnnMathType_t,
+    /// f32 on tensor cores (see [`set_allow_tf32`]).
+    tf32: bool,
     x: [usize; 4],
     w: [usize; 4],
     stride: usize,
     padding: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Algorithm {
-    Forward(sys::cudnnConvolutionFwdAlgo_t),
-    BackwardData(sys::cudnnConvolutionBwdDataAlgo_t),
-    BackwardFilter(sys::cudnnConvolutionBwdFilterAlgo_t),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Choice {
-    algorithm: Algorithm,
-    /// Bytes of workspace it needs.
-    workspace: usize,
-    /// Its time when it was chosen, per run.
-    ms: f32,
+    /// Of the operands' addresses: a plan made for 16 may read 16 bytes at once.
+    alignment: usize,
 }
 
 /// cuDNN state of one candle device.
 struct DeviceState {
-    cudnn: Arc<Cudnn>,
+    handle: Handle,
     stream: Arc<CudaStream>,
     workspace: Option<CudaSlice<u8>>,
-    algorithms: HashMap<Key, Choice>,
+    plans: HashMap<Key, Plan>,
     /// Choices of earlier runs on this kind of device.
     saved: AlgorithmCache,
 }
 
-// SAFETY: `Cudnn` is neither Send nor Sync because a cuDNN handle must not be used by two threads
-// at once, and because of its Arc's count. A DeviceState is only reached through its Mutex, and
-// every clone of the Arc (the descriptors hold one) is made and dropped while that lock is held;
-// each use binds the device's context to the calling thread first.
+// SAFETY: a cuDNN handle and its descriptors must not be used by two threads at once, and a
+// plan shares its graph through an Rc. A DeviceState is only reached through its Mutex, and each
+// use binds the device's context to the calling thread first.
 unsafe impl Send for DeviceState {}
-
-impl DeviceState {
-    /// The device's workspace, grown to at least `bytes` (None where none is needed).
-    fn workspace(&mut self, bytes: usize) -> candle_core::Result<Option<&mut CudaSlice<u8>>> {
-        if bytes == 0 {
-            return Ok(None);
-        }
-        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
-            // Free the old one first (stream-ordered), so both are never held at once.
-            self.workspace = None;
-            // SAFETY: a workspace is scratch memory; cuDNN reads nothing it did not write.
-            let grown = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(driver_error(
-                &format!("allocating {bytes} bytes of workspace"),
-            ))?;
-            self.workspace = Some(grown);
-        }
-        Ok(self.workspace.as_mut())
-    }
-}
 
 type Devices = Mutex<HashMap<DeviceId, Arc<Mutex<DeviceState>>>>;
 
@@ -537,203 +559,35 @@ fn device_state(device: &CudaDevice) -> candle_core::Result<Arc<Mutex<DeviceStat
         return Ok(state.clone());
     }
     let stream = device.cuda_stream();
-    // Cudnn::new binds the context too, but unwraps the result: bind it here first.
     stream
         .context()
         .bind_to_thread()
         .map_err(driver_error("binding the device's context"))?;
-    let cudnn = Cudnn::new(stream.clone()).map_err(cudnn_error("creating a handle"))?;
+    let handle = Handle::new(stream.cu_stream() as sys::cudaStream_t)
+        .map_err(cudnn_error("creating a handle"))?;
     let name = stream.context().name().unwrap_or_else(|_| "unknown".into());
     // SAFETY: a plain query of the loaded library, after a handle was made.
     let version = unsafe { sys::cudnnGetVersion() };
     let state = Arc::new(Mutex::new(DeviceState {
-        cudnn,
+        handle,
         stream,
         workspace: None,
-        algorithms: HashMap::new(),
+        plans: HashMap::new(),
         saved: AlgorithmCache::open(&name, version),
     }));
     devices.insert(device.id(), state.clone());
     Ok(state)
 }
 
-/// The descriptors of one convolution: x [N, C, H, W], w [CO, C, KH, KW], y [N, CO, OH, OW], or
-/// channels last x [N, H, W, C], w [CO, KH, KW, C], y [N, OH, OW, CO] (cuDNN's NHWC, whose
-/// dimensions are still given in NCHW order); the convolution computes in f32 whatever the data
-/// type.
-struct Descriptors<T: CudnnDataType> {
-    conv: ConvDescriptor<f32>,
-    x: TensorDescriptor<T>,
-    w: FilterDescriptor<T>,
-    y: TensorDescriptor<T>,
-}
-
-impl<T: CudnnDataType> Descriptors<T> {
-    fn new(
-        cudnn: &Arc<Cudnn>,
-        g: &Geometry,
-        format: MemoryFormat,
-        math: sys::cudnnMathType_t,
-    ) -> candle_core::Result<Self> {
-        let dims = |v: [usize; 4], what: &str| -> candle_core::Result<[i32; 4]> {
-            let mut out = [0i32; 4];
-            for (o, v) in out.iter_mut().zip(v) {
-                *o = int(v, what)?;
-            }
-            Ok(out)
-        };
-        let (pad, stride) = (int(g.p.padding, "padding")?, int(g.p.stride, "stride")?);
-        let layout = match format {
-            MemoryFormat::ChannelsFirst => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            MemoryFormat::ChannelsLast => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
-        };
-        let mut conv = cudnn
-            .create_conv2d::<f32>(
-                [pad, pad],
-                [stride, stride],
-                [1, 1],
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-            )
-            .map_err(cudnn_error("convolution descriptor"))?;
-        conv.set_math_type(math)
-            .map_err(cudnn_error("setting the math type"))?;
-        let x = cudnn
-            .create_4d_tensor::<T>(layout, dims([g.n, g.c, g.h, g.w], "conv2d input")?)
-            .map_err(cudnn_error("input descriptor"))?;
-        let w = cudnn
-            .create_4d_filter::<T>(layout, dims([g.co, g.c, g.kh, g.kw], "conv2d weight")?)
-            .map_err(cudnn_error("filter descriptor"))?;
-        let y = cudnn
-            .create_4d_tensor::<T>(layout, dims([g.n, g.co, g.oh, g.ow], "conv2d output")?)
-            .map_err(cudnn_error("output descriptor"))?;
-        Ok(Self { conv, x, w, y })
-    }
-
-    fn plan(&self, direction: Direction) -> Plan<'_, T> {
-        let conv = &self.conv;
-        match direction {
-            Direction::Forward => Plan::Forward(ConvForward {
-                conv,
-                x: &self.x,
-                w: &self.w,
-                y: &self.y,
-            }),
-            Direction::BackwardData => Plan::BackwardData(ConvBackwardData {
-                conv,
-                dx: &self.x,
-                w: &self.w,
-                dy: &self.y,
-            }),
-            Direction::BackwardFilter => Plan::BackwardFilter(ConvBackwardFilter {
-                conv,
-                x: &self.x,
-                dw: &self.w,
-                dy: &self.y,
-            }),
-        }
-    }
-}
-
-/// One direction of a convolution, over its descriptors.
-enum Plan<'a, T: CudnnDataType> {
-    Forward(ConvForward<'a, T, f32, T>),
-    BackwardData(ConvBackwardData<'a, T, f32, T>),
-    BackwardFilter(ConvBackwardFilter<'a, T, f32, T>),
-}
-
-impl<T: Element> Plan<'_, T> {
-    /// Every algorithm cuDNN names for the direction (not all run every convolution).
-    fn algorithms(&self) -> Vec<Algorithm> {
-        use sys::cudnnConvolutionBwdDataAlgo_t as D;
-        use sys::cudnnConvolutionBwdFilterAlgo_t as F;
-        use sys::cudnnConvolutionFwdAlgo_t as Y;
-        match self {
-            Self::Forward(_) => [
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-                Y::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-            ]
-            .map(Algorithm::Forward)
-            .to_vec(),
-            Self::BackwardData(_) => [
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
-            ]
-            .map(Algorithm::BackwardData)
-            .to_vec(),
-            // ALGO_WINOGRAD is not implemented for the filter gradient.
-            Self::BackwardFilter(_) => [
-                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
-                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
-                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
-                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
-            ]
-            .map(Algorithm::BackwardFilter)
-            .to_vec(),
-        }
-    }
-
-    /// Bytes of workspace `algorithm` needs; an error where it cannot run this convolution.
-    fn workspace_size(&self, algorithm: Algorithm) -> Result<usize, CudnnError> {
-        match (self, algorithm) {
-            (Self::Forward(op), Algorithm::Forward(a)) => op.get_workspace_size(a),
-            (Self::BackwardData(op), Algorithm::BackwardData(a)) => op.get_workspace_size(a),
-            (Self::BackwardFilter(op), Algorithm::BackwardFilter(a)) => op.get_workspace_size(a),
-            _ => Err(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM)),
-        }
-    }
-
-    /// Runs the convolution: `out` = conv(`a`, `b`) in the direction's sense (see [`Direction`]).
-    ///
-    /// # Safety
-    /// `a`, `b` and `out` must hold the elements the descriptors describe, and `workspace` at
-    /// least [`Self::workspace_size`] bytes.
-    unsafe fn launch(
-        &self,
-        algorithm: Algorithm,
-        workspace: Option<&mut CudaSlice<u8>>,
-        a: &CudaView<'_, T>,
-        b: &CudaView<'_, T>,
-        out: &mut CudaSlice<T>,
-    ) -> Result<(), CudnnError> {
-        let scale = (T::from_f64(1.0), T::from_f64(0.0));
-        match (self, algorithm) {
-            (Self::Forward(op), Algorithm::Forward(alg)) => {
-                op.launch(alg, workspace, scale, a, b, out)
-            }
-            (Self::BackwardData(op), Algorithm::BackwardData(alg)) => {
-                op.launch(alg, workspace, scale, out, b, a)
-            }
-            (Self::BackwardFilter(op), Algorithm::BackwardFilter(alg)) => {
-                op.launch(alg, workspace, scale, a, out, b)
-            }
-            _ => Err(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM)),
-        }
-    }
-}
-
-/// The fastest algorithm for the plan on this device: each one cuDNN can run within
-/// [`MAX_WORKSPACE`] is run once untimed (its kernels load), then timed over [`TIMED_RUNS`].
-/// Writes `out` (the caller runs the chosen one over it afterwards).
-fn choose<T: Element>(
-    plan: &Plan<'_, T>,
-    stream: &Arc<CudaStream>,
-    workspace: &mut Option<CudaSlice<u8>>,
-    a: &CudaView<'_, T>,
-    b: &CudaView<'_, T>,
-    out: &mut CudaSlice<T>,
-) -> candle_core::Result<Choice> {
+/// The fastest of the candidates' plans on this device, with its time: each one that builds
+/// and fits [`MAX_WORKSPACE`] is run once untimed (its kernels load), then timed over
+/// [`TIMED_RUNS`]. Writes the result operand (the caller runs the chosen plan over it again).
+fn choose(
+    state: &mut DeviceState,
+    candidates: Candidates,
+    operands: [u64; 3],
+) -> candle_core::Result<(Plan, f32)> {
+    let stream = state.stream.clone();
     let timing = Some(driver_sys::CUevent_flags::CU_EVENT_DEFAULT);
     let event = |what: &str| {
         stream
@@ -742,70 +596,70 @@ fn choose<T: Element>(
             .map_err(driver_error(what))
     };
     let (start, end) = (event("timing event")?, event("timing event")?);
-    let mut best: Option<Choice> = None;
+    let mut best: Option<(Plan, f32)> = None;
     let mut failures = Vec::new();
-    for algorithm in plan.algorithms() {
-        let bytes = match plan.workspace_size(algorithm) {
-            Ok(bytes) if bytes <= MAX_WORKSPACE => bytes,
-            Ok(bytes) => {
-                failures.push(format!("{algorithm:?}: needs {bytes} bytes of workspace"));
+    for (name, plan) in candidates.plans(&state.handle) {
+        let plan = match plan {
+            Ok(plan) if plan.workspace <= MAX_WORKSPACE => plan,
+            Ok(plan) => {
+                failures.push(format!(
+                    "{name}: needs {} bytes of workspace",
+                    plan.workspace
+                ));
                 continue;
             }
             Err(e) => {
-                failures.push(format!("{algorithm:?}: {e}"));
+                failures.push(format!("{name}: {e}"));
                 continue;
             }
         };
-        // The device's workspace where it is large enough, else a temporary one, so that an
-        // algorithm tried but not chosen leaves no large buffer behind.
+        let bytes = plan.workspace;
+        // The device's workspace where it is large enough, else a temporary one, so that a
+        // plan tried but not chosen leaves no large buffer behind.
         let mut temporary = None;
-        let mut scratch = match workspace.as_mut() {
-            _ if bytes == 0 => None,
-            Some(w) if w.len() >= bytes => Some(w),
+        let scratch = match state.workspace.as_ref() {
+            _ if bytes == 0 => 0,
+            Some(w) if w.len() >= bytes => w.device_ptr(&stream).0,
             _ => {
                 // SAFETY: scratch memory; cuDNN reads nothing it did not write.
                 match unsafe { stream.alloc::<u8>(bytes) } {
-                    Ok(w) => Some(temporary.insert(w)),
+                    Ok(w) => temporary.insert(w).device_ptr(&stream).0,
                     Err(e) => {
-                        failures.push(format!("{algorithm:?}: allocating {bytes} bytes: {e}"));
+                        failures.push(format!("{name}: allocating {bytes} bytes: {e}"));
                         continue;
                     }
                 }
             }
         };
-        // SAFETY (every launch below): as in `convolve`; the scratch buffer has `bytes` or more.
-        if let Err(e) = unsafe { plan.launch(algorithm, scratch.as_deref_mut(), a, b, out) } {
-            failures.push(format!("{algorithm:?}: {e}"));
+        // SAFETY (every run below): as in `convolve`; the scratch buffer has `bytes` or more.
+        if let Err(e) = unsafe { plan.execute(&state.handle, operands, scratch) } {
+            failures.push(format!("{name}: {e}"));
             continue;
         }
         start
-            .record(stream)
+            .record(&stream)
             .map_err(driver_error("recording an event"))?;
         let mut ran = Ok(());
         for _ in 0..TIMED_RUNS {
-            ran = unsafe { plan.launch(algorithm, scratch.as_deref_mut(), a, b, out) };
+            ran = unsafe { plan.execute(&state.handle, operands, scratch) };
             if ran.is_err() {
                 break;
             }
         }
-        end.record(stream)
+        end.record(&stream)
             .map_err(driver_error("recording an event"))?;
         let ms = start
             .elapsed_ms(&end)
-            .map_err(driver_error("timing an algorithm"))?
+            .map_err(driver_error("timing a plan"))?
             / TIMED_RUNS as f32;
         drop(temporary);
         if let Err(e) = ran {
-            failures.push(format!("{algorithm:?}: {e}"));
+            failures.push(format!("{name}: {e}"));
             continue;
         }
-        tracing::trace!("cuDNN candidate {algorithm:?}: {ms:.3} ms, {bytes} bytes of workspace");
-        if best.is_none_or(|b| ms < b.ms) {
-            best = Some(Choice {
-                algorithm,
-                workspace: bytes,
-                ms,
-            });
+        tracing::trace!("cuDNN candidate {name}: {ms:.3} ms, {bytes} bytes of workspace");
+        if best.as_ref().is_none_or(|(_, b)| ms < *b) {
+            best = Some((plan, ms));
         }
     }
     if !failures.is_empty() {
@@ -813,7 +667,7 @@ fn choose<T: Element>(
     }
     best.ok_or_else(|| {
         candle_core::Error::Msg(format!(
-            "cuDNN: no algorithm runs this convolution ({})",
+            "cuDNN: no engine runs this convolution ({})",
             failures.join("; ")
         ))
     })

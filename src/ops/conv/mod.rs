@@ -18,6 +18,8 @@ mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 #[cfg(feature = "cudnn")]
+mod cudnn_graph;
+#[cfg(feature = "cudnn")]
 mod filter;
 mod winograd;
 
