@@ -421,30 +421,37 @@ fn allowed(
         )?
         .pop()
         .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM))?;
-    // SAFETY (both): the notes are C enums, read as the enums' Rust twins.
+    // The notes are C enums (32 bits), read as plain numbers: a cuDNN newer than these bindings
+    // may name notes they do not, which must not become a Rust enum. Room for more than any
+    // cuDNN has named.
+    const ROOM: usize = 32;
+    // SAFETY (both): an array of ROOM 32-bit values.
     let numerical = unsafe {
         engine.get(
             Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
             Type::CUDNN_TYPE_NUMERICAL_NOTE,
-            N::CUDNN_NUMERICAL_NOTE_TYPE_COUNT as usize,
-            N::CUDNN_NUMERICAL_NOTE_TYPE_COUNT,
+            ROOM,
+            0u32,
         )
     }?;
     let behaviour = unsafe {
         engine.get(
             Attr::CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
             Type::CUDNN_TYPE_BEHAVIOR_NOTE,
-            B::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT as usize,
-            B::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT,
+            ROOM,
+            0u32,
         )
     }?;
     let f32_data = data_type == sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
-    let refused = numerical.iter().any(|note| match note {
-        N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE => f32_data && !accept.tf32,
-        N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS
-        | N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION => true,
-        _ => false,
-    }) || behaviour.contains(&B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION);
+    let tensor_cores = N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE as u32;
+    let rounded = [
+        N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS as u32,
+        N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION as u32,
+    ];
+    let refused = numerical
+        .iter()
+        .any(|&note| (note == tensor_cores && f32_data && !accept.tf32) || rounded.contains(&note))
+        || behaviour.contains(&(B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32));
     Ok(!refused)
 }
 
