@@ -474,6 +474,65 @@ fn preparing_the_gpu_finds_every_module_it_names() {
     ops::prepare(&cuda()).unwrap();
 }
 
+/// The warm-up the train binary runs beside the data's loading makes every convolution plan
+/// that training and its (test-time augmented) evaluations need: in a `--trace` of a short
+/// fastnet run, cuDNN makes plans on the warm-up's thread, and none on the thread that trains.
+#[cfg(feature = "cudnn")]
+#[test]
+fn the_warm_up_leaves_no_convolution_plan_to_the_run() {
+    let dir = std::env::temp_dir().join(format!("kiln-warm-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("trace.json");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_train"))
+        .args([
+            "--model",
+            "fastnet",
+            "--dataset",
+            "synthetic",
+            "--device",
+            "cuda",
+        ])
+        .args([
+            "--epochs",
+            "2",
+            "--batch-size",
+            "500",
+            "--quiet",
+            "--models-dir",
+        ])
+        .arg(dir.join("models"))
+        .arg("--trace")
+        .arg(&trace)
+        .status()
+        .unwrap();
+    assert!(status.success(), "train failed: {status}");
+    let events: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let thread_of = |span: &str| {
+        events
+            .iter()
+            .find(|e| e["name"] == span && e["ph"] == "B")
+            .unwrap_or_else(|| panic!("no {span} span in the trace"))["tid"]
+            .clone()
+    };
+    let (warming, training) = (thread_of("warm up"), thread_of("epoch"));
+    assert_ne!(warming, training);
+    let plans_on = |thread: &serde_json::Value| {
+        events
+            .iter()
+            .filter(|e| e["name"] == "cudnn plan" && e["ph"] == "B" && e["tid"] == *thread)
+            .count()
+    };
+    // fastnet: 7 convolutions, each forward and backward, in training and in evaluation.
+    assert!(
+        plans_on(&warming) >= 14,
+        "{} plans warmed",
+        plans_on(&warming)
+    );
+    assert_eq!(plans_on(&training), 0, "plans made while training");
+}
+
 /// BatchNorm with GELU fused against BatchNorm then kiln's GELU kernels, on the GPU: the fused
 /// kernels round to the data's type where the unfused ones store, so every output and gradient
 /// is the same to the bit, in training and in evaluation, in each type and format.

@@ -23,6 +23,7 @@ use kiln::optim::schedule::ScheduleKind;
 use kiln::report::{Output, Reporter};
 use kiln::train::classify::{self, Options, Start};
 use kiln::train::fit::Outcome;
+use kiln::train::warm_up::warm_up;
 use kiln::train::{linear_fit, resume};
 
 const EXAMPLES: &str = "\
@@ -384,10 +385,17 @@ fn train_classifier(
         fetch: fetch.as_ref(),
         folder: config.folder_options(),
     };
-    // The GPU's libraries and kernels load on another thread while the data loads: otherwise
-    // the first training step waits for them.
+    // The GPU's libraries, kernels and convolution plans load on another thread while the data
+    // loads: otherwise the first epoch waits for them.
+    let dimensions = data::known_dimensions(&request);
     let (loaded, prepared) = std::thread::scope(|scope| {
-        let preparing = scope.spawn(|| kiln::ops::prepare(device));
+        let preparing = scope.spawn(|| -> kiln::Result<()> {
+            kiln::ops::prepare(device)?;
+            match dimensions {
+                Some(dimensions) => warm_up(spec, &config, dimensions, device),
+                None => Ok(()),
+            }
+        });
         let loaded = data::load(
             &request,
             &kiln::cli::decode_bar(reporter.output == Output::Human),

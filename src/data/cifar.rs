@@ -43,10 +43,7 @@ pub fn load(dir: &Path) -> Result<DataSets> {
     let test_path = require(dir, TEST_FILE)?;
     // Room for every record at once: grown by doubling instead, the buffer passed through a
     // 240 MB allocation with the 120 MB one still held, which set the run's peak memory.
-    let records = train_paths
-        .iter()
-        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len() as usize / RECORD_BYTES))
-        .sum();
+    let records = record_counts(dir).map_or(0, |(train, _)| train);
     let mut train = ImageSet::with_capacity(records, SIDE);
     for path in &train_paths {
         train.extend(read_records(path)?);
@@ -65,6 +62,21 @@ pub fn load(dir: &Path) -> Result<DataSets> {
         classes: CLASSES.iter().map(|s| s.to_string()).collect(),
         stats: ChannelStats::CIFAR10,
     })
+}
+
+/// The training and test records the files in `dir` hold, from their sizes; None where one
+/// is missing.
+pub fn record_counts(dir: &Path) -> Option<(usize, usize)> {
+    let records = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .ok()
+            .map(|m| m.len() as usize / RECORD_BYTES)
+    };
+    let train = TRAIN_FILES
+        .iter()
+        .map(|name| records(name))
+        .sum::<Option<usize>>()?;
+    Some((train, records(TEST_FILE)?))
 }
 
 /// Loads only the test file from `dir` (all that evaluation needs).

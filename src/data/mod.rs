@@ -127,6 +127,40 @@ pub fn load(
     }
 }
 
+/// What a request's data holds, as far as shapes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dimensions {
+    pub classes: usize,
+    /// Image side in pixels.
+    pub side: usize,
+    pub train_images: usize,
+    pub test_images: usize,
+}
+
+/// The request's [`Dimensions`] where they are known without loading it: CIFAR-10's from its
+/// files' sizes (None while they are missing) and the synthetic set's; a folder's are known
+/// only once it is scanned.
+pub fn known_dimensions(request: &Request) -> Option<Dimensions> {
+    match request.dataset {
+        Dataset::Cifar10 => {
+            let (train_images, test_images) = cifar::record_counts(request.dir)?;
+            Some(Dimensions {
+                classes: cifar::CLASSES.len(),
+                side: cifar::SIDE,
+                train_images,
+                test_images,
+            })
+        }
+        Dataset::Synthetic => Some(Dimensions {
+            classes: synthetic::CLASSES.len(),
+            side: cifar::SIDE,
+            train_images: request.synthetic_images,
+            test_images: SYNTHETIC_TEST_IMAGES,
+        }),
+        Dataset::Folder => None,
+    }
+}
+
 /// Only the evaluation split, its class names and the training split's statistics (a folder is
 /// scanned and split as training did; its caches make that quick).
 pub fn load_test(

@@ -1,11 +1,13 @@
 //! Training: the loop ([`fit`]) and what observes it ([`observers`]), the image-classification
-//! run that wires them ([`classify`]), the linear set-up check, and what it takes to resume.
+//! run that wires them ([`classify`]), the linear set-up check, what it takes to resume, and the
+//! dry run that loads a GPU's kernels before the first step ([`warm_up`]).
 
 pub mod classify;
 pub mod fit;
 pub mod linear_fit;
 pub mod observers;
 pub mod resume;
+pub mod warm_up;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -368,6 +368,7 @@ fn convolve<T: Element>(
     let remembered = match state.plans.contains_key(&key) {
         true => false,
         false => {
+            let _span = tracing::info_span!("cudnn plan").entered();
             let (plan, remembered) = find_plan(state, &key, &g, operands)?;
             state.plans.insert(key, plan);
             remembered
