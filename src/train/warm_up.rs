@@ -11,6 +11,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
+use crate::data::images::CHANNELS;
 use crate::data::Dimensions;
 use crate::error::Result;
 use crate::evaluate::tta_logits;
@@ -31,7 +32,7 @@ pub fn warm_up(spec: &ModelSpec, config: &Config, data: Dimensions, device: &Dev
     let built = models::build(spec, &arch, 0, device)?;
     let model = built.module.as_ref();
     let input_dtype = config.precision.activations(spec.mixed_precision, true);
-    let images = |n: usize| Tensor::zeros((n, 3, data.side, data.side), DType::F32, device);
+    let images = |n: usize| Tensor::zeros((n, CHANNELS, data.side, data.side), DType::F32, device);
     if let Some(init) = &spec.data_init {
         (init.apply)(&built.params, &images(init.images.min(data.train_images))?)?;
     }
