@@ -286,12 +286,13 @@ fn fastnet_recipe_resumes_exactly_and_learns() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     let recipe = include_str!("../configs/fastnet.toml")
-        .replace("epochs = 10", "epochs = 3")
+        .replace("epochs = 11", "epochs = 3")
         .replace("batch_size = 1024", "batch_size = 64")
         .replace("eval_batch_size = 2000", "eval_batch_size = 100")
         .replace("width = 64 ", "width = 8 ")
         .replace(r#"{ "0.bias" = 3 }"#, r#"{ "0.bias" = 1 }"#);
-    assert!(recipe.contains("width = 8 ") && recipe.contains(r#""0.bias" = 1"#));
+    assert!(recipe.contains("epochs = 3") && recipe.contains("width = 8 "));
+    assert!(recipe.contains(r#""0.bias" = 1"#));
     let config = root.path().join("fastnet.toml");
     std::fs::write(&config, recipe).unwrap();
     let config = config.display().to_string();
