@@ -14,19 +14,25 @@
 //! activation's input. The CPU kernels fuse ReLU (GELU follows them as candle's `gelu_erf`); CUDA's
 //! fuse both. Elsewhere (Metal, other dtypes), candle's composition, which is also the
 //! reference for the tests.
+//!
+//! Here: training mode and the residual block's end (BatchNorm, add, ReLU). `running.rs`:
+//! evaluation mode and the running statistics' update; `cpu.rs`: the CPU kernels' arithmetic;
+//! `cuda.rs`: the CUDA kernels' launches.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::by_float;
-use super::{contiguous_f32, contiguous_f32_mut, par_collect, MemoryFormat};
+use super::{contiguous_f32, par_collect, MemoryFormat};
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use cpu::{affine, cpu_fuses, cpu_reads, gated, plane_grad_sums, plane_sum, planes};
+pub use running::{batch_norm_eval, blend_running};
 
 /// What follows the normalisation in the same pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,8 +178,10 @@ pub struct ResidualEndOutput {
 /// normalised values (the shortcut's too, where it is normalised) live only inside it, so the
 /// graph does not hold them until the backward pass (PyTorch does not hold the main ones
 /// either: its ReLU overwrites the sum in place). Bit for bit [`batch_norm_train`]s without an
-/// activation then [`add_relu`](super::add_relu), which it runs inside (the same kernels), and
-/// which it is where kiln's kernels do not run.
+/// activation then [`add_relu`](super::add_relu): on the CPU it runs their kernels inside; on
+/// CUDA the statistics' kernels, then one pass for normalising, adding and ReLU (each normalised
+/// value rounded as it would have been stored), so the normalised tensors are never written.
+/// Where kiln's kernels do not run, it is that composition.
 pub fn batch_norm_add_relu_train(
     main: NormInputs,
     shortcut: Shortcut,
@@ -301,39 +309,6 @@ pub fn batch_norm_train_reference(
     })
 }
 
-/// Evaluation mode: `act((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`, as one
-/// scale and shift per channel; `x` in `format`. One kernel on CUDA (kiln's `bn_apply`, which
-/// training runs too); candle's composition elsewhere.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_eval(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f64,
-    act: Activation,
-    format: MemoryFormat,
-) -> candle_core::Result<Tensor> {
-    let c = x.dim(format.channel_dim())?;
-    let per_channel = format.per_channel(c);
-    let scale = (gamma / (running_var + eps)?.sqrt()?)?;
-    let shift = (beta - (running_mean * &scale)?)?;
-    let f32_figures = scale.dtype() == DType::F32 && shift.dtype() == DType::F32;
-    if x.device().is_cuda() && ours(x.device(), x.dtype(), format) && f32_figures && x.rank() == 4 {
-        let affine = Tensor::stack(&[&scale, &shift], 0)?;
-        return x
-            .contiguous()?
-            .apply_op2_no_bwd(&affine, &BatchNormEval { act, format });
-    }
-    // In f32 whatever the data's type, then rounded back (as in training).
-    let y = x
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&scale.reshape(per_channel)?)?
-        .broadcast_add(&shift.reshape(per_channel)?)?;
-    act.compose(&as_stored(&y, x.dtype())?)?.to_dtype(x.dtype())
-}
-
 /// `y` (f32) rounded to `dtype` and back: the activation reads the normalised values as a
 /// separate BatchNorm would have stored them (and PyTorch does), which kiln's fused kernels
 /// reproduce; its gradient is rounded the same way on the way back.
@@ -341,125 +316,10 @@ fn as_stored(y: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     y.to_dtype(dtype)?.to_dtype(DType::F32)
 }
 
-/// [`batch_norm_eval`]'s kernel: `x` and the affine [2, C] (scale; shift), on CUDA.
-struct BatchNormEval {
-    // Read by the CUDA launch alone.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    act: Activation,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    format: MemoryFormat,
-}
-
-impl candle_core::CustomOp2 for BatchNormEval {
-    fn name(&self) -> &'static str {
-        "kiln-batch-norm-eval"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-batch-norm-eval: CUDA tensors only (the CPU composes it)")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        as_: &candle_core::CudaStorage,
-        al: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let sizes = kernel_sizes(xl, self.format)?;
-        let c = sizes.1;
-        let affine = super::cuda::view::<f32>(as_, al, "scale and shift")?;
-        if affine.len() != 2 * c {
-            candle_core::bail!(
-                "batch_norm: {} scales and shifts for {c} channels",
-                affine.len()
-            );
-        }
-        let (scale, shift) = (affine.slice(..c), affine.slice(c..));
-        let y = by_float!(xs.dtype(), T => super::cuda::storage(
-            cuda::apply::<T>(xs, xl, &scale, &shift, sizes, self.act)?,
-            &xs.device,
-        ));
-        Ok((y, xl.shape().clone()))
-    }
-}
-
-/// `running = running * (1 - momentum) + batch * (momentum * scale)`, in place: how a running
-/// statistic follows the batch's (PyTorch's update; `scale` makes a variance unbiased). One
-/// kernel on the CPU and CUDA (f32) where candle's composition took three launches and two
-/// temporaries per statistic; the same arithmetic either way: both products rounded, then
-/// their sum.
-pub fn blend_running(
-    running: &Var,
-    batch: &Tensor,
-    momentum: f64,
-    scale: f64,
-) -> candle_core::Result<()> {
-    let (keep, take) = (1.0 - momentum, momentum * scale);
-    let batch = batch.to_device(running.device())?;
-    let ours = match running.device() {
-        Device::Cpu => true,
-        Device::Cuda(_) => cfg!(feature = "cuda"),
-        Device::Metal(_) => false,
-    };
-    let f32s = running.dtype() == DType::F32 && batch.dtype() == DType::F32;
-    if ours && f32s && running.elem_count() == batch.elem_count() {
-        let op = BlendRunning {
-            keep: keep as f32,
-            take: take as f32,
-        };
-        return running.as_tensor().inplace_op2(&batch.contiguous()?, &op);
-    }
-    running.set(&(running.as_tensor().affine(keep, 0.0)? + batch.affine(take, 0.0)?)?)
-}
-
-struct BlendRunning {
-    keep: f32,
-    take: f32,
-}
-
-impl InplaceOp2 for BlendRunning {
-    fn name(&self) -> &'static str {
-        "kiln-batch-norm-running"
-    }
-
-    fn cpu_fwd(
-        &self,
-        rs: &mut CpuStorage,
-        rl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<()> {
-        let batch = contiguous_f32(bs, bl, "batch statistic")?;
-        let running = contiguous_f32_mut(rs, rl, "running statistic")?;
-        for (r, &b) in running.iter_mut().zip(batch) {
-            *r = *r * self.keep + b * self.take;
-        }
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        rs: &mut candle_core::CudaStorage,
-        rl: &Layout,
-        bs: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<()> {
-        cuda::blend_running(rs, rl, bs, bl, self.keep, self.take)
-    }
-}
-
 /// What the forward pass keeps for the backward pass and the caller: [5, C] on the device,
 /// each channel's mean, biased variance, 1 / sqrt(variance + eps), and the scale and shift the
-/// output applied ([`affine`]; the backward pass recomputes the fused activation's input by them).
+/// output applied ([`cpu::affine`]; the backward pass recomputes the fused activation's input
+/// by them).
 type Saved = Tensor;
 
 struct BatchNormTrain {
@@ -478,24 +338,35 @@ impl BatchNormTrain {
             Some(stats);
         Ok(())
     }
-}
 
-/// Whether a CPU kernel's fused activation is ReLU: GELU is left to candle there
-/// ([`Activation::split_for`]).
-fn cpu_fuses(act: Activation) -> candle_core::Result<bool> {
-    match act {
-        Activation::Identity => Ok(false),
-        Activation::Relu => Ok(true),
-        Activation::Gelu => candle_core::bail!("batch_norm: kiln's CPU kernels fuse ReLU only"),
+    /// The batch's [5, C] figures of `x` on CUDA ([`Saved`]'s rows), for the caller to apply
+    /// and then [`keep`](Self::keep).
+    #[cfg(feature = "cuda")]
+    fn cuda_statistics(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let sizes = kernel_sizes(xl, self.format)?;
+        let (_, c, _) = sizes;
+        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!(
+                "batch_norm: {} weights for {c} channels",
+                gl.shape().elem_count()
+            );
+        }
+        if sizes.0 * sizes.2 == 0 {
+            candle_core::bail!("batch_norm: an empty batch has no statistics");
+        }
+        let eps = self.eps as f32;
+        Ok(by_float!(xs.dtype(), T => {
+            cuda::stats::<T>(xs, xl, gs, gl, bs, bl, sizes, self.format, eps)?
+        }))
     }
-}
-
-/// kiln's CPU kernels read channels-first data only (`ours` sends channels last elsewhere).
-fn cpu_reads(format: MemoryFormat) -> candle_core::Result<()> {
-    if format == MemoryFormat::ChannelsLast {
-        candle_core::bail!("batch_norm: kiln's CPU kernels read channels-first data only");
-    }
-    Ok(())
 }
 
 /// The CUDA kernels' (N, C, H*W) of a 4-D activation in `format`. Channels last is read as N*H*W
@@ -511,65 +382,6 @@ fn kernel_sizes(
         MemoryFormat::ChannelsFirst => (n, c, h * w),
         MemoryFormat::ChannelsLast => (n * h * w, c, 1),
     })
-}
-
-/// The planes of channel `c` in an [N, C, HW] buffer.
-fn planes(data: &[f32], c: usize, channels: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
-    data.chunks_exact(hw.max(1)).skip(c).step_by(channels)
-}
-
-/// Independent f64 accumulators per sum, so the compiler can keep them in vector registers
-/// instead of waiting on one chain of adds.
-const LANES: usize = 8;
-
-/// Sums in f64, as PyTorch's CPU kernel does: a channel's gradient sums are small differences
-/// of large terms, and f32 partial sums were seen to move a ResNet-50's step by 1e-3.
-fn sum_f64(values: impl Iterator<Item = [f64; LANES]>) -> f64 {
-    let mut lanes = [0f64; LANES];
-    for chunk in values {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane += v;
-        }
-    }
-    lanes.iter().sum()
-}
-
-/// A plane's sum of `f(value)`, in f64 lanes.
-fn plane_sum(plane: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let chunks = plane.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
-    sum_f64(chunks.map(|c| std::array::from_fn(|l| f(f64::from(c[l]))))) + tail
-}
-
-/// Over a plane of inputs `x` and upstream gradients `g` (gated by the fused ReLU as
-/// [`gated`] says): (sum of g, sum of g * (x - mean)), in f64 lanes.
-fn plane_grad_sums(x: &[f32], g: &[f32], mean: f64, gate: impl Fn(f32, f32) -> f32) -> (f64, f64) {
-    let pairs = x.chunks_exact(LANES).zip(g.chunks_exact(LANES));
-    let (mut total, mut dot) = ([0f64; LANES], [0f64; LANES]);
-    for (xc, gc) in pairs {
-        // The gate first, for the whole chunk: a branch per value mispredicts half the time.
-        let gs: [f32; LANES] = std::array::from_fn(|l| gate(gc[l], xc[l]));
-        for l in 0..LANES {
-            let g = f64::from(gs[l]);
-            total[l] += g;
-            dot[l] += g * (f64::from(xc[l]) - mean);
-        }
-    }
-    let whole = x.len() / LANES * LANES;
-    let (mut t, mut d) = (total.iter().sum::<f64>(), dot.iter().sum::<f64>());
-    for (&v, &g) in x[whole..].iter().zip(&g[whole..]) {
-        let g = f64::from(gate(g, v));
-        t += g;
-        d += g * (f64::from(v) - mean);
-    }
-    (t, d)
-}
-
-/// One channel's scale and shift (gamma * inv_std, beta - mean * scale): the output is
-/// `x * scale + shift`, and with ReLU fused it passed where that is positive.
-fn affine(mean: f32, inv_std: f32, gamma: f32, beta: f32) -> (f32, f32) {
-    let scale = inv_std * gamma;
-    (scale, beta - mean * scale)
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -656,24 +468,14 @@ impl CustomOp3 for BatchNormTrain {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let sizes = kernel_sizes(xl, self.format)?;
-        let (_, c, _) = sizes;
-        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
-            candle_core::bail!(
-                "batch_norm: {} weights for {c} channels",
-                gl.shape().elem_count()
-            );
-        }
-        if sizes.0 * sizes.2 == 0 {
-            candle_core::bail!("batch_norm: an empty batch has no statistics");
-        }
+        let c = sizes.1;
         let dev = &xs.device;
+        let stats = self.cuda_statistics(xs, xl, gs, gl, bs, bl)?;
         let y = by_float!(xs.dtype(), T => {
-            let stats = cuda::stats::<T>(xs, xl, gs, gl, bs, bl, sizes, self.format, self.eps as f32)?;
             let (scale, shift) = (stats.slice(3 * c..4 * c), stats.slice(4 * c..));
-            let y = cuda::apply::<T>(xs, xl, &scale, &shift, sizes, self.act)?;
-            self.keep(super::cuda::tensor(stats, dev, (5, c)))?;
-            super::cuda::storage(y, dev)
+            super::cuda::storage(cuda::apply::<T>(xs, xl, &scale, &shift, sizes, self.act)?, dev)
         });
+        self.keep(super::cuda::tensor(stats, dev, (5, c)))?;
         Ok((y, xl.shape().clone()))
     }
 
@@ -723,35 +525,7 @@ impl BatchNormAddRelu {
             Layout::contiguous_with_offset(c, at + c),
         ))
     }
-
-    /// The forward pass on one backend, given its storage `S`: `normalise(norm, x, layout,
-    /// gamma's layout, beta's layout)` runs a [`BatchNormTrain`]'s forward pass there (reading
-    /// the parameters' storage), `add_relu` [`AddRelu`](super::residual::AddRelu)'s.
-    fn forward<S>(
-        &self,
-        (xs, xl, pl, rs, rl): (&S, &Layout, &Layout, &S, &Layout),
-        normalise: impl Fn(&BatchNormTrain, &S, &Layout, &Layout, &Layout) -> Forward<S>,
-        add_relu: impl Fn(&S, &Layout, &S, &Layout) -> Forward<S>,
-    ) -> Forward<S> {
-        let (gl, bl) = self.rows(pl, 0)?;
-        let (normalised, shape) = normalise(&self.norm, xs, xl, &gl, &bl)?;
-        let joined = match &self.shortcut_norm {
-            None => None,
-            Some(norm) => {
-                let (gl, bl) = self.rows(pl, 2)?;
-                Some(normalise(norm, rs, rl, &gl, &bl)?)
-            }
-        };
-        let (rs, rl) = match &joined {
-            None => (rs, rl.clone()),
-            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
-        };
-        add_relu(&normalised, &Layout::contiguous(shape), rs, &rl)
-    }
 }
-
-/// A custom op's forward result on a backend whose storage is `S`.
-type Forward<S> = candle_core::Result<(S, Shape)>;
 
 impl CustomOp3 for BatchNormAddRelu {
     fn name(&self) -> &'static str {
@@ -767,11 +541,21 @@ impl CustomOp3 for BatchNormAddRelu {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward(
-            (xs, xl, pl, rs, rl),
-            |norm, s, l, gl, bl| norm.cpu_fwd(s, l, ps, gl, ps, bl),
-            |a, al, b, bl| super::residual::AddRelu.cpu_fwd(a, al, b, bl),
-        )
+        // The kernels apart: each BatchNorm's output, then add-ReLU reading it.
+        let (gl, bl) = self.rows(pl, 0)?;
+        let (normalised, shape) = self.norm.cpu_fwd(xs, xl, ps, &gl, ps, &bl)?;
+        let joined = match &self.shortcut_norm {
+            None => None,
+            Some(norm) => {
+                let (gl, bl) = self.rows(pl, 2)?;
+                Some(norm.cpu_fwd(rs, rl, ps, &gl, ps, &bl)?)
+            }
+        };
+        let (rs, rl) = match &joined {
+            None => (rs, rl.clone()),
+            Some((storage, shape)) => (storage, Layout::contiguous(shape)),
+        };
+        super::residual::AddRelu.cpu_fwd(&normalised, &Layout::contiguous(shape), rs, &rl)
     }
 
     #[cfg(feature = "cuda")]
@@ -784,11 +568,38 @@ impl CustomOp3 for BatchNormAddRelu {
         rs: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.forward(
-            (xs, xl, pl, rs, rl),
-            |norm, s, l, gl, bl| norm.cuda_fwd(s, l, ps, gl, ps, bl),
-            |a, al, b, bl| super::residual::AddRelu.cuda_fwd(a, al, b, bl),
-        )
+        // Statistics, then one pass for the rest (`bn_add_relu`): the normalised tensors that
+        // the CPU's composition writes and reads back are never stored.
+        let (gl, bl) = self.rows(pl, 0)?;
+        let stats = self.norm.cuda_statistics(xs, xl, ps, &gl, ps, &bl)?;
+        let shortcut_stats = match &self.shortcut_norm {
+            None => None,
+            Some(norm) => {
+                let (gl, bl) = self.rows(pl, 2)?;
+                Some(norm.cuda_statistics(rs, rl, ps, &gl, ps, &bl)?)
+            }
+        };
+        let sizes = kernel_sizes(xl, self.norm.format)?;
+        let c = sizes.1;
+        let dev = &xs.device;
+        let y = {
+            // Rows 3 and 4 of the [5, C] figures.
+            fn affine(s: &CudaSlice<f32>, c: usize) -> (CudaView<'_, f32>, CudaView<'_, f32>) {
+                (s.slice(3 * c..4 * c), s.slice(4 * c..))
+            }
+            let main = affine(&stats, c);
+            let joined = shortcut_stats.as_ref().map(|s| affine(s, c));
+            let joined = joined.as_ref().map(|(scale, shift)| (scale, shift));
+            by_float!(xs.dtype(), T => super::cuda::storage(
+                cuda::apply_add_relu::<T>(xs, xl, (&main.0, &main.1), rs, rl, joined, sizes)?,
+                dev,
+            ))
+        };
+        self.norm.keep(super::cuda::tensor(stats, dev, (5, c)))?;
+        if let (Some(norm), Some(stats)) = (&self.shortcut_norm, shortcut_stats) {
+            norm.keep(super::cuda::tensor(stats, dev, (5, c)))?;
+        }
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(
@@ -819,15 +630,6 @@ impl CustomOp3 for BatchNormAddRelu {
         };
         Ok((Some(grad_x), Some(grad_parameters), Some(grad_joined)))
     }
-}
-
-/// The upstream gradient `g` at value `v` of a channel with this scale and shift: through
-/// ReLU when fused, which passed where `v * scale + shift`, as the forward pass computed it,
-/// is positive.
-fn gated(relu: bool, g: f32, v: f32, scale: f32, shift: f32) -> f32 {
-    // A multiply by 0 or 1 rather than a branch: the pattern is random.
-    let passed = !relu || v * scale + shift > 0.0;
-    g * f32::from(u8::from(passed))
 }
 
 /// Per channel, from x, dL/dy and the forward pass's [`Saved`] statistics: [8, C] =
@@ -977,8 +779,10 @@ impl CustomOp3 for InputGrad {
     }
 }
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod running;
 
 #[cfg(test)]
 mod tests;

@@ -701,6 +701,52 @@ __device__ void bn_apply(const T* x, const float* scale, const float* shift, int
     BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, scale, shift, c, hw, (I)total, act, y)))
 }
 
+// A residual block's end in one pass: y = relu(x * scale + shift + r), the shortcut r itself
+// normalised by (r_scale, r_shift) where `normalised` is set (a downsampling shortcut's
+// BatchNorm). Each normalised value is rounded to T first, as bn_apply stores it for
+// add_relu_fwd to read: the same bits as those kernels apart, without writing the normalised
+// tensors and reading them back.
+template <typename T, typename I, int W>
+__device__ void bn_add_relu_run(const T* x, const float* scale_of, const float* shift_of,
+                                const T* r, int normalised, const float* r_scale_of,
+                                const float* r_shift_of, int c, int hw, I total, T* y) {
+    I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    bool fixed = bn_fixed_channels<I, W>(c, hw);
+    float scale[W], shift[W], r_scale[W], r_shift[W];
+    for (I g = first; g < total / W; g += step) {
+        I i = g * W;
+        if (!fixed || g == first) {
+            int ch = bn_channel(i, c, hw);
+            bn_figure<W>(scale_of, ch, hw, scale);
+            bn_figure<W>(shift_of, ch, hw, shift);
+            if (normalised) {
+                bn_figure<W>(r_scale_of, ch, hw, r_scale);
+                bn_figure<W>(r_shift_of, ch, hw, r_shift);
+            }
+        }
+        float v[W], s[W];
+        load_w<W>(x + i, v);
+        load_w<W>(r + i, s);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            float a = rounded<T>(__fadd_rn(__fmul_rn(v[k], scale[k]), shift[k]));
+            float b = normalised ? rounded<T>(__fadd_rn(__fmul_rn(s[k], r_scale[k]), r_shift[k]))
+                                 : s[k];
+            v[k] = fmaxf(__fadd_rn(a, b), 0.0f);
+        }
+        store_w<W>(y + i, v);
+    }
+}
+
+template <typename T>
+__device__ void bn_add_relu(const T* x, const float* scale, const float* shift, const T* r,
+                            int normalised, const float* r_scale, const float* r_shift, int c,
+                            int hw, size_t total, int vec8, T* y) {
+    BY_SHAPE(total, vec8,
+             (bn_add_relu_run<T, I, W>(x, scale, shift, r, normalised, r_scale, r_shift, c, hw,
+                                       (I)total, y)))
+}
+
 // The upstream gradient through the fused activation, at y = x * scale + shift as bn_apply
 // computed it: ReLU passed where y > 0; GELU scales by its slope at y rounded to T, and the
 // product is rounded to T, as the unfused gelu_bwd stores it (see bn_apply_run).
@@ -992,6 +1038,12 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
                                                  const float* shift, int c, int hw,            \
                                                  size_t total, int act, int vec8, T* y) {      \
         bn_apply(x, scale, shift, c, hw, total, act, vec8, y);                                 \
+    }                                                                                          \
+    extern "C" __global__ void bn_add_relu_##SUFFIX(                                           \
+        const T* x, const float* scale, const float* shift, const T* r, int normalised,        \
+        const float* r_scale, const float* r_shift, int c, int hw, size_t total, int vec8,     \
+        T* y) {                                                                                \
+        bn_add_relu(x, scale, shift, r, normalised, r_scale, r_shift, c, hw, total, vec8, y);  \
     }                                                                                          \
     extern "C" __global__ void bn_grad_partial_##SUFFIX(const T* x, const T* grad,             \
                                                         const float* stats, int n, int c,      \

@@ -1,7 +1,7 @@
 //! Launching the BatchNorm kernels of kernels.cu: bn_stats_partial + bn_stats_finish, bn_apply,
-//! bn_grad_partial + bn_grad_finish, bn_input_grad, bn_blend_running; those that read data for
-//! f32, bf16 and f16 (statistics and parameters f32). The partial sums have channels-last versions
-//! (`_nhwc`, `_nhwc8`); the rest read either format.
+//! bn_add_relu, bn_grad_partial + bn_grad_finish, bn_input_grad, bn_blend_running; those that
+//! read data for f32, bf16 and f16 (statistics and parameters f32). The partial sums have
+//! channels-last versions (`_nhwc`, `_nhwc8`); the rest read either format.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -228,6 +228,67 @@ pub(super) fn apply<T: KernelFloat>(
         .arg(&y);
     // SAFETY: as above; a grid-stride loop writes all `total` outputs (eight at a time where
     // `vec8` allows it).
+    unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
+    Ok(y)
+}
+
+/// A residual block's end, `relu(x * scale + shift + r)`, the shortcut `r` normalised too by
+/// `shortcut`'s scale and shift where given, in one pass (`bn_add_relu`); each scale and shift
+/// [C], aligned as [`apply`]'s.
+pub(super) fn apply_add_relu<T: KernelFloat>(
+    xs: &CudaStorage,
+    xl: &Layout,
+    (scale, shift): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    rs: &CudaStorage,
+    rl: &Layout,
+    shortcut: Option<(&CudaView<'_, f32>, &CudaView<'_, f32>)>,
+    (n, c, hw): Sizes,
+) -> candle_core::Result<CudaSlice<T>> {
+    let dev = &xs.device;
+    let x = view::<T>(xs, xl, "input")?;
+    let r = view::<T>(rs, rl, "shortcut")?;
+    let total = n * c * hw;
+    if x.len() != total || r.len() != total {
+        candle_core::bail!(
+            "batch_norm_add_relu: {} and {} values, not {total}",
+            x.len(),
+            r.len()
+        );
+    }
+    let (r_scale, r_shift) = shortcut.unwrap_or((scale, shift));
+    if [scale, shift, r_scale, r_shift]
+        .iter()
+        .any(|f| f.len() != c)
+    {
+        candle_core::bail!("batch_norm_add_relu: a scale or shift is not [{c}]");
+    }
+    let y = output::<T>(dev, total)?;
+    let func = kernel_for::<T>(dev, "bn_add_relu")?;
+    let stream = dev.cuda_stream();
+    let wide = vec8((n, c, hw), &[xl, rl]);
+    let (normalised, c32, hw32, wide32) = (
+        i32::from(shortcut.is_some()),
+        int(c, "batch_norm")?,
+        int(hw, "batch_norm")?,
+        i32::from(wide),
+    );
+    let mut launch = stream.launch_builder(&func);
+    launch
+        .arg(&x)
+        .arg(scale)
+        .arg(shift)
+        .arg(&r)
+        .arg(&normalised)
+        .arg(r_scale)
+        .arg(r_shift)
+        .arg(&c32)
+        .arg(&hw32)
+        .arg(&total)
+        .arg(&wide32)
+        .arg(&y);
+    // SAFETY: as above; a grid-stride loop reads `total` values of x and r and writes all
+    // `total` outputs (eight at a time where `vec8` allows it). Without a normalised shortcut
+    // the kernel reads r_scale and r_shift not at all.
     unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
     Ok(y)
 }
