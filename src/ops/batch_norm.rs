@@ -30,7 +30,7 @@ use super::{contiguous_f32, par_collect, MemoryFormat};
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use cpu::{affine, cpu_fuses, cpu_reads, gated, plane_grad_sums, plane_sum, planes};
 pub use running::{batch_norm_eval, blend_running};
 
@@ -472,7 +472,7 @@ impl CustomOp3 for BatchNormTrain {
         let dev = &xs.device;
         let stats = self.cuda_statistics(xs, xl, gs, gl, bs, bl)?;
         let y = by_float!(xs.dtype(), T => {
-            let (scale, shift) = (stats.slice(3 * c..4 * c), stats.slice(4 * c..));
+            let (scale, shift) = cuda::scale_and_shift(&stats, c);
             super::cuda::storage(cuda::apply::<T>(xs, xl, &scale, &shift, sizes, self.act)?, dev)
         });
         self.keep(super::cuda::tensor(stats, dev, (5, c)))?;
@@ -583,15 +583,10 @@ impl CustomOp3 for BatchNormAddRelu {
         let c = sizes.1;
         let dev = &xs.device;
         let y = {
-            // Rows 3 and 4 of the [5, C] figures.
-            fn affine(s: &CudaSlice<f32>, c: usize) -> (CudaView<'_, f32>, CudaView<'_, f32>) {
-                (s.slice(3 * c..4 * c), s.slice(4 * c..))
-            }
-            let main = affine(&stats, c);
-            let joined = shortcut_stats.as_ref().map(|s| affine(s, c));
-            let joined = joined.as_ref().map(|(scale, shift)| (scale, shift));
+            let main = cuda::scale_and_shift(&stats, c);
+            let joined = shortcut_stats.as_ref().map(|s| cuda::scale_and_shift(s, c));
             by_float!(xs.dtype(), T => super::cuda::storage(
-                cuda::apply_add_relu::<T>(xs, xl, (&main.0, &main.1), rs, rl, joined, sizes)?,
+                cuda::apply_add_relu::<T>(xs, xl, &main, rs, rl, joined.as_ref(), sizes)?,
                 dev,
             ))
         };

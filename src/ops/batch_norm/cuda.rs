@@ -232,16 +232,24 @@ pub(super) fn apply<T: KernelFloat>(
     Ok(y)
 }
 
+/// A channel's scale and shift, [C] each.
+pub(super) type ScaleShift<'a> = (CudaView<'a, f32>, CudaView<'a, f32>);
+
+/// The scale and shift rows (3 and 4) of the [5, C] figures `stats` that bn_stats_finish writes.
+pub(super) fn scale_and_shift(stats: &CudaSlice<f32>, c: usize) -> ScaleShift<'_> {
+    (stats.slice(3 * c..4 * c), stats.slice(4 * c..))
+}
+
 /// A residual block's end, `relu(x * scale + shift + r)`, the shortcut `r` normalised too by
 /// `shortcut`'s scale and shift where given, in one pass (`bn_add_relu`); each scale and shift
 /// [C], aligned as [`apply`]'s.
 pub(super) fn apply_add_relu<T: KernelFloat>(
     xs: &CudaStorage,
     xl: &Layout,
-    (scale, shift): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    main: &ScaleShift<'_>,
     rs: &CudaStorage,
     rl: &Layout,
-    shortcut: Option<(&CudaView<'_, f32>, &CudaView<'_, f32>)>,
+    shortcut: Option<&ScaleShift<'_>>,
     (n, c, hw): Sizes,
 ) -> candle_core::Result<CudaSlice<T>> {
     let dev = &xs.device;
@@ -255,7 +263,7 @@ pub(super) fn apply_add_relu<T: KernelFloat>(
             r.len()
         );
     }
-    let (r_scale, r_shift) = shortcut.unwrap_or((scale, shift));
+    let ((scale, shift), (r_scale, r_shift)) = (main, shortcut.unwrap_or(main));
     if [scale, shift, r_scale, r_shift]
         .iter()
         .any(|f| f.len() != c)
