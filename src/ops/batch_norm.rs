@@ -44,13 +44,13 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// `act` in kernels.cu (ACT_IDENTITY, ACT_RELU, ACT_GELU).
+    /// The suffix of kernels.cu's entry points with this activation compiled in (`bn_apply_relu`).
     #[cfg(feature = "cuda")]
-    fn code(self) -> i32 {
+    fn kernel_suffix(self) -> &'static str {
         match self {
-            Activation::Identity => 0,
-            Activation::Relu => 1,
-            Activation::Gelu => 2,
+            Activation::Identity => "identity",
+            Activation::Relu => "relu",
+            Activation::Gelu => "gelu",
         }
     }
 

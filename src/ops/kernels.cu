@@ -667,9 +667,9 @@ template <typename I, int W> __device__ __forceinline__ bool bn_fixed_channels(i
 
 // y = act(x * scale + shift), the scale and shift per channel ([C] each: rows 3 and 4 of
 // bn_stats_finish's [5, C] in training, from the running statistics in evaluation).
-template <typename T, typename I, int W>
+template <typename T, int ACT, typename I, int W>
 __device__ void bn_apply_run(const T* x, const float* scale_of, const float* shift_of, int c,
-                             int hw, I total, int act, T* y) {
+                             int hw, I total, T* y) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     bool fixed = bn_fixed_channels<I, W>(c, hw);
     float scale[W], shift[W];
@@ -687,18 +687,18 @@ __device__ void bn_apply_run(const T* x, const float* scale_of, const float* shi
             float o = __fadd_rn(__fmul_rn(v[k], scale[k]), shift[k]);
             // GELU reads the normalised value rounded to T, as it would from memory unfused (and
             // in PyTorch): fusing saves the traffic and changes no bit.
-            v[k] = act == ACT_RELU   ? fmaxf(o, 0.0f)
-                   : act == ACT_GELU ? gelu_value(rounded<T>(o))
+            v[k] = ACT == ACT_RELU   ? fmaxf(o, 0.0f)
+                   : ACT == ACT_GELU ? gelu_value(rounded<T>(o))
                                      : o;
         }
         store_w<W>(y + i, v);
     }
 }
 
-template <typename T>
+template <typename T, int ACT>
 __device__ void bn_apply(const T* x, const float* scale, const float* shift, int c, int hw,
-                         size_t total, int act, int vec8, T* y) {
-    BY_SHAPE(total, vec8, (bn_apply_run<T, I, W>(x, scale, shift, c, hw, (I)total, act, y)))
+                         size_t total, int vec8, T* y) {
+    BY_SHAPE(total, vec8, (bn_apply_run<T, ACT, I, W>(x, scale, shift, c, hw, (I)total, y)))
 }
 
 // A residual block's end in one pass: y = relu(x * scale + shift + r), the shortcut r itself
@@ -747,22 +747,22 @@ __device__ void bn_add_relu(const T* x, const float* scale, const float* shift, 
                                        (I)total, y)))
 }
 
-// The upstream gradient through the fused activation, at y = x * scale + shift as bn_apply
+// The upstream gradient through the fused activation ACT, at y = x * scale + shift as bn_apply
 // computed it: ReLU passed where y > 0; GELU scales by its slope at y rounded to T, and the
 // product is rounded to T, as the unfused gelu_bwd stores it (see bn_apply_run).
-template <typename T>
-__device__ __forceinline__ float bn_gated(int act, float g, float v, float scale, float shift) {
-    if (act == ACT_IDENTITY) return g;
+template <typename T, int ACT>
+__device__ __forceinline__ float bn_gated(float g, float v, float scale, float shift) {
+    if (ACT == ACT_IDENTITY) return g;
     float y = __fadd_rn(__fmul_rn(v, scale), shift);
-    if (act == ACT_RELU) return y > 0.0f ? g : 0.0f;
+    if (ACT == ACT_RELU) return y > 0.0f ? g : 0.0f;
     return rounded<T>(g * gelu_slope(rounded<T>(y)));
 }
 
 // partials: sum(g * (x - mean)) and sum(g) of each channel's split, g gated; stats [5, C] as
 // bn_stats_finish writes them.
-template <typename T>
+template <typename T, int ACT>
 __device__ void bn_grad_partial(const T* x, const T* grad, const float* stats, int n, int c,
-                                int hw, int act, double* partials) {
+                                int hw, double* partials) {
     __shared__ double scratch[BLOCK];
     int ch = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     float mean = stats[ch], scale = stats[3 * c + ch], shift = stats[4 * c + ch];
@@ -773,7 +773,7 @@ __device__ void bn_grad_partial(const T* x, const T* grad, const float* stats, i
         unsigned plane = planes.x + k / hw, pixel = k % hw;
         size_t at = ((size_t)plane * c + ch) * hw + pixel;
         float v = load(x[at]);
-        double g = bn_gated<T>(act, load(grad[at]), v, scale, shift);
+        double g = bn_gated<T, ACT>(load(grad[at]), v, scale, shift);
         total += g;
         dot += g * ((double)v - (double)mean);
     }
@@ -833,9 +833,9 @@ __device__ void bn_stats_partial_nhwc(const T* x, int rows, int c, double* parti
     bn_nhwc_partials(sum, squares, c, partials);
 }
 
-template <typename T>
+template <typename T, int ACT>
 __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* stats, int rows,
-                                     int c, int act, double* partials) {
+                                     int c, double* partials) {
     int ch = blockIdx.x * NHWC_CHANNELS + threadIdx.x % NHWC_CHANNELS;
     int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
     double dot = 0.0, total = 0.0;
@@ -844,7 +844,7 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* sta
         for (int r = span.x + threadIdx.x / NHWC_CHANNELS; r < span.y; r += NHWC_ROWS) {
             size_t at = (size_t)r * c + ch;
             float v = load(x[at]);
-            double g = bn_gated<T>(act, load(grad[at]), v, scale, shift);
+            double g = bn_gated<T, ACT>(load(grad[at]), v, scale, shift);
             total += g;
             dot += g * ((double)v - (double)mean);
         }
@@ -852,30 +852,46 @@ __device__ void bn_grad_partial_nhwc(const T* x, const T* grad, const float* sta
     bn_nhwc_partials(dot, total, c, partials);
 }
 
+// Eight consecutive values of T as loaded, 16 bytes for bf16 and f16, 32 for f32: a thread
+// issues the loads of all its rows in flight before converting any.
+template <typename T> struct Raw8 {
+    uint4 u[sizeof(T) / 2];
+};
+template <typename T> __device__ __forceinline__ Raw8<T> load_raw8(const T* p) {
+    Raw8<T> r;
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(T) / 2); k++) r.u[k] = reinterpret_cast<const uint4*>(p)[k];
+    return r;
+}
+
 // Channels last with C a multiple of 8 where C / 8 divides 32 or is at least 32: each
 // thread sums 8 channels from 16-byte loads (the scalar kernels above read 2 bytes a thread and
 // ran at a third of the memory's bandwidth). A block is `across` = min(32, C / 8) threads across
 // 8 * across channels (blockIdx.x's group) times BLOCK / across lanes of rows; the lanes are
-// added pairwise in a fixed order. `grad` null: the statistics' sums (x, x * x); otherwise the
-// gradient's (g * (x - mean), g), stats [5, C]. Partials as above.
-template <typename T>
-__device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, int rows, int c,
-                                 int act, double* partials) {
+// added pairwise in a fixed order. GRAD false: the statistics' sums (x, x * x); true: the
+// gradient's (g * (x - mean), g) through ACT, stats [5, C]. Partials as above.
+//
+// Memory's latency bounds it: a thread loads 8 rows (f32: 4) of each operand before adding any
+// (2 rows a thread with a runtime activation held it to 2.0-2.3 TB/s on an H200; 8 rows,
+// the activation compiled in, 3.2-3.6), adds each group of rows in f32 and the groups in f64.
+template <typename T, bool GRAD, int ACT>
+__device__ void bn_partial_nhwc8(const T* __restrict__ x, const T* __restrict__ grad,
+                                 const float* __restrict__ stats, int rows, int c,
+                                 double* __restrict__ partials) {
+    // Rows a thread has in flight: 128 bytes of each operand.
+    constexpr int U = 16 / (int)sizeof(T);
     __shared__ double sa[BLOCK * 8], sb[BLOCK * 8];
     int across = min(32, c / 8), lanes = BLOCK / across;
     int lane = threadIdx.x / across, ch = (blockIdx.x * across + threadIdx.x % across) * 8;
     int2 span = bn_planes(rows, blockIdx.y, gridDim.y);
-    // A thread's rows in f32 (at most 64 with `PartialSums::grid`'s splits; PyTorch's CUDA
-    // kernel sums in f32 throughout), its lanes' and the splits' sums in f64. A first version
-    // kept f64 sums per row: the conversions and the registers (one block per SM) held it to
-    // 1.5 TB/s.
-    float fa[8] = {0}, fb[8] = {0};
+    double da[8] = {0}, db[8] = {0};
     float mean[8], scale[8], shift[8];
-    auto add = [&](const float* v, const float* g) {
+    // Adds the values of one row (f32 sums fa, fb).
+    auto add = [&](const float* v, const float* g, float* fa, float* fb) {
 #pragma unroll
         for (int k = 0; k < 8; k++) {
-            if (grad) {
-                float gated = bn_gated<T>(act, g[k], v[k], scale[k], shift[k]);
+            if (GRAD) {
+                float gated = bn_gated<T, ACT>(g[k], v[k], scale[k], shift[k]);
                 fa[k] = fmaf(gated, v[k] - mean[k], fa[k]);
                 fb[k] += gated;
             } else {
@@ -885,34 +901,51 @@ __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, 
         }
     };
     if (ch < c) {
-        if (grad) {
+        if (GRAD) {
             load8(stats + ch, mean);
             load8(stats + 3 * c + ch, scale);
             load8(stats + 4 * c + ch, shift);
         }
-        // Two rows' loads in flight before their sums.
         int r = span.x + lane;
-        for (; r + lanes < span.y; r += 2 * lanes) {
-            float v[2][8], g[2][8];
+        for (; r + (U - 1) * lanes < span.y; r += U * lanes) {
+            Raw8<T> v[U], g[U];
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                load8(x + (size_t)(r + u * lanes) * c + ch, v[u]);
-                if (grad) load8(grad + (size_t)(r + u * lanes) * c + ch, g[u]);
+            for (int u = 0; u < U; u++) {
+                size_t at = (size_t)(r + u * lanes) * c + ch;
+                v[u] = load_raw8(x + at);
+                if (GRAD) g[u] = load_raw8(grad + at);
             }
-            add(v[0], g[0]);
-            add(v[1], g[1]);
+            float fa[8] = {0}, fb[8] = {0};
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float vv[8], gg[8];
+                load8(reinterpret_cast<const T*>(v[u].u), vv);
+                if (GRAD) load8(reinterpret_cast<const T*>(g[u].u), gg);
+                add(vv, gg, fa, fb);
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                da[k] += fa[k];
+                db[k] += fb[k];
+            }
         }
-        if (r < span.y) {
-            float v[8], g[8];
-            load8(x + (size_t)r * c + ch, v);
-            if (grad) load8(grad + (size_t)r * c + ch, g);
-            add(v, g);
+        float fa[8] = {0}, fb[8] = {0};
+        for (; r < span.y; r += lanes) {
+            float vv[8], gg[8];
+            load8(x + (size_t)r * c + ch, vv);
+            if (GRAD) load8(grad + (size_t)r * c + ch, gg);
+            add(vv, gg, fa, fb);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            da[k] += fa[k];
+            db[k] += fb[k];
         }
     }
 #pragma unroll
     for (int k = 0; k < 8; k++) {
-        sa[k * BLOCK + threadIdx.x] = (double)fa[k];
-        sb[k * BLOCK + threadIdx.x] = (double)fb[k];
+        sa[k * BLOCK + threadIdx.x] = da[k];
+        sb[k * BLOCK + threadIdx.x] = db[k];
     }
     __syncthreads();
     // Lane l adds lane l + half, halving: thread t and t + half * across hold the same channels.
@@ -938,11 +971,9 @@ __device__ void bn_partial_nhwc8(const T* x, const T* grad, const float* stats, 
 }
 
 // dx = scale * (g - dbeta / M - x_hat * dgamma / M), from bn_grad_finish's figures [8, C].
-// (Two runs a thread with both runs' loads first measured slower on an H200: 0.96 ms against
-// 0.81 a ResNet-18 step.)
-template <typename T, typename I, int W>
+template <typename T, int ACT, typename I, int W>
 __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int c, int hw,
-                                  I total, int act, T* dx) {
+                                  I total, T* dx) {
     I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     bool fixed = bn_fixed_channels<I, W>(c, hw);
     float mean[W], inv_std[W], scale[W], shift[W], mean_dbeta[W], mean_dgamma[W];
@@ -962,7 +993,7 @@ __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int
         load_w<W>(grad + i, gv);
 #pragma unroll
         for (int k = 0; k < W; k++) {
-            float g = bn_gated<T>(act, gv[k], v[k], scale[k], shift[k]);
+            float g = bn_gated<T, ACT>(gv[k], v[k], scale[k], shift[k]);
             float x_hat = __fmul_rn(__fsub_rn(v[k], mean[k]), inv_std[k]);
             float rest = __fsub_rn(__fsub_rn(g, mean_dbeta[k]), __fmul_rn(x_hat, mean_dgamma[k]));
             v[k] = __fmul_rn(scale[k], rest);
@@ -971,10 +1002,10 @@ __device__ void bn_input_grad_run(const T* x, const T* grad, const float* f, int
     }
 }
 
-template <typename T>
+template <typename T, int ACT>
 __device__ void bn_input_grad(const T* x, const T* grad, const float* f, int c, int hw,
-                              size_t total, int act, int vec8, T* dx) {
-    BY_SHAPE(total, vec8, (bn_input_grad_run<T, I, W>(x, grad, f, c, hw, (I)total, act, dx)))
+                              size_t total, int vec8, T* dx) {
+    BY_SHAPE(total, vec8, (bn_input_grad_run<T, ACT, I, W>(x, grad, f, c, hw, (I)total, dx)))
 }
 
 // Two same-sized operands, elementwise, by `mode`: 0 relu(a + b); 1 a where b > 0 (the ReLU's
@@ -1010,8 +1041,43 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
         running[i] = __fadd_rn(__fmul_rn(running[i], keep), __fmul_rn(batch[i], take));
 }
 
-// The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype).
+// The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype), and
+// those with a fused activation one per activation too (`_identity`, `_relu`, `_gelu`): compiled
+// in, GELU's registers no longer limit how many threads an SM holds for the others. The launch
+// bounds ask for 4 blocks an SM of the elementwise kernels (3 with GELU or f32, which spilled)
+// and 2 of the channels-last partial sums (1 with GELU): an H200 streamed the input gradient at
+// 3.2 TB/s with 3 resident blocks, 3.8 with 4.
+#define BN_ACT_ENTRY_POINTS(T, SUFFIX, ACT, NAME)                                               \
+    extern "C" __global__ void __launch_bounds__(BLOCK, (ACT) == ACT_GELU ? 1 : 2)             \
+        bn_grad_partial_nhwc8_##NAME##_##SUFFIX(const T* x, const T* grad, const float* stats, \
+                                                int rows, int c, int hw, double* partials) {   \
+        bn_partial_nhwc8<T, true, ACT>(x, grad, stats, rows, c, partials);                     \
+    }                                                                                          \
+    extern "C" __global__ void bn_grad_partial_nhwc_##NAME##_##SUFFIX(                         \
+        const T* x, const T* grad, const float* stats, int rows, int c, int hw,                \
+        double* partials) {                                                                    \
+        bn_grad_partial_nhwc<T, ACT>(x, grad, stats, rows, c, partials);                       \
+    }                                                                                          \
+    extern "C" __global__ void bn_grad_partial_##NAME##_##SUFFIX(                              \
+        const T* x, const T* grad, const float* stats, int n, int c, int hw,                   \
+        double* partials) {                                                                    \
+        bn_grad_partial<T, ACT>(x, grad, stats, n, c, hw, partials);                           \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK, 4)                                     \
+        bn_apply_##NAME##_##SUFFIX(const T* x, const float* scale, const float* shift, int c,  \
+                                   int hw, size_t total, int vec8, T* y) {                     \
+        bn_apply<T, ACT>(x, scale, shift, c, hw, total, vec8, y);                              \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BLOCK, (ACT) == ACT_GELU || sizeof(T) == 4 ? 3 : 4)\
+        bn_input_grad_##NAME##_##SUFFIX(const T* x, const T* grad, const float* f, int c,      \
+                                        int hw, size_t total, int vec8, T* dx) {               \
+        bn_input_grad<T, ACT>(x, grad, f, c, hw, total, vec8, dx);                             \
+    }
+
 #define BN_ENTRY_POINTS(T, SUFFIX)                                                              \
+    BN_ACT_ENTRY_POINTS(T, SUFFIX, ACT_IDENTITY, identity)                                     \
+    BN_ACT_ENTRY_POINTS(T, SUFFIX, ACT_RELU, relu)                                             \
+    BN_ACT_ENTRY_POINTS(T, SUFFIX, ACT_GELU, gelu)                                             \
     extern "C" __global__ void bn_stats_partial_##SUFFIX(const T* x, int n, int c, int hw,     \
                                                          double* partials) {                   \
         bn_stats_partial(x, n, c, hw, partials);                                               \
@@ -1020,40 +1086,16 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
                                                               int hw, double* partials) {      \
         bn_stats_partial_nhwc(x, rows, c, partials);                                           \
     }                                                                                          \
-    extern "C" __global__ void bn_stats_partial_nhwc8_##SUFFIX(const T* x, int rows, int c,    \
-                                                               int hw, double* partials) {     \
-        bn_partial_nhwc8<T>(x, nullptr, nullptr, rows, c, ACT_IDENTITY, partials);             \
+    extern "C" __global__ void __launch_bounds__(BLOCK, 2)                                     \
+        bn_stats_partial_nhwc8_##SUFFIX(const T* x, int rows, int c, int hw,                   \
+                                        double* partials) {                                    \
+        bn_partial_nhwc8<T, false, ACT_IDENTITY>(x, nullptr, nullptr, rows, c, partials);      \
     }                                                                                          \
-    extern "C" __global__ void bn_grad_partial_nhwc_##SUFFIX(                                  \
-        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int act,       \
-        double* partials) {                                                                    \
-        bn_grad_partial_nhwc(x, grad, stats, rows, c, act, partials);                         \
-    }                                                                                          \
-    extern "C" __global__ void bn_grad_partial_nhwc8_##SUFFIX(                                 \
-        const T* x, const T* grad, const float* stats, int rows, int c, int hw, int act,       \
-        double* partials) {                                                                    \
-        bn_partial_nhwc8(x, grad, stats, rows, c, act, partials);                             \
-    }                                                                                          \
-    extern "C" __global__ void bn_apply_##SUFFIX(const T* x, const float* scale,               \
-                                                 const float* shift, int c, int hw,            \
-                                                 size_t total, int act, int vec8, T* y) {      \
-        bn_apply(x, scale, shift, c, hw, total, act, vec8, y);                                 \
-    }                                                                                          \
-    extern "C" __global__ void bn_add_relu_##SUFFIX(                                           \
+    extern "C" __global__ void __launch_bounds__(BLOCK, 4) bn_add_relu_##SUFFIX(               \
         const T* x, const float* scale, const float* shift, const T* r, int normalised,        \
         const float* r_scale, const float* r_shift, int c, int hw, size_t total, int vec8,     \
         T* y) {                                                                                \
         bn_add_relu(x, scale, shift, r, normalised, r_scale, r_shift, c, hw, total, vec8, y);  \
-    }                                                                                          \
-    extern "C" __global__ void bn_grad_partial_##SUFFIX(const T* x, const T* grad,             \
-                                                        const float* stats, int n, int c,      \
-                                                        int hw, int act,  double* partials) {  \
-        bn_grad_partial(x, grad, stats, n, c, hw, act, partials);                             \
-    }                                                                                          \
-    extern "C" __global__ void bn_input_grad_##SUFFIX(const T* x, const T* grad, const float* f, \
-                                                      int c, int hw, size_t total, int act,    \
-                                                      int vec8, T* dx) {                       \
-        bn_input_grad(x, grad, f, c, hw, total, act, vec8, dx);                               \
     }                                                                                          \
     extern "C" __global__ void add_relu_fwd_##SUFFIX(const T* a, const T* b, size_t total,     \
                                                      int vec8, T* y) {                         \

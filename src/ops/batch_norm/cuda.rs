@@ -50,8 +50,10 @@ impl PartialSums {
 
     /// The grid over data of `sizes`, and its splits: blocks (channel or channel group, split),
     /// each split a run of planes or rows, enough blocks that every SM streams. The eight-wide
-    /// kernel's splits give each thread at least 8 rows where there are enough, so that
-    /// streaming, not the lanes' final sum, takes its time, and at most 64 (summed in f32).
+    /// kernel keeps 8 rows a thread in flight (bn_partial_nhwc8): about 256 blocks, two an SM,
+    /// and at least 32 rows a thread where there are enough, so that streaming, not the lanes'
+    /// final sum, takes its time (1,024 blocks of at most 64 rows a thread streamed 14% slower
+    /// on an H200).
     fn grid(self, (n, c, _): Sizes) -> (LaunchConfig, usize) {
         let (groups, splits) = match self {
             PartialSums::Planes => (c, splits(n, c)),
@@ -62,29 +64,26 @@ impl PartialSums {
             PartialSums::Rows8 { across } => {
                 let groups = c.div_ceil(8 * across);
                 let lanes = THREADS as usize / across;
-                (
-                    groups,
-                    splits(n, groups)
-                        .min(n / (8 * lanes))
-                        .max(n.div_ceil(64 * lanes))
-                        .max(1),
-                )
+                (groups, (256 / groups).clamp(1, (n / (32 * lanes)).max(1)))
             }
         };
         (per_channel_split(groups, splits), splits)
     }
 
-    /// The kernel `name` for `T` read this way.
+    /// The kernel `name` for `T` read this way, with `act` compiled in where given.
     fn kernel<T: KernelFloat>(
         self,
         dev: &candle_core::CudaDevice,
         name: &str,
+        act: Option<Activation>,
     ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
-        match self {
-            PartialSums::Planes => kernel_for::<T>(dev, name),
-            PartialSums::Rows => kernel_for::<T>(dev, &format!("{name}_nhwc")),
-            PartialSums::Rows8 { .. } => kernel_for::<T>(dev, &format!("{name}_nhwc8")),
-        }
+        let layout = match self {
+            PartialSums::Planes => "",
+            PartialSums::Rows => "_nhwc",
+            PartialSums::Rows8 { .. } => "_nhwc8",
+        };
+        let act = act.map_or(String::new(), |a| format!("_{}", a.kernel_suffix()));
+        kernel_for::<T>(dev, &format!("{name}{layout}{act}"))
     }
 }
 
@@ -124,10 +123,11 @@ fn vec8((_, c, hw): Sizes, operands: &[&Layout]) -> bool {
     eights(if hw == 1 { c } else { hw }, operands)
 }
 
-/// Blocks of the per-channel elementwise kernels at most: about one resident wave of an H100's
-/// or H200's 132 SMs, so that a thread takes several runs of the same channels and loads their
-/// figures once (`bn_fixed_channels` in kernels.cu).
-const WAVE_BLOCKS: u32 = 1024;
+/// Blocks of the per-channel elementwise kernels at most: about two resident waves of an H100's
+/// or H200's 132 SMs (4 blocks an SM), so that a thread takes several runs of the same channels
+/// and loads their figures once (`bn_fixed_channels` in kernels.cu); 1,024 streamed 6% slower
+/// on an H200, an unbounded grid (a run a thread) 7%.
+const WAVE_BLOCKS: u32 = 2048;
 
 /// [`per_value`] on at most [`WAVE_BLOCKS`] blocks.
 fn per_value_wave(total: usize, vec8: bool) -> LaunchConfig {
@@ -166,7 +166,7 @@ pub(super) fn stats<T: KernelFloat>(
         int(hw, "batch_norm")?,
         int(splits, "batch_norm")?,
     );
-    let func = sums.kernel::<T>(dev, "bn_stats_partial")?;
+    let func = sums.kernel::<T>(dev, "bn_stats_partial", None)?;
     let mut launch = stream.launch_builder(&func);
     launch.arg(&x).arg(&n32).arg(&c32).arg(&hw32).arg(&partials);
     // SAFETY: the arguments match the kernel's signature; block (ch, s) writes its channels'
@@ -206,13 +206,12 @@ pub(super) fn apply<T: KernelFloat>(
     }
     let total = n * c * hw;
     let y = output::<T>(dev, total)?;
-    let func = kernel_for::<T>(dev, "bn_apply")?;
+    let func = kernel_for::<T>(dev, &format!("bn_apply_{}", act.kernel_suffix()))?;
     let stream = dev.cuda_stream();
     let wide = vec8((n, c, hw), &[xl]);
-    let (c32, hw32, act, wide32) = (
+    let (c32, hw32, wide32) = (
         int(c, "batch_norm")?,
         int(hw, "batch_norm")?,
-        act.code(),
         i32::from(wide),
     );
     let mut launch = stream.launch_builder(&func);
@@ -223,7 +222,6 @@ pub(super) fn apply<T: KernelFloat>(
         .arg(&c32)
         .arg(&hw32)
         .arg(&total)
-        .arg(&act)
         .arg(&wide32)
         .arg(&y);
     // SAFETY: as above; a grid-stride loop writes all `total` outputs (eight at a time where
@@ -330,8 +328,7 @@ pub(super) fn grad_sums<T: KernelFloat>(
         int(hw, "batch_norm")?,
         int(splits, "batch_norm")?,
     );
-    let act = act.code();
-    let func = reads.kernel::<T>(dev, "bn_grad_partial")?;
+    let func = reads.kernel::<T>(dev, "bn_grad_partial", Some(act))?;
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
@@ -340,7 +337,6 @@ pub(super) fn grad_sums<T: KernelFloat>(
         .arg(&n32)
         .arg(&c32)
         .arg(&hw32)
-        .arg(&act)
         .arg(&partials);
     // SAFETY: as in `stats`: block (ch, s) writes its channels' two partial sums of split s.
     unsafe { launch.launch(grid) }.w()?;
@@ -378,11 +374,11 @@ pub(super) fn input_grad<T: KernelFloat>(
     );
     let total = n * c * hw;
     let dx = output::<T>(dev, total)?;
-    let func = kernel_for::<T>(dev, "bn_input_grad")?;
+    let func = kernel_for::<T>(dev, &format!("bn_input_grad_{}", act.kernel_suffix()))?;
     let stream = dev.cuda_stream();
     let (c32, hw32) = (int(c, "batch_norm")?, int(hw, "batch_norm")?);
     let wide = vec8((n, c, hw), &[xl, gl, fl]);
-    let (act, wide32) = (act.code(), i32::from(wide));
+    let wide32 = i32::from(wide);
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&x)
@@ -391,7 +387,6 @@ pub(super) fn input_grad<T: KernelFloat>(
         .arg(&c32)
         .arg(&hw32)
         .arg(&total)
-        .arg(&act)
         .arg(&wide32)
         .arg(&dx);
     // SAFETY: as in `apply`.
