@@ -601,7 +601,9 @@ fn fusing_gelu_into_batch_norm_changes_no_bit() {
 /// A residual block's end as one node (`batch_norm_add_relu_train`) against BatchNorm then
 /// add-ReLU on the GPU (`residual_end_composed`), joined by the input as it is or through its
 /// own BatchNorm: output,
-/// statistics and gradients to the bit, in each type and format.
+/// statistics and gradients to the bit, in each type and format. Then its output feeding two
+/// consumers, as a block's feeds the next block's branches: the gradient summed and gated in one
+/// pass (`add_gated`) gives the bits of one consumer taking the sum (summed on the CPU).
 #[test]
 fn the_fused_residual_end_changes_no_bit() {
     let gpu = cuda();
@@ -616,7 +618,7 @@ fn the_fused_residual_end_changes_no_bit() {
                 format.from_nchw(&t).unwrap()
             };
             for normalised in [false, true] {
-                let run = |fused: bool| {
+                let run = |fused: bool, consumers: usize| {
                     let [g, b, gr, br] = parameters.clone();
                     let mut inputs = vec![data(71), g, b, data(74)];
                     if normalised {
@@ -648,12 +650,18 @@ fn the_fused_residual_end_changes_no_bit() {
                         ops::batch_norm::residual_end_composed(main, shortcut, format)
                     }
                     .unwrap();
-                    let grads = (&out.y * &data(75))
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap();
+                    let upstream = |seed| (&out.y * &data(seed)).unwrap().sum_all().unwrap();
+                    let loss = if consumers == 2 {
+                        (upstream(75) + upstream(78)).unwrap()
+                    } else {
+                        let cpu = |seed| {
+                            let t = ops_input(&shape, seed).to_dtype(dtype).unwrap();
+                            format.from_nchw(&t).unwrap()
+                        };
+                        let summed = on_gpu((cpu(75) + cpu(78)).unwrap());
+                        (&out.y * &summed).unwrap().sum_all().unwrap()
+                    };
+                    let grads = loss.backward().unwrap();
                     let mut results = vec![
                         values(&out.y),
                         values(&out.main.mean),
@@ -665,9 +673,14 @@ fn the_fused_residual_end_changes_no_bit() {
                     results.extend(vars.iter().map(|v| values(grads.get(v).unwrap())));
                     results
                 };
+                let fused = run(true, 1);
                 assert!(
-                    run(true) == run(false),
+                    fused == run(false, 1),
                     "{format:?} {dtype:?} normalised {normalised}"
+                );
+                assert!(
+                    fused == run(true, 2),
+                    "{format:?} {dtype:?} normalised {normalised}: two consumers"
                 );
             }
         }
@@ -784,10 +797,28 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
             ops_input(shape, 2).to_dtype(dtype).unwrap(),
         );
         let on_cpu = (&a + &b).unwrap();
-        let on_gpu =
-            ops::residual::add_gradients(&a.to_device(&gpu).unwrap(), &b.to_device(&gpu).unwrap())
-                .unwrap();
+        let (a, b) = (a.to_device(&gpu).unwrap(), b.to_device(&gpu).unwrap());
+        let on_gpu = ops::residual::add_gradients(&a, &a, &b).unwrap();
         assert_eq!(values(&on_cpu), values(&on_gpu), "{shape:?} {dtype:?}");
+        // The gradients of a residual block's end pass through its ReLU as they are summed.
+        let end = Var::from_tensor(&ops_input(shape, 3).to_dtype(dtype).unwrap()).unwrap();
+        let y = ops::add_relu(&end.to_device(&gpu).unwrap(), &b).unwrap();
+        let gated_on_cpu = on_cpu
+            .mul(
+                &y.to_device(&Device::Cpu)
+                    .unwrap()
+                    .gt(0f64)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+        let gated_on_gpu = ops::residual::add_gradients(&y, &a, &b).unwrap();
+        assert_eq!(
+            values(&gated_on_cpu),
+            values(&gated_on_gpu),
+            "{shape:?} {dtype:?} gated"
+        );
     }
     let x = Var::from_tensor(&ops_input(&[4096], 3).to_device(&gpu).unwrap()).unwrap();
     let y = (x.as_tensor().sqr().unwrap() + x.as_tensor().affine(3.0, 0.0).unwrap()).unwrap();

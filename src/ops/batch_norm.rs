@@ -527,9 +527,12 @@ impl BatchNormAddRelu {
     }
 }
 
+/// [`BatchNormAddRelu`]'s name: the gradient sums recognise its outputs as ReLU-ended.
+pub(super) const BATCH_NORM_ADD_RELU: &str = "kiln-batch-norm-add-relu";
+
 impl CustomOp3 for BatchNormAddRelu {
     fn name(&self) -> &'static str {
-        "kiln-batch-norm-add-relu"
+        BATCH_NORM_ADD_RELU
     }
 
     fn cpu_fwd(
@@ -605,7 +608,7 @@ impl CustomOp3 for BatchNormAddRelu {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gated = super::residual::relu_gate(grad, y)?;
+        let gated = super::residual::through_relu(grad, y)?;
         // BatchNormTrain's backward pass reads only its input and the gradient.
         let norm_grads = |norm: &BatchNormTrain, input: &Tensor| {
             let (grad_input, grad_gamma, grad_beta) = norm.bwd(input, input, input, y, &gated)?;

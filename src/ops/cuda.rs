@@ -174,27 +174,35 @@ pub fn per_value(total: usize, wide: bool) -> LaunchConfig {
     per_item(if wide { total / 8 } else { total })
 }
 
-/// A kernel of two same-sized inputs and one output, all `T` (the residual ops: `add_relu_fwd`,
-/// `relu_gate`, `add_same`), eight values a thread where the count and the offsets allow.
+/// A kernel of same-sized inputs and one output, all `T` (the residual ops: `add_relu_fwd`,
+/// `relu_gate`, `add_same` of two, `add_gated` of three), eight values a thread where the count
+/// and the offsets allow.
 pub fn elementwise<T: KernelFloat>(
     name: &str,
-    a_s: &CudaStorage,
-    al: &Layout,
-    bs: &CudaStorage,
-    bl: &Layout,
+    inputs: &[(&CudaStorage, &Layout)],
 ) -> candle_core::Result<CudaSlice<T>> {
-    let dev = &a_s.device;
-    let (a, b) = (view::<T>(a_s, al, "lhs")?, view::<T>(bs, bl, "rhs")?);
-    let total = al.shape().elem_count();
+    let Some(&(first, first_layout)) = inputs.first() else {
+        candle_core::bail!("{name}: no inputs");
+    };
+    let dev = &first.device;
+    let views = inputs
+        .iter()
+        .map(|&(s, l)| view::<T>(s, l, "input"))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = first_layout.shape().elem_count();
     let out = output::<T>(dev, total)?;
     let func = kernel_for::<T>(dev, name)?;
     let stream = dev.cuda_stream();
-    let wide = eights(total, &[al, bl]);
+    let layouts: Vec<&Layout> = inputs.iter().map(|&(_, l)| l).collect();
+    let wide = eights(total, &layouts);
     let wide32 = i32::from(wide);
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&a).arg(&b).arg(&total).arg(&wide32).arg(&out);
-    // SAFETY: both inputs hold `total` contiguous `T` values (same shapes, checked by the
-    // callers); a grid-stride loop writes every output.
+    for v in &views {
+        launch.arg(v);
+    }
+    launch.arg(&total).arg(&wide32).arg(&out);
+    // SAFETY: every input holds `total` contiguous `T` values (same shapes, checked by the
+    // callers), as many as the kernel takes; a grid-stride loop writes every output.
     unsafe { launch.launch(per_value(total, wide)) }.w()?;
     Ok(out)
 }

@@ -1032,6 +1032,24 @@ __device__ void pair(const T* a, const T* b, size_t total, int mode, int vec8, T
     BY_SHAPE(total, vec8, (pair_run<T, I, W>(a, b, (I)total, mode, out)))
 }
 
+// The backward pass's sum of two gradients of a ReLU's output y, through that ReLU: a + b where
+// y > 0, else 0. add_same then relu_gate in one pass, the same bits: a residual block's output
+// feeds the next block's two branches, and its own end gates their summed gradient.
+template <typename T, typename I, int W>
+__device__ void add_gated_run(const T* a, const T* b, const T* y, I total, T* out) {
+    I step = (I)gridDim.x * blockDim.x, first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    for (I g = first; g < total / W; g += step) {
+        I i = g * W;
+        float va[W], vb[W], vy[W];
+        load_w<W>(a + i, va);
+        load_w<W>(b + i, vb);
+        load_w<W>(y + i, vy);
+#pragma unroll
+        for (int k = 0; k < W; k++) va[k] = vy[k] > 0.0f ? va[k] + vb[k] : 0.0f;
+        store_w<W>(out + i, va);
+    }
+}
+
 // running = running * keep + batch * take (BatchNorm's running statistics, in place), both
 // products rounded then added, as candle's composition on the CPU computes it.
 extern "C" __global__ void bn_blend_running(float* running, const float* batch, size_t total,
@@ -1108,6 +1126,10 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
     extern "C" __global__ void add_same_##SUFFIX(const T* a, const T* b, size_t total,         \
                                                  int vec8, T* out) {                           \
         pair(a, b, total, 2, vec8, out);                                                       \
+    }                                                                                          \
+    extern "C" __global__ void add_gated_##SUFFIX(const T* a, const T* b, const T* y,          \
+                                                  size_t total, int vec8, T* out) {            \
+        BY_SHAPE(total, vec8, (add_gated_run<T, I, W>(a, b, y, (I)total, out)))                 \
     }
 
 BN_ENTRY_POINTS(float, f32)

@@ -1,10 +1,16 @@
 //! The elementwise ends of a residual block, and the backward pass's gradient sums:
 //! `relu(a + b)` with its gradient gate read from the output, and `a + b` of two gradients of
-//! one tensor. kiln's kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16,
-//! eight values a thread in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same` in
-//! kernels.cu); candle's composition elsewhere, which is also the reference for the tests. Any
-//! memory format: each value meets only its partner.
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+//! one tensor, passed through the tensor's ReLU in the same pass where it ends in one. kiln's
+//! kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16, eight values a thread
+//! in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same`, `add_gated` in kernels.cu);
+//! candle's composition elsewhere, which is also the reference for the tests. Any memory format:
+//! each value meets only its partners.
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, TensorId,
+};
 
 #[cfg(feature = "cuda")]
 use super::cuda::by_float;
@@ -35,22 +41,24 @@ fn same_shapes(what: &str, al: &Layout, bl: &Layout) -> candle_core::Result<()> 
     Ok(())
 }
 
-/// The CUDA kernel `name` over two same-shaped operands (`what` names the op in errors).
+/// The CUDA kernel `name` over same-shaped operands (`what` names the op in errors).
 #[cfg(feature = "cuda")]
-fn pair_kernel(
+fn same_shaped_kernel(
     name: &str,
     what: &str,
-    a_s: &candle_core::CudaStorage,
-    al: &Layout,
-    bs: &candle_core::CudaStorage,
-    bl: &Layout,
+    inputs: &[(&candle_core::CudaStorage, &Layout)],
 ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    same_shapes(what, al, bl)?;
-    let out = by_float!(a_s.dtype(), T => super::cuda::storage(
-        super::cuda::elementwise::<T>(name, a_s, al, bs, bl)?,
-        &a_s.device,
+    let [(first, first_layout), rest @ ..] = inputs else {
+        candle_core::bail!("{what}: no operands");
+    };
+    for (_, layout) in rest {
+        same_shapes(what, first_layout, layout)?;
+    }
+    let out = by_float!(first.dtype(), T => super::cuda::storage(
+        super::cuda::elementwise::<T>(name, inputs)?,
+        &first.device,
     ));
-    Ok((out, al.shape().clone()))
+    Ok((out, first_layout.shape().clone()))
 }
 
 /// `f(a, b)` for each pair of elements of `a` and `b` (equally long), in parallel chunks.
@@ -98,7 +106,7 @@ impl CustomOp2 for ReluGate {
         ys: &candle_core::CudaStorage,
         yl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        pair_kernel("relu_gate", "relu_gate", gs, gl, ys, yl)
+        same_shaped_kernel("relu_gate", "relu_gate", &[(gs, gl), (ys, yl)])
     }
 }
 
@@ -119,11 +127,17 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     x * x.gt(0f64)?.to_dtype(x.dtype())?
 }
 
+/// The names of kiln's nodes that end in a ReLU, whose output's summed gradient
+/// [`add_gradients`] passes through it.
+const RELU_ENDED: [&str; 2] = [ADD_RELU, super::batch_norm::BATCH_NORM_ADD_RELU];
+
+const ADD_RELU: &str = "kiln-add-relu";
+
 pub(crate) struct AddRelu;
 
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
-        "kiln-add-relu"
+        ADD_RELU
     }
 
     fn cpu_fwd(
@@ -150,7 +164,7 @@ impl CustomOp2 for AddRelu {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        pair_kernel("add_relu_fwd", "add_relu", a_s, al, bs, bl)
+        same_shaped_kernel("add_relu_fwd", "add_relu", &[(a_s, al), (bs, bl)])
     }
 
     fn bwd(
@@ -160,27 +174,99 @@ impl CustomOp2 for AddRelu {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gated = relu_gate(grad, y)?;
+        let gated = through_relu(grad, y)?;
         Ok((Some(gated.clone()), Some(gated)))
     }
 }
 
-/// `grad` through a ReLU whose output is `y` (kiln's kernel: [`add_relu`]'s backward pass).
-pub(crate) fn relu_gate(grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)
+/// The ReLU-ended outputs whose gradient [`add_gradients`] has summed and passed through their
+/// ReLU, until their node's backward pass takes it as it comes. Only the backward pass fills
+/// and empties it, within one `backward`; tensor ids are never reused.
+static GATED_IN_THE_SUM: Mutex<Option<HashSet<TensorId>>> = Mutex::new(None);
+
+/// `grad` through a ReLU whose output is `y`, for a ReLU-ended node's backward pass: as it
+/// comes where [`add_gradients`] already gated it, else kiln's kernel.
+pub(crate) fn through_relu(grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    let already = GATED_IN_THE_SUM
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_mut()
+        .is_some_and(|ids| ids.remove(&y.id()));
+    if already {
+        Ok(grad.clone())
+    } else {
+        grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)
+    }
 }
 
-/// `a + b` as the backward pass sums two gradients of one tensor (a residual block's input):
-/// kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA (candle's addition
-/// moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an H200), candle's
-/// addition elsewhere. `device::open` installs it as candle's gradient addition.
-pub fn add_gradients(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+/// `a + b` as the backward pass sums two gradients of one tensor, `of` (a residual block's
+/// input): kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA (candle's
+/// addition moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an H200),
+/// candle's addition elsewhere. `device::open` installs it as candle's gradient addition.
+///
+/// Where `of` is the output of a ReLU-ended node (the previous block's end), the kernel passes
+/// the sum through that ReLU too (`add_gated`: the gradient is then read and written once, not
+/// twice), and the node's backward pass takes it as it comes ([`through_relu`]). The gradient
+/// the store holds for `of` is then the one before its ReLU; candle drops it once `of`'s node
+/// has used it, so no caller sees it.
+pub fn add_gradients(of: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let same = a.shape() == b.shape() && a.dtype() == b.dtype();
     let on_cuda = cfg!(feature = "cuda") && a.device().is_cuda();
-    if same && on_cuda && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddSame)
+    if !(same && on_cuda && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16)) {
+        return a.add(b);
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let relu_ended =
+        candle_core::backprop::custom_op_name(of).is_some_and(|n| RELU_ENDED.contains(&n));
+    if relu_ended && of.shape() == a.shape() && of.dtype() == a.dtype() && of.is_contiguous() {
+        let sum = a.apply_op3_no_bwd(&b, of, &AddGated)?;
+        GATED_IN_THE_SUM
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(HashSet::new)
+            .insert(of.id());
+        Ok(sum)
     } else {
-        a.add(b)
+        a.apply_op2_no_bwd(&b, &AddSame)
+    }
+}
+
+/// `a + b` where `y > 0`, else 0: two gradients of a ReLU's output `y` summed and passed through
+/// it, same shapes, CUDA only (see [`add_gradients`]).
+struct AddGated;
+
+impl CustomOp3 for AddGated {
+    fn name(&self) -> &'static str {
+        "kiln-add-gated"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-add-gated: CUDA tensors only (add_gradients adds elsewhere)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a_s: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        same_shaped_kernel(
+            "add_gated",
+            "add_gradients",
+            &[(a_s, al), (bs, bl), (ys, yl)],
+        )
     }
 }
 
@@ -212,7 +298,7 @@ impl CustomOp2 for AddSame {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        pair_kernel("add_same", "add_gradients", a_s, al, bs, bl)
+        same_shaped_kernel("add_same", "add_gradients", &[(a_s, al), (bs, bl)])
     }
 }
 

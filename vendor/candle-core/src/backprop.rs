@@ -694,10 +694,22 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
-/// How the backward pass adds a second gradient to the one a tensor holds: [`Tensor::add`]
-/// unless the application sets its own addition (kiln: a vectorised CUDA kernel for same-shaped
-/// contiguous tensors, falling back to `Tensor::add`).
-pub type GradAdd = fn(&Tensor, &Tensor) -> Result<Tensor>;
+/// How the backward pass adds a second gradient to the one a tensor holds, `add(of, held, grad)`
+/// with `of` the tensor whose gradients they are: [`Tensor::add`] unless the application sets
+/// its own addition (kiln: a vectorised CUDA kernel for same-shaped contiguous tensors, which
+/// also passes the sum through the ReLU that ends `of`'s op where [`custom_op_name`] names one of
+/// kiln's, falling back to `Tensor::add`).
+pub type GradAdd = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// The name of the custom op that computed `tensor`, if one did (and its graph was recorded).
+pub fn custom_op_name(tensor: &Tensor) -> Option<&'static str> {
+    match tensor.op().as_ref()? {
+        Op::CustomOp1(_, c) => Some(c.name()),
+        Op::CustomOp2(_, _, c) => Some(c.name()),
+        Op::CustomOp3(_, _, _, c) => Some(c.name()),
+        _ => None,
+    }
+}
 
 static GRAD_ADD: std::sync::OnceLock<GradAdd> = std::sync::OnceLock::new();
 
@@ -743,7 +755,7 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = match GRAD_ADD.get() {
-                    Some(add) => add(entry.get(), grad)?,
+                    Some(add) => add(tensor, entry.get(), grad)?,
                     None => entry.get().add(grad)?,
                 };
                 entry.insert(sum);
