@@ -68,11 +68,12 @@ static dim3 partial_grid(int rows, int c, int* splits) {
     return dim3(groups, *splits, 1);
 }
 static dim3 finish_grid(int c) { return dim3((c + 31) / 32, 1, 1); }
-// per_value for eight values a thread, and per_value_wave's cap.
+// per_value for eight values a thread, and per_value_wave's caps (WAVE_BLOCKS,
+// INPUT_GRAD_WAVE_BLOCKS).
 static unsigned per_value(size_t total) {
     return (unsigned)std::min<size_t>(65535, std::max<size_t>(1, (total / 8 + BLOCK - 1) / BLOCK));
 }
-static unsigned per_value_wave(size_t total) { return std::min(per_value(total), 2048u); }
+static unsigned per_value_wave(size_t total, unsigned cap) { return std::min(per_value(total), cap); }
 
 // Median of 15 timed repetitions of `launch_all` (after one untimed), in ms.
 template <class F> static float median_ms(F launch_all) {
@@ -150,13 +151,13 @@ int main() {
     }), norms);
     report("apply with ReLU: bn_apply_relu (53)", median_ms([&] {
         each(BATCH_NORMS, [&](int, int c, size_t n, int) {
-            bn_apply_relu_bf16<<<per_value_wave(n), BLOCK>>>(next_tensor(n), scale, shift, c, 1, n,
+            bn_apply_relu_bf16<<<per_value_wave(n, 2048), BLOCK>>>(next_tensor(n), scale, shift, c, 1, n,
                                                             1, out);
         });
     }), 2 * norms);
     report("block ends: bn_add_relu (16)", median_ms([&] {
         each(BLOCK_ENDS, [&](int, int c, size_t n, int k) {
-            bn_add_relu_bf16<<<per_value_wave(n), BLOCK>>>(next_tensor(n), scale, shift,
+            bn_add_relu_bf16<<<per_value_wave(n, 2048), BLOCK>>>(next_tensor(n), scale, shift,
                                                           next_tensor(n), k == 0, scale, shift,
                                                           c, 1, n, 1, out);
         });
@@ -173,7 +174,7 @@ int main() {
     }), 2 * norms);
     report("input gradient: bn_input_grad_relu (53)", median_ms([&] {
         each(BATCH_NORMS, [&](int, int c, size_t n, int) {
-            bn_input_grad_relu_bf16<<<per_value_wave(n), BLOCK>>>(next_tensor(n), next_tensor(n),
+            bn_input_grad_relu_bf16<<<per_value_wave(n, 1024), BLOCK>>>(next_tensor(n), next_tensor(n),
                                                                  figures, c, 1, n, 1, out);
         });
     }), 3 * norms);

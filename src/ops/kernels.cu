@@ -1062,9 +1062,9 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
 // The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype), and
 // those with a fused activation one per activation too (`_identity`, `_relu`, `_gelu`): compiled
 // in, GELU's registers no longer limit how many threads an SM holds for the others. The launch
-// bounds ask for 4 blocks an SM of the elementwise kernels (3 with GELU or f32, which spilled)
-// and 2 of the channels-last partial sums (1 with GELU): an H200 streamed the input gradient at
-// 3.2 TB/s with 3 resident blocks, 3.8 with 4.
+// bounds ask for 4 blocks an SM of the forward elementwise kernels, 3 of the input gradient (at
+// 4 its registers spilled: 10% slower on an H200) and 2 of the channels-last partial sums (1
+// with GELU), the most their registers allow without spilling.
 #define BN_ACT_ENTRY_POINTS(T, SUFFIX, ACT, NAME)                                               \
     extern "C" __global__ void __launch_bounds__(BLOCK, (ACT) == ACT_GELU ? 1 : 2)             \
         bn_grad_partial_nhwc8_##NAME##_##SUFFIX(const T* x, const T* grad, const float* stats, \
@@ -1086,7 +1086,7 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
                                    int hw, size_t total, int vec8, T* y) {                     \
         bn_apply<T, ACT>(x, scale, shift, c, hw, total, vec8, y);                              \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(BLOCK, (ACT) == ACT_GELU || sizeof(T) == 4 ? 3 : 4)\
+    extern "C" __global__ void __launch_bounds__(BLOCK, 3)                                     \
         bn_input_grad_##NAME##_##SUFFIX(const T* x, const T* grad, const float* f, int c,      \
                                         int hw, size_t total, int vec8, T* dx) {               \
         bn_input_grad<T, ACT>(x, grad, f, c, hw, total, vec8, dx);                             \

@@ -123,16 +123,18 @@ fn vec8((_, c, hw): Sizes, operands: &[&Layout]) -> bool {
     eights(if hw == 1 { c } else { hw }, operands)
 }
 
-/// Blocks of the per-channel elementwise kernels at most: about two resident waves of an H100's
-/// or H200's 132 SMs (4 blocks an SM), so that a thread takes several runs of the same channels
-/// and loads their figures once (`bn_fixed_channels` in kernels.cu); 1,024 streamed 6% slower
-/// on an H200, an unbounded grid (a run a thread) 7%.
+/// Blocks of the per-channel elementwise kernels at most: a few resident waves of an H100's or
+/// H200's 132 SMs, so that a thread takes several runs of the same channels and loads their
+/// figures once (`bn_fixed_channels` in kernels.cu). On an H200: 2,048 for the forward kernels
+/// (4 blocks an SM; 1,024 streamed 6% slower, an unbounded grid 7%), 1,024 for the input
+/// gradient (3 an SM; 2,048 streamed 3% slower).
 const WAVE_BLOCKS: u32 = 2048;
+const INPUT_GRAD_WAVE_BLOCKS: u32 = 1024;
 
-/// [`per_value`] on at most [`WAVE_BLOCKS`] blocks.
-fn per_value_wave(total: usize, vec8: bool) -> LaunchConfig {
+/// [`per_value`] on at most `cap` blocks.
+fn per_value_wave(total: usize, vec8: bool, cap: u32) -> LaunchConfig {
     let mut config = per_value(total, vec8);
-    config.grid_dim.0 = config.grid_dim.0.min(WAVE_BLOCKS);
+    config.grid_dim.0 = config.grid_dim.0.min(cap);
     config
 }
 
@@ -226,7 +228,7 @@ pub(super) fn apply<T: KernelFloat>(
         .arg(&y);
     // SAFETY: as above; a grid-stride loop writes all `total` outputs (eight at a time where
     // `vec8` allows it).
-    unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
+    unsafe { launch.launch(per_value_wave(total, wide, WAVE_BLOCKS)) }.w()?;
     Ok(y)
 }
 
@@ -295,7 +297,7 @@ pub(super) fn apply_add_relu<T: KernelFloat>(
     // SAFETY: as above; a grid-stride loop reads `total` values of x and r and writes all
     // `total` outputs (eight at a time where `vec8` allows it). Without a normalised shortcut
     // the kernel reads r_scale and r_shift not at all.
-    unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
+    unsafe { launch.launch(per_value_wave(total, wide, WAVE_BLOCKS)) }.w()?;
     Ok(y)
 }
 
@@ -390,7 +392,7 @@ pub(super) fn input_grad<T: KernelFloat>(
         .arg(&wide32)
         .arg(&dx);
     // SAFETY: as in `apply`.
-    unsafe { launch.launch(per_value_wave(total, wide)) }.w()?;
+    unsafe { launch.launch(per_value_wave(total, wide, INPUT_GRAD_WAVE_BLOCKS)) }.w()?;
     Ok(dx)
 }
 
