@@ -1062,9 +1062,9 @@ extern "C" __global__ void bn_blend_running(float* running, const float* batch, 
 // The entry points, one per data type (src/ops/batch_norm.rs picks by the tensors' dtype), and
 // those with a fused activation one per activation too (`_identity`, `_relu`, `_gelu`): compiled
 // in, GELU's registers no longer limit how many threads an SM holds for the others. The launch
-// bounds ask for 4 blocks an SM of the forward elementwise kernels, 3 of the input gradient (at
-// 4 its registers spilled: 10% slower on an H200) and 2 of the channels-last partial sums (1
-// with GELU), the most their registers allow without spilling.
+// bounds ask for at least 4 blocks an SM of the forward elementwise kernels (their registers
+// allow more), 3 of the input gradient (at 4 its registers spilled: 10% slower on an H200) and 2
+// of the channels-last partial sums (1 with GELU), the most these allow without spilling.
 #define BN_ACT_ENTRY_POINTS(T, SUFFIX, ACT, NAME)                                               \
     extern "C" __global__ void __launch_bounds__(BLOCK, (ACT) == ACT_GELU ? 1 : 2)             \
         bn_grad_partial_nhwc8_##NAME##_##SUFFIX(const T* x, const T* grad, const float* stats, \
