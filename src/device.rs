@@ -55,6 +55,27 @@ impl fmt::Display for DeviceRequest {
 }
 
 /// Opens the requested device.
+impl DeviceRequest {
+    /// The device a process of a data-parallel run takes: with several processes on a machine,
+    /// each its own GPU, the one of its local rank (`cuda` and `cuda:0` alike); `auto` the
+    /// same once Metal is ruled out. CPU and Metal requests are as they were.
+    pub fn for_local_rank(self, local_rank: usize) -> Self {
+        match self {
+            DeviceRequest::Cuda(0) => DeviceRequest::Cuda(local_rank),
+            DeviceRequest::Auto if local_rank > 0 => {
+                if open_metal(0).is_ok() {
+                    DeviceRequest::Auto
+                } else if open_cuda(local_rank).is_ok() {
+                    DeviceRequest::Cuda(local_rank)
+                } else {
+                    DeviceRequest::Cpu
+                }
+            }
+            other => other,
+        }
+    }
+}
+
 pub fn open(request: DeviceRequest) -> Result<Device> {
     match request {
         DeviceRequest::Cpu => Ok(Device::Cpu),

@@ -33,6 +33,14 @@ pub enum Error {
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
 
+    /// A collective operation between the processes of a data-parallel run failed.
+    #[error("rank {rank} of {size}: {message}")]
+    Distributed {
+        rank: usize,
+        size: usize,
+        message: String,
+    },
+
     #[error("no CIFAR-10 data in {dir}: {missing} is missing. Let kiln fetch it (drop --no-download), or get the binary version (cifar-10-binary.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that {dir} holds data_batch_1.bin .. data_batch_5.bin and test_batch.bin, or pass --data-dir DIR; to run without it, use --dataset synthetic")]
     DataMissing { dir: PathBuf, missing: String },
 

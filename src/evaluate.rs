@@ -10,6 +10,7 @@ use candle_nn::ModuleT;
 use crate::checkpoint;
 use crate::data::batches::{batch_ranges, BatchBuffer, DeviceSet};
 use crate::data::{ChannelStats, Dataset};
+use crate::dist::World;
 use crate::error::{Error, Result};
 use crate::models::{self, Architecture, Built, ModelSpec, Stem, Task};
 use crate::ops::cross_entropy;
@@ -263,17 +264,100 @@ pub fn evaluate(
     tta: bool,
     dtype: candle_core::DType,
 ) -> Result<Evaluation> {
+    let all: Vec<usize> = (0..set.len()).collect();
+    evaluate_images(
+        model,
+        set,
+        &all,
+        batch_size,
+        buffer,
+        num_classes,
+        tta,
+        dtype,
+    )
+}
+
+/// [`evaluate`] shared by the ranks of a data-parallel run: each evaluates every W-th image
+/// from its rank, and the loss and confusion matrix are summed over the ranks, so each holds
+/// the figures of the whole set.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_share(
+    world: &World,
+    model: &dyn ModuleT,
+    set: &DeviceSet,
+    batch_size: usize,
+    buffer: &mut BatchBuffer,
+    num_classes: usize,
+    tta: bool,
+    dtype: candle_core::DType,
+) -> Result<Evaluation> {
+    if !world.is_distributed() {
+        return evaluate(model, set, batch_size, buffer, num_classes, tta, dtype);
+    }
+    let share: Vec<usize> = world.share(0..set.len()).collect();
+    let part = evaluate_images(
+        model,
+        set,
+        &share,
+        batch_size,
+        buffer,
+        num_classes,
+        tta,
+        dtype,
+    )?;
+    let images = part.total() as f64;
+    let loss_sum = if images > 0.0 {
+        part.loss * images
+    } else {
+        0.0
+    };
+    // f64 holds image counts exactly (below 2^53).
+    let mut sums: Vec<f64> = std::iter::once(loss_sum)
+        .chain(part.confusion.iter().flatten().map(|&n| n as f64))
+        .collect();
+    world.sum_f64(&mut sums)?;
+    let mut cells = sums[1..].iter();
+    let confusion: Vec<Vec<u64>> = (0..num_classes)
+        .map(|_| {
+            (0..num_classes)
+                .map(|_| *cells.next().unwrap_or(&0.0) as u64)
+                .collect()
+        })
+        .collect();
+    let total: u64 = confusion.iter().flatten().sum();
+    Ok(Evaluation {
+        loss: if total > 0 {
+            sums[0] / total as f64
+        } else {
+            f64::NAN
+        },
+        confusion,
+    })
+}
+
+/// The images of `set` at `indices`, evaluated in batches of `batch_size`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_images(
+    model: &dyn ModuleT,
+    set: &DeviceSet,
+    indices: &[usize],
+    batch_size: usize,
+    buffer: &mut BatchBuffer,
+    num_classes: usize,
+    tta: bool,
+    dtype: candle_core::DType,
+) -> Result<Evaluation> {
     let mut confusion = vec![vec![0u64; num_classes]; num_classes];
-    if set.is_empty() {
+    if indices.is_empty() {
         return Ok(Evaluation {
             loss: f64::NAN,
             confusion,
         });
     }
-    let order = set.order(&(0..set.len()).collect::<Vec<_>>())?;
+    let order = set.order(indices)?;
     let mut loss_sum: Option<Tensor> = None;
     let mut predicted = Vec::new();
-    for range in batch_ranges(set.len(), batch_size) {
+    for range in batch_ranges(indices.len(), batch_size) {
         let n = range.len() as f64;
         let (images, labels) = set.batch(&order, range, buffer, None)?;
         let images = images.to_dtype(dtype)?;
@@ -290,7 +374,9 @@ pub fn evaluate(
         predicted.push(logits.argmax(1)?);
     }
     let predicted = Tensor::cat(&predicted, 0)?.to_vec1::<u32>()?;
-    for (&label, &p) in set.labels().iter().zip(&predicted) {
+    let labels = set.labels();
+    for (&index, &p) in indices.iter().zip(&predicted) {
+        let label = labels[index];
         let row = confusion.get_mut(label as usize).ok_or_else(|| {
             Error::InvalidSetting(format!(
                 "label {label} is past the model's {num_classes} classes"
@@ -302,7 +388,7 @@ pub fn evaluate(
     }
     let loss_sum = loss_sum.map_or(Ok(0.0), |t| t.to_scalar::<f32>())?;
     Ok(Evaluation {
-        loss: loss_sum as f64 / set.len() as f64,
+        loss: loss_sum as f64 / indices.len() as f64,
         confusion,
     })
 }

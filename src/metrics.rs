@@ -18,11 +18,17 @@ impl Tally {
     /// Adds a batch: its mean `loss`, its `logits` [n, classes] and `labels` [n].
     pub fn add(&mut self, loss: &Tensor, logits: &Tensor, labels: &Tensor) -> Result<()> {
         let batch = batch_tally(logits, labels, loss)?;
+        self.add_sums(batch, labels.dim(0)?)
+    }
+
+    /// Adds a batch of `images` images already tallied: [loss sum, correct predictions] (f32),
+    /// as a data-parallel run sums its ranks' shares of a batch.
+    pub fn add_sums(&mut self, batch: Tensor, images: usize) -> Result<()> {
         self.sums = Some(match self.sums.take() {
             Some(sums) => (sums + batch)?,
             None => batch,
         });
-        self.seen += labels.dim(0)?;
+        self.seen += images;
         Ok(())
     }
 

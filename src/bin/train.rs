@@ -18,6 +18,7 @@ use kiln::cli::DataArgs;
 use kiln::config::{self, Config, OptimizerKind, Overrides, Precision};
 use kiln::data;
 use kiln::device::{self, DeviceRequest};
+use kiln::dist::{launch, World};
 use kiln::models::{self, ModelSpec, Task};
 use kiln::optim::schedule::ScheduleKind;
 use kiln::report::{Output, Reporter};
@@ -66,9 +67,16 @@ struct Cli {
     )]
     device: DeviceRequest,
 
-    /// CPU threads for the CPU backend [default: all cores, or RAYON_NUM_THREADS]
+    /// CPU threads for the CPU backend [default: all cores, or RAYON_NUM_THREADS; under mpirun
+    /// or srun, the cores shared among the processes on the machine]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
     threads: Option<u16>,
+
+    /// Train on N GPUs of this machine, one process each, started through mpirun (needs a build
+    /// with --features cudnn,mpi); --batch-size is then the batch of all N together. For
+    /// several machines or CPU processes, start kiln under mpirun or srun yourself
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
+    gpus: Option<u16>,
 
     #[command(flatten)]
     data: DataArgs,
@@ -227,12 +235,64 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
+    if let Some(gpus) = cli.gpus {
+        return match launch::run_under_mpirun(usize::from(gpus), &without_gpus_flag()) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let world = match World::start() {
+        Ok(world) => world,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let trace = cli.trace.clone();
-    kiln::cli::exit_code(trace.as_deref(), || run(cli))
+    kiln::cli::exit_code(trace.as_deref(), || {
+        let outcome = run(cli, &world);
+        if let (Err(err), true) = (&outcome, world.is_distributed()) {
+            // The other ranks would wait for this one in their next exchange: end them all.
+            eprintln!(
+                "error: rank {} of {} failed: {err:#}",
+                world.rank(),
+                world.size()
+            );
+            world.abort(1);
+        }
+        outcome
+    })
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    device::prepare_cpu_threads(cli.threads.map(usize::from));
+/// This program's arguments without `--gpus N` (`--gpus=N`), for the processes it starts.
+fn without_gpus_flag() -> Vec<std::ffi::OsString> {
+    let mut args = Vec::new();
+    let mut skip_value = false;
+    for arg in std::env::args_os().skip(1) {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        match arg.to_str() {
+            Some("--gpus") => skip_value = true,
+            Some(a) if a.starts_with("--gpus=") => {}
+            _ => args.push(arg),
+        }
+    }
+    args
+}
+
+fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
+    // Processes on one machine share its cores, unless told otherwise.
+    let threads = cli.threads.map(usize::from).or_else(|| {
+        world.is_distributed().then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / world.local_size()).max(1)
+        })
+    });
+    device::prepare_cpu_threads(threads);
     let overrides = Overrides {
         epochs: cli.epochs,
         batch_size: cli.batch_size,
@@ -259,18 +319,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         precision: cli.precision,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
-    let reporter = Reporter::new(if cli.quiet {
+    let reporter = Reporter::new(if cli.quiet || !world.is_root() {
         Output::Quiet
     } else if cli.json_logs {
         Output::Json
     } else {
         Output::Human
     });
-    let device = device::open(cli.device)?;
+    let device = device::open(cli.device.for_local_rank(world.local_rank()))?;
     reporter.note(&format!("device: {}", device::describe(&device)));
+    if world.is_distributed() {
+        reporter.note(&format!(
+            "data-parallel over {} processes ({} on this machine); batch {} in all",
+            world.size(),
+            world.local_size(),
+            config.batch_size
+        ));
+    }
 
     match spec.task {
         Task::LinearFit => {
+            if world.is_distributed() {
+                anyhow::bail!(
+                    "--model {} is a one-process check; run it without mpirun or srun",
+                    spec.name
+                );
+            }
             let run_only = [
                 ("--resume", cli.resume.is_some()),
                 ("--init-weights", cli.init_weights.is_some()),
@@ -303,7 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Task::ImageClassification => {
-            train_classifier(&cli, spec, config, &overrides, &device, reporter)
+            train_classifier(&cli, spec, config, &overrides, &device, reporter, world)
         }
     }
 }
@@ -315,6 +389,7 @@ fn train_classifier(
     overrides: &Overrides,
     device: &Device,
     reporter: Reporter,
+    world: &World,
 ) -> anyhow::Result<ExitCode> {
     let run_name = cli.run.as_deref().unwrap_or(spec.name);
     let run_dir = RunDir::at(&cli.models_dir, run_name);
@@ -396,10 +471,13 @@ fn train_classifier(
                 None => Ok(()),
             }
         });
-        let loaded = data::load(
-            &request,
-            &kiln::cli::decode_bar(reporter.output == Output::Human),
-        );
+        // A download or decoded-image cache is made once per machine, then read by the rest.
+        let loaded = world.local_rank_zero_first(|| {
+            data::load(
+                &request,
+                &kiln::cli::decode_bar(reporter.output == Output::Human),
+            )
+        });
         (loaded, preparing.join())
     });
     let (data, report) = loaded?;
@@ -421,6 +499,7 @@ fn train_classifier(
         reporter,
         // A resume that found nothing to resume owns the directory it was pointed at.
         overwrite: cli.overwrite || cli.resume.is_some(),
+        world,
     };
     let ended = classify::run(spec, &config, data, device, &run_dir, start, &options)
         .with_context(|| format!("training {} failed", spec.name))?;
@@ -438,7 +517,9 @@ fn train_classifier(
             if let Some(checkpoint) = ended.checkpoint {
                 eprintln!("interrupted: checkpoint saved to {}", checkpoint.display());
             }
-            eprintln!("resume with: {}", resume_command(cli));
+            if world.is_root() {
+                eprintln!("resume with: {}", resume_command(cli));
+            }
             Ok(ExitCode::from(130))
         }
     }

@@ -153,6 +153,7 @@ impl Augment {
             }),
             cutout: self.cutout,
             resized_crop: self.resized_crop.then_some(self.resized_crop_scale),
+            positions: crate::ops::Positions::WHOLE,
         })
     }
 }

@@ -52,6 +52,36 @@ pub struct Augmentation {
     pub cutout: usize,
     /// The share of the area a resized crop keeps, drawn from [min, max]; None means none.
     pub resized_crop: Option<[f32; 2]>,
+    /// Where this batch's images sit in the batch the key was drawn for.
+    pub positions: Positions,
+}
+
+/// Where a batch's images sit in the (global) batch whose key their draws come from: image `i`
+/// draws as position `first + i * stride`. One process takes the whole batch (0, 1); a
+/// data-parallel rank r of W takes every W-th image from r (r, W), so an image's crop, flip and
+/// cutout are the same however many processes share the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positions {
+    pub first: usize,
+    pub stride: usize,
+}
+
+impl Positions {
+    /// The whole batch, in order.
+    pub const WHOLE: Self = Self {
+        first: 0,
+        stride: 1,
+    };
+
+    fn of(self, i: usize) -> usize {
+        self.first + i * self.stride
+    }
+}
+
+impl Default for Positions {
+    fn default() -> Self {
+        Self::WHOLE
+    }
 }
 
 /// airbench's alternating flip: each image's flip is a coin drawn once, from `key` and the
@@ -97,12 +127,14 @@ pub fn mix(z: u64) -> u64 {
 impl Augmentation {
     /// Draw `k` of image `i`: uniform in [0, n) (multiply-shift of the hash's top 32 bits).
     fn uniform(&self, i: usize, k: u64, n: usize) -> usize {
+        let i = self.positions.of(i);
         let h = mix(self.key ^ mix(((i as u64) << 3) | k));
         (((h >> 32) * n as u64) >> 32) as usize
     }
 
     /// Draw `k` of attempt `attempt` at a resized crop of image `i`: uniform in [0, 1).
     fn unit(&self, i: usize, attempt: u64, k: u64) -> f64 {
+        let i = self.positions.of(i);
         let h = mix(mix(self.key ^ mix(((i as u64) << 3) | 5)) ^ (attempt << 2 | k));
         (h >> 11) as f64 / (1u64 << 53) as f64
     }
@@ -636,6 +668,8 @@ impl InplaceOp3 for GatherNormalise {
             cutout: u32,
             resized: u32,
             alternate: u32,
+            first: u32,
+            stride: u32,
         }
         // SAFETY: integers, laid out as kernels.cu's `Augment`.
         unsafe impl DeviceRepr for Augment {}
@@ -651,6 +685,8 @@ impl InplaceOp3 for GatherNormalise {
                 cutout: a.cutout as u32,
                 resized: u32::from(a.resized_crop.is_some()),
                 alternate: a.alternate_flip.map_or(0, |f| 1 + u32::from(f.turned)),
+                first: a.positions.first as u32,
+                stride: a.positions.stride as u32,
             },
             None => Augment {
                 key: 0,
@@ -663,6 +699,8 @@ impl InplaceOp3 for GatherNormalise {
                 cutout: 0,
                 resized: 0,
                 alternate: 0,
+                first: 0,
+                stride: 1,
             },
         };
 

@@ -38,6 +38,8 @@ struct Normalisation {
 struct Augment {
     uint64_t key, flip_key;
     uint32_t on, width, crop_padding, reflect, flip, cutout, resized, alternate;
+    // Image i of the batch draws as position first + i * stride (`Positions` in ops/gather.rs).
+    uint32_t first, stride;
 };
 
 // SplitMix64's finaliser, as ops/gather.rs `mix`.
@@ -50,6 +52,7 @@ __device__ uint64_t mix(uint64_t z) {
 
 // Draw k of image i, uniform in [0, n): as `Augmentation::uniform`.
 __device__ uint32_t uniform(const Augment& a, uint64_t i, uint64_t k, uint32_t n) {
+    i = a.first + i * a.stride;
     uint64_t h = mix(a.key ^ mix((i << 3) | k));
     return (uint32_t)(((h >> 32) * (uint64_t)n) >> 32);
 }

@@ -24,7 +24,7 @@ pub use batch_norm::{
 pub use conv::{conv2d, conv2d_channels_last, ConvParams};
 pub use conv_block::conv_relu_pool;
 pub use cross_entropy::{batch_tally, cross_entropy};
-pub use gather::{gather_normalise, gather_normalise_into, Augmentation, Normalisation};
+pub use gather::{gather_normalise, gather_normalise_into, Augmentation, Normalisation, Positions};
 pub use gelu::gelu;
 pub use max_pool::{max_pool2d, PoolParams};
 pub use memory_format::MemoryFormat;

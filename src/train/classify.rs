@@ -15,6 +15,7 @@ use crate::checkpoint::{self, Checkpoint, Progress, RunDir};
 use crate::config::{Config, Precision};
 use crate::data::batches::{BatchBuffer, DeviceSet};
 use crate::data::{ChannelStats, DataSets};
+use crate::dist::World;
 use crate::error::{Error, Result};
 use crate::metrics::Tally;
 use crate::models::{self, Architecture, ModelSpec};
@@ -44,6 +45,8 @@ pub struct Options<'a> {
     /// Tracing is recording (`--trace`): phases wait for the device, so spans time real work.
     pub trace: bool,
     pub reporter: Reporter,
+    /// The processes training together; rank 0 alone writes the run directory.
+    pub world: &'a World,
 }
 
 /// How the run ended, and the checkpoint that continues it if it was interrupted.
@@ -100,6 +103,7 @@ pub fn run(
             config.batch_size
         )));
     }
+    check_shares(config, data.train.len(), options.world)?;
     let optimizer = optim::build(config, &built.params, steps_per_epoch)?;
     let mut optimizer = optim::for_precision(optimizer, built.params.vars(), input_dtype);
     let fresh = matches!(start, Start::Fresh);
@@ -165,12 +169,15 @@ pub fn run(
             checkpoint: None,
         });
     }
-    if progress.global_step == 0 {
-        run_dir.start_fresh(options.overwrite)?;
-    } else {
-        run_dir.create_dirs()?;
+    let world = options.world;
+    if world.is_root() {
+        if progress.global_step == 0 {
+            run_dir.start_fresh(options.overwrite)?;
+        } else {
+            run_dir.create_dirs()?;
+        }
+        checkpoint::write_atomic(&run_dir.config(), config.to_toml().as_bytes())?;
     }
-    checkpoint::write_atomic(&run_dir.config(), config.to_toml().as_bytes())?;
     let reporter = options.reporter;
     reporter.note(&format!(
         "training {}{} ({} classes) on {} images ({} test), epochs {}..={}, batch {}, {} lr {} ({} schedule); writing to {}",
@@ -232,12 +239,21 @@ pub fn run(
         patience: config.early_stop,
     };
     let mut console = Console::new(reporter, run_dir, device, train_images);
-    let mut observers: [&mut dyn Observer; 4] = [
-        &mut checkpointer,
-        &mut metrics,
-        &mut early_stopping,
-        &mut console,
-    ];
+    // Every rank decides early stopping alike (from the same figures); rank 0 alone writes
+    // and prints.
+    let mut observers: Vec<&mut dyn Observer> = if world.is_root() {
+        vec![
+            &mut checkpointer,
+            &mut metrics,
+            &mut early_stopping,
+            &mut console,
+        ]
+    } else {
+        vec![&mut early_stopping]
+    };
+    // One start for every replica: rank 0's parameters and buffers (the same seed gives the
+    // same weights, but a replica must never train from other weights than the one it saves).
+    world.broadcast_state(&built.params.state())?;
     let outcome = fit::fit(
         Trainee {
             model: built.module.as_ref(),
@@ -259,6 +275,7 @@ pub fn run(
             device,
             stop: options.stop,
             trace: options.trace,
+            world,
         },
     )?;
     Ok(Ended {
@@ -267,7 +284,31 @@ pub fn run(
     })
 }
 
-/// What a reader of a weights file needs to rebuild the model and reproduce its predictions.
+/// Every rank of a data-parallel run needs at least one image of every batch (a rank with none
+/// would have no gradient to add): the batch, and a short last one, at least the world's size.
+fn check_shares(config: &Config, images: usize, world: &World) -> Result<()> {
+    let ranks = world.size();
+    if ranks == 1 {
+        return Ok(());
+    }
+    if config.batch_size < ranks {
+        return Err(Error::InvalidSetting(format!(
+            "batch_size {} is smaller than the {ranks} processes sharing each batch; the batch \
+             size is the global batch, so use at least {ranks}",
+            config.batch_size
+        )));
+    }
+    let last = images % config.batch_size;
+    if !config.drop_last && last > 0 && last < ranks {
+        return Err(Error::InvalidSetting(format!(
+            "the epoch's last batch holds {last} of {images} images, fewer than the {ranks} \
+             processes sharing it; set drop_last = true, or a batch size that leaves none or at \
+             least {ranks} over"
+        )));
+    }
+    Ok(())
+}
+
 /// What fine-tuning took from `path` and what it started afresh.
 fn finetune_note(path: &std::path::Path, matched: &checkpoint::Matched) -> String {
     let mut note = format!(
@@ -314,6 +355,7 @@ fn check_classes(
     })
 }
 
+/// What a reader of a weights file needs to rebuild the model and reproduce its predictions.
 pub fn weights_metadata(
     spec: &ModelSpec,
     config: &Config,

@@ -15,11 +15,12 @@ use super::{rng, Stream};
 use crate::checkpoint::Progress;
 use crate::config::Config;
 use crate::data::batches::{batch_ranges, epoch_order, BatchBuffer, DeviceSet};
+use crate::dist::World;
 use crate::error::{Error, Result};
-use crate::evaluate::{evaluate, Evaluation};
+use crate::evaluate::{evaluate_share, Evaluation};
 use crate::metrics::{EpochRecord, Tally};
 use crate::models::ParamStore;
-use crate::ops::cross_entropy;
+use crate::ops::{batch_tally, cross_entropy, Positions};
 use crate::optim::Optimizer;
 use crate::profile::{Phase, PhaseTimer};
 
@@ -130,6 +131,9 @@ pub struct Driving<'a> {
     pub stop: &'a AtomicBool,
     /// Phases wait for the device (`--trace`), so their spans time real work.
     pub trace: bool,
+    /// The processes training together: each takes its share of every batch, and they average
+    /// their gradients before each step.
+    pub world: &'a World,
 }
 
 /// Trains `trainee` on `data` from `progress` (a resumed run's position, or the start) to
@@ -156,6 +160,7 @@ pub fn fit(
         });
     }
     let params = state.vars();
+    let world = driving.world;
     let steps_per_epoch = steps_per_epoch(config, data.train.len());
     let first_epoch = progress.epochs_done + 1;
     let mut tally = match resumed_tally {
@@ -185,10 +190,18 @@ pub fn fit(
         }
         let mut order_rng = rng(config.seed, Stream::Shuffle, epoch);
         let order = epoch_order(data.train.len(), config.shuffle.then_some(&mut order_rng));
+        let batches: Vec<_> = batch_ranges(data.train.len(), config.batch_size)
+            .take(steps_per_epoch)
+            .collect();
+        let (order, shares) = share_epoch(&order, &batches, world);
         let order = data.train.order(&order)?;
         let seen_before = tally.seen();
-        let batches = batch_ranges(data.train.len(), config.batch_size).take(steps_per_epoch);
-        for (step, range) in batches.enumerate().skip(progress.steps_into_epoch) {
+        for (step, range) in shares
+            .into_iter()
+            .enumerate()
+            .skip(progress.steps_into_epoch)
+        {
+            let global_images = batches[step].len();
             let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
             let lr = config.schedule.rate(
                 config.lr,
@@ -199,7 +212,15 @@ pub fn fit(
             optimizer.set_learning_rate(lr);
             let augment = config
                 .augment
-                .for_batch(config.seed, epoch, step, data.image_width);
+                .for_batch(config.seed, epoch, step, data.image_width)
+                .map(|augment| crate::ops::Augmentation {
+                    positions: Positions {
+                        first: world.rank(),
+                        stride: world.size(),
+                    },
+                    ..augment
+                });
+            let local_images = range.len();
             let (images, labels) = phases.time(Phase::Data, || {
                 data.train
                     .batch(&order, range, &mut train_buffer, augment.as_ref())
@@ -211,7 +232,11 @@ pub fn fit(
                 let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
                 Ok((logits, loss))
             })?;
-            let mut grads = phases.time(Phase::Backward, || optimizer.backward(&loss))?;
+            let mut grads = phases.time(Phase::Backward, || {
+                let mut grads = optimizer.backward(&loss)?;
+                world.average_gradients(&mut grads, &params, local_images, global_images)?;
+                Ok(grads)
+            })?;
             phases.time(Phase::Optimizer, || {
                 if !optimizer.unscale(&mut grads)? {
                     return Ok(());
@@ -221,11 +246,23 @@ pub fn fit(
                 }
                 optimizer.step(&grads)
             })?;
-            tally.add(&loss, &logits, &labels)?;
+            let stop = if world.is_distributed() {
+                // The batch's tally and whether any rank was asked to stop, in one exchange:
+                // every rank then holds the whole batch's figures and stops at the same step.
+                let sums = batch_tally(&logits, &labels, &loss)?.to_vec1::<f32>()?;
+                let stop = driving.stop.load(Ordering::SeqCst);
+                let mut shared = [sums[0] as f64, sums[1] as f64, f64::from(u8::from(stop))];
+                world.sum_f64(&mut shared)?;
+                let sums = Tensor::new(&[shared[0] as f32, shared[1] as f32], driving.device)?;
+                tally.add_sums(sums, global_images)?;
+                shared[2] > 0.0
+            } else {
+                tally.add(&loss, &logits, &labels)?;
+                driving.stop.load(Ordering::SeqCst)
+            };
             progress.steps_into_epoch = step + 1;
             progress.global_step += 1;
 
-            let stop = driving.stop.load(Ordering::SeqCst);
             phases.time(Phase::Checkpoint, || {
                 for observer in observers.iter_mut() {
                     let run = view(config, &progress, &tally, state, &*optimizer);
@@ -254,7 +291,10 @@ pub fn fit(
 
         let evaluation_start = Instant::now();
         let evaluation = phases.time(Phase::Evaluate, || {
-            evaluate(
+            // Replicas whose BatchNorm statistics drifted apart evaluate (and save) rank 0's.
+            world.broadcast_state(&state.buffers())?;
+            evaluate_share(
+                world,
                 model,
                 data.test,
                 config.eval_batch_size,
@@ -301,7 +341,7 @@ pub fn fit(
                 stopped_early = Some(reason);
             }
         }
-        if driving.stop.load(Ordering::SeqCst) && epoch < config.epochs {
+        if any_rank(world, driving.stop.load(Ordering::SeqCst))? && epoch < config.epochs {
             return Ok(Outcome::Interrupted);
         }
         epoch += 1;
@@ -320,6 +360,34 @@ pub fn fit(
         observer.finished(&summary, &run)?;
     }
     Ok(Outcome::Finished(summary))
+}
+
+/// The epoch `order` as this rank sees it: its share of each global batch in `batches` (every
+/// W-th image from its rank), laid end to end, and where each batch's share lies in it. On a
+/// single process, the order and the batches as they are.
+fn share_epoch(
+    order: &[usize],
+    batches: &[std::ops::Range<usize>],
+    world: &World,
+) -> (Vec<usize>, Vec<std::ops::Range<usize>>) {
+    if !world.is_distributed() {
+        return (order.to_vec(), batches.to_vec());
+    }
+    let mut local = Vec::with_capacity(order.len() / world.size() + batches.len());
+    let mut shares = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let start = local.len();
+        local.extend(world.share(batch.clone()).map(|position| order[position]));
+        shares.push(start..local.len());
+    }
+    (local, shares)
+}
+
+/// Whether `flag` is set on any rank (on every rank's word, so all decide alike).
+fn any_rank(world: &World, flag: bool) -> Result<bool> {
+    let mut any = [f64::from(u8::from(flag))];
+    world.sum_f64(&mut any)?;
+    Ok(any[0] > 0.0)
 }
 
 /// Training steps an epoch takes under `config` from `images` images: the last, short batch

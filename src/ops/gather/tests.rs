@@ -98,7 +98,7 @@ proptest! {
         });
         let a = Augmentation {
             key, width: w, crop_padding: padding, reflect, flip, alternate_flip, cutout,
-            resized_crop,
+            resized_crop, positions: Positions::WHOLE,
         };
         let ours = gather_normalise(&images, &order, norm, Some(&a)).unwrap();
         let reference = gather_normalise_reference(&images, &order, norm, Some(&a)).unwrap();
@@ -119,6 +119,7 @@ fn draws_cover_their_ranges() {
         alternate_flip: None,
         cutout: 8,
         resized_crop: None,
+        positions: Positions::WHOLE,
     };
     let draws: Vec<Draw> = (0..4000).map(|i| a.draw(i, i, 32)).collect();
     let mut offsets = [0usize; 9];
@@ -151,6 +152,7 @@ fn alternating_flips_follow_the_image_and_turn_every_other_epoch() {
         alternate_flip: Some(AlternateFlip { key: 9, turned }),
         cutout: 0,
         resized_crop: None,
+        positions: Positions::WHOLE,
     };
     let flips = |a: &Augmentation, slot: usize| -> Vec<bool> {
         (0..2000)
@@ -179,6 +181,7 @@ fn resized_crops_fit_their_ranges_and_the_full_box_is_the_identity() {
         alternate_flip: None,
         cutout: 0,
         resized_crop: Some([0.25, 1.0]),
+        positions: Positions::WHOLE,
     };
     let (mut smallest, mut largest) = (f64::MAX, 0f64);
     for i in 0..2000 {
@@ -230,4 +233,46 @@ fn resize_taps_follow_half_pixel_centres() {
             assert!((ours - exact).abs() < 1.0 / 256.0, "{size} {extent} {p}");
         }
     }
+}
+
+/// A data-parallel rank's share of a batch draws what its images draw in the whole batch: rank r
+/// of W takes positions r, r + W, ..., so W never changes an image's crop, flip or cutout.
+#[test]
+fn a_ranks_share_draws_as_the_whole_batch() {
+    let whole = Augmentation {
+        key: 7,
+        width: 32,
+        crop_padding: 4,
+        reflect: true,
+        flip: true,
+        alternate_flip: None,
+        cutout: 8,
+        resized_crop: Some([0.35, 1.0]),
+        positions: Positions::WHOLE,
+    };
+    let world = 3;
+    for rank in 0..world {
+        let share = Augmentation {
+            positions: Positions {
+                first: rank,
+                stride: world,
+            },
+            ..whole
+        };
+        for i in 0..10 {
+            let position = rank + i * world;
+            assert_eq!(
+                share.draw(i, 100 + position, 32),
+                whole.draw(position, 100 + position, 32)
+            );
+        }
+    }
+    let other = Augmentation {
+        positions: Positions {
+            first: 1,
+            stride: 2,
+        },
+        ..whole
+    };
+    assert_ne!(other.draw(0, 0, 32), whole.draw(0, 0, 32));
 }
