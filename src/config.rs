@@ -215,6 +215,11 @@ pub struct Config {
     /// Leave out each epoch's last batch when it comes out short.
     #[serde(default)]
     pub drop_last: bool,
+    /// Data-parallel runs: batch norms take their statistics over the whole global batch
+    /// (PyTorch's `SyncBatchNorm`), so W processes compute what one does; off, each process
+    /// normalises its own share (DDP's default). No effect on one process.
+    #[serde(default)]
+    pub sync_bn: bool,
     /// The last epoch's evaluation with test-time augmentation (`evaluate --tta`).
     #[serde(default)]
     pub tta: bool,
@@ -283,6 +288,7 @@ pub struct Overrides {
     pub early_stop: Option<usize>,
     pub backbone_lr_scale: Option<f64>,
     pub precision: Option<Precision>,
+    pub sync_bn: bool,
 }
 
 impl Config {
@@ -383,6 +389,9 @@ impl Config {
         }
         if let Some(v) = o.precision {
             self.precision = v;
+        }
+        if o.sync_bn {
+            self.sync_bn = true;
         }
         self.validate().map_err(Error::InvalidSetting)?;
         Ok(self)

@@ -249,6 +249,7 @@ fn augmented_batches_on_the_gpu_are_the_cpus_bit_for_bit() {
             alternate_flip,
             cutout,
             resized_crop,
+            positions: kiln::ops::Positions::WHOLE,
         };
         let batch = |device: &Device| {
             let on_device = DeviceSet::new(set.clone(), ChannelStats::CIFAR10, device).unwrap();

@@ -86,6 +86,12 @@ struct Cli {
     #[arg(long, help_heading = "Data")]
     no_shuffle: bool,
 
+    /// Under mpirun or srun: batch norms take their statistics over the whole global batch
+    /// (PyTorch's SyncBatchNorm), so N processes train as one would; without it each process
+    /// normalises its own share, as DDP does by default [config: sync_bn]
+    #[arg(long, help_heading = "Run")]
+    sync_bn: bool,
+
     /// Passes over the training set
     #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
     epochs: Option<usize>,
@@ -317,6 +323,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
             cli.backbone_lr_scale
         },
         precision: cli.precision,
+        sync_bn: cli.sync_bn,
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
     let reporter = Reporter::new(if cli.quiet || !world.is_root() {

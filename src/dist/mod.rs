@@ -16,19 +16,21 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::ops::CrossReplicaSum;
 
 /// Gradients travel in buckets of about this many bytes (DDP's default `bucket_cap_mb`): large
 /// enough to run at the link's bandwidth, small enough to hold only one extra copy of a bucket.
 pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// The processes of a run: this one's rank among `size`, and among the ranks on its machine.
+#[derive(Clone)]
 pub struct World {
     rank: usize,
     size: usize,
     local_rank: usize,
     local_size: usize,
     #[cfg(feature = "mpi")]
-    comm: Option<mpi::Comm>,
+    comm: Option<std::sync::Arc<mpi::Comm>>,
 }
 
 impl std::fmt::Debug for World {
@@ -71,7 +73,7 @@ impl World {
                 size: comm.size(),
                 local_rank: comm.local_rank(),
                 local_size: comm.local_size(),
-                comm: Some(comm),
+                comm: Some(std::sync::Arc::new(comm)),
             })
         }
         #[cfg(not(feature = "mpi"))]
@@ -171,6 +173,13 @@ impl World {
         let _ = code;
     }
 
+    /// What batch norms sum their statistics through under `sync_bn`: this world, when it has
+    /// several ranks.
+    pub fn batch_sync(&self) -> Option<std::sync::Arc<dyn CrossReplicaSum>> {
+        self.is_distributed()
+            .then(|| std::sync::Arc::new(self.clone()) as std::sync::Arc<dyn CrossReplicaSum>)
+    }
+
     fn error(&self, message: String) -> Error {
         Error::Distributed {
             rank: self.rank,
@@ -249,5 +258,11 @@ impl World {
             var.set(&received)?;
         }
         Ok(())
+    }
+}
+
+impl CrossReplicaSum for World {
+    fn sum(&self, values: &mut [f64]) -> std::result::Result<(), String> {
+        self.sum_f64(values).map_err(|err| err.to_string())
     }
 }

@@ -3,13 +3,17 @@
 //! MPI's default error handler ends the whole job on a failed collective, and `mpirun` ends
 //! every rank when one dies: a rank never waits for a dead peer.
 
+use std::sync::{Mutex, MutexGuard};
+
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
-use mpi::environment::Universe;
+use mpi::environment::{Threading, Universe};
 use mpi::topology::{Communicator, SimpleCommunicator};
 
 use crate::error::{Error, Result};
 
 pub struct Comm {
+    /// Held through every MPI call: MPI is set up for calls from any thread, one at a time.
+    turn: Mutex<()>,
     world: SimpleCommunicator,
     /// The ranks that share this machine's memory (MPI_COMM_TYPE_SHARED).
     local: SimpleCommunicator,
@@ -19,12 +23,20 @@ pub struct Comm {
 
 impl Comm {
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| {
-            Error::InvalidSetting("MPI was already initialised in this process".into())
-        })?;
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or_else(|| {
+                Error::InvalidSetting("MPI was already initialised in this process".into())
+            })?;
+        if threading < Threading::Serialized {
+            return Err(Error::InvalidSetting(format!(
+                "this MPI library offers threads only {threading:?} support; kiln needs \
+                 MPI_THREAD_SERIALIZED (Open MPI and MPICH builds have it)"
+            )));
+        }
         let world = universe.world();
         let local = world.split_shared(world.rank());
         Ok(Self {
+            turn: Mutex::new(()),
             world,
             local,
             _universe: universe,
@@ -47,7 +59,13 @@ impl Comm {
         self.local.size() as usize
     }
 
+    fn turn(&self) -> MutexGuard<'_, ()> {
+        // A poisoned lock only means another thread panicked; MPI itself is unharmed.
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn sum_f64(&self, values: &mut [f64]) -> std::result::Result<(), String> {
+        let _turn = self.turn();
         let send = values.to_vec();
         self.world
             .all_reduce_into(&send[..], values, SystemOperation::sum());
@@ -55,6 +73,7 @@ impl Comm {
     }
 
     pub fn sum_f32(&self, values: &mut [f32]) -> std::result::Result<(), String> {
+        let _turn = self.turn();
         let send = values.to_vec();
         self.world
             .all_reduce_into(&send[..], values, SystemOperation::sum());
@@ -62,11 +81,13 @@ impl Comm {
     }
 
     pub fn broadcast_f64(&self, values: &mut [f64]) -> std::result::Result<(), String> {
+        let _turn = self.turn();
         self.world.process_at_rank(0).broadcast_into(values);
         Ok(())
     }
 
     pub fn local_barrier(&self) {
+        let _turn = self.turn();
         self.local.barrier();
     }
 
@@ -74,3 +95,10 @@ impl Comm {
         self.world.abort(code)
     }
 }
+
+// SAFETY: the communicators are handles that MPI lets any thread of the process use, and MPI is
+// initialised for MPI_THREAD_SERIALIZED: every call above holds `turn`, so no two threads are
+// ever inside MPI at once. (MPI_Abort ends the process, wherever it is called from.)
+unsafe impl Send for Comm {}
+// SAFETY: as for Send.
+unsafe impl Sync for Comm {}

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::layers::Conv2d;
-use crate::ops::{ConvParams, MemoryFormat};
+use crate::ops::{ConvParams, CrossReplicaSum, MemoryFormat};
 
 /// A model's tensors: its trainable parameters, and its buffers (BatchNorm's running
 /// statistics), which are saved and loaded with them but never optimised.
@@ -60,6 +60,7 @@ impl ParamStore {
         Scope {
             params: self.var_builder(device),
             buffers: VarBuilder::from_backend(Box::new(buffers), DType::F32, device.clone()),
+            batch_sync: None,
         }
     }
 
@@ -92,6 +93,9 @@ impl ParamStore {
 pub struct Scope {
     pub params: VarBuilder<'static>,
     pub buffers: VarBuilder<'static>,
+    /// Batch norms take their statistics over every replica's batch through this (`sync_bn` in
+    /// a data-parallel run); None: over this process's batch.
+    pub batch_sync: Option<Arc<dyn CrossReplicaSum>>,
 }
 
 impl Scope {
@@ -101,6 +105,7 @@ impl Scope {
         Self {
             params: self.params.pp(&name),
             buffers: self.buffers.pp(name),
+            batch_sync: self.batch_sync.clone(),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The layers models are built from, each holding its parameters under PyTorch's names and
 //! calling kiln's ops.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Init, ModuleT};
 
@@ -59,6 +61,8 @@ pub struct BatchNorm2d {
     /// The activations' layout.
     format: MemoryFormat,
     settings: NormSettings,
+    /// Statistics over every replica's batch (`sync_bn`), when set.
+    batch_sync: Option<Arc<dyn ops::CrossReplicaSum>>,
 }
 
 /// A batch norm's constants, PyTorch's meaning.
@@ -127,6 +131,7 @@ impl BatchNorm2d {
             num_batches_tracked: Var::from_tensor(&tracked)?,
             format,
             settings,
+            batch_sync: scope.batch_sync.clone(),
         })
     }
 
@@ -149,6 +154,19 @@ impl BatchNorm2d {
                 self.format,
             );
         }
+        if let Some(replicas) = &self.batch_sync {
+            let out = ops::batch_norm_train_synced(
+                x,
+                &self.weight,
+                &self.bias,
+                self.settings.eps,
+                act,
+                self.format,
+                replicas,
+            )?;
+            self.track(out.count, &out.statistics)?;
+            return Ok(out.y);
+        }
         let (y, statistics) = ops::batch_norm_train(
             x,
             &self.weight,
@@ -158,7 +176,7 @@ impl BatchNorm2d {
             self.format,
         )?
         .split();
-        self.track(x, &statistics)?;
+        self.track(self.count(x)?, &statistics)?;
         Ok(y)
     }
 
@@ -180,15 +198,25 @@ impl BatchNorm2d {
             };
             return ops::add_relu(&self.forward(x, false, ops::Activation::Identity)?, &joined);
         }
+        if self.batch_sync.is_some() {
+            // Synced statistics come from their own composition: the block's end as three nodes.
+            let joined = match shortcut {
+                Shortcut::Identity(r) => r.clone(),
+                Shortcut::Normalised(norm, r) => {
+                    norm.forward(r, true, ops::Activation::Identity)?
+                }
+            };
+            return ops::add_relu(&self.forward(x, true, ops::Activation::Identity)?, &joined);
+        }
         let joined = match shortcut {
             Shortcut::Identity(r) => ops::Shortcut::Identity(r),
             Shortcut::Normalised(norm, r) => ops::Shortcut::Normalised(norm.inputs(r)),
         };
         let out = ops::batch_norm_add_relu_train(self.inputs(x), joined, self.format)?;
         if let (Shortcut::Normalised(norm, r), Some(statistics)) = (shortcut, &out.shortcut) {
-            norm.track(r, statistics)?;
+            norm.track(norm.count(r)?, statistics)?;
         }
-        self.track(x, &out.main)?;
+        self.track(self.count(x)?, &out.main)?;
         Ok(out.y)
     }
 
@@ -202,10 +230,15 @@ impl BatchNorm2d {
         }
     }
 
-    /// Blends the batch's statistics into the running ones and counts the batch.
-    fn track(&self, x: &Tensor, batch: &ops::BatchStatistics) -> candle_core::Result<()> {
+    /// The values per channel that `x`'s statistics are taken over.
+    fn count(&self, x: &Tensor) -> candle_core::Result<f64> {
         let (n, _, h, w) = self.format.nchw_dims(x)?;
-        let count = (n * h * w) as f64;
+        Ok((n * h * w) as f64)
+    }
+
+    /// Blends the statistics of a batch of `count` values per channel into the running ones and
+    /// counts the batch.
+    fn track(&self, count: f64, batch: &ops::BatchStatistics) -> candle_core::Result<()> {
         // PyTorch: running = (1 - momentum) * running + momentum * batch, with the variance
         // made unbiased by count / (count - 1).
         let unbiased = if count > 1.0 {

@@ -179,8 +179,24 @@ pub struct Built {
 
 /// Builds `spec` with `arch` on `device`, its parameters initialised from `seed`.
 pub fn build(spec: &ModelSpec, arch: &Architecture, seed: u64, device: &Device) -> Result<Built> {
+    build_synced(spec, arch, seed, device, None)
+}
+
+/// [`build`], with batch norms that take their statistics over every replica's batch through
+/// `batch_sync` when it is given (`sync_bn`).
+pub fn build_synced(
+    spec: &ModelSpec,
+    arch: &Architecture,
+    seed: u64,
+    device: &Device,
+    batch_sync: Option<std::sync::Arc<dyn crate::ops::CrossReplicaSum>>,
+) -> Result<Built> {
     let params = ParamStore::new(seed);
-    let module = (spec.build)(arch, &params.scope(device))?;
+    let scope = crate::models::init::Scope {
+        batch_sync,
+        ..params.scope(device)
+    };
+    let module = (spec.build)(arch, &scope)?;
     Ok(Built { module, params })
 }
 
@@ -218,9 +234,17 @@ mod tests {
     /// gradient, with the images cast to `dtype` (the loop's mixed precision) and the
     /// activations in `format`.
     fn resnet_step(dtype: DType, format: MemoryFormat) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
+        resnet_step_synced(dtype, format, None)
+    }
+
+    fn resnet_step_synced(
+        dtype: DType,
+        format: MemoryFormat,
+        sync: Option<std::sync::Arc<dyn crate::ops::CrossReplicaSum>>,
+    ) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
         let mut arch = Architecture::new(10, 32, Stem::Cifar, 8).unwrap();
         arch.memory_format = Some(format);
-        let built = build(find("resnet18").unwrap(), &arch, 3, &Device::Cpu).unwrap();
+        let built = build_synced(find("resnet18").unwrap(), &arch, 3, &Device::Cpu, sync).unwrap();
         // At initialisation a ResNet amplifies rounding (tests/cuda.rs): each residual
         // branch's last BatchNorm scaled down makes this a comparison of the maths.
         for (name, var) in built.params.vars() {
@@ -243,6 +267,43 @@ mod tests {
             .map(|(name, var)| (name, grads.get(&var).unwrap().clone()))
             .collect();
         (loss, logits, grads)
+    }
+
+    /// One replica alone: synced batch norms (their own composition) train a ResNet as the
+    /// kernels do, to rounding, every parameter's gradient included.
+    #[test]
+    fn synced_batch_norms_of_one_replica_train_as_the_kernels() {
+        struct Alone;
+        impl crate::ops::CrossReplicaSum for Alone {
+            fn sum(&self, _: &mut [f64]) -> std::result::Result<(), String> {
+                Ok(())
+            }
+        }
+        let first = MemoryFormat::ChannelsFirst;
+        let (loss, logits, grads) = resnet_step(DType::F32, first);
+        let (loss_s, logits_s, grads_s) =
+            resnet_step_synced(DType::F32, first, Some(std::sync::Arc::new(Alone)));
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |what: &str, a: &Tensor, b: &Tensor| {
+            let (a, b) = (values(a), values(b));
+            let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * scale, "{what}: {x} vs {y}");
+            }
+        };
+        close("loss", &loss_s, &loss);
+        close("logits", &logits_s, &logits);
+        for ((name, g), (_, g_s)) in grads.iter().zip(&grads_s) {
+            let (a, b) = (values(g_s), values(g));
+            let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            eprintln!("{name}: worst {worst:e} of scale {scale:e}");
+            close(name, g_s, g);
+        }
     }
 
     /// bf16 or f16 activations with f32 master weights: the logits and every gradient come back

@@ -33,6 +33,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use cpu::{affine, cpu_fuses, cpu_reads, gated, plane_grad_sums, plane_sum, planes};
 pub use running::{batch_norm_eval, blend_running};
+pub use synced::{batch_norm_train_synced, CrossReplicaSum, SyncedOutput};
 
 /// What follows the normalisation in the same pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -781,6 +782,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod running;
+mod synced;
 
 #[cfg(test)]
 mod tests;

@@ -18,8 +18,9 @@ pub mod relu_maxpool;
 pub mod residual;
 
 pub use batch_norm::{
-    batch_norm_add_relu_train, batch_norm_eval, batch_norm_train, Activation, BatchNormOutput,
-    BatchStatistics, NormInputs, ResidualEndOutput, Shortcut,
+    batch_norm_add_relu_train, batch_norm_eval, batch_norm_train, batch_norm_train_synced,
+    Activation, BatchNormOutput, BatchStatistics, CrossReplicaSum, NormInputs, ResidualEndOutput,
+    Shortcut,
 };
 pub use conv::{conv2d, conv2d_channels_last, ConvParams};
 pub use conv_block::conv_relu_pool;

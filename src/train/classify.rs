@@ -90,7 +90,8 @@ pub fn run(
             config.precision
         );
     }
-    let built = models::build(spec, &arch, config.seed, device)?;
+    let batch_sync = options.world.batch_sync().filter(|_| config.sync_bn);
+    let built = models::build_synced(spec, &arch, config.seed, device, batch_sync)?;
     let input_dtype = config
         .precision
         .activations(spec.mixed_precision, device.is_cuda());
