@@ -455,3 +455,38 @@ fn results_do_not_depend_on_the_thread_count() {
         );
     }
 }
+
+/// `--gpus N` on a build without CUDA and MPI, and a launch as one of several processes of a
+/// build without MPI: one line that says which build does it, exit 1, nothing written.
+#[test]
+#[cfg(not(all(feature = "mpi", feature = "cuda")))]
+fn several_processes_without_the_build_for_them_is_one_clear_line() {
+    let root = tempfile::tempdir().unwrap();
+    let out = train(
+        &["--gpus", "2", "--dataset", "synthetic", "--epochs", "1"],
+        root.path(),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--features cudnn,mpi"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    if cfg!(feature = "mpi") {
+        return;
+    }
+    // As mpirun starts each of its processes (its environment), without mpirun itself.
+    let out = common::binary("train")
+        .args(["--dataset", "synthetic", "--epochs", "1"])
+        .env("OMPI_COMM_WORLD_RANK", "1")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .current_dir(root.path())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 of 2 by mpirun") && stderr.contains("--features mpi"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!root.path().join("models").exists());
+}

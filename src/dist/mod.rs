@@ -180,6 +180,7 @@ impl World {
             .then(|| std::sync::Arc::new(self.clone()) as std::sync::Arc<dyn CrossReplicaSum>)
     }
 
+    #[cfg(feature = "mpi")]
     fn error(&self, message: String) -> Error {
         Error::Distributed {
             rank: self.rank,
@@ -230,7 +231,7 @@ impl World {
                 let n = grad.elem_count();
                 let summed = Tensor::from_slice(&flat[at..at + n], grad.shape(), grad.device())?
                     .to_dtype(grad.dtype())?;
-                grads.insert(*var, summed);
+                grads.insert(var, summed);
                 at += n;
             }
             start = end;
