@@ -148,6 +148,11 @@ pub struct Config {
     pub model: String,
     pub epochs: usize,
     pub batch_size: usize,
+    /// Micro-batches of `batch_size` whose gradients add up to one optimizer step (Lightning's
+    /// `accumulate_grad_batches`): the step sees `batch_size * accumulate` images while memory
+    /// holds one micro-batch. The schedule, clipping and loss scaling act per optimizer step.
+    #[serde(default = "default_accumulate")]
+    pub accumulate: usize,
     /// Batch size for evaluation passes, which keep no gradients and can afford more.
     pub eval_batch_size: usize,
     pub seed: u64,
@@ -246,6 +251,10 @@ fn default_synthetic_images() -> usize {
     5000
 }
 
+fn default_accumulate() -> usize {
+    1
+}
+
 fn default_backbone_lr_scale() -> f64 {
     1.0
 }
@@ -271,6 +280,7 @@ fn default_val_split() -> f64 {
 pub struct Overrides {
     pub epochs: Option<usize>,
     pub batch_size: Option<usize>,
+    pub accumulate: Option<usize>,
     pub lr: Option<f64>,
     pub optimizer: Option<OptimizerKind>,
     pub momentum: Option<f64>,
@@ -338,6 +348,9 @@ impl Config {
         }
         if let Some(v) = o.batch_size {
             self.batch_size = v;
+        }
+        if let Some(v) = o.accumulate {
+            self.accumulate = v;
         }
         if let Some(v) = o.lr {
             self.lr = v;
@@ -416,6 +429,9 @@ impl Config {
         }
         if self.batch_size == 0 || self.eval_batch_size == 0 {
             return Err("batch_size and eval_batch_size must be at least 1".into());
+        }
+        if self.accumulate == 0 {
+            return Err("accumulate must be at least 1 (1: a step a batch)".into());
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(format!("lr must be a positive number, got {}", self.lr));

@@ -178,6 +178,108 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
     );
 }
 
+/// ||a - b|| / ||b|| over every tensor of two weights files.
+fn relative_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (
+        load_weights(a, &Device::Cpu).unwrap().tensors,
+        load_weights(b, &Device::Cpu).unwrap().tensors,
+    );
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (name, tb) in &b {
+        let values = |t: &candle_core::Tensor| {
+            let t = t.to_dtype(candle_core::DType::F64).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        };
+        for (x, y) in values(&a[name]).iter().zip(values(tb)) {
+            diff += (x - y) * (x - y);
+            norm += y * y;
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+/// `--accumulate 4` at batch 16 takes the steps of batch 64 (the fixture's 600 images: 10 steps
+/// an epoch, the last of 16 + 8 images weighted 2:1), 20 optimizer steps in all: the same
+/// weights to the order of the sums, and the same steps in metrics.csv. SGD: Adam would hide a
+/// wrong scale of the summed gradient.
+#[test]
+fn accumulating_four_batches_of_16_trains_as_batches_of_64() {
+    let _alone = paced();
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let sgd = ["--optimizer", "sgd", "--epochs", "2"];
+    let whole = args(&data, "whole", &sgd);
+    let whole: Vec<&str> = whole
+        .iter()
+        .map(|a| if *a == "32" { "64" } else { a })
+        .collect();
+    train_ok(root.path(), &whole);
+    let mut accumulated = args(&data, "accumulated", &sgd);
+    accumulated.extend(["--accumulate", "4"]);
+    let accumulated: Vec<&str> = accumulated
+        .iter()
+        .map(|a| if *a == "32" { "16" } else { a })
+        .collect();
+    train_ok(root.path(), &accumulated);
+    let runs = models_dir(root.path());
+    let difference = relative_difference(
+        &runs.join("accumulated/last.safetensors"),
+        &runs.join("whole/last.safetensors"),
+    );
+    assert!(
+        difference <= 1e-5 && difference > 0.0,
+        "accumulated steps ended {difference:e} (relative) from whole ones"
+    );
+    let steps = |run: &str| {
+        let text = std::fs::read_to_string(runs.join(run).join("config.toml")).unwrap();
+        text.lines()
+            .any(|l| l.trim_start().starts_with("accumulate = 4"))
+    };
+    assert!(steps("accumulated"), "config.toml records accumulate");
+    assert_eq!(
+        column(
+            &std::fs::read_to_string(runs.join("accumulated/metrics.csv")).unwrap(),
+            "epoch"
+        ),
+        [1.0, 2.0]
+    );
+}
+
+/// SIGKILL at random moments of a run that accumulates 4 micro-batches a step (so most kills
+/// land between a step's micro-batches): resumed, it ends bit for bit as a straight run.
+#[test]
+fn a_run_killed_mid_accumulation_resumes_exactly() {
+    let _alone = paced();
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let accumulate = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut all = vec!["--accumulate", "4", "--epochs", EPOCHS];
+        all.extend_from_slice(extra);
+        args(&data, name, &all)
+            .into_iter()
+            .map(|a| if a == "32" { "8" } else { a })
+            .map(String::from)
+            .collect()
+    };
+    let straight = accumulate("straight", &[]);
+    train_ok(
+        root.path(),
+        &straight.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let reference = models_dir(root.path()).join("straight");
+    let kills = kill_and_resume(
+        root.path(),
+        |name| accumulate(name, &["--resume", "--checkpoint-every", "1"]),
+        &reference,
+        6,
+        2027,
+    );
+    assert!(
+        kills.with_checkpoint > 0,
+        "a kill landed after a checkpoint"
+    );
+}
+
 /// A ResNet with everything that carries state across steps: BatchNorm's running statistics,
 /// augmentation drawn per (epoch, step), a one-cycle schedule, gradient clipping and early
 /// stopping. Stopped and resumed (at an epoch's end, and by SIGKILL anywhere), it ends

@@ -96,9 +96,16 @@ struct Cli {
     #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
     epochs: Option<usize>,
 
-    /// Images per training step
+    /// Images per training step (with --accumulate, per micro-batch; under mpirun or srun, of
+    /// all processes together)
     #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
     batch_size: Option<usize>,
+
+    /// Add up the gradients of N batches before each optimizer step: the step of a batch N
+    /// times larger, in the memory of one (Lightning's accumulate_grad_batches) [config:
+    /// accumulate, 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Hyper-parameters")]
+    accumulate: Option<u16>,
 
     /// Learning rate
     #[arg(long, value_name = "LR", help_heading = "Hyper-parameters")]
@@ -302,6 +309,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         epochs: cli.epochs,
         batch_size: cli.batch_size,
+        accumulate: cli.accumulate.map(usize::from),
         lr: cli.lr,
         optimizer: cli.optimizer,
         momentum: cli.momentum,

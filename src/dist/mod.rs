@@ -189,21 +189,13 @@ impl World {
         }
     }
 
-    /// Averages the step's gradients over the ranks. Each rank's gradients are the mean over
-    /// its `local` images of a global batch of `global`: weighted by local / global and summed,
-    /// they are the whole batch's mean, also when the ranks' shares differ by one. Sent in
-    /// buckets of [`BUCKET_BYTES`], in parameter order (the same on every rank).
-    pub fn average_gradients(
-        &self,
-        grads: &mut GradStore,
-        params: &[(String, Var)],
-        local: usize,
-        global: usize,
-    ) -> Result<()> {
+    /// Sums the step's gradients over the ranks, in buckets of [`BUCKET_BYTES`], in parameter
+    /// order (the same on every rank). Each rank's gradients come weighted by its share of the
+    /// step's images, so the sum is the mean over the whole step, also where shares differ.
+    pub fn sum_gradients(&self, grads: &mut GradStore, params: &[(String, Var)]) -> Result<()> {
         if !self.is_distributed() {
             return Ok(());
         }
-        let weight = local as f64 / global as f64;
         let present: Vec<(&Var, Tensor)> = params
             .iter()
             .filter_map(|(_, var)| Some((var, grads.get(var)?.clone())))
@@ -222,8 +214,7 @@ impl World {
             let bucket = &present[start..end];
             let mut flat = Vec::with_capacity(elements);
             for (_, grad) in bucket {
-                let values = (grad.to_dtype(DType::F32)?.flatten_all()? * weight)?;
-                flat.extend(values.to_vec1::<f32>()?);
+                flat.extend(grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             }
             self.sum_f32(&mut flat)?;
             let mut at = 0;

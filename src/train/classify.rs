@@ -299,7 +299,8 @@ fn check_shares(config: &Config, images: usize, world: &World) -> Result<()> {
             config.batch_size
         )));
     }
-    let last = images % config.batch_size;
+    // The epoch's last step, and its last micro-batch under `accumulate`.
+    let last = images % (config.batch_size * config.accumulate) % config.batch_size;
     if !config.drop_last && last > 0 && last < ranks {
         return Err(Error::InvalidSetting(format!(
             "the epoch's last batch holds {last} of {images} images, fewer than the {ranks} \

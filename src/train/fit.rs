@@ -190,18 +190,18 @@ pub fn fit(
         }
         let mut order_rng = rng(config.seed, Stream::Shuffle, epoch);
         let order = epoch_order(data.train.len(), config.shuffle.then_some(&mut order_rng));
-        let batches: Vec<_> = batch_ranges(data.train.len(), config.batch_size)
+        let batches: Vec<_> = batch_ranges(data.train.len(), step_images(config))
             .take(steps_per_epoch)
             .collect();
-        let (order, shares) = share_epoch(&order, &batches, world);
+        let (order, shares) = share_epoch(&order, &batches, config.batch_size, world);
         let order = data.train.order(&order)?;
         let seen_before = tally.seen();
-        for (step, range) in shares
+        for (step, micros) in shares
             .into_iter()
             .enumerate()
             .skip(progress.steps_into_epoch)
         {
-            let global_images = batches[step].len();
+            let step_images = batches[step].len();
             let _step_span = tracing::info_span!("step", step = progress.global_step + 1).entered();
             let lr = config.schedule.rate(
                 config.lr,
@@ -212,31 +212,44 @@ pub fn fit(
             optimizer.set_learning_rate(lr);
             let augment = config
                 .augment
-                .for_batch(config.seed, epoch, step, data.image_width)
-                .map(|augment| crate::ops::Augmentation {
+                .for_batch(config.seed, epoch, step, data.image_width);
+            // The step's gradients: each micro-batch's (the mean over its images) weighted by
+            // its share of the step's images, so that they add up to the mean over the step.
+            let mut grads = GradStore::default();
+            let mut local_sums = [0f64; 2];
+            for micro in micros {
+                let augment = augment.map(|augment| crate::ops::Augmentation {
                     positions: Positions {
-                        first: world.rank(),
+                        first: micro.first,
                         stride: world.size(),
                     },
                     ..augment
                 });
-            let local_images = range.len();
-            let (images, labels) = phases.time(Phase::Data, || {
-                data.train
-                    .batch(&order, range, &mut train_buffer, augment.as_ref())
-            })?;
-            let (logits, loss) = phases.time(Phase::Forward, || {
-                // Data needs no gradient: the cast (a no-op in f32) starts the graph.
-                let images = images.to_dtype(input_dtype)?;
-                let logits = model.forward_t(&images, true)?;
-                let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-                Ok((logits, loss))
-            })?;
-            let mut grads = phases.time(Phase::Backward, || {
-                let mut grads = optimizer.backward(&loss)?;
-                world.average_gradients(&mut grads, &params, local_images, global_images)?;
-                Ok(grads)
-            })?;
+                let weight = micro.range.len() as f64 / step_images as f64;
+                let (images, labels) = phases.time(Phase::Data, || {
+                    data.train
+                        .batch(&order, micro.range, &mut train_buffer, augment.as_ref())
+                })?;
+                let (logits, loss) = phases.time(Phase::Forward, || {
+                    // Data needs no gradient: the cast (a no-op in f32) starts the graph.
+                    let images = images.to_dtype(input_dtype)?;
+                    let logits = model.forward_t(&images, true)?;
+                    let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
+                    Ok((logits, loss))
+                })?;
+                phases.time(Phase::Backward, || {
+                    let micro_grads = optimizer.backward(&loss)?;
+                    add_weighted(&mut grads, micro_grads, weight, &params)
+                })?;
+                if world.is_distributed() {
+                    let sums = batch_tally(&logits, &labels, &loss)?.to_vec1::<f32>()?;
+                    local_sums[0] += sums[0] as f64;
+                    local_sums[1] += sums[1] as f64;
+                } else {
+                    tally.add(&loss, &logits, &labels)?;
+                }
+            }
+            phases.time(Phase::Backward, || world.sum_gradients(&mut grads, &params))?;
             phases.time(Phase::Optimizer, || {
                 if !optimizer.unscale(&mut grads)? {
                     return Ok(());
@@ -247,17 +260,15 @@ pub fn fit(
                 optimizer.step(&grads)
             })?;
             let stop = if world.is_distributed() {
-                // The batch's tally and whether any rank was asked to stop, in one exchange:
-                // every rank then holds the whole batch's figures and stops at the same step.
-                let sums = batch_tally(&logits, &labels, &loss)?.to_vec1::<f32>()?;
+                // The step's tally and whether any rank was asked to stop, in one exchange:
+                // every rank then holds the whole step's figures and stops at the same step.
                 let stop = driving.stop.load(Ordering::SeqCst);
-                let mut shared = [sums[0] as f64, sums[1] as f64, f64::from(u8::from(stop))];
+                let mut shared = [local_sums[0], local_sums[1], f64::from(u8::from(stop))];
                 world.sum_f64(&mut shared)?;
                 let sums = Tensor::new(&[shared[0] as f32, shared[1] as f32], driving.device)?;
-                tally.add_sums(sums, global_images)?;
+                tally.add_sums(sums, step_images)?;
                 shared[2] > 0.0
             } else {
-                tally.add(&loss, &logits, &labels)?;
                 driving.stop.load(Ordering::SeqCst)
             };
             progress.steps_into_epoch = step + 1;
@@ -362,25 +373,71 @@ pub fn fit(
     Ok(Outcome::Finished(summary))
 }
 
-/// The epoch `order` as this rank sees it: its share of each global batch in `batches` (every
-/// W-th image from its rank), laid end to end, and where each batch's share lies in it. On a
-/// single process, the order and the batches as they are.
+/// One forward and backward pass of an optimizer step: where its images lie in this rank's
+/// order, and the position of its first image in the step's whole batch (for the augmentation's
+/// draws; the rest follow every world-size positions).
+struct Micro {
+    range: std::ops::Range<usize>,
+    first: usize,
+}
+
+/// Images an optimizer step takes, over every rank and micro-batch.
+fn step_images(config: &Config) -> usize {
+    config.batch_size * config.accumulate
+}
+
+/// The epoch `order` as this rank sees it: each step of `steps` cut into micro-batches of
+/// `micro` images, and this rank's share of each (every W-th image from its rank), laid end to
+/// end. On one process without accumulation: the order and the steps as they are.
 fn share_epoch(
     order: &[usize],
-    batches: &[std::ops::Range<usize>],
+    steps: &[std::ops::Range<usize>],
+    micro: usize,
     world: &World,
-) -> (Vec<usize>, Vec<std::ops::Range<usize>>) {
-    if !world.is_distributed() {
-        return (order.to_vec(), batches.to_vec());
-    }
-    let mut local = Vec::with_capacity(order.len() / world.size() + batches.len());
-    let mut shares = Vec::with_capacity(batches.len());
-    for batch in batches {
-        let start = local.len();
-        local.extend(world.share(batch.clone()).map(|position| order[position]));
-        shares.push(start..local.len());
+) -> (Vec<usize>, Vec<Vec<Micro>>) {
+    let mut local = Vec::with_capacity(order.len() / world.size() + steps.len());
+    let mut shares = Vec::with_capacity(steps.len());
+    for step in steps {
+        let mut micros = Vec::new();
+        for micro_start in step.clone().step_by(micro) {
+            let start = local.len();
+            let micro_range = micro_start..(micro_start + micro).min(step.end);
+            local.extend(world.share(micro_range).map(|position| order[position]));
+            micros.push(Micro {
+                range: start..local.len(),
+                first: micro_start - step.start + world.rank(),
+            });
+        }
+        shares.push(micros);
     }
     (local, shares)
+}
+
+/// Adds `micro` (one micro-batch's gradients) times `weight` into the step's `grads`, for the
+/// parameters alone: the micro-batch's other gradients are freed with it.
+fn add_weighted(
+    grads: &mut GradStore,
+    mut micro: GradStore,
+    weight: f64,
+    params: &[(String, Var)],
+) -> Result<()> {
+    for (_, var) in params {
+        let Some(grad) = micro.remove(var) else {
+            continue;
+        };
+        // A weight of 1 (one micro-batch on one process) leaves every bit as it is.
+        let grad = if weight == 1.0 {
+            grad
+        } else {
+            (grad * weight)?
+        };
+        let sum = match grads.remove(var) {
+            Some(held) => (held + grad)?,
+            None => grad,
+        };
+        grads.insert(var, sum);
+    }
+    Ok(())
 }
 
 /// Whether `flag` is set on any rank (on every rank's word, so all decide alike).
@@ -394,9 +451,9 @@ fn any_rank(world: &World, flag: bool) -> Result<bool> {
 /// left out under `drop_last`.
 pub fn steps_per_epoch(config: &Config, images: usize) -> usize {
     if config.drop_last {
-        images / config.batch_size
+        images / step_images(config)
     } else {
-        images.div_ceil(config.batch_size)
+        images.div_ceil(step_images(config))
     }
 }
 

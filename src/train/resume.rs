@@ -28,6 +28,7 @@ pub const BINDING: &[&str] = &[
     "lookahead",
     // Steps per epoch, and so where a checkpoint within an epoch stands.
     "drop_last",
+    "accumulate",
 ];
 
 /// Compares the checkpoint's settings with today's. A change to a [`BINDING`] setting is an
