@@ -47,11 +47,11 @@ pub const GPU_ENVIRONMENT: [(&str, &str); 1] = [("NCCL_NVLS_ENABLE", "0")];
 /// `train --gpus N`: runs this same program as N processes under `mpirun` on this machine, with
 /// `args` (the command line without `--gpus`), and returns mpirun's exit code.
 pub fn run_under_mpirun(gpus: usize, args: &[OsString]) -> Result<i32> {
-    if !cfg!(all(feature = "mpi", feature = "cuda")) {
+    if !cfg!(feature = "nccl") {
         return Err(Error::InvalidSetting(format!(
-            "--gpus {gpus} runs one process a GPU, and this kiln was built without CUDA and MPI; \
-             rebuild with: cargo build --release --features cudnn,mpi (CPU processes: mpirun -np \
-             N train --device cpu, built with --features mpi)"
+            "--gpus {gpus} runs one process a GPU, and this kiln was built without NCCL; rebuild \
+             with: cargo build --release --features nccl (CPU processes: mpirun -np N train \
+             --device cpu, built with --features mpi)"
         )));
     }
     let program = std::env::current_exe()

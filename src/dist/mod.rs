@@ -9,6 +9,8 @@
 pub mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use std::ops::Range;
 
@@ -31,6 +33,9 @@ pub struct World {
     local_size: usize,
     #[cfg(feature = "mpi")]
     comm: Option<std::sync::Arc<mpi::Comm>>,
+    /// Sums gradients between GPUs, once [`World::with_gpu`] joined it.
+    #[cfg(feature = "nccl")]
+    nccl: Option<std::sync::Arc<nccl::Nccl>>,
 }
 
 impl std::fmt::Debug for World {
@@ -54,6 +59,8 @@ impl World {
             local_size: 1,
             #[cfg(feature = "mpi")]
             comm: None,
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -74,6 +81,8 @@ impl World {
                 local_rank: comm.local_rank(),
                 local_size: comm.local_size(),
                 comm: Some(std::sync::Arc::new(comm)),
+                #[cfg(feature = "nccl")]
+                nccl: None,
             })
         }
         #[cfg(not(feature = "mpi"))]
@@ -82,6 +91,29 @@ impl World {
              data-parallel support; rebuild with: cargo build --release --features mpi",
             launched.rank, launched.size, launched.launcher
         )))
+    }
+
+    /// This world with its GPUs joined over NCCL, when `device` is one of several processes'
+    /// GPU and the build has NCCL; otherwise as it is (gradients then travel through the host).
+    pub fn with_gpu(&self, device: &candle_core::Device) -> Result<Self> {
+        #[cfg(feature = "nccl")]
+        if self.is_distributed() && device.is_cuda() {
+            let mut id = [0f64; 128];
+            if self.is_root() {
+                for (slot, byte) in id.iter_mut().zip(nccl::Nccl::new_id()?) {
+                    *slot = f64::from(byte);
+                }
+            }
+            self.broadcast_f64(&mut id)?;
+            let id = id.map(|b| b as std::ffi::c_char);
+            let joined = nccl::Nccl::join(device, self.rank, self.size, id)?;
+            return Ok(Self {
+                nccl: Some(std::sync::Arc::new(joined)),
+                ..self.clone()
+            });
+        }
+        let _ = device;
+        Ok(self.clone())
     }
 
     pub fn rank(&self) -> usize {
@@ -212,6 +244,22 @@ impl World {
                 end += 1;
             }
             let bucket = &present[start..end];
+            #[cfg(feature = "nccl")]
+            if let Some(nccl) = self.nccl.as_ref() {
+                let flat: Vec<Tensor> = bucket
+                    .iter()
+                    .map(|(_, g)| g.flatten_all())
+                    .collect::<candle_core::Result<_>>()?;
+                let summed = nccl.sum(&Tensor::cat(&flat, 0)?)?;
+                let mut at = 0;
+                for (var, grad) in bucket {
+                    let n = grad.elem_count();
+                    grads.insert(var, summed.narrow(0, at, n)?.reshape(grad.shape())?);
+                    at += n;
+                }
+                start = end;
+                continue;
+            }
             let mut flat = Vec::with_capacity(elements);
             for (_, grad) in bucket {
                 flat.extend(grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
