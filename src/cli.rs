@@ -74,13 +74,19 @@ impl DataArgs {
 /// A progress bar for decoding a folder's pictures, on a terminal (and `shown`); it finishes
 /// itself when the last picture is done.
 pub fn decode_bar(shown: bool) -> impl Fn(usize, usize) + Sync {
+    counting_bar(shown, "decoding images")
+}
+
+/// A bar of `label`'s progress on stderr, when `shown` and stderr is a terminal: call it with
+/// (done, total); it clears itself once done reaches total.
+pub fn counting_bar(shown: bool, label: &str) -> impl Fn(usize, usize) + Sync {
     use std::io::IsTerminal;
     let bar = (shown && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "decoding images {bar:30} {pos}/{len} ({per_sec}, {eta} left)",
-            )
+            indicatif::ProgressStyle::with_template(&format!(
+                "{label} {{bar:30}} {{pos}}/{{len}} ({{per_sec}}, {{eta}} left)"
+            ))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar

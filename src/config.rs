@@ -225,6 +225,9 @@ pub struct Config {
     /// normalises its own share (DDP's default). No effect on one process.
     #[serde(default)]
     pub sync_bn: bool,
+    /// Write TensorBoard event files (into the run directory, or `--tensorboard DIR`).
+    #[serde(default)]
+    pub tensorboard: bool,
     /// The last epoch's evaluation with test-time augmentation (`evaluate --tta`).
     #[serde(default)]
     pub tta: bool,
@@ -299,6 +302,7 @@ pub struct Overrides {
     pub backbone_lr_scale: Option<f64>,
     pub precision: Option<Precision>,
     pub sync_bn: bool,
+    pub tensorboard: bool,
 }
 
 impl Config {
@@ -405,6 +409,9 @@ impl Config {
         }
         if o.sync_bn {
             self.sync_bn = true;
+        }
+        if o.tensorboard {
+            self.tensorboard = true;
         }
         self.validate().map_err(Error::InvalidSetting)?;
         Ok(self)

@@ -11,6 +11,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod evaluate;
+pub mod fs;
 pub mod metrics;
 pub mod models;
 pub mod ops;
@@ -19,6 +20,7 @@ pub mod plots;
 pub mod predict;
 pub mod profile;
 pub mod report;
+pub mod tensorboard;
 pub mod train;
 
 pub use error::{Error, Result};

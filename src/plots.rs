@@ -10,9 +10,9 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::checkpoint::write_atomic;
 use crate::error::{Error, Result};
 use crate::evaluate::Evaluation;
+use crate::fs::write_atomic;
 use crate::metrics::EpochRecord;
 
 const FONT: &str = "sans-serif";
@@ -298,5 +298,77 @@ pub fn confusion_png(
             }
         }
         Ok(())
+    })
+}
+
+/// `lr_find.png`: the range test's loss against the learning rate (log scale), each step's and
+/// smoothed, the suggested rate marked.
+pub fn lr_find_png(path: &Path, found: &crate::train::lr_find::Found) -> Result<()> {
+    render(path, (1000, 650), |root| {
+        let points = |values: &[f64]| -> Vec<(f64, f64)> {
+            found
+                .rates
+                .iter()
+                .copied()
+                .zip(values.iter().copied())
+                .filter(|(_, v)| v.is_finite())
+                .collect()
+        };
+        let (raw, smoothed) = (points(&found.losses), points(&found.smoothed));
+        let first = found.rates.first().copied().unwrap_or(1e-7);
+        let last = found.rates.last().copied().unwrap_or(1.0).max(first * 10.0);
+        // The y range from the smoothed curve: the raw losses' spikes would flatten it.
+        let lo = smoothed.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = smoothed
+            .first()
+            .map_or(1.0, |p| p.1)
+            .max(lo + 1e-3)
+            .min(lo * 4.0 + 1.0);
+        let lo = if lo.is_finite() { lo } else { 0.0 };
+        let pad = (hi - lo) * 0.15;
+        let mut chart = ChartBuilder::on(root)
+            .caption("Learning-rate range test", (FONT, 26))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d((first..last).log_scale(), (lo - pad)..(hi + pad))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("learning rate")
+            .y_desc("training loss")
+            .x_label_formatter(&|x| format!("{x:.0e}"))
+            .label_style((FONT, 16))
+            .axis_desc_style((FONT, 18))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(raw, TRAIN.mix(0.35)))
+            .map_err(|e| e.to_string())?
+            .label("loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], TRAIN.mix(0.35)));
+        chart
+            .draw_series(LineSeries::new(smoothed, TRAIN.stroke_width(3)))
+            .map_err(|e| e.to_string())?
+            .label("smoothed")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], TRAIN.stroke_width(3)));
+        if let Some(rate) = found.suggestion {
+            chart
+                .draw_series(LineSeries::new(
+                    [(rate, lo - pad), (rate, hi + pad)],
+                    BEST.stroke_width(2),
+                ))
+                .map_err(|e| e.to_string())?
+                .label(format!("suggested {rate:.2e}"))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BEST.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font((FONT, 16))
+            .draw()
+            .map_err(|e| e.to_string())
     })
 }

@@ -456,10 +456,10 @@ fn results_do_not_depend_on_the_thread_count() {
     }
 }
 
-/// `--gpus N` on a build without CUDA and MPI, and a launch as one of several processes of a
+/// `--gpus N` on a build without NCCL, and a launch as one of several processes of a
 /// build without MPI: one line that says which build does it, exit 1, nothing written.
 #[test]
-#[cfg(not(all(feature = "mpi", feature = "cuda")))]
+#[cfg(not(feature = "nccl"))]
 fn several_processes_without_the_build_for_them_is_one_clear_line() {
     let root = tempfile::tempdir().unwrap();
     let out = train(
@@ -468,7 +468,7 @@ fn several_processes_without_the_build_for_them_is_one_clear_line() {
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("--features cudnn,mpi"), "{stderr}");
+    assert!(stderr.contains("--features nccl"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     if cfg!(feature = "mpi") {
         return;
@@ -489,4 +489,90 @@ fn several_processes_without_the_build_for_them_is_one_clear_line() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(!root.path().join("models").exists());
+}
+
+/// `--lr-find`: the suggestion printed, the curve drawn into the run directory, and nothing
+/// else written there: no weights, checkpoints, metrics or config; an existing run's files
+/// stay as they were.
+#[test]
+fn lr_find_suggests_a_rate_and_writes_only_its_plot() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let base = ["--device", "cpu", "--data-dir", &data, "--run", "lr"];
+    let out = train(&[&base[..], &["--epochs", "1"]].concat(), root.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run_dir = root.path().join("models/lr");
+    let before: Vec<(String, Vec<u8>)> = {
+        let mut files: Vec<_> = walk(&run_dir)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p.display().to_string(), bytes)
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let out = train(
+        &[&base[..], &["--lr-find", "--lr-find-steps", "60"]].concat(),
+        root.path(),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("suggested learning rate: "))
+        .unwrap_or_else(|| panic!("no suggestion in:\n{stdout}"));
+    let rate: f64 = line["suggested learning rate: ".len()..].parse().unwrap();
+    assert!(rate > 1e-7 && rate < 10.0, "{rate}");
+    let plot = run_dir.join("lr_find.png");
+    assert_picture(&plot, (800, 500));
+    let mut after: Vec<(String, Vec<u8>)> = walk(&run_dir)
+        .into_iter()
+        .filter(|p| *p != plot)
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p.display().to_string(), bytes)
+        })
+        .collect();
+    after.sort();
+    assert!(after == before, "the range test changed the run's files");
+    // A new run directory holds the plot alone.
+    let out = train(
+        &[
+            "--device",
+            "cpu",
+            "--data-dir",
+            &data,
+            "--run",
+            "fresh",
+            "--lr-find",
+            "--lr-find-steps",
+            "30",
+        ],
+        root.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        walk(&root.path().join("models/fresh")),
+        [root.path().join("models/fresh/lr_find.png")]
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
 }

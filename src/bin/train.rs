@@ -73,7 +73,7 @@ struct Cli {
     threads: Option<u16>,
 
     /// Train on N GPUs of this machine, one process each, started through mpirun (needs a build
-    /// with --features cudnn,mpi); --batch-size is then the batch of all N together. For
+    /// with --features nccl); --batch-size is then the batch of all N together. For
     /// several machines or CPU processes, start kiln under mpirun or srun yourself
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
     gpus: Option<u16>,
@@ -223,6 +223,23 @@ struct Cli {
     #[arg(long, help_heading = "Output")]
     json_logs: bool,
 
+    /// Instead of training: the learning-rate range test (as Lightning's lr_find). From the
+    /// starting weights, one step per rate from 1e-7 to 10, growing exponentially, until the
+    /// loss diverges; prints the rate where the smoothed loss falls fastest and plots the curve
+    /// to <run>/lr_find.png. Writes nothing else: no weights, checkpoints or metrics
+    #[arg(long, conflicts_with = "resume", help_heading = "Run")]
+    lr_find: bool,
+
+    /// Steps of the range test [default: 200]
+    #[arg(long, value_name = "N", requires = "lr_find", value_parser = clap::value_parser!(u16).range(20..), help_heading = "Run")]
+    lr_find_steps: Option<u16>,
+
+    /// Write TensorBoard event files (loss, accuracy, learning rate, images/s; per step and per
+    /// epoch) into DIR [default: the run directory]; then: tensorboard --logdir models
+    /// [config: tensorboard = true]
+    #[arg(long, value_name = "DIR", num_args = 0..=1, help_heading = "Output")]
+    tensorboard: Option<Option<PathBuf>>,
+
     /// End-of-epoch checkpoints to keep in <run>/checkpoints (best.safetensors is always kept)
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
     keep: u64,
@@ -332,6 +349,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
         },
         precision: cli.precision,
         sync_bn: cli.sync_bn,
+        tensorboard: cli.tensorboard.is_some(),
     };
     let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
     let reporter = Reporter::new(if cli.quiet || !world.is_root() {
@@ -342,6 +360,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
         Output::Human
     });
     let device = device::open(cli.device.for_local_rank(world.local_rank()))?;
+    let world = &world.with_gpu(&device)?;
     reporter.note(&format!("device: {}", device::describe(&device)));
     if world.is_distributed() {
         reporter.note(&format!(
@@ -515,9 +534,20 @@ fn train_classifier(
         // A resume that found nothing to resume owns the directory it was pointed at.
         overwrite: cli.overwrite || cli.resume.is_some(),
         world,
+        tensorboard_dir: cli.tensorboard.clone().flatten(),
+        lr_find: cli.lr_find.then(|| {
+            let default = kiln::train::lr_find::Sweep::default();
+            kiln::train::lr_find::Sweep {
+                steps: cli.lr_find_steps.map_or(default.steps, usize::from),
+                ..default
+            }
+        }),
     };
     let ended = classify::run(spec, &config, data, device, &run_dir, start, &options)
         .with_context(|| format!("training {} failed", spec.name))?;
+    if cli.lr_find {
+        return Ok(ExitCode::SUCCESS);
+    }
     match ended.outcome {
         Outcome::Finished(_) => Ok(ExitCode::SUCCESS),
         Outcome::AlreadyDone { epochs } => {

@@ -21,9 +21,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
-pub use file::{
-    load_weights, save_tensors, write_atomic, write_atomic_with, Weights, CHECKSUM_KEY,
-};
+pub use file::{load_weights, save_tensors, Weights, CHECKSUM_KEY};
 pub use run_dir::{CheckpointScan, RunDir};
 
 use crate::config::Config;

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::file::is_temp_file;
 use super::{read_progress, Progress};
 use crate::error::{Error, Result};
+use crate::fs::is_temp_file;
 
 pub struct RunDir {
     path: PathBuf,
@@ -100,6 +100,11 @@ impl RunDir {
     pub fn checkpoints(&self) -> PathBuf {
         self.path.join("checkpoints")
     }
+    /// The learning-rate range test's plot (`train --lr-find`).
+    pub fn lr_find_plot(&self) -> PathBuf {
+        self.path.join("lr_find.png")
+    }
+
     pub fn plot(&self) -> PathBuf {
         self.path.join("metrics.png")
     }

@@ -434,7 +434,7 @@ fn write_cache(
     let side = options.image_size;
     let mut labels = Vec::with_capacity(entries.len());
     let mut failure = None;
-    let written = crate::checkpoint::write_atomic_with(path, |file| {
+    let written = crate::fs::write_atomic_with(path, |file| {
         for block in entries.chunks(IMAGES_PER_WRITE) {
             let decoded: Vec<std::result::Result<Vec<u8>, String>> = block
                 .par_iter()

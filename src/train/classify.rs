@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Device;
 
 use super::fit::{self, Data, Driving, Observer, Outcome, Trainee};
-use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog};
+use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog, TensorBoard};
 use crate::checkpoint::{self, Checkpoint, Progress, RunDir};
 use crate::config::{Config, Precision};
 use crate::data::batches::{BatchBuffer, DeviceSet};
@@ -47,6 +47,10 @@ pub struct Options<'a> {
     pub reporter: Reporter,
     /// The processes training together; rank 0 alone writes the run directory.
     pub world: &'a World,
+    /// Where TensorBoard's event files go under `config.tensorboard` (None: the run directory).
+    pub tensorboard_dir: Option<PathBuf>,
+    /// Run the learning-rate range test instead of training (`--lr-find`).
+    pub lr_find: Option<super::lr_find::Sweep>,
 }
 
 /// How the run ended, and the checkpoint that continues it if it was interrupted.
@@ -171,13 +175,27 @@ pub fn run(
         });
     }
     let world = options.world;
+    if let Some(sweep) = &options.lr_find {
+        return find_lr(
+            spec,
+            config,
+            data,
+            device,
+            run_dir,
+            built,
+            optimizer,
+            input_dtype,
+            sweep,
+            options,
+        );
+    }
     if world.is_root() {
         if progress.global_step == 0 {
             run_dir.start_fresh(options.overwrite)?;
         } else {
             run_dir.create_dirs()?;
         }
-        checkpoint::write_atomic(&run_dir.config(), config.to_toml().as_bytes())?;
+        crate::fs::write_atomic(&run_dir.config(), config.to_toml().as_bytes())?;
     }
     let reporter = options.reporter;
     reporter.note(&format!(
@@ -242,6 +260,23 @@ pub fn run(
     let mut console = Console::new(reporter, run_dir, device, train_images);
     // Every rank decides early stopping alike (from the same figures); rank 0 alone writes
     // and prints.
+    let mut tensorboard = match (config.tensorboard && world.is_root()).then(|| {
+        let dir = options
+            .tensorboard_dir
+            .clone()
+            .unwrap_or_else(|| run_dir.path().to_path_buf());
+        crate::tensorboard::EventWriter::create(&dir)
+    }) {
+        Some(writer) => {
+            let writer = writer?;
+            reporter.note(&format!(
+                "TensorBoard: tensorboard --logdir {}",
+                writer.path().parent().unwrap_or(run_dir.path()).display()
+            ));
+            Some(TensorBoard::new(writer))
+        }
+        None => None,
+    };
     let mut observers: Vec<&mut dyn Observer> = if world.is_root() {
         vec![
             &mut checkpointer,
@@ -252,6 +287,9 @@ pub fn run(
     } else {
         vec![&mut early_stopping]
     };
+    if let Some(tensorboard) = tensorboard.as_mut() {
+        observers.push(tensorboard);
+    }
     // One start for every replica: rank 0's parameters and buffers (the same seed gives the
     // same weights, but a replica must never train from other weights than the one it saves).
     world.broadcast_state(&built.params.state())?;
@@ -282,6 +320,80 @@ pub fn run(
     Ok(Ended {
         outcome,
         checkpoint: checkpointer.last_written,
+    })
+}
+
+/// `train --lr-find`: the range test from the run's starting weights on its training data;
+/// prints the suggestion and writes `lr_find.png` into the run directory, and nothing else.
+#[allow(clippy::too_many_arguments)]
+fn find_lr(
+    spec: &ModelSpec,
+    config: &Config,
+    data: DataSets,
+    device: &Device,
+    run_dir: &RunDir,
+    built: models::Built,
+    mut optimizer: Box<dyn optim::Optimizer>,
+    input_dtype: candle_core::DType,
+    sweep: &super::lr_find::Sweep,
+    options: &Options,
+) -> Result<Ended> {
+    if options.world.is_distributed() {
+        return Err(Error::InvalidSetting(
+            "--lr-find runs on one process; start it without mpirun or srun".into(),
+        ));
+    }
+    let reporter = options.reporter;
+    let image_width = data.train.side();
+    let stats = data.stats;
+    let train = DeviceSet::new(data.train, stats, device)?;
+    if let Some(init) = spec.data_init.as_ref() {
+        let count = init.images.min(train.len());
+        let order = train.order(&(0..count).collect::<Vec<_>>())?;
+        let (images, _) = train.batch(&order, 0..count, &mut BatchBuffer::default(), None)?;
+        (init.apply)(&built.params, &images)?;
+    }
+    reporter.note(&format!(
+        "learning-rate range test: {} steps of batch {}, lr {:.0e} to {:.0e}, from {}'s starting weights",
+        sweep.steps, config.batch_size, sweep.min_lr, sweep.max_lr, spec.name
+    ));
+    let human = reporter.output == crate::report::Output::Human;
+    let bar = crate::cli::counting_bar(human, "learning-rate range test");
+    let found = super::lr_find::sweep(
+        built.module.as_ref(),
+        optimizer.as_mut(),
+        &train,
+        image_width,
+        config,
+        input_dtype,
+        sweep,
+        |done| bar(done, sweep.steps),
+    )?;
+    bar(sweep.steps, sweep.steps);
+    std::fs::create_dir_all(run_dir.path()).map_err(Error::io("cannot create", run_dir.path()))?;
+    let plot = run_dir.lr_find_plot();
+    crate::plots::lr_find_png(&plot, &found)?;
+    match found.suggestion {
+        // The result itself: printed whatever the output mode.
+        Some(rate) if reporter.output == crate::report::Output::Json => println!(
+            "{}",
+            serde_json::json!({"event": "lr_find", "suggested_lr": rate, "steps": found.rates.len(),
+                               "plot": plot.display().to_string()})
+        ),
+        Some(rate) => println!("suggested learning rate: {rate:.2e}"),
+        None => {
+            return Err(Error::InvalidSetting(format!(
+                "the range test stopped after {} steps, too few to suggest a rate (the loss \
+                 diverged at once?); try a smaller starting rate; the curve is in {}",
+                found.rates.len(),
+                plot.display()
+            )))
+        }
+    }
+    reporter.note(&format!("the loss against the rate: {}", plot.display()));
+    Ok(Ended {
+        outcome: Outcome::AlreadyDone { epochs: 0 },
+        checkpoint: None,
     })
 }
 

@@ -5,6 +5,7 @@
 pub mod classify;
 pub mod fit;
 pub mod linear_fit;
+pub mod lr_find;
 pub mod observers;
 pub mod resume;
 pub mod warm_up;

@@ -97,13 +97,13 @@ impl Observer for MetricsLog<'_> {
     fn started(&mut self, run: &RunView) -> Result<Control> {
         if !run.progress.history.is_empty() {
             // The checkpoint's history is the truth: rows written after it was taken are dropped.
-            checkpoint::write_atomic(&self.run_dir.metrics(), run.progress.history.as_bytes())?;
+            crate::fs::write_atomic(&self.run_dir.metrics(), run.progress.history.as_bytes())?;
         }
         Ok(Control::Continue)
     }
 
     fn epoch_ended(&mut self, _: &EpochEnd, run: &RunView) -> Result<Control> {
-        checkpoint::write_atomic(&self.run_dir.metrics(), run.progress.history.as_bytes())?;
+        crate::fs::write_atomic(&self.run_dir.metrics(), run.progress.history.as_bytes())?;
         let history = EpochRecord::parse_history(&run.progress.history);
         let best = run.progress.best.map(|(epoch, _)| epoch);
         if let Err(err) = plots::metrics_png(&self.run_dir.plot(), &history, best) {
@@ -241,5 +241,84 @@ impl Observer for Console<'_> {
             checkpoints: self.run_dir.checkpoints(),
         });
         Ok(())
+    }
+}
+
+/// TensorBoard's scalars of the run (`--tensorboard`), on the global step's axis: every
+/// [`PROGRESS_EVERY`]-th step the epoch's running loss, accuracy and images/s, every step the
+/// learning rate, and after each epoch its figures. A resumed run marks its restart, so the
+/// curves continue from the checkpoint instead of repeating the steps lost after it.
+pub struct TensorBoard {
+    pub writer: crate::tensorboard::EventWriter,
+    /// Images the epoch's tally had seen when this process started it.
+    seen_before: usize,
+}
+
+impl TensorBoard {
+    pub fn new(writer: crate::tensorboard::EventWriter) -> Self {
+        Self {
+            writer,
+            seen_before: 0,
+        }
+    }
+}
+
+impl Observer for TensorBoard {
+    fn started(&mut self, run: &RunView) -> Result<Control> {
+        if run.progress.global_step > 0 {
+            self.writer.restart_at(run.progress.global_step)?;
+        }
+        self.seen_before = run.tally.seen();
+        Ok(Control::Continue)
+    }
+
+    fn epoch_started(&mut self, _: usize, run: &RunView) -> Result<()> {
+        self.seen_before = run.tally.seen();
+        Ok(())
+    }
+
+    fn step_ended(&mut self, run: &RunView, seconds: f64) -> Result<()> {
+        let step = run.progress.global_step;
+        self.writer
+            .scalar("train/lr", step, run.optimizer.learning_rate())?;
+        if step.is_multiple_of(PROGRESS_EVERY as u64) {
+            let (loss, accuracy) = run.tally.read()?;
+            let images = run.tally.seen().saturating_sub(self.seen_before);
+            self.writer.scalar("train/loss", step, loss)?;
+            self.writer.scalar("train/accuracy", step, accuracy)?;
+            self.writer.scalar(
+                "train/images_per_s",
+                step,
+                images as f64 / seconds.max(1e-9),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn epoch_ended(&mut self, end: &EpochEnd, run: &RunView) -> Result<Control> {
+        let step = run.progress.global_step;
+        let r = end.record;
+        for (tag, value) in [
+            ("epoch/epoch", r.epoch as f64),
+            ("epoch/train_loss", r.train_loss),
+            ("epoch/train_accuracy", r.train_acc),
+            ("epoch/test_loss", r.test_loss),
+            ("epoch/test_accuracy", r.test_acc),
+            ("epoch/lr", r.lr),
+            ("epoch/images_per_s", r.images_per_s),
+            ("epoch/seconds", r.seconds),
+        ] {
+            self.writer.scalar(tag, step, value)?;
+        }
+        self.writer.flush()?;
+        Ok(Control::Continue)
+    }
+
+    fn interrupted(&mut self, _: &RunView) -> Result<()> {
+        self.writer.flush()
+    }
+
+    fn finished(&mut self, _: &Summary, _: &RunView) -> Result<()> {
+        self.writer.flush()
     }
 }
