@@ -57,6 +57,9 @@ pub enum Error {
     #[error("{path}: {message}")]
     DataInvalid { path: PathBuf, message: String },
 
+    #[error("run directory {dir} is in use by another kiln process (pid {holder}); wait for it to end, or pass --run NAME to start a separate run")]
+    RunInUse { dir: PathBuf, holder: String },
+
     #[error("run directory {dir} already holds a run; pass --resume to continue it, --run NAME to start a separate one, or --overwrite to replace it")]
     RunExists { dir: PathBuf },
 

@@ -358,6 +358,53 @@ fn bad_archives_and_failed_transfers_leave_nothing_behind() {
     assert!(!Path::new("/tmp/kiln-absolute.bin").exists());
 }
 
+/// A server that takes the connection and never answers: the download gives up after its
+/// timeout (`KILN_DOWNLOAD_TIMEOUT`, 2 s here) with one line naming the URL, not a hang.
+#[test]
+fn a_server_that_never_answers_times_out() {
+    let root = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/cifar-10-binary.tar.gz",
+        listener.local_addr().unwrap()
+    );
+    // Accepts, then holds every connection open in silence until the test ends.
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(4).flatten() {
+            held.push(stream);
+        }
+        held
+    });
+    let started = std::time::Instant::now();
+    let out = common::output_within(
+        common::binary("train")
+            .args([
+                "--device",
+                "cpu",
+                "--epochs",
+                "1",
+                "--data-dir",
+                "data/cifar",
+                "--data-url",
+                &url,
+            ])
+            .env("KILN_DOWNLOAD_TIMEOUT", "2")
+            .current_dir(root.path()),
+        std::time::Duration::from_secs(60),
+    );
+    let took = started.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(took.as_secs() < 30, "gave up after {took:?}");
+    assert!(
+        stderr.contains(&url) && stderr.to_lowercase().contains("timeout"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    drop(holder);
+}
+
 #[test]
 fn without_network_the_error_names_the_url_the_directory_and_the_ways_out() {
     let root = tempfile::tempdir().unwrap();

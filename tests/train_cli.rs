@@ -576,3 +576,75 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     found.sort();
     found
 }
+
+/// One run directory, one writer. Two runs started together: exactly one trains. A second
+/// process on a directory still training (fresh or `--resume`) is refused with one line naming
+/// the first's pid; once the first is SIGKILLed, `--resume` continues (the kernel dropped its
+/// lock).
+#[test]
+fn a_run_directory_has_one_writer_at_a_time() {
+    let root = tempfile::tempdir().unwrap();
+    let synthetic = |run: &'static str, extra: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec!["--dataset", "synthetic", "--device", "cpu", "--run", run];
+        args.extend_from_slice(extra);
+        args
+    };
+    let spawn = |args: Vec<&str>| {
+        common::binary("train")
+            .args(args)
+            .current_dir(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let racers = [
+        spawn(synthetic("race", &["--epochs", "1"])),
+        spawn(synthetic("race", &["--epochs", "1"])),
+    ];
+    let outs: Vec<Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let won = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(won, 1, "exactly one of two racing runs trains");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    let stderr = text(&lost.stderr);
+    assert!(
+        stderr.contains("in use by another kiln process") || stderr.contains("already holds a run"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let mut first = spawn(synthetic(
+        "busy",
+        &["--epochs", "60", "--checkpoint-every", "5"],
+    ));
+    let checkpoints = root.path().join("models/busy/checkpoints");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&checkpoints).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no checkpoint from the first run"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let holder = format!("pid {}", first.id());
+    for args in [
+        synthetic("busy", &["--epochs", "60", "--resume"]),
+        synthetic("busy", &["--epochs", "60", "--overwrite"]),
+    ] {
+        let out = train(&args, root.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&holder), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let out = train(
+        &synthetic("busy", &["--epochs", "2", "--resume"]),
+        root.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -11,6 +11,12 @@ pub struct RunDir {
     path: PathBuf,
 }
 
+/// A process's hold on a run directory while it trains there: an exclusive `flock` on
+/// `<run>/.lock`, which the kernel releases however the process ends (SIGKILL included).
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
 /// The checkpoint files of a run directory: those whose header reads, newest first, and those
 /// that cannot be read, with what is wrong with each.
 pub struct CheckpointScan {
@@ -63,6 +69,48 @@ impl RunDir {
             }
         }
         self.create_dirs()
+    }
+
+    /// Takes the directory for this process (creating it), or says which process holds it: two
+    /// processes writing one run's checkpoints and metrics would ruin both. Readers (evaluate,
+    /// predict) take no lock.
+    pub fn lock(&self) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(&self.path)
+            .map_err(Error::io("cannot create run directory", &self.path))?;
+        let path = self.path.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Error::io("cannot open", &path))?;
+        match file.try_lock() {
+            Ok(()) => {
+                // The holder's pid, for the message another process gives.
+                let written = file
+                    .set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| write!(file, "{}", std::process::id()));
+                written.map_err(Error::io("cannot write", &path))?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                Err(Error::RunInUse {
+                    dir: self.path.clone(),
+                    holder: if holder.is_empty() {
+                        "unknown".into()
+                    } else {
+                        holder.into()
+                    },
+                })
+            }
+            Err(std::fs::TryLockError::Error(err)) => Err(Error::io("cannot lock", &path)(err)),
+        }
     }
 
     /// Creates the directories, and removes temporary files that a killed process left

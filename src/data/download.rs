@@ -139,6 +139,17 @@ pub fn ensure(dir: &Path, source: &Source) -> Result<()> {
     }
 }
 
+/// How long a download waits for the server at each stage (connect: half of it): 60 s, or
+/// `KILN_DOWNLOAD_TIMEOUT` seconds.
+fn patience() -> Duration {
+    let seconds = std::env::var("KILN_DOWNLOAD_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(60.0);
+    Duration::from_secs_f64(seconds)
+}
+
 /// Copies `url` into `part`: a local path or `file://` URL is copied; over HTTP(S) an existing
 /// `part` is resumed with a Range request (restarted if the server ignores it).
 fn fetch(url: &str, part: &Path) -> std::result::Result<(), String> {
@@ -151,9 +162,13 @@ fn fetch(url: &str, part: &Path) -> std::result::Result<(), String> {
         return Ok(());
     }
     let have = part.metadata().map(|m| m.len()).unwrap_or(0);
+    let patience = patience();
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_body(Some(Duration::from_secs(60)))
+        .timeout_connect(Some(patience / 2))
+        .timeout_send_request(Some(patience))
+        // A server that takes the connection and never answers must not hang the run.
+        .timeout_recv_response(Some(patience))
+        .timeout_recv_body(Some(patience))
         .http_status_as_error(false)
         .build()
         .into();

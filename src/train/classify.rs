@@ -189,6 +189,8 @@ pub fn run(
             options,
         );
     }
+    // Held until the run returns: no second process trains (or resumes) here meanwhile.
+    let _lock = world.is_root().then(|| run_dir.lock()).transpose()?;
     if world.is_root() {
         if progress.global_step == 0 {
             run_dir.start_fresh(options.overwrite)?;
