@@ -501,3 +501,43 @@ pub fn clip_grad_norm(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two parameters' gradients (3, 4) and (12,): global norm 13. Clipped to 6.5 they are
+    /// scaled by 6.5 / (13 + 1e-6), PyTorch's `clip_grad_norm_`, by hand; a bound above the norm
+    /// leaves them as they were.
+    #[test]
+    fn clipping_scales_every_gradient_by_the_bound_over_the_global_norm() {
+        let device = Device::Cpu;
+        let a = Var::from_slice(&[0f32, 0.0], 2, &device).unwrap();
+        let b = Var::from_slice(&[0f32], 1, &device).unwrap();
+        let params = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        let grads_of = || {
+            let mut grads = GradStore::default();
+            grads.insert(&a, Tensor::new(&[3f32, 4.0], &device).unwrap());
+            grads.insert(&b, Tensor::new(&[12f32], &device).unwrap());
+            grads
+        };
+        let values = |g: &GradStore, v: &Var| g.get(v).unwrap().to_vec1::<f32>().unwrap();
+        let mut grads = grads_of();
+        clip_grad_norm(&mut grads, &params, 6.5).unwrap();
+        let scale = (6.5 / (13.0 + 1e-6)) as f32;
+        for (got, want) in values(&grads, &a)
+            .into_iter()
+            .chain(values(&grads, &b))
+            .zip([3.0 * scale, 4.0 * scale, 12.0 * scale])
+        {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs(),
+                "{got} against {want}"
+            );
+        }
+        let mut grads = grads_of();
+        clip_grad_norm(&mut grads, &params, 100.0).unwrap();
+        assert_eq!(values(&grads, &a), [3.0, 4.0]);
+        assert_eq!(values(&grads, &b), [12.0]);
+    }
+}
