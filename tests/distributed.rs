@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use common::{fixture_dir, metrics_without_timing, models_dir, text, weight_bits};
-use kiln::checkpoint::load_weights;
+use common::{
+    fixture_dir, metrics_without_timing, models_dir, relative_difference, text, weight_bits,
+};
 
 /// These tests start several processes each on two cores: one test at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -55,44 +54,8 @@ fn train(ranks: usize, args: &[&str], cwd: &Path) -> Command {
 }
 
 /// Waits for `child` at most LIMIT, then kills it and fails.
-fn finish(mut child: Child) -> Output {
-    let started = Instant::now();
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > LIMIT {
-            let _ = child.kill();
-            panic!("the job ran past {LIMIT:?} and was killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+fn finish(child: Child) -> Output {
+    common::wait_within(child, LIMIT)
 }
 
 fn run(ranks: usize, args: &[&str], cwd: &Path) -> Output {
@@ -113,35 +76,6 @@ fn run_ok(ranks: usize, args: &[&str], cwd: &Path) -> String {
         text(&out.stderr)
     );
     text(&out.stdout)
-}
-
-/// ||a - b|| / ||b|| over every tensor of two weights files.
-fn relative_difference(a: &Path, b: &Path) -> f64 {
-    let (a, b) = (
-        load_weights(a, &Device::Cpu).unwrap().tensors,
-        load_weights(b, &Device::Cpu).unwrap().tensors,
-    );
-    assert_eq!(
-        a.keys().collect::<std::collections::BTreeSet<_>>(),
-        b.keys().collect::<std::collections::BTreeSet<_>>()
-    );
-    let (mut diff, mut norm) = (0f64, 0f64);
-    for (name, tb) in &b {
-        let values = |t: &candle_core::Tensor| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
-        let (va, vb) = (values(&a[name]), values(tb));
-        for (x, y) in va.iter().zip(&vb) {
-            diff += (x - y) * (x - y);
-            norm += y * y;
-        }
-    }
-    (diff / norm).sqrt()
 }
 
 /// The files a run directory holds, by path within it.
@@ -264,26 +198,10 @@ fn resnet18_with_sync_bn_on_two_processes_trains_as_on_one() {
 /// Runs `ranks` processes of train with `args` and sends mpirun (or train) SIGINT, Ctrl-C, as
 /// soon as epoch 1's line is out; waits for the job to end.
 fn interrupted_after_epoch_1(ranks: usize, args: &[&str], cwd: &Path) -> Output {
-    let mut child = train(ranks, args, cwd)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 1/") {
-        seen.push_str(&line);
-        line.clear();
-    }
-    assert!(
-        line.contains("epoch 1/"),
-        "no epoch line before the end:\n{seen}"
-    );
+    let child = common::spawn_past_epoch_1(&mut train(ranks, args, cwd));
     std::thread::sleep(Duration::from_millis(30));
     // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     finish(child)
 }
 
@@ -377,18 +295,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
     let data = fixture_dir(root.path());
     let run = "killed-rank";
     let long = ["--model", "simplecnn", "--epochs", "40"];
-    let mut child = train(2, &args(&data, run, &long), root.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 1/") {
-        line.clear();
-    }
-    assert!(line.contains("epoch 1/"), "the job trains an epoch");
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let child = common::spawn_past_epoch_1(&mut train(2, &args(&data, run, &long), root.path()));
     let victims = pids_of_rank(1, run);
     assert_eq!(victims.len(), 1, "rank 1 is one process: {victims:?}");
     let killed = Instant::now();

@@ -2,13 +2,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::{column, fixture_dir, metrics_without_timing, models_dir, run, text, weight_bits};
+use common::{
+    column, fixture_dir, metrics_without_timing, models_dir, relative_difference, run, text,
+    weight_bits,
+};
 use kiln::checkpoint::{load_checkpoint, load_weights, RunDir};
 use rand::{Rng, SeedableRng};
 
@@ -176,26 +178,6 @@ fn sigkill_at_random_moments_never_loses_a_checkpoint() {
         kills.mid_write > 0,
         "no kill landed inside a checkpoint write"
     );
-}
-
-/// ||a - b|| / ||b|| over every tensor of two weights files.
-fn relative_difference(a: &Path, b: &Path) -> f64 {
-    let (a, b) = (
-        load_weights(a, &Device::Cpu).unwrap().tensors,
-        load_weights(b, &Device::Cpu).unwrap().tensors,
-    );
-    let (mut diff, mut norm) = (0f64, 0f64);
-    for (name, tb) in &b {
-        let values = |t: &candle_core::Tensor| {
-            let t = t.to_dtype(candle_core::DType::F64).unwrap();
-            t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
-        };
-        for (x, y) in values(&a[name]).iter().zip(values(tb)) {
-            diff += (x - y) * (x - y);
-            norm += y * y;
-        }
-    }
-    (diff / norm).sqrt()
 }
 
 /// `--accumulate 4` at batch 16 takes the steps of batch 64 (the fixture's 600 images: 10 steps
@@ -496,19 +478,7 @@ fn interrupt_after_epoch_1(root: &Path, args: &[&str]) -> std::process::Output {
 /// Runs `train` with `args` and sends it `signals`, one right after the other, just after epoch
 /// 1's line is out; waits for it to end.
 fn signal_after_epoch_1(root: &Path, args: &[&str], signals: &[i32]) -> std::process::Output {
-    let mut child = common::binary("train")
-        .args(args)
-        .current_dir(root)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 1/") {
-        line.clear();
-    }
-    assert!(line.contains("epoch 1/"), "no epoch line before the end");
+    let child = common::spawn_past_epoch_1(common::binary("train").args(args).current_dir(root));
     // Past the epoch's end, where the loop also looks for a stop, and into epoch 2's steps.
     std::thread::sleep(Duration::from_millis(30));
     // Straight from this process, microseconds apart (a `kill` command per signal can arrive
@@ -517,7 +487,6 @@ fn signal_after_epoch_1(root: &Path, args: &[&str], signals: &[i32]) -> std::pro
         // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     }
-    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
     child.wait_with_output().unwrap()
 }
 

@@ -36,6 +36,9 @@ Examples:
 
   train --resume                            continue models/simplecnn/ where it stopped
   train --dataset synthetic --epochs 2      no data at hand: ten classes of generated images
+  train --model resnet18 --lr-find          suggest a learning rate (plot in models/resnet18/)
+  train --model resnet18 --tensorboard      also log for: tensorboard --logdir models
+  mpirun -np 2 train --device cpu           two processes (a build with --features mpi)
 
 Each run writes models/<run>/: config.toml (the resolved settings), metrics.csv (one row per
 epoch), last.safetensors and best.safetensors (weights with PyTorch parameter names), and
@@ -43,7 +46,8 @@ checkpoints/ (everything --resume needs). Ctrl-C stops after the current step wi
 (exit 130); a second Ctrl-C stops at once.
 Logs: RUST_LOG=info (or debug) for more detail on stderr.";
 
-/// Train a model: the PyTorch tutorials' SimpleCNN on CIFAR-10, or the linear set-up check.
+/// Train an image classifier (SimpleCNN, ResNet-18/34/50, fastnet) on CIFAR-10 or your own
+/// pictures, on Metal, CUDA or the CPU, one process or several; or run the linear set-up check.
 ///
 /// Settings come from the model's config (configs/<model>.toml, built in) or from --config FILE;
 /// the flags below override single values.

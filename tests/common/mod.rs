@@ -95,12 +95,18 @@ pub fn models_dir(root: &Path) -> PathBuf {
 /// Runs `command` to its end, as `Command::output`, but kills it and fails the test once it has
 /// run `limit`: a test of something that must not hang never hangs itself.
 pub fn output_within(command: &mut Command, limit: std::time::Duration) -> Output {
-    use std::io::Read;
-    let mut child = command
+    let child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the binary starts");
+    wait_within(child, limit)
+}
+
+/// Waits for `child` (its output pipes still there are read to the end) at most `limit`, then
+/// kills it and fails the test.
+pub fn wait_within(mut child: std::process::Child, limit: std::time::Duration) -> Output {
+    use std::io::Read;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -139,4 +145,52 @@ pub fn output_within(command: &mut Command, limit: std::time::Duration) -> Outpu
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
     }
+}
+
+/// ||a - b|| / ||b|| over every tensor of two weights files (which must hold the same names).
+pub fn relative_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (
+        load_weights(a, &Device::Cpu).unwrap().tensors,
+        load_weights(b, &Device::Cpu).unwrap().tensors,
+    );
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (name, tb) in &b {
+        let values = |t: &candle_core::Tensor| {
+            let t = t.to_dtype(candle_core::DType::F64).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        };
+        for (x, y) in values(&a[name]).iter().zip(values(tb)) {
+            diff += (x - y) * (x - y);
+            norm += y * y;
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+/// Starts `command` (a `train`) with its output piped and returns once epoch 1's line is out,
+/// its stdout drained from then on in the background (stderr stays for the caller to read).
+pub fn spawn_past_epoch_1(command: &mut Command) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut seen = String::new();
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("epoch 1/") {
+        seen.push_str(&line);
+        line.clear();
+    }
+    assert!(
+        line.contains("epoch 1/"),
+        "no epoch line before the end:\n{seen}"
+    );
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    child
 }
