@@ -14,6 +14,7 @@ pub mod evaluate;
 pub mod fs;
 pub mod metrics;
 pub mod models;
+pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod plots;

@@ -47,7 +47,10 @@ pub const SPEC: ModelSpec = ModelSpec {
 /// The whitening layer's patch side.
 const PATCH: usize = 2;
 /// The head's output scale (airbench's `scaling_factor`).
-const HEAD_SCALE: f64 = 1.0 / 9.0;
+/// The head's logits are scaled by this (airbench's `scaling_factor`).
+pub const HEAD_SCALE: f64 = 1.0 / 9.0;
+/// The BatchNorms' epsilon (airbench's 1e-12).
+pub const NORM_EPS: f64 = 1e-12;
 /// How many training images the whitening's covariance is estimated from, as airbench's.
 pub const WHITENING_IMAGES: usize = 5000;
 /// Added to each eigenvalue before dividing by its root: how far the whitening flattens noise.
@@ -56,7 +59,7 @@ const WHITENING_EPS: f64 = 5e-4;
 fn norm_settings() -> NormSettings {
     NormSettings {
         momentum: 0.4,
-        eps: 1e-12,
+        eps: NORM_EPS,
         train_weight: false,
     }
 }

@@ -15,6 +15,7 @@ pub fn binary(name: &str) -> Command {
     let path = match name {
         "train" => env!("CARGO_BIN_EXE_train"),
         "predict" => env!("CARGO_BIN_EXE_predict"),
+        "export" => env!("CARGO_BIN_EXE_export"),
         _ => env!("CARGO_BIN_EXE_evaluate"),
     };
     let mut command = Command::new(path);
