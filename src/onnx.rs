@@ -129,7 +129,12 @@ pub fn export(loaded: &Loaded, stats: ChannelStats, options: &Options) -> Result
             },
         ),
     ];
-    Ok(ModelProto {
+    Ok(model_proto(graph.proto, options, metadata.to_vec()))
+}
+
+/// The model around `graph`, with its operator set and `metadata`.
+fn model_proto(graph: GraphProto, options: &Options, metadata: Vec<(&str, String)>) -> ModelProto {
+    ModelProto {
         // ONNX IR 8 (ONNX 1.13, opsets up to 18) or newer as the opset needs.
         ir_version: if options.opset > 18 { 9 } else { 8 },
         opset_import: vec![OperatorSetIdProto {
@@ -139,7 +144,7 @@ pub fn export(loaded: &Loaded, stats: ChannelStats, options: &Options) -> Result
         }],
         producer_name: "kiln".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(graph.proto).into(),
+        graph: Some(graph).into(),
         metadata_props: metadata
             .into_iter()
             .map(|(key, value)| StringStringEntryProto {
@@ -149,7 +154,50 @@ pub fn export(loaded: &Loaded, stats: ChannelStats, options: &Options) -> Result
             })
             .collect(),
         ..Default::default()
-    })
+    }
+}
+
+/// The tutorials' set-up check, one `nn.Linear(1, 1)` (`weight` [1, 1], `bias` [1], PyTorch's
+/// names): `input` [N, 1] -> `output` [N, 1].
+pub fn export_linear(tensors: &HashMap<String, Tensor>, options: &Options) -> Result<ModelProto> {
+    let mut graph = Graph {
+        tensors: tensors.clone(),
+        fold: options.fold_batch_norm,
+        proto: GraphProto {
+            name: "linear".into(),
+            ..Default::default()
+        },
+        count: 0,
+    };
+    for (name, dims) in [("weight", [1usize, 1].as_slice()), ("bias", [1].as_slice())] {
+        let tensor = graph.tensor(name)?;
+        if tensor.dims() != dims {
+            return Err(Error::InvalidSetting(format!(
+                "linear's {name} has shape {:?}, not {dims:?}: is this the set-up check's Linear(1, 1)?",
+                tensor.dims()
+            )));
+        }
+    }
+    let y = graph.linear("input", "", 1.0)?;
+    graph.rename_output(&y, "output");
+    let batch = match options.batch {
+        Some(n) => dimension::Value::DimValue(n as i64),
+        None => dimension::Value::DimParam("batch".into()),
+    };
+    let one = dimension::Value::DimValue(1);
+    graph
+        .proto
+        .input
+        .push(value_info("input", vec![batch.clone(), one.clone()]));
+    graph
+        .proto
+        .output
+        .push(value_info("output", vec![batch, one]));
+    Ok(model_proto(
+        graph.proto,
+        options,
+        vec![("model", "linear".to_string())],
+    ))
 }
 
 /// `model` as the bytes of an .onnx file.
@@ -347,9 +395,16 @@ impl Graph {
 
     /// `x` [N, features] through `prefix` (weight [out, in], bias if any) times `alpha`.
     fn linear(&mut self, x: &str, prefix: &str, alpha: f32) -> Result<String> {
-        let w = self.constant_of("fc_weight", &self.tensor(&format!("{prefix}.weight"))?)?;
+        let name = |what: &str| {
+            if prefix.is_empty() {
+                what.to_string()
+            } else {
+                format!("{prefix}.{what}")
+            }
+        };
+        let w = self.constant_of("fc_weight", &self.tensor(&name("weight"))?)?;
         let mut inputs = vec![x.to_string(), w];
-        if let Some(b) = self.tensors.get(&format!("{prefix}.bias")).cloned() {
+        if let Some(b) = self.tensors.get(&name("bias")).cloned() {
             inputs.push(self.constant_of("fc_bias", &b)?);
         }
         let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();

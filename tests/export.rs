@@ -288,3 +288,56 @@ fn bad_input_is_one_clear_line() {
         assert!(!out.exists(), "{args:?} wrote a file");
     }
 }
+
+/// The set-up check's Linear(1, 1), as PyTorch saves it (`weight`, `bias`): y = 3x + 2.
+#[test]
+fn the_linear_set_up_check_exports_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("linear.safetensors");
+    let tensors = vec![
+        (
+            "weight".to_string(),
+            Tensor::new(&[[3f32]], &Device::Cpu).unwrap(),
+        ),
+        (
+            "bias".to_string(),
+            Tensor::new(&[2f32], &Device::Cpu).unwrap(),
+        ),
+    ];
+    kiln::checkpoint::save_tensors(&weights, tensors, BTreeMap::new()).unwrap();
+    let out = dir.path().join("linear.onnx");
+    let run = output_within(
+        common::binary("export")
+            .args([
+                "--model",
+                "linear",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--onnx",
+            ])
+            .arg(&out),
+        std::time::Duration::from_secs(60),
+    );
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let runnable = tract_onnx::onnx()
+        .model_for_path(&out)
+        .unwrap()
+        .with_input_fact(0, f32::fact([3, 1]).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let input: tract_onnx::prelude::Tensor =
+        tract_ndarray::Array2::from_shape_vec((3, 1), vec![0f32, 1.0, -2.0])
+            .unwrap()
+            .into();
+    let outputs = runnable.run(tvec!(input.into())).unwrap();
+    let y: Vec<f32> = outputs[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect();
+    assert_eq!(y, [2.0, 5.0, -4.0]);
+}

@@ -40,7 +40,8 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     onnx: PathBuf,
 
-    /// The model, for a file whose metadata names none
+    /// The model, for a file whose metadata names none (`linear`: the set-up check's Linear(1, 1),
+    /// weight and bias as PyTorch names them)
     #[arg(long, value_name = "NAME")]
     model: Option<String>,
 
@@ -76,6 +77,25 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(n) => Some(n),
         },
     };
+    let options = Options {
+        opset: cli.opset,
+        batch,
+        fold_batch_norm: !cli.keep_batchnorm,
+    };
+    let file = kiln::checkpoint::load_weights(&cli.weights, &Device::Cpu)?;
+    let named = cli
+        .model
+        .as_deref()
+        .or(file.metadata.get("model").map(String::as_str));
+    if named.is_some_and(|m| m.eq_ignore_ascii_case("linear")) {
+        let model = onnx::export_linear(&file.tensors, &options)?;
+        kiln::fs::write_atomic(&cli.onnx, &onnx::to_bytes(&model)?)?;
+        println!(
+            "wrote {} (linear: input [N, 1] -> output [N, 1])",
+            cli.onnx.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let loaded = load_model(
         &cli.weights,
         cli.model.as_deref(),
@@ -83,11 +103,6 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         &Device::Cpu,
     )?;
     let stats = loaded.input_stats(ChannelStats::CIFAR10);
-    let options = Options {
-        opset: cli.opset,
-        batch,
-        fold_batch_norm: !cli.keep_batchnorm,
-    };
     let model = onnx::export(&loaded, stats, &options)?;
     kiln::fs::write_atomic(&cli.onnx, &onnx::to_bytes(&model)?)?;
     println!(
