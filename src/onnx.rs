@@ -297,8 +297,8 @@ impl Graph {
         };
         let mut unfolded = None;
         if let Some((norm, eps)) = norm {
-            let (gamma, beta, mean, var) = self.norm_tensors(norm)?;
             if self.fold {
+                let (gamma, beta, mean, var) = self.norm_tensors(norm)?;
                 // w' = w * gamma / sqrt(var + eps); b' = (b - mean) * gamma / sqrt(var + eps) + beta.
                 let scale = (gamma / (var + eps)?.sqrt()?)?;
                 weight = weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
@@ -308,7 +308,7 @@ impl Graph {
                 };
                 bias = Some(((b - mean)? * scale)?.add(&beta)?);
             } else {
-                unfolded = Some((gamma, beta, mean, var, eps));
+                unfolded = Some((norm, eps));
             }
         }
         let w = self.constant_of("weight", &weight)?;
@@ -331,22 +331,7 @@ impl Graph {
         let y = self.node("Conv", &inputs, attributes);
         match unfolded {
             None => Ok(y),
-            Some((gamma, beta, mean, var, eps)) => {
-                let names = [
-                    self.constant_of("bn_scale", &gamma)?,
-                    self.constant_of("bn_bias", &beta)?,
-                    self.constant_of("bn_mean", &mean)?,
-                    self.constant_of("bn_var", &var)?,
-                ];
-                let inputs: Vec<&str> = std::iter::once(y.as_str())
-                    .chain(names.iter().map(String::as_str))
-                    .collect();
-                Ok(self.node(
-                    "BatchNormalization",
-                    &inputs,
-                    vec![float("epsilon", eps as f32)],
-                ))
-            }
+            Some((norm, eps)) => self.batch_norm(&y, norm, eps),
         }
     }
 

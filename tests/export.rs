@@ -86,6 +86,35 @@ fn weights_file(
     path
 }
 
+/// Runs an ONNX model in tract on `values` of `shape` (f32) and returns its first output.
+fn run_in_tract(model: TypedRunnable, shape: &[usize], values: Vec<f32>) -> Vec<f32> {
+    let input: tract_onnx::prelude::Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, values)
+        .unwrap()
+        .into();
+    let outputs = model.run(tvec!(input.into())).unwrap();
+    outputs[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
+/// The ONNX model in `bytes`, its input fixed to `shape`, ready to run in tract.
+fn tract_model(mut bytes: &[u8], shape: &[usize]) -> TypedRunnable {
+    tract_onnx::onnx()
+        .model_for_read(&mut bytes)
+        .unwrap()
+        .with_input_fact(0, f32::fact(shape).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap()
+}
+
+type TypedRunnable = std::sync::Arc<TypedSimplePlan>;
+
 /// The largest difference between `a` and `b`, relative to the largest magnitude in `b`.
 fn relative(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -130,26 +159,8 @@ fn check(weights: &Path, batch: usize) {
         };
         let model = onnx::export(&loaded, stats, &options).unwrap();
         let bytes = onnx::to_bytes(&model).unwrap();
-        let runnable = tract_onnx::onnx()
-            .model_for_read(&mut bytes.as_slice())
-            .unwrap()
-            .with_input_fact(0, f32::fact([batch, 3, side, side]).into())
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
-        let input: tract_onnx::prelude::Tensor =
-            tract_ndarray::Array4::from_shape_vec((batch, 3, side, side), images.clone())
-                .unwrap()
-                .into();
-        let outputs = runnable.run(tvec!(input.into())).unwrap();
-        let onnx_logits: Vec<f32> = outputs[0]
-            .to_plain_array_view::<f32>()
-            .unwrap()
-            .iter()
-            .copied()
-            .collect();
+        let shape = [batch, 3, side, side];
+        let onnx_logits = run_in_tract(tract_model(&bytes, &shape), &shape, images.clone());
         let gap = relative(&onnx_logits, &kiln_logits);
         assert!(
             gap <= 1e-4,
@@ -231,17 +242,12 @@ fn the_export_binary_writes_the_model_and_its_metadata() {
     assert_eq!(graph.input[0].name, "input");
     assert_eq!(graph.output[0].name, "logits");
     assert_eq!(graph.node[0].op_type, "Sub", "normalisation first");
-    let runnable = tract_onnx::onnx()
-        .model_for_path(&out)
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
-    let input: tract_onnx::prelude::Tensor =
-        tract_ndarray::Array4::<f32>::zeros((2, 3, 32, 32)).into();
-    let outputs = runnable.run(tvec!(input.into())).unwrap();
-    assert_eq!(outputs[0].shape(), [2, classes.len()]);
+    let logits = run_in_tract(
+        tract_model(&std::fs::read(&out).unwrap(), &[2, 3, 32, 32]),
+        &[2, 3, 32, 32],
+        vec![0.0; 2 * 3 * 32 * 32],
+    );
+    assert_eq!(logits.len(), 2 * classes.len());
 }
 
 /// A missing or damaged weights file, an unknown model, a batch of 0: one line, exit 1.
@@ -319,25 +325,10 @@ fn the_linear_set_up_check_exports_too() {
         std::time::Duration::from_secs(60),
     );
     assert!(run.status.success(), "{}", text(&run.stderr));
-    let runnable = tract_onnx::onnx()
-        .model_for_path(&out)
-        .unwrap()
-        .with_input_fact(0, f32::fact([3, 1]).into())
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
-    let input: tract_onnx::prelude::Tensor =
-        tract_ndarray::Array2::from_shape_vec((3, 1), vec![0f32, 1.0, -2.0])
-            .unwrap()
-            .into();
-    let outputs = runnable.run(tvec!(input.into())).unwrap();
-    let y: Vec<f32> = outputs[0]
-        .to_plain_array_view::<f32>()
-        .unwrap()
-        .iter()
-        .copied()
-        .collect();
+    let y = run_in_tract(
+        tract_model(&std::fs::read(&out).unwrap(), &[3, 1]),
+        &[3, 1],
+        vec![0.0, 1.0, -2.0],
+    );
     assert_eq!(y, [2.0, 5.0, -4.0]);
 }
