@@ -55,34 +55,21 @@ impl fmt::Display for DeviceRequest {
 }
 
 /// Opens the requested device.
-impl DeviceRequest {
-    /// The device a process of a data-parallel run takes: with several processes on a machine,
-    /// each its own GPU, the one of its local rank (`cuda` and `cuda:0` alike); `auto` the
-    /// same once Metal is ruled out. CPU and Metal requests are as they were.
-    pub fn for_local_rank(self, local_rank: usize) -> Self {
-        match self {
-            DeviceRequest::Cuda(0) => DeviceRequest::Cuda(local_rank),
-            DeviceRequest::Auto if local_rank > 0 => {
-                if open_metal(0).is_ok() {
-                    DeviceRequest::Auto
-                } else if open_cuda(local_rank).is_ok() {
-                    DeviceRequest::Cuda(local_rank)
-                } else {
-                    DeviceRequest::Cpu
-                }
-            }
-            other => other,
-        }
-    }
+pub fn open(request: DeviceRequest) -> Result<Device> {
+    open_for_rank(request, 0)
 }
 
-pub fn open(request: DeviceRequest) -> Result<Device> {
+/// Opens the device a process of a data-parallel run takes: with several processes on a
+/// machine each its own GPU, the one of its local rank (`cuda` and `cuda:0` alike, and `auto`
+/// once Metal is ruled out); CPU, Metal and other CUDA requests as they are.
+pub fn open_for_rank(request: DeviceRequest, local_rank: usize) -> Result<Device> {
     match request {
         DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Cuda(0) => open_cuda(local_rank),
         DeviceRequest::Cuda(n) => open_cuda(n),
         DeviceRequest::Metal(n) => open_metal(n),
         DeviceRequest::Auto => Ok(open_metal(0)
-            .or_else(|_| open_cuda(0))
+            .or_else(|_| open_cuda(local_rank))
             .unwrap_or(Device::Cpu)),
     }
 }

@@ -86,10 +86,7 @@ pub fn export(loaded: &Loaded, stats: ChannelStats, options: &Options) -> Result
         }
     };
     graph.rename_output(&logits, "logits");
-    let batch = match options.batch {
-        Some(n) => dimension::Value::DimValue(n as i64),
-        None => dimension::Value::DimParam("batch".into()),
-    };
+    let batch = batch_dimension(options);
     graph.proto.input.push(value_info(
         "input",
         vec![
@@ -180,10 +177,7 @@ pub fn export_linear(tensors: &HashMap<String, Tensor>, options: &Options) -> Re
     }
     let y = graph.linear("input", "", 1.0)?;
     graph.rename_output(&y, "output");
-    let batch = match options.batch {
-        Some(n) => dimension::Value::DimValue(n as i64),
-        None => dimension::Value::DimParam("batch".into()),
-    };
+    let batch = batch_dimension(options);
     let one = dimension::Value::DimValue(1);
     graph
         .proto
@@ -516,6 +510,14 @@ impl Graph {
             &inputs,
             vec![float("epsilon", eps as f32)],
         ))
+    }
+}
+
+/// The batch dimension of the graph's input and output: fixed, or the symbol `batch`.
+fn batch_dimension(options: &Options) -> dimension::Value {
+    match options.batch {
+        Some(n) => dimension::Value::DimValue(n as i64),
+        None => dimension::Value::DimParam("batch".into()),
     }
 }
 

@@ -363,7 +363,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
     } else {
         Output::Human
     });
-    let device = device::open(cli.device.for_local_rank(world.local_rank()))?;
+    let device = device::open_for_rank(cli.device, world.local_rank())?;
     let world = &world.with_gpu(&device)?;
     reporter.note(&format!("device: {}", device::describe(&device)));
     if world.is_distributed() {

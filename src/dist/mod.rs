@@ -152,7 +152,7 @@ impl World {
     pub fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
         #[cfg(feature = "mpi")]
         if let Some(comm) = &self.comm {
-            return comm.sum_f64(values).map_err(|m| self.error(m));
+            return comm.sum(values).map_err(|m| self.error(m));
         }
         let _ = values;
         Ok(())
@@ -162,7 +162,7 @@ impl World {
     pub fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
         #[cfg(feature = "mpi")]
         if let Some(comm) = &self.comm {
-            return comm.sum_f32(values).map_err(|m| self.error(m));
+            return comm.sum(values).map_err(|m| self.error(m));
         }
         let _ = values;
         Ok(())

@@ -6,6 +6,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::datatype::Equivalence;
 use mpi::environment::{Threading, Universe};
 use mpi::topology::{Communicator, SimpleCommunicator};
 
@@ -64,15 +65,8 @@ impl Comm {
         self.turn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn sum_f64(&self, values: &mut [f64]) -> std::result::Result<(), String> {
-        let _turn = self.turn();
-        let send = values.to_vec();
-        self.world
-            .all_reduce_into(&send[..], values, SystemOperation::sum());
-        Ok(())
-    }
-
-    pub fn sum_f32(&self, values: &mut [f32]) -> std::result::Result<(), String> {
+    /// Replaces `values` with their sum over every rank.
+    pub fn sum<T: Equivalence + Copy>(&self, values: &mut [T]) -> std::result::Result<(), String> {
         let _turn = self.turn();
         let send = values.to_vec();
         self.world

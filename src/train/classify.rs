@@ -232,12 +232,8 @@ pub fn run(
     // The whole data set lives where training runs; batches are cut from it there.
     let train = DeviceSet::new(data.train, stats, device)?;
     let test = DeviceSet::new(data.test, stats, device)?;
-    if let Some(init) = spec.data_init.as_ref().filter(|_| fresh) {
-        let started = std::time::Instant::now();
-        let count = init.images.min(train.len());
-        let order = train.order(&(0..count).collect::<Vec<_>>())?;
-        let (images, _) = train.batch(&order, 0..count, &mut BatchBuffer::default(), None)?;
-        (init.apply)(&built.params, &images)?;
+    let started = std::time::Instant::now();
+    if let Some(count) = set_up_from_data(spec, &built, &train, fresh)? {
         reporter.note(&format!(
             "{} set up from the first {count} training images in {:.3} s",
             spec.name,
@@ -325,6 +321,24 @@ pub fn run(
     })
 }
 
+/// Sets up a `fresh` model that starts from data (fastnet's whitening) from the first training
+/// images; how many it took, if it did.
+fn set_up_from_data(
+    spec: &ModelSpec,
+    built: &models::Built,
+    train: &DeviceSet,
+    fresh: bool,
+) -> Result<Option<usize>> {
+    let Some(init) = spec.data_init.as_ref().filter(|_| fresh) else {
+        return Ok(None);
+    };
+    let count = init.images.min(train.len());
+    let order = train.order(&(0..count).collect::<Vec<_>>())?;
+    let (images, _) = train.batch(&order, 0..count, &mut BatchBuffer::default(), None)?;
+    (init.apply)(&built.params, &images)?;
+    Ok(Some(count))
+}
+
 /// `train --lr-find`: the range test from the run's starting weights on its training data;
 /// prints the suggestion and writes `lr_find.png` into the run directory, and nothing else.
 #[allow(clippy::too_many_arguments)]
@@ -349,12 +363,7 @@ fn find_lr(
     let image_width = data.train.side();
     let stats = data.stats;
     let train = DeviceSet::new(data.train, stats, device)?;
-    if let Some(init) = spec.data_init.as_ref() {
-        let count = init.images.min(train.len());
-        let order = train.order(&(0..count).collect::<Vec<_>>())?;
-        let (images, _) = train.batch(&order, 0..count, &mut BatchBuffer::default(), None)?;
-        (init.apply)(&built.params, &images)?;
-    }
+    set_up_from_data(spec, &built, &train, true)?;
     reporter.note(&format!(
         "learning-rate range test: {} steps of batch {}, lr {:.0e} to {:.0e}, from {}'s starting weights",
         sweep.steps, config.batch_size, sweep.min_lr, sweep.max_lr, spec.name
