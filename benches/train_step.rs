@@ -5,13 +5,17 @@
 //!
 //!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
 //!         [--threads N] [--repeats N] [--steps N] [--batches 64,512]
-//!         [--precision auto|f32|bf16|f16] [--memory-format first|last]
+//!         [--precision auto|f32|bf16|f16] [--memory-format first|last] [--side 32|224]
+//!         [--keep-graph] [--kiln-only]
 //!
 //! `--precision bf16`: kiln's mixed precision (bf16 activations, f32 master weights) against
 //! PyTorch's bf16 autocast with channels_last, the fastest eager setting a PyTorch user picks;
 //! `f16` the same in f16, both sides with dynamic loss scaling.
 //! `--memory-format`: the ResNets' activations channels first or last (default: the device's
-//! fastest, channels last on CUDA with cuDNN).
+//! fastest, channels last on CUDA with cuDNN). `--side`: the images' side (default 32, CIFAR's;
+//! from 64 on the ResNets take ImageNet's stem, as torchvision's). `--keep-graph`: the step
+//! holds its loss and logits through the backward pass, as a caller of candle's
+//! `Tensor::backward` does, so that nothing is freed before it returns (what the freeing saves).
 //!
 //! Peak device memory (CUDA), the CUDA context left out of both: "MiB", the allocator's pool at
 //! its fullest over the whole run, cuDNN's algorithm search included (kiln's reserved high
@@ -130,20 +134,24 @@ fn kiln(
     steps: usize,
     repeats: usize,
     (dtype, format): (DType, MemoryFormat),
+    (side, keep_graph): (usize, bool),
 ) -> kiln::Result<(Vec<f64>, Memory, f64)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
-    let mut arch = models::Architecture::new(10, 32, models::Stem::Auto, 64)?;
+    let mut arch = models::Architecture::new(10, side, models::Stem::Auto, 64)?;
     arch.memory_format = Some(format);
     let built = models::build(spec, &arch, 0, device)?;
     // As the training loop: f16 steps scale the loss.
     let optimizer = optim::build(&config, &built.params, steps)?;
     let mut optimizer = optim::for_precision(optimizer, built.params.vars(), dtype);
-    let images = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
+    let images = Tensor::randn(0f32, 1.0, (batch, 3, side, side), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     let mut step = || -> kiln::Result<()> {
         let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
         let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-        let mut grads = optimizer.backward(&loss)?;
+        let held = keep_graph.then(|| (logits.clone(), loss.clone()));
+        drop(logits);
+        let mut grads = optimizer.backward(loss)?;
+        drop(held);
         if optimizer.unscale(&mut grads)? {
             optimizer.step(&grads)?;
         }
@@ -218,7 +226,7 @@ fn profiler_range(_: bool) {}
 fn pytorch(
     model: &str,
     device: DeviceRequest,
-    batch: usize,
+    (batch, side): (usize, usize),
     steps: usize,
     repeats: usize,
     threads: usize,
@@ -235,6 +243,7 @@ fn pytorch(
     .ok_or("pytorch/train_step.py not found")?;
     let out = Command::new("python3")
         .args([script, "--model", model, "--batch", &batch.to_string()])
+        .args(["--side", &side.to_string()])
         .args(["--steps", &steps.to_string()])
         .args(["--repeats", &repeats.to_string()])
         .args(["--threads", &threads.to_string()])
@@ -296,10 +305,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let side: usize = arg("--side").unwrap_or(32);
+    let flag = |name: &str| std::env::args().any(|a| a == name);
+    let (keep_graph, kiln_only) = (flag("--keep-graph"), flag("--kiln-only"));
     let on_gpu = !device.is_cpu();
     println!(
-        "{model} training step (its config's recipe, {precision}, {format:?}, random batch on the device) on {}, median of {repeats} repeats",
+        "{model} training step, {side}x{side} images{} on {}",
+        if keep_graph {
+            ", graph kept through backward"
+        } else {
+            ""
+        },
         kiln::device::describe(&device)
+    );
+    println!(
+        "(its config's recipe, {precision}, {format:?}, random batch on the device), median of {repeats} repeats"
     );
     println!(
         "{:>6} {:>7} {:>12} {:>9} {:>14} {:>9} {:>8} {:>10} {:>10} {:>12} {:>13} {:>13}",
@@ -335,7 +355,15 @@ fn main() {
     };
     for (batch, steps) in sizes {
         let steps = arg("--steps").unwrap_or(steps);
-        let run = kiln(&model, &device, batch, steps, repeats, (dtype, format));
+        let run = kiln(
+            &model,
+            &device,
+            batch,
+            steps,
+            repeats,
+            (dtype, format),
+            (side, keep_graph),
+        );
         let (ours, our_peak, host) = match run {
             Ok((rates, peak, host)) => (median(rates), peak, host),
             Err(err) => {
@@ -344,7 +372,19 @@ fn main() {
             }
         };
         let ms = |rate: f64| 1000.0 * batch as f64 / rate;
-        match pytorch(&model, request, batch, steps, repeats, threads, precision) {
+        let theirs = match kiln_only {
+            true => Err("--kiln-only".to_string()),
+            false => pytorch(
+                &model,
+                request,
+                (batch, side),
+                steps,
+                repeats,
+                threads,
+                precision,
+            ),
+        };
+        match theirs {
             Ok((rates, their_peak)) => {
                 let theirs = median(rates);
                 println!(

@@ -36,6 +36,10 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile(model), the optimizer eager (as PyTorch's tutorials)")
+    ap.add_argument("--side", type=int, default=32,
+                    help="the images' side; from 64 on the ResNets take ImageNet's stem")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,17 +52,20 @@ def main():
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = torch.nn.CrossEntropyLoss()
     else:
-        model = build(args.model, 10, "cifar").to(device).train()
+        stem = "cifar" if args.side < 64 else "imagenet"
+        model = build(args.model, 10, stem).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                     weight_decay=5e-4)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    x = torch.randn(args.batch, 3, args.side, args.side, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     half = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.precision)
     if half is not None:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+    if args.compile:
+        model = torch.compile(model)
 
     def steps(n):
         for _ in range(n):
@@ -90,7 +97,8 @@ def main():
     peak = torch.cuda.max_memory_reserved(device) if cuda else None
     in_use = torch.cuda.max_memory_allocated(device) if cuda else None
     print(json.dumps({"framework": "pytorch", "version": torch.__version__, "model": args.model,
-                      "precision": args.precision, "batch": args.batch,
+                      "precision": args.precision, "batch": args.batch, "side": args.side,
+                      "compiled": args.compile,
                       "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak,
                       "peak_in_use_bytes": in_use}))
 

@@ -42,6 +42,9 @@ pub struct RunSummary {
     pub peak_rss_bytes: Option<u64>,
     /// Peak device memory of the allocations (see `device::peak_memory`).
     pub device_memory_bytes: Option<u64>,
+    /// The most the run's live tensors held on the device at once (see
+    /// `device::peak_memory_in_use`; PyTorch's `max_memory_allocated`).
+    pub device_in_use_bytes: Option<u64>,
     pub last: PathBuf,
     pub best: PathBuf,
     pub plot: PathBuf,
@@ -127,6 +130,7 @@ impl Reporter {
                     "mean_images_per_s": s.mean_images_per_s,
                     "peak_rss_bytes": s.peak_rss_bytes,
                     "device_memory_bytes": s.device_memory_bytes,
+                    "device_in_use_bytes": s.device_in_use_bytes,
                     "last": s.last.display().to_string(),
                     "best": s.best.display().to_string(),
                     "plot": s.plot.display().to_string(),
@@ -139,9 +143,13 @@ impl Reporter {
                     .map_or("unknown".to_string(), |b| format!("{} RSS", gib(b)));
                 if let Some(b) = s.device_memory_bytes {
                     memory.push_str(&format!(
-                        ", {} peak on the device (context not included)",
+                        ", {} peak on the device (context not included",
                         gib(b)
                     ));
+                    if let Some(live) = s.device_in_use_bytes {
+                        memory.push_str(&format!("; {} in live tensors", gib(live)));
+                    }
+                    memory.push(')');
                 }
                 let rows = [
                     (

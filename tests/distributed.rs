@@ -30,27 +30,36 @@ const LIMIT: Duration = Duration::from_secs(240);
 
 /// `train` with `args` as `ranks` processes under mpirun (one process: `train` alone).
 fn train(ranks: usize, args: &[&str], cwd: &Path) -> Command {
-    let mut command = if ranks == 1 {
-        common::binary("train")
-    } else {
-        let mut mpirun = Command::new("mpirun");
-        mpirun
-            .args(["--oversubscribe", "--bind-to", "none", "-np"])
-            .arg(ranks.to_string())
-            // The tests never fetch from the internet (see common::binary).
-            .args(["-x", "KILN_DATA_URL"])
-            .arg(env!("CARGO_BIN_EXE_train"))
-            .env(
-                "KILN_DATA_URL",
-                "http://127.0.0.1:9/tests-never-fetch-from-the-internet",
-            )
-            // CI runs as root, which Open MPI refuses unless told.
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-        mpirun
-    };
+    if ranks > 1 {
+        return under_mpirun(ranks, args, cwd);
+    }
+    let mut command = common::binary("train");
     command.args(args).current_dir(cwd);
     command
+}
+
+/// `train` with `args` as `ranks` processes under mpirun (one process too: a world of one).
+fn under_mpirun(ranks: usize, args: &[&str], cwd: &Path) -> Command {
+    let mut mpirun = Command::new("mpirun");
+    mpirun
+        .args(["--oversubscribe", "--bind-to", "none", "-np"])
+        .arg(ranks.to_string())
+        // The tests never fetch from the internet (see common::binary).
+        .args(["-x", "KILN_DATA_URL"])
+        // A stalled job ends in a minute, not PyTorch's ten (see the hung-rank test).
+        .args(["-x", "KILN_COLLECTIVE_TIMEOUT"])
+        .arg(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .current_dir(cwd)
+        .env(
+            "KILN_DATA_URL",
+            "http://127.0.0.1:9/tests-never-fetch-from-the-internet",
+        )
+        .env("KILN_COLLECTIVE_TIMEOUT", "60")
+        // CI runs as root, which Open MPI refuses unless told.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    mpirun
 }
 
 /// Waits for `child` at most LIMIT, then kills it and fails.
@@ -114,6 +123,43 @@ fn args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 const TOLERANCE: f64 = 1e-5;
+
+/// `mpirun -np 1` is a world of one: every exchange of the data-parallel loop runs (sums of
+/// gradients and tallies, broadcasts), and it trains what a plain run trains, bit for bit.
+#[test]
+fn a_world_of_one_trains_as_a_plain_run() {
+    let _paced = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    run_ok(1, &args(&data, "plain", &["--epochs", "1"]), root.path());
+    let out = finish(
+        under_mpirun(1, &args(&data, "world", &["--epochs", "1"]), root.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mpirun runs (install Open MPI: apt-get install openmpi-bin)"),
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mpirun -np 1 train failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("data-parallel over 1 process (1 on this machine)"),
+        "a world of one runs the data-parallel loop:\n{stdout}"
+    );
+    let runs = models_dir(root.path());
+    assert_eq!(
+        weight_bits(&runs.join("world/last.safetensors")),
+        weight_bits(&runs.join("plain/last.safetensors")),
+        "a world of one trained other weights than a plain run"
+    );
+    assert_eq!(
+        metrics_without_timing(&runs.join("world")),
+        metrics_without_timing(&runs.join("plain"))
+    );
+}
 
 /// Two processes on the global batch of 64 train what one process trains on batches of 64:
 /// the same images, augmentations and mean gradients, summed in another order. Two runs on two
@@ -323,6 +369,43 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         root.path(),
     );
     assert!(resumed.contains("resuming from"), "{resumed}");
+}
+
+/// A rank that stops answering (SIGSTOP: alive, but never in its next collective) ends the job
+/// within the collective timeout: the waiting rank says why and aborts, no process is left.
+#[test]
+fn a_hung_rank_ends_the_job_within_the_timeout() {
+    let _paced = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture_dir(root.path());
+    let run = "hung-rank";
+    let long = ["--model", "simplecnn", "--epochs", "40"];
+    let mut command = train(2, &args(&data, run, &long), root.path());
+    let child = common::spawn_past_epoch_1(command.env("KILN_COLLECTIVE_TIMEOUT", "3"));
+    let victims = pids_of_rank(1, run);
+    assert_eq!(victims.len(), 1, "rank 1 is one process: {victims:?}");
+    let stopped = Instant::now();
+    // SAFETY: kill(2) on rank 1's pid, read from /proc just now.
+    assert_eq!(unsafe { libc::kill(victims[0], libc::SIGSTOP) }, 0);
+    let out = finish(child);
+    let ended = stopped.elapsed();
+    // Whatever happened, leave no stopped process behind.
+    // SAFETY: as above; the pid is gone or still rank 1's.
+    unsafe { libc::kill(victims[0], libc::SIGKILL) };
+    assert!(
+        ended < Duration::from_secs(30),
+        "the job took {ended:?} to end"
+    );
+    assert!(!out.status.success(), "the job exits non-zero");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("rank 0 of 2: no training step finished in 3 s"),
+        "rank 0 says why:\n{stderr}"
+    );
+    assert!(
+        pids_of_rank(0, run).is_empty(),
+        "a process of the job is left"
+    );
 }
 
 /// A rank that fails (here: every rank, on a batch smaller than the world) says which rank and

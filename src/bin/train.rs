@@ -368,8 +368,9 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
     reporter.note(&format!("device: {}", device::describe(&device)));
     if world.is_distributed() {
         reporter.note(&format!(
-            "data-parallel over {} processes ({} on this machine); batch {} in all",
+            "data-parallel over {} process{} ({} on this machine); batch {} in all",
             world.size(),
+            if world.size() == 1 { "" } else { "es" },
             world.local_size(),
             config.batch_size
         ));
@@ -377,7 +378,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
 
     match spec.task {
         Task::LinearFit => {
-            if world.is_distributed() {
+            if world.size() > 1 {
                 anyhow::bail!(
                     "--model {} is a one-process check; run it without mpirun or srun",
                     spec.name

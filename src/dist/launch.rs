@@ -3,6 +3,10 @@
 
 use std::ffi::OsString;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::error::{Error, Result};
 
@@ -64,7 +68,18 @@ pub fn run_under_mpirun(gpus: usize, args: &[OsString]) -> Result<i32> {
     }
     command.arg(program).args(args);
     command.envs(GPU_ENVIRONMENT);
-    let status = command.status().map_err(|err| {
+    // Ctrl-C reaches mpirun and the ranks too (one process group): they checkpoint and stop,
+    // and this process waits for them, then exits 130 as a run on one device does. A SIGTERM
+    // sent to this process alone is passed on to mpirun.
+    let (interrupted, terminated) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    for (signal, flag) in [(SIGINT, &interrupted), (SIGTERM, &terminated)] {
+        signal_hook::flag::register(signal, Arc::clone(flag))
+            .map_err(|err| Error::InvalidSetting(format!("cannot watch for signals: {err}")))?;
+    }
+    let mut child = command.spawn().map_err(|err| {
         if err.kind() == std::io::ErrorKind::NotFound {
             Error::InvalidSetting(format!(
                 "--gpus {gpus} starts its processes with mpirun, which is not installed; install \
@@ -75,6 +90,27 @@ pub fn run_under_mpirun(gpus: usize, args: &[OsString]) -> Result<i32> {
             Error::InvalidSetting(format!("cannot start mpirun: {err}"))
         }
     })?;
+    let mut passed_on = false;
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|err| Error::InvalidSetting(format!("cannot wait for mpirun: {err}")))?
+        {
+            break status;
+        }
+        if terminated.load(Ordering::SeqCst) && !passed_on {
+            passed_on = true;
+            #[cfg(unix)]
+            // SAFETY: kill(2) on our own child, which has not been waited for yet.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if interrupted.load(Ordering::SeqCst) || terminated.load(Ordering::SeqCst) {
+        return Ok(130);
+    }
     Ok(status.code().unwrap_or(1))
 }
 

@@ -11,6 +11,7 @@ pub mod launch;
 mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
+pub mod watchdog;
 
 use std::ops::Range;
 
@@ -68,9 +69,11 @@ impl World {
     /// several processes, a single rank otherwise. A multi-process launch of a build without
     /// MPI is an error, not N independent runs writing over each other.
     pub fn start() -> Result<Self> {
-        let Some(launched) = launch::launched().filter(|l| l.size > 1) else {
+        let Some(launched) = launch::launched() else {
             return Ok(Self::single());
         };
+        // `mpirun -np 1` is a world of one: every exchange runs (and NCCL's, on a GPU), so that
+        // it trains as a plain run does, bit for bit, through the data-parallel code.
         #[cfg(feature = "mpi")]
         {
             let _ = launched;
@@ -84,6 +87,10 @@ impl World {
                 #[cfg(feature = "nccl")]
                 nccl: None,
             })
+        }
+        #[cfg(not(feature = "mpi"))]
+        if launched.size == 1 {
+            return Ok(Self::single());
         }
         #[cfg(not(feature = "mpi"))]
         Err(Error::InvalidSetting(format!(
@@ -138,8 +145,12 @@ impl World {
         self.rank == 0
     }
 
+    /// Whether a launcher started this process as a rank of an MPI world (of one, too).
     pub fn is_distributed(&self) -> bool {
-        self.size > 1
+        #[cfg(feature = "mpi")]
+        return self.comm.is_some();
+        #[cfg(not(feature = "mpi"))]
+        false
     }
 
     /// The positions rank `rank` takes of a global batch at `range` of the epoch's order: every
@@ -208,7 +219,7 @@ impl World {
     /// What batch norms sum their statistics through under `sync_bn`: this world, when it has
     /// several ranks.
     pub fn batch_sync(&self) -> Option<std::sync::Arc<dyn CrossReplicaSum>> {
-        self.is_distributed()
+        (self.size > 1)
             .then(|| std::sync::Arc::new(self.clone()) as std::sync::Arc<dyn CrossReplicaSum>)
     }
 

@@ -37,12 +37,19 @@ pub trait Optimizer {
         None
     }
     /// The backward pass of `loss`, scaled by [`Optimizer::loss_scale`] where there is one (f16:
-    /// small gradients survive); [`Optimizer::unscale`] readies the result for a step.
-    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        Ok(match self.loss_scale() {
-            Some(scale) => loss.affine(scale, 0.0)?.backward()?,
-            None => loss.backward()?,
-        })
+    /// small gradients survive); [`Optimizer::unscale`] readies the result for a step. It takes
+    /// the loss so that the graph's tensors are freed as the pass goes (keep `loss.detach()` for
+    /// its value).
+    fn backward(&self, loss: Tensor) -> Result<GradStore> {
+        let loss = match self.loss_scale() {
+            Some(scale) => {
+                let scaled = loss.affine(scale, 0.0)?;
+                drop(loss);
+                scaled
+            }
+            None => loss,
+        };
+        Ok(loss.backward_consuming()?)
     }
     /// Readies the backward pass's gradients for [`Optimizer::step`] (divides them by the loss
     /// scale); false where they overflowed, and the step is to be skipped.

@@ -179,6 +179,8 @@ pub fn fit(
     let (mut train_buffer, mut test_buffer) = (BatchBuffer::default(), BatchBuffer::default());
     let mut phases = PhaseTimer::new(driving.device, driving.trace);
     let show_phases = driving.trace || driving.device.is_cpu();
+    // A rank whose steps stop ends the job (inside a job only; evaluation is not watched).
+    let watchdog = crate::dist::watchdog::Watchdog::start(world, crate::dist::watchdog::timeout()?);
     let mut epoch = first_epoch;
     while stopped_early.is_none() && epoch <= config.epochs {
         let _epoch_span = tracing::info_span!("epoch", epoch).entered();
@@ -194,6 +196,7 @@ pub fn fit(
             .take(steps_per_epoch)
             .collect();
         let (order, shares) = share_epoch(&order, &batches, config.batch_size, world);
+        watchdog.iter().for_each(|w| w.alive());
         let order = data.train.order(&order)?;
         let seen_before = tally.seen();
         for (step, micros) in shares
@@ -237,8 +240,11 @@ pub fn fit(
                     let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
                     Ok((logits, loss))
                 })?;
+                // The backward pass frees the graph as it goes; the tally keeps only the values.
+                let (logits, graph) = (logits.detach(), loss);
+                let loss = graph.detach();
                 phases.time(Phase::Backward, || {
-                    let micro_grads = optimizer.backward(&loss)?;
+                    let micro_grads = optimizer.backward(graph)?;
                     add_weighted(&mut grads, micro_grads, weight, &params)
                 })?;
                 if world.is_distributed() {
@@ -273,6 +279,7 @@ pub fn fit(
             };
             progress.steps_into_epoch = step + 1;
             progress.global_step += 1;
+            watchdog.iter().for_each(|w| w.alive());
 
             phases.time(Phase::Checkpoint, || {
                 for observer in observers.iter_mut() {
@@ -300,6 +307,7 @@ pub fn fit(
         images_trained += trained;
         train_seconds += epoch_train_seconds;
 
+        watchdog.iter().for_each(|w| w.pause());
         let evaluation_start = Instant::now();
         let evaluation = phases.time(Phase::Evaluate, || {
             // Replicas whose BatchNorm statistics drifted apart evaluate (and save) rank 0's.

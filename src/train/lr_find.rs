@@ -98,11 +98,13 @@ pub fn sweep(
             let (images, labels) = train.batch(&order, range, &mut buffer, augment.as_ref())?;
             let logits = model.forward_t(&images.to_dtype(input_dtype)?, true)?;
             let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-            let mut grads = optimizer.backward(&loss)?;
+            drop(logits);
+            let value = loss.detach();
+            let mut grads = optimizer.backward(loss)?;
             if optimizer.unscale(&mut grads)? {
                 optimizer.step(&grads)?;
             }
-            let loss = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let loss = f64::from(value.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             progress(k + 1);
             average = BETA * average + (1.0 - BETA) * loss;
             let smoothed = average / (1.0 - BETA.powi(k as i32 + 1));

@@ -235,6 +235,7 @@ impl Observer for Console<'_> {
             mean_images_per_s: summary.mean_images_per_s,
             peak_rss_bytes: metrics::peak_rss_bytes(),
             device_memory_bytes: crate::device::peak_memory(&self.device),
+            device_in_use_bytes: crate::device::peak_memory_in_use(&self.device),
             last: self.run_dir.last(),
             best: self.run_dir.best(),
             plot: self.run_dir.plot(),

@@ -40,7 +40,9 @@ pub fn warm_up(spec: &ModelSpec, config: &Config, data: Dimensions, device: &Dev
     let batch = images(batch_size)?.to_dtype(input_dtype)?;
     let labels = Tensor::zeros(batch_size, DType::U32, device)?;
     let logits = model.forward_t(&batch, true)?;
-    cross_entropy(&logits, &labels, config.label_smoothing as f32)?.backward()?;
+    let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
+    drop(logits);
+    loss.backward_consuming()?;
     let batch = images(config.eval_batch_size.min(data.test_images))?.to_dtype(input_dtype)?;
     match config.tta {
         true => drop(tta_logits(model, &batch)?),

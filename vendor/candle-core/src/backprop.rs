@@ -163,10 +163,22 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
-        let sorted_nodes = self.sorted_nodes();
+        self.clone().backward_consuming()
+    }
+
+    /// [`Tensor::backward`] of a loss the caller gives up: the walk owns the graph and lets go
+    /// of each node once its gradients are computed, so a node's output and saved inputs are
+    /// freed as soon as no node left to visit reads them (as PyTorch's autograd frees saved
+    /// tensors), unless the caller holds another handle on them (`detach` one to keep a value).
+    pub fn backward_consuming(self) -> Result<GradStore> {
+        let mut sorted_nodes: Vec<Option<Tensor>> =
+            self.sorted_nodes().into_iter().cloned().map(Some).collect();
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
-        for node in sorted_nodes.iter() {
+        grads.insert(&self, self.ones_like()?.contiguous()?);
+        drop(self);
+        for slot in sorted_nodes.iter_mut() {
+            let Some(owned) = slot.take() else { continue };
+            let node = &&owned;
             if node.is_variable() {
                 continue;
             }
