@@ -94,6 +94,10 @@ mod heap {
     pub fn peak() -> u64 {
         PEAK.load(Relaxed) as u64
     }
+
+    pub fn live() -> u64 {
+        LIVE.load(Relaxed) as u64
+    }
 }
 
 use std::process::Command;
@@ -145,6 +149,25 @@ fn kiln(
     let mut optimizer = optim::for_precision(optimizer, built.params.vars(), dtype);
     let images = Tensor::randn(0f32, 1.0, (batch, 3, side, side), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
+    if device.is_cpu() {
+        // What one step holds: the forward graph at its end, and the backward pass's peak above
+        // the step's start (weights, optimizer state and the batch are there before and after).
+        let start = heap::live();
+        let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
+        let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
+        let graph = heap::live().saturating_sub(start);
+        heap::reset_peak();
+        let held = keep_graph.then(|| (logits.clone(), loss.clone()));
+        drop(logits);
+        let grads = optimizer.backward(loss)?;
+        let backward = heap::peak().saturating_sub(start);
+        drop((held, grads));
+        eprintln!(
+            "batch {batch}: the forward graph holds {} MiB at its end; the backward pass peaks {} MiB above the step's start",
+            mib(Some(graph)),
+            mib(Some(backward))
+        );
+    }
     let mut step = || -> kiln::Result<()> {
         let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
         let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;

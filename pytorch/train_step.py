@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile(model), the optimizer eager (as PyTorch's tutorials)")
+    ap.add_argument("--saved", action="store_true",
+                    help="also count the bytes autograd saves for one step's backward pass")
     ap.add_argument("--side", type=int, default=32,
                     help="the images' side; from 64 on the ResNets take ImageNet's stem")
     args = ap.parse_args()
@@ -79,6 +81,23 @@ def main():
             torch.cuda.synchronize()
 
     steps(max(2, args.steps // 10))  # warm-up
+    saved_bytes = None
+    if args.saved:
+        # Each storage autograd saves, counted once (views of one storage share it).
+        storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        optimizer.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                loss = loss_fn(model(x), y)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved_bytes = sum(n for ptr, n in storages.items() if ptr not in params)
+        del loss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # "in use": the timed steps' peak only
     rates = []
@@ -98,7 +117,7 @@ def main():
     in_use = torch.cuda.max_memory_allocated(device) if cuda else None
     print(json.dumps({"framework": "pytorch", "version": torch.__version__, "model": args.model,
                       "precision": args.precision, "batch": args.batch, "side": args.side,
-                      "compiled": args.compile,
+                      "compiled": args.compile, "saved_bytes": saved_bytes,
                       "threads": args.threads, "images_per_s": rates, "peak_device_bytes": peak,
                       "peak_in_use_bytes": in_use}))
 
