@@ -135,7 +135,8 @@ impl EpochRecord {
         )
     }
 
-    /// Reads the rows of a metrics.csv text (as written by [`EpochRecord::push_to`]).
+    /// Reads the rows of a metrics.csv text (as written by [`EpochRecord::push_to`]); an empty
+    /// cell (a wall-clock figure a checkpoint does not keep) reads as NaN.
     pub fn parse_history(history: &str) -> Vec<EpochRecord> {
         history
             .lines()
@@ -143,7 +144,10 @@ impl EpochRecord {
             .filter_map(|line| {
                 let v: Vec<f64> = line
                     .split(',')
-                    .map(|c| c.parse().ok())
+                    .map(|c| match c {
+                        "" => Some(f64::NAN),
+                        c => c.parse().ok(),
+                    })
                     .collect::<Option<_>>()?;
                 (v.len() == 8).then(|| EpochRecord {
                     epoch: v[0] as usize,
@@ -170,10 +174,89 @@ impl EpochRecord {
     }
 }
 
+/// The columns of metrics.csv that hold wall-clock figures (`seconds`, `images_per_s`): they
+/// differ between two runs that compute the same.
+const TIMING_COLUMNS: [usize; 2] = [5, 6];
+
+/// `history` (metrics.csv's text) with its wall-clock cells left empty: what a checkpoint keeps,
+/// so that two identical runs write identical checkpoints, byte for byte.
+pub fn without_timing(history: &str) -> String {
+    let mut out = String::with_capacity(history.len());
+    for (i, line) in history.lines().enumerate() {
+        match i {
+            0 => out.push_str(line),
+            _ => out.push_str(&row_without_timing(line)),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn row_without_timing(row: &str) -> String {
+    let cells: Vec<&str> = row
+        .split(',')
+        .enumerate()
+        .map(|(c, cell)| {
+            if TIMING_COLUMNS.contains(&c) {
+                ""
+            } else {
+                cell
+            }
+        })
+        .collect();
+    cells.join(",")
+}
+
+/// `history` (a checkpoint's, without wall-clock figures) with them filled in from `recorded`
+/// (metrics.csv as the run left it) wherever it holds the same row: a resumed run's metrics.csv
+/// keeps the times of the epochs trained before.
+pub fn with_timing_from(history: &str, recorded: &str) -> String {
+    let mut out = String::with_capacity(history.len());
+    for (i, line) in history.lines().enumerate() {
+        let timed = (i > 0)
+            .then(|| {
+                recorded
+                    .lines()
+                    .skip(1)
+                    .find(|row| row_without_timing(row) == line)
+            })
+            .flatten();
+        out.push_str(timed.unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn checkpoints_keep_no_wall_clock_and_a_resume_takes_it_back_from_metrics_csv() {
+        let recorded = format!(
+            "{CSV_HEADER}\n1,2.000000,0.100000,1.900000,0.200000,12.345,5120.0,0.001\n\
+             2,1.500000,0.300000,1.400000,0.400000,11.111,5500.5,0.001\n"
+        );
+        let kept = without_timing(&recorded);
+        assert_eq!(
+            kept,
+            format!(
+                "{CSV_HEADER}\n1,2.000000,0.100000,1.900000,0.200000,,,0.001\n\
+                 2,1.500000,0.300000,1.400000,0.400000,,,0.001\n"
+            )
+        );
+        let rows = EpochRecord::parse_history(&kept);
+        assert_eq!(rows.len(), 2);
+        assert!(rows[1].seconds.is_nan() && rows[1].test_acc == 0.4);
+        assert_eq!(with_timing_from(&kept, &recorded), recorded);
+        // A row that metrics.csv holds otherwise (written after the checkpoint, then lost to a
+        // crash and trained again) stays without times rather than taking another run's.
+        let other = recorded.replace("0.400000,11.111", "0.410000,11.111");
+        let merged = with_timing_from(&kept, &other);
+        assert!(merged.contains("12.345,5120.0") && merged.contains("0.400000,,,"));
+        assert_eq!(with_timing_from(&kept, ""), kept);
+    }
 
     #[test]
     fn tally_sums_loss_and_correct_predictions() {

@@ -84,6 +84,37 @@ fn two_epochs_then_resume_equals_straight_run_bit_for_bit() {
         metrics_without_timing(&split),
         metrics_without_timing(&reference)
     );
+    // The resumed run's metrics.csv keeps the times of the epochs trained before the resume
+    // (the checkpoint holds none: see below).
+    let csv = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
+    let seconds = column(&csv, "seconds");
+    assert!(
+        seconds.len() == 3 && seconds.iter().all(|s| *s > 0.0),
+        "{csv}"
+    );
+
+    // Two identical runs write identical checkpoints, byte for byte: no wall-clock figure is
+    // kept in one.
+    let twin = tempfile::tempdir().unwrap();
+    train_ok(twin.path(), &args(&data, "straight", &["--epochs", EPOCHS]));
+    let files = |run: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let twin_run = models_dir(twin.path()).join("straight");
+    assert_eq!(files(&reference), files(&twin_run));
+    assert!(!files(&reference).is_empty());
+    for name in files(&reference) {
+        assert!(
+            std::fs::read(reference.join("checkpoints").join(&name)).unwrap()
+                == std::fs::read(twin_run.join("checkpoints").join(&name)).unwrap(),
+            "{name:?} differs between two identical runs"
+        );
+    }
 
     // Finished: the same command again says so and succeeds without training.
     let again = train_ok(

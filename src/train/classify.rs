@@ -163,7 +163,16 @@ pub fn run(
             checkpoint::assign(&built.params.state(), &saved.weights, &path)?;
             optimizer.load_state(&saved.optimizer)?;
             let tally = Tally::from_state(&saved.tally, saved.tally_seen, device)?;
-            (saved.progress, Some(tally))
+            // The checkpoint keeps no times; metrics.csv still has those of its epochs.
+            let recorded = std::fs::read_to_string(run_dir.metrics()).unwrap_or_default();
+            let history = crate::metrics::with_timing_from(&saved.progress.history, &recorded);
+            (
+                Progress {
+                    history,
+                    ..saved.progress
+                },
+                Some(tally),
+            )
         }
     };
     if progress.global_step > 0 && progress.epochs_done >= config.epochs {
