@@ -177,6 +177,66 @@ mod tests {
     use super::*;
     use crate::data::synthetic;
 
+    /// The binary format as its definition gives it (www.cs.toronto.edu/~kriz/cifar.html):
+    /// each record is a label byte, then 1024 red, 1024 green and 1024 blue bytes, each plane
+    /// row by row from the top left. A file built byte by byte from that definition (not by
+    /// kiln's writer) reads as the images it describes, through to the training batch.
+    #[test]
+    fn a_file_built_from_the_format_definition_reads_as_the_images_it_describes() {
+        use crate::data::batches::{BatchBuffer, DeviceSet};
+        use crate::data::images::ChannelStats;
+        use candle_core::Device;
+
+        let value = |image: usize, channel: usize, row: usize, col: usize| -> u8 {
+            ((image * 97 + channel * 71 + row * 7 + col * 3) % 256) as u8
+        };
+        let labels = [7u8, 0, 9];
+        let mut bytes = Vec::new();
+        for (image, label) in labels.iter().enumerate() {
+            bytes.push(*label);
+            for channel in 0..3 {
+                for row in 0..32 {
+                    for col in 0..32 {
+                        bytes.push(value(image, channel, row, col));
+                    }
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data_batch_1.bin");
+        std::fs::write(&path, &bytes).unwrap();
+
+        let set = read_records(&path).unwrap();
+        assert_eq!(set.labels(), &[7, 0, 9]);
+        // Unnormalised (mean 0, std 1): each value is its byte over 255.
+        let stats = ChannelStats {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let images = DeviceSet::new(set, stats, &Device::Cpu).unwrap();
+        let order = images.order(&[2, 0, 1]).unwrap();
+        let (batch, batch_labels) = images
+            .batch(&order, 0..3, &mut BatchBuffer::default(), None)
+            .unwrap();
+        assert_eq!(batch.dims(), &[3, 3, 32, 32]);
+        assert_eq!(batch_labels.to_vec1::<u32>().unwrap(), vec![9, 7, 0]);
+        let batch = batch.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (place, image) in [2usize, 0, 1].into_iter().enumerate() {
+            for channel in 0..3 {
+                for row in 0..32 {
+                    for col in 0..32 {
+                        let got = batch[((place * 3 + channel) * 32 + row) * 32 + col];
+                        let want = f32::from(value(image, channel, row, col)) / 255.0;
+                        assert!(
+                            (got - want).abs() < 1e-6,
+                            "image {image} channel {channel} ({row}, {col}): {got} != {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_directory_of_any_whole_number_of_records_round_trips() {
         let dir = tempfile::tempdir().unwrap();
