@@ -187,11 +187,22 @@ fn resnet_gradients_in_bf16_and_f16_on_the_gpu_are_close_to_the_cpus_f32() {
                     "{} {half:?} {name}: master gradients are f32",
                     spec.name
                 );
+                let (mut off, mut own) = (0f64, 0f64);
                 for (x, y) in values(a).iter().zip(values(b)) {
                     dot += f64::from(*x) * f64::from(y);
                     cpu_norm += f64::from(*x) * f64::from(*x);
                     gpu_norm += f64::from(y) * f64::from(y);
+                    off += (f64::from(*x) - f64::from(y)).powi(2);
+                    own += f64::from(*x) * f64::from(*x);
                 }
+                // Each parameter on its own too (as models' CPU test: bf16 leaves a BatchNorm
+                // bias's gradient up to about 28% from f32's; a wrong one is 100% off).
+                let relative = (off / own.max(1e-24)).sqrt();
+                assert!(
+                    relative < 0.5,
+                    "{} {format:?} {half:?} {name}: gradient {relative:.3} (relative L2) from f32's",
+                    spec.name
+                );
             }
             let cosine = dot / (cpu_norm.sqrt() * gpu_norm.sqrt());
             eprintln!(
