@@ -398,6 +398,94 @@ mod tests {
     use super::*;
     use candle_core::DType;
 
+    /// A linear "model" whose every pixel has its own weight per class, so that a flip or a
+    /// shift of the image changes its logits.
+    struct PixelWeights {
+        weights: Vec<f32>,
+        classes: usize,
+        pixels: usize,
+    }
+
+    impl candle_nn::Module for PixelWeights {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let n = x.dim(0)?;
+            let w = Tensor::from_slice(&self.weights, (self.classes, self.pixels), x.device())?;
+            x.reshape((n, self.pixels))?.matmul(&w.t()?)
+        }
+    }
+
+    /// Test-time augmentation against the six views built by hand, pixel by pixel: the image
+    /// and its mirror (weight 1/4 each), and the image shifted one pixel up-left and one pixel
+    /// down-right, edges reflected (row 1 above row 0, row H-2 below row H-1, and so for
+    /// columns), each with its mirror (1/8 each).
+    #[test]
+    fn tta_averages_the_six_views_built_by_hand() {
+        use rand::{Rng, SeedableRng};
+        let (n, c, h, w, classes) = (2, 3, 4, 5, 3);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let pixels = c * h * w;
+        let images: Vec<f32> = (0..n * pixels)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let model = PixelWeights {
+            weights: (0..classes * pixels)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect(),
+            classes,
+            pixels,
+        };
+        let batch = Tensor::from_slice(&images, (n, c, h, w), &Device::Cpu).unwrap();
+        let got = tta_logits(&model, &batch)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+
+        let reflect = |i: isize, len: usize| -> usize {
+            match i {
+                -1 => 1,
+                i if i == len as isize => len - 2,
+                i => i as usize,
+            }
+        };
+        // The pixel a view shows at (ch, y, x) of image `b`: shifted by (dy, dx), then mirrored.
+        let view = |b: usize, ch: usize, y: usize, x: usize, shift: isize, flip: bool| -> f32 {
+            let x = if flip { w - 1 - x } else { x };
+            let sy = reflect(y as isize + shift, h);
+            let sx = reflect(x as isize + shift, w);
+            images[((b * c + ch) * h + sy) * w + sx]
+        };
+        let views = [
+            (0, false, 0.25),
+            (0, true, 0.25),
+            (-1, false, 0.125),
+            (-1, true, 0.125),
+            (1, false, 0.125),
+            (1, true, 0.125),
+        ];
+        for (b, row) in got.iter().enumerate() {
+            for (k, logit) in row.iter().enumerate() {
+                let mut want = 0f64;
+                for (shift, flip, weight) in views {
+                    let mut sum = 0f64;
+                    for ch in 0..c {
+                        for y in 0..h {
+                            for x in 0..w {
+                                let at = (ch * h + y) * w + x;
+                                sum += f64::from(model.weights[k * pixels + at])
+                                    * f64::from(view(b, ch, y, x, shift, flip));
+                            }
+                        }
+                    }
+                    want += weight * sum;
+                }
+                assert!(
+                    (f64::from(*logit) - want).abs() < 1e-5,
+                    "image {b} class {k}: {logit} against {want}"
+                );
+            }
+        }
+    }
+
     /// A "model" that always predicts class 3.
     struct AlwaysThree;
     impl candle_nn::Module for AlwaysThree {
