@@ -67,8 +67,9 @@ fn finish(child: Child) -> Output {
     common::wait_within(child, LIMIT)
 }
 
-fn run(ranks: usize, args: &[&str], cwd: &Path) -> Output {
-    let child = train(ranks, args, cwd)
+/// Runs `command` to its end (at most LIMIT), its output captured.
+fn output(mut command: Command) -> Output {
+    let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -76,15 +77,37 @@ fn run(ranks: usize, args: &[&str], cwd: &Path) -> Output {
     finish(child)
 }
 
-fn run_ok(ranks: usize, args: &[&str], cwd: &Path) -> String {
-    let out = run(ranks, args, cwd);
+fn run(ranks: usize, args: &[&str], cwd: &Path) -> Output {
+    output(train(ranks, args, cwd))
+}
+
+/// `out`'s stdout, once it is checked to have succeeded (else fails, naming `what`).
+fn succeeded(out: Output, what: &str) -> String {
     assert!(
         out.status.success(),
-        "{ranks} process(es) of train {args:?} failed:\n{}\n{}",
+        "{what} failed:\n{}\n{}",
         text(&out.stdout),
         text(&out.stderr)
     );
     text(&out.stdout)
+}
+
+fn run_ok(ranks: usize, args: &[&str], cwd: &Path) -> String {
+    let what = format!("{ranks} process(es) of train {args:?}");
+    succeeded(run(ranks, args, cwd), &what)
+}
+
+/// Runs `a` and `b` (in `runs`) ended with the same weights, bit for bit, and the same metrics.
+fn assert_same_run(runs: &Path, a: &str, b: &str, why: &str) {
+    assert_eq!(
+        weight_bits(&runs.join(a).join("last.safetensors")),
+        weight_bits(&runs.join(b).join("last.safetensors")),
+        "{why}"
+    );
+    assert_eq!(
+        metrics_without_timing(&runs.join(a)),
+        metrics_without_timing(&runs.join(b))
+    );
 }
 
 /// The files a run directory holds, by path within it.
@@ -132,32 +155,17 @@ fn a_world_of_one_trains_as_a_plain_run() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     run_ok(1, &args(&data, "plain", &["--epochs", "1"]), root.path());
-    let out = finish(
-        under_mpirun(1, &args(&data, "world", &["--epochs", "1"]), root.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("mpirun runs (install Open MPI: apt-get install openmpi-bin)"),
-    );
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "mpirun -np 1 train failed:\n{stdout}\n{}",
-        text(&out.stderr)
-    );
+    let world = under_mpirun(1, &args(&data, "world", &["--epochs", "1"]), root.path());
+    let stdout = succeeded(output(world), "mpirun -np 1 train");
     assert!(
         stdout.contains("data-parallel over 1 process (1 on this machine)"),
         "a world of one runs the data-parallel loop:\n{stdout}"
     );
-    let runs = models_dir(root.path());
-    assert_eq!(
-        weight_bits(&runs.join("world/last.safetensors")),
-        weight_bits(&runs.join("plain/last.safetensors")),
-        "a world of one trained other weights than a plain run"
-    );
-    assert_eq!(
-        metrics_without_timing(&runs.join("world")),
-        metrics_without_timing(&runs.join("plain"))
+    assert_same_run(
+        &models_dir(root.path()),
+        "world",
+        "plain",
+        "a world of one trained other weights than a plain run",
     );
 }
 
@@ -202,15 +210,7 @@ fn two_processes_train_as_one(model_args: &[&str]) {
         difference > 0.0,
         "the same bits: were the two processes summed at all?"
     );
-    assert_eq!(
-        weight_bits(&runs.join("two/last.safetensors")),
-        weight_bits(&runs.join("again/last.safetensors")),
-        "two runs on two processes differ"
-    );
-    assert_eq!(
-        metrics_without_timing(&runs.join("two")),
-        metrics_without_timing(&runs.join("again"))
-    );
+    assert_same_run(&runs, "two", "again", "two runs on two processes differ");
     assert_eq!(files(&runs.join("two")), files(&runs.join("one")));
     let mut names: Vec<_> = std::fs::read_dir(&runs)
         .unwrap()
