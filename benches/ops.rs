@@ -169,7 +169,7 @@ fn adam(c: &mut Criterion) {
     let (spec, config) = resolve(Some("simplecnn"), None, &Overrides::default()).expect("config");
     let arch = models::Architecture::new(10, 32, models::Stem::Auto, 64).expect("shape");
     let built = models::build(spec, &arch, 0, &Device::Cpu).expect("model");
-    let mut optimizer = optim::build(&config, &built.params, 1).expect("optimizer");
+    let mut optimizer = optim::build(&config.optim(), &built.params, 1).expect("optimizer");
     let x = randn(&[64, 3, 32, 32]);
     let logits = built.module.forward_t(&x, true).expect("forward");
     let loss = ops::cross_entropy(&logits, &labels(64), 0.0).expect("loss");

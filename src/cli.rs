@@ -7,7 +7,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 
 /// Where the data comes from, and how missing CIFAR-10 is fetched.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct DataArgs {
     /// Directory holding the CIFAR-10 binary files (data_batch_1.bin .. test_batch.bin),
     /// fetched into it when it holds none; or, with --dataset folder, the image folder

@@ -9,11 +9,14 @@ use std::str::FromStr;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
+use crate::cli::DataArgs;
 use crate::data::augment::Augment;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::models::{self, ModelSpec, Stem};
 use crate::optim::schedule::{Schedule, ScheduleKind};
+use crate::optim::OptimizerConfig;
+pub use crate::optim::OptimizerKind;
 
 /// The model trained when neither `--model` nor `--config` names one.
 pub const DEFAULT_MODEL: &str = "simplecnn";
@@ -44,42 +47,6 @@ pub fn resolve(
     }
     let spec = models::find(&config.model)?;
     Ok((spec, config.apply(overrides)?))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// Adam with `weight_decay` as an L2 term in the gradient (`torch.optim.Adam`).
-    Adam,
-    /// Adam with decoupled weight decay (`torch.optim.AdamW`).
-    AdamW,
-    /// SGD with momentum, optionally Nesterov's (`torch.optim.SGD`).
-    Sgd,
-}
-
-impl FromStr for OptimizerKind {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "adam" => Ok(Self::Adam),
-            "adamw" => Ok(Self::AdamW),
-            "sgd" => Ok(Self::Sgd),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown optimizer '{s}': expected adam, adamw or sgd"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for OptimizerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Adam => "adam",
-            Self::AdamW => "adamw",
-            Self::Sgd => "sgd",
-        })
-    }
 }
 
 /// The arithmetic of training steps: f32 throughout, or bf16 (or f16) activations and
@@ -278,34 +245,129 @@ fn default_val_split() -> f64 {
     0.1
 }
 
-/// Values given on the command line; each replaces the config's when present.
-#[derive(Debug, Clone, Default)]
+/// The hyper-parameters a command line may set, each declared here once: `train`'s flags (clap
+/// reads this struct) and the keys they replace in the config ([`Config::apply`]). Data flags
+/// are [`DataArgs`], shared with `evaluate` and `predict`.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct Overrides {
-    pub epochs: Option<usize>,
-    pub batch_size: Option<usize>,
-    pub accumulate: Option<usize>,
-    pub lr: Option<f64>,
-    pub optimizer: Option<OptimizerKind>,
-    pub momentum: Option<f64>,
-    pub weight_decay: Option<f64>,
-    pub seed: Option<u64>,
-    pub data_dir: Option<PathBuf>,
-    pub dataset: Option<Dataset>,
-    pub image_size: Option<usize>,
-    pub val_split: Option<f64>,
-    pub skip_bad_images: bool,
+    #[command(flatten)]
+    pub data: DataArgs,
+
+    /// Keep the training files' order instead of reshuffling every epoch (to compare runs
+    /// side by side with other frameworks)
+    #[arg(long, help_heading = "Data")]
     pub no_shuffle: bool,
-    pub schedule: Option<ScheduleKind>,
-    pub label_smoothing: Option<f64>,
-    pub grad_clip_norm: Option<f64>,
-    pub early_stop: Option<usize>,
-    pub backbone_lr_scale: Option<f64>,
-    pub precision: Option<Precision>,
+
+    /// Under mpirun or srun: batch norms take their statistics over the whole global batch
+    /// (PyTorch's SyncBatchNorm), so N processes train as one would; without it each process
+    /// normalises its own share, as DDP does by default [config: sync_bn]
+    #[arg(long, help_heading = "Run")]
     pub sync_bn: bool,
-    pub tensorboard: bool,
+
+    /// Passes over the training set
+    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
+    pub epochs: Option<usize>,
+
+    /// Images per training step (with --accumulate, per micro-batch; under mpirun or srun, of
+    /// all processes together)
+    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
+    pub batch_size: Option<usize>,
+
+    /// Add up the gradients of N batches before each optimizer step: the step of a batch N
+    /// times larger, in the memory of one (Lightning's accumulate_grad_batches) [config:
+    /// accumulate, 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Hyper-parameters")]
+    pub accumulate: Option<u16>,
+
+    /// Learning rate
+    #[arg(long, value_name = "LR", help_heading = "Hyper-parameters")]
+    pub lr: Option<f64>,
+
+    /// adam, adamw or sgd
+    #[arg(long, value_name = "NAME", help_heading = "Hyper-parameters")]
+    pub optimizer: Option<OptimizerKind>,
+
+    /// Learning-rate schedule, stepped every batch: constant, step, cosine, linear or onecycle
+    /// (their settings are in the config's [schedule] table)
+    #[arg(long, value_name = "NAME", help_heading = "Hyper-parameters")]
+    pub schedule: Option<ScheduleKind>,
+
+    /// Label smoothing of the cross-entropy (0 to 1, PyTorch's label_smoothing)
+    #[arg(long, value_name = "E", help_heading = "Hyper-parameters")]
+    pub label_smoothing: Option<f64>,
+
+    /// Rescale the gradients to this global L2 norm when they exceed it (0 = off)
+    #[arg(
+        long = "grad-clip",
+        value_name = "NORM",
+        help_heading = "Hyper-parameters"
+    )]
+    pub grad_clip_norm: Option<f64>,
+
+    /// Stop once the test accuracy has not improved for N epochs (0 = never)
+    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
+    pub early_stop: Option<usize>,
+
+    /// SGD momentum (0 turns it off)
+    #[arg(long, value_name = "M", help_heading = "Hyper-parameters")]
+    pub momentum: Option<f64>,
+
+    /// L2 penalty added to the gradients, as PyTorch's weight_decay
+    #[arg(long, value_name = "WD", help_heading = "Hyper-parameters")]
+    pub weight_decay: Option<f64>,
+
+    /// Seed for initial weights and data order; the same seed on the CPU gives the same run
+    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
+    pub seed: Option<u64>,
+
+    /// The learning rate of every layer but the classifier, as a share of --lr (0.1 is usual
+    /// when fine-tuning) [default: the config's backbone_lr_scale, 1]
+    #[arg(long, value_name = "S", help_heading = "Hyper-parameters")]
+    pub backbone_lr_scale: Option<f64>,
+
+    /// Train the classifier (fc) alone, every other layer kept as loaded (backbone_lr_scale = 0)
+    #[arg(
+        long,
+        requires = "init_weights",
+        conflicts_with = "backbone_lr_scale",
+        help_heading = "Checkpoints"
+    )]
+    pub freeze_backbone: bool,
+
+    /// auto, f32, bf16 or f16: bf16 runs activations and convolutions in bf16 with f32 master
+    /// weights, optimizer state and BatchNorm statistics (the ResNets; for CUDA, where tensor
+    /// cores run it); f16 the same in f16, the loss scaled dynamically against its narrow
+    /// range; auto is bf16 for the ResNets on CUDA and f32 otherwise
+    /// [default: the config's precision, auto]
+    #[arg(long, value_name = "P", help_heading = "Hyper-parameters")]
+    pub precision: Option<Precision>,
+
+    /// Write TensorBoard event files (loss, accuracy, learning rate, images/s; per step and per
+    /// epoch) into DIR [default: the run directory]; then: tensorboard --logdir models
+    /// [config: tensorboard = true]
+    #[arg(long, value_name = "DIR", num_args = 0..=1, help_heading = "Output")]
+    pub tensorboard: Option<Option<PathBuf>>,
 }
 
 impl Config {
+    /// The optimizer's section of this config.
+    pub fn optim(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optimizer,
+            lr: self.lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            betas: self.betas,
+            eps: self.eps,
+            backbone_lr_scale: self.backbone_lr_scale,
+            norm_lr_scale: self.norm_lr_scale,
+            train_until: self.train_until.clone(),
+            lookahead: self.lookahead,
+            epochs: self.epochs,
+        }
+    }
+
     /// How a folder data set is split and decoded under this config.
     pub fn folder_options(&self) -> crate::data::folder::FolderOptions {
         crate::data::folder::FolderOptions {
@@ -347,72 +409,42 @@ impl Config {
     }
 
     pub fn apply(mut self, o: &Overrides) -> Result<Self> {
-        if let Some(v) = o.epochs {
-            self.epochs = v;
+        // A flag given replaces the key of its name.
+        macro_rules! replace {
+            ($($from:expr => $key:expr),* $(,)?) => {
+                $(if let Some(v) = $from.clone() {
+                    $key = v.into();
+                })*
+            };
         }
-        if let Some(v) = o.batch_size {
-            self.batch_size = v;
+        replace! {
+            o.epochs => self.epochs,
+            o.batch_size => self.batch_size,
+            o.accumulate => self.accumulate,
+            o.lr => self.lr,
+            o.optimizer => self.optimizer,
+            o.momentum => self.momentum,
+            o.weight_decay => self.weight_decay,
+            o.seed => self.seed,
+            o.schedule => self.schedule.kind,
+            o.label_smoothing => self.label_smoothing,
+            o.grad_clip_norm => self.grad_clip_norm,
+            o.early_stop => self.early_stop,
+            o.backbone_lr_scale => self.backbone_lr_scale,
+            o.precision => self.precision,
+            o.data.data_dir => self.data_dir,
+            o.data.dataset => self.dataset,
+            o.data.image_size => self.image_size,
+            o.data.val_split => self.val_split,
         }
-        if let Some(v) = o.accumulate {
-            self.accumulate = v;
+        if o.freeze_backbone {
+            self.backbone_lr_scale = 0.0;
         }
-        if let Some(v) = o.lr {
-            self.lr = v;
-        }
-        if let Some(v) = o.optimizer {
-            self.optimizer = v;
-        }
-        if let Some(v) = o.momentum {
-            self.momentum = v;
-        }
-        if let Some(v) = o.weight_decay {
-            self.weight_decay = v;
-        }
-        if let Some(v) = o.seed {
-            self.seed = v;
-        }
-        if let Some(v) = &o.data_dir {
-            self.data_dir = v.clone();
-        }
-        if let Some(v) = o.dataset {
-            self.dataset = v;
-        }
-        if let Some(v) = o.image_size {
-            self.image_size = v;
-        }
-        if let Some(v) = o.val_split {
-            self.val_split = v;
-        }
-        if o.skip_bad_images {
-            self.skip_bad_images = true;
-        }
-        if o.no_shuffle {
-            self.shuffle = false;
-        }
-        if let Some(v) = o.schedule {
-            self.schedule.kind = v;
-        }
-        if let Some(v) = o.label_smoothing {
-            self.label_smoothing = v;
-        }
-        if let Some(v) = o.grad_clip_norm {
-            self.grad_clip_norm = v;
-        }
-        if let Some(v) = o.early_stop {
-            self.early_stop = v;
-        }
-        if let Some(v) = o.backbone_lr_scale {
-            self.backbone_lr_scale = v;
-        }
-        if let Some(v) = o.precision {
-            self.precision = v;
-        }
-        if o.sync_bn {
-            self.sync_bn = true;
-        }
-        if o.tensorboard {
-            self.tensorboard = true;
-        }
+        // Switches turn a key on (or, --no-shuffle, off); absent, the config's value stands.
+        self.skip_bad_images |= o.data.skip_bad_images;
+        self.shuffle &= !o.no_shuffle;
+        self.sync_bn |= o.sync_bn;
+        self.tensorboard |= o.tensorboard.is_some();
         self.validate().map_err(Error::InvalidSetting)?;
         Ok(self)
     }

@@ -301,9 +301,18 @@ pub fn confusion_png(
     })
 }
 
+/// A learning-rate range test's curve: the rate of each step, its loss as computed and smoothed,
+/// and the suggested rate.
+pub struct RangeTest<'a> {
+    pub rates: &'a [f64],
+    pub losses: &'a [f64],
+    pub smoothed: &'a [f64],
+    pub suggestion: Option<f64>,
+}
+
 /// `lr_find.png`: the range test's loss against the learning rate (log scale), each step's and
 /// smoothed, the suggested rate marked.
-pub fn lr_find_png(path: &Path, found: &crate::train::lr_find::Found) -> Result<()> {
+pub fn lr_find_png(path: &Path, found: &RangeTest) -> Result<()> {
     render(path, (1000, 650), |root| {
         let points = |values: &[f64]| -> Vec<(f64, f64)> {
             found
@@ -314,7 +323,7 @@ pub fn lr_find_png(path: &Path, found: &crate::train::lr_find::Found) -> Result<
                 .filter(|(_, v)| v.is_finite())
                 .collect()
         };
-        let (raw, smoothed) = (points(&found.losses), points(&found.smoothed));
+        let (raw, smoothed) = (points(found.losses), points(found.smoothed));
         let first = found.rates.first().copied().unwrap_or(1e-7);
         let last = found.rates.last().copied().unwrap_or(1.0).max(first * 10.0);
         // The y range from the smoothed curve: the raw losses' spikes would flatten it.

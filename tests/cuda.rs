@@ -764,7 +764,7 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
         let step = |device: &Device| {
             let built = models::build(spec, &architecture(spec, first), 7, device).unwrap();
             let params = built.params.vars();
-            let mut optimizer = kiln::optim::build(&config, &built.params, 1).unwrap();
+            let mut optimizer = kiln::optim::build(&config.optim(), &built.params, 1).unwrap();
             for _ in 0..3 {
                 let mut store = candle_core::backprop::GradStore::default();
                 for ((_, var), (_, grad)) in params.iter().zip(&grads) {

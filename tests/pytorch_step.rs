@@ -70,7 +70,7 @@ fn one_step_as_pytorch(fixture: &str) {
     let loss = ops::cross_entropy(&logits, &y, smoothing).unwrap();
     assert_close("loss", &loss, &file.tensors["train/loss"]);
 
-    let mut optimizer = optim::build(&config, &built.params, 1).unwrap();
+    let mut optimizer = optim::build(&config.optim(), &built.params, 1).unwrap();
     let grads = loss.backward().unwrap();
     optimizer.step(&grads).unwrap();
     let after = group(&file.tensors, "after/");

@@ -13,19 +13,17 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 use candle_core::Device;
-use kiln::checkpoint::{self, RunDir};
-use kiln::cli::DataArgs;
-use kiln::config::{self, Config, OptimizerKind, Overrides, Precision};
+use kiln::config::{self, Overrides};
 use kiln::data;
 use kiln::device::{self, DeviceRequest};
 use kiln::dist::{launch, World};
-use kiln::models::{self, ModelSpec, Task};
-use kiln::optim::schedule::ScheduleKind;
+use kiln::models::{self, Task};
 use kiln::report::{Output, Reporter};
-use kiln::train::classify::{self, Options, Start};
+use kiln::train::classify::{self, Options};
 use kiln::train::fit::Outcome;
+use kiln::train::linear_fit;
+use kiln::train::plan::{Begin, Plan, Request};
 use kiln::train::warm_up::warm_up;
-use kiln::train::{linear_fit, resume};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -83,70 +81,7 @@ struct Cli {
     gpus: Option<u16>,
 
     #[command(flatten)]
-    data: DataArgs,
-
-    /// Keep the training files' order instead of reshuffling every epoch (to compare runs
-    /// side by side with other frameworks)
-    #[arg(long, help_heading = "Data")]
-    no_shuffle: bool,
-
-    /// Under mpirun or srun: batch norms take their statistics over the whole global batch
-    /// (PyTorch's SyncBatchNorm), so N processes train as one would; without it each process
-    /// normalises its own share, as DDP does by default [config: sync_bn]
-    #[arg(long, help_heading = "Run")]
-    sync_bn: bool,
-
-    /// Passes over the training set
-    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
-    epochs: Option<usize>,
-
-    /// Images per training step (with --accumulate, per micro-batch; under mpirun or srun, of
-    /// all processes together)
-    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
-    batch_size: Option<usize>,
-
-    /// Add up the gradients of N batches before each optimizer step: the step of a batch N
-    /// times larger, in the memory of one (Lightning's accumulate_grad_batches) [config:
-    /// accumulate, 1]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Hyper-parameters")]
-    accumulate: Option<u16>,
-
-    /// Learning rate
-    #[arg(long, value_name = "LR", help_heading = "Hyper-parameters")]
-    lr: Option<f64>,
-
-    /// adam, adamw or sgd
-    #[arg(long, value_name = "NAME", help_heading = "Hyper-parameters")]
-    optimizer: Option<OptimizerKind>,
-
-    /// Learning-rate schedule, stepped every batch: constant, step, cosine, linear or onecycle
-    /// (their settings are in the config's [schedule] table)
-    #[arg(long, value_name = "NAME", help_heading = "Hyper-parameters")]
-    schedule: Option<ScheduleKind>,
-
-    /// Label smoothing of the cross-entropy (0 to 1, PyTorch's label_smoothing)
-    #[arg(long, value_name = "E", help_heading = "Hyper-parameters")]
-    label_smoothing: Option<f64>,
-
-    /// Rescale the gradients to this global L2 norm when they exceed it (0 = off)
-    #[arg(long, value_name = "NORM", help_heading = "Hyper-parameters")]
-    grad_clip: Option<f64>,
-
-    /// Stop once the test accuracy has not improved for N epochs (0 = never)
-    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
-    early_stop: Option<usize>,
-
-    /// SGD momentum (0 turns it off)
-    #[arg(long, value_name = "M", help_heading = "Hyper-parameters")]
-    momentum: Option<f64>,
-
-    /// L2 penalty added to the gradients, as PyTorch's weight_decay
-    #[arg(long, value_name = "WD", help_heading = "Hyper-parameters")]
-    weight_decay: Option<f64>,
-
-    /// Seed for initial weights and data order; the same seed on the CPU gives the same run
-    #[arg(long, value_name = "N", help_heading = "Hyper-parameters")]
-    seed: Option<u64>,
+    overrides: Overrides,
 
     /// Where run directories go
     #[arg(
@@ -188,28 +123,6 @@ struct Cli {
     #[arg(long, requires = "init_weights", help_heading = "Checkpoints")]
     finetune: bool,
 
-    /// Train the classifier (fc) alone, every other layer kept as loaded (backbone_lr_scale = 0)
-    #[arg(
-        long,
-        requires = "init_weights",
-        conflicts_with = "backbone_lr_scale",
-        help_heading = "Checkpoints"
-    )]
-    freeze_backbone: bool,
-
-    /// The learning rate of every layer but the classifier, as a share of --lr (0.1 is usual
-    /// when fine-tuning) [default: the config's backbone_lr_scale, 1]
-    #[arg(long, value_name = "S", help_heading = "Hyper-parameters")]
-    backbone_lr_scale: Option<f64>,
-
-    /// auto, f32, bf16 or f16: bf16 runs activations and convolutions in bf16 with f32 master
-    /// weights, optimizer state and BatchNorm statistics (the ResNets; for CUDA, where tensor
-    /// cores run it); f16 the same in f16, the loss scaled dynamically against its narrow
-    /// range; auto is bf16 for the ResNets on CUDA and f32 otherwise
-    /// [default: the config's precision, auto]
-    #[arg(long, value_name = "P", help_heading = "Hyper-parameters")]
-    precision: Option<Precision>,
-
     /// Also checkpoint every N steps (a checkpoint is always written after each epoch)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
     checkpoint_every: Option<u64>,
@@ -237,12 +150,6 @@ struct Cli {
     /// Steps of the range test [default: 200]
     #[arg(long, value_name = "N", requires = "lr_find", value_parser = clap::value_parser!(u16).range(20..), help_heading = "Run")]
     lr_find_steps: Option<u16>,
-
-    /// Write TensorBoard event files (loss, accuracy, learning rate, images/s; per step and per
-    /// epoch) into DIR [default: the run directory]; then: tensorboard --logdir models
-    /// [config: tensorboard = true]
-    #[arg(long, value_name = "DIR", num_args = 0..=1, help_heading = "Output")]
-    tensorboard: Option<Option<PathBuf>>,
 
     /// End-of-epoch checkpoints to keep in <run>/checkpoints (best.safetensors is always kept)
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Checkpoints")]
@@ -327,35 +234,6 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
         })
     });
     device::prepare_cpu_threads(threads);
-    let overrides = Overrides {
-        epochs: cli.epochs,
-        batch_size: cli.batch_size,
-        accumulate: cli.accumulate.map(usize::from),
-        lr: cli.lr,
-        optimizer: cli.optimizer,
-        momentum: cli.momentum,
-        weight_decay: cli.weight_decay,
-        seed: cli.seed,
-        data_dir: cli.data.data_dir.clone(),
-        dataset: cli.data.dataset,
-        image_size: cli.data.image_size,
-        val_split: cli.data.val_split,
-        skip_bad_images: cli.data.skip_bad_images,
-        no_shuffle: cli.no_shuffle,
-        schedule: cli.schedule,
-        label_smoothing: cli.label_smoothing,
-        grad_clip_norm: cli.grad_clip,
-        early_stop: cli.early_stop,
-        backbone_lr_scale: if cli.freeze_backbone {
-            Some(0.0)
-        } else {
-            cli.backbone_lr_scale
-        },
-        precision: cli.precision,
-        sync_bn: cli.sync_bn,
-        tensorboard: cli.tensorboard.is_some(),
-    };
-    let (spec, config) = config::resolve(cli.model.as_deref(), cli.config.as_deref(), &overrides)?;
     let reporter = Reporter::new(if cli.quiet || !world.is_root() {
         Output::Quiet
     } else if cli.json_logs {
@@ -365,6 +243,7 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
     });
     let device = device::open_for_rank(cli.device, world.local_rank())?;
     let world = &world.with_gpu(&device)?;
+    let plan = Plan::resolve(&request(&cli), &device)?;
     reporter.note(&format!("device: {}", device::describe(&device)));
     if world.is_distributed() {
         reporter.note(&format!(
@@ -372,126 +251,90 @@ fn run(cli: Cli, world: &World) -> anyhow::Result<ExitCode> {
             world.size(),
             if world.size() == 1 { "" } else { "es" },
             world.local_size(),
-            config.batch_size
+            plan.config.batch_size
         ));
     }
+    match plan.spec.task {
+        Task::LinearFit => linear_check(&cli, &plan, &device, reporter, world),
+        Task::ImageClassification => train_classifier(&cli, plan, &device, reporter, world),
+    }
+}
 
-    match spec.task {
-        Task::LinearFit => {
-            if world.size() > 1 {
-                anyhow::bail!(
-                    "--model {} is a one-process check; run it without mpirun or srun",
-                    spec.name
-                );
-            }
-            let run_only = [
-                ("--resume", cli.resume.is_some()),
-                ("--init-weights", cli.init_weights.is_some()),
-                ("--checkpoint-every", cli.checkpoint_every.is_some()),
-            ];
-            if let Some((flag, _)) = run_only.iter().find(|(_, given)| *given) {
-                anyhow::bail!("{flag} does not apply to --model {}: the set-up check saves nothing to resume or start from", spec.name);
-            }
-            let fit = linear_fit::run(spec, &config, &device)?;
-            let verdict = if fit.looks_right() {
-                "set-up looks right: kiln trains on this device (expected about weight=3, bias=2)"
-            } else {
-                "expected about weight=3 and bias=2: training on this device is not working as it should"
-            };
-            match reporter.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"event": "linear_fit", "weight": fit.weight, "bias": fit.bias,
-                                       "loss": fit.final_loss, "looks_right": fit.looks_right()})
-                ),
-                _ => reporter.note(&format!(
-                    "weight={:.4} bias={:.4} (loss {:.5})\n{verdict}",
-                    fit.weight, fit.bias, fit.final_loss
-                )),
-            }
-            if fit.looks_right() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                anyhow::bail!("{verdict} (weight={:.4} bias={:.4})", fit.weight, fit.bias)
-            }
-        }
-        Task::ImageClassification => {
-            train_classifier(&cli, spec, config, &overrides, &device, reporter, world)
-        }
+/// What the command line asks for, as the run plan takes it.
+fn request(cli: &Cli) -> Request {
+    Request {
+        model: cli.model.clone(),
+        config_file: cli.config.clone(),
+        overrides: cli.overrides.clone(),
+        models_dir: cli.models_dir.clone(),
+        run: cli.run.clone(),
+        start: match (&cli.resume, &cli.init_weights) {
+            (Some(checkpoint), _) => Begin::Resume(checkpoint.clone()),
+            (None, Some(path)) => Begin::Weights {
+                path: path.clone(),
+                finetune: cli.finetune,
+            },
+            (None, None) => Begin::Fresh,
+        },
+    }
+}
+
+/// `train --model linear`: the set-up check, which saves nothing.
+fn linear_check(
+    cli: &Cli,
+    plan: &Plan,
+    device: &Device,
+    reporter: Reporter,
+    world: &World,
+) -> anyhow::Result<ExitCode> {
+    let name = plan.spec.name;
+    if world.size() > 1 {
+        anyhow::bail!("--model {name} is a one-process check; run it without mpirun or srun");
+    }
+    let run_only = [
+        ("--resume", cli.resume.is_some()),
+        ("--init-weights", cli.init_weights.is_some()),
+        ("--checkpoint-every", cli.checkpoint_every.is_some()),
+    ];
+    if let Some((flag, _)) = run_only.iter().find(|(_, given)| *given) {
+        anyhow::bail!("{flag} does not apply to --model {name}: the set-up check saves nothing to resume or start from");
+    }
+    let fit = linear_fit::run(plan.spec, &plan.config, device)?;
+    let verdict = if fit.looks_right() {
+        "set-up looks right: kiln trains on this device (expected about weight=3, bias=2)"
+    } else {
+        "expected about weight=3 and bias=2: training on this device is not working as it should"
+    };
+    match reporter.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"event": "linear_fit", "weight": fit.weight, "bias": fit.bias,
+                               "loss": fit.final_loss, "looks_right": fit.looks_right()})
+        ),
+        _ => reporter.note(&format!(
+            "weight={:.4} bias={:.4} (loss {:.5})\n{verdict}",
+            fit.weight, fit.bias, fit.final_loss
+        )),
+    }
+    if fit.looks_right() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        anyhow::bail!("{verdict} (weight={:.4} bias={:.4})", fit.weight, fit.bias)
     }
 }
 
 fn train_classifier(
     cli: &Cli,
-    spec: &'static ModelSpec,
-    config: Config,
-    overrides: &Overrides,
+    plan: Plan,
     device: &Device,
     reporter: Reporter,
     world: &World,
 ) -> anyhow::Result<ExitCode> {
-    let run_name = cli.run.as_deref().unwrap_or(spec.name);
-    let run_dir = RunDir::at(&cli.models_dir, run_name);
-    let (spec, config, start) = match &cli.resume {
-        None => {
-            let start = match &cli.init_weights {
-                Some(path) => Start::Weights {
-                    path: path.clone(),
-                    finetune: cli.finetune,
-                },
-                None => Start::Fresh,
-            };
-            (spec, config, start)
-        }
-        Some(explicit) => {
-            let found = match explicit {
-                Some(path) => Some((path.clone(), checkpoint::load_checkpoint(path, device)?)),
-                None => resume::newest(&run_dir, device)?,
-            };
-            match found {
-                None => {
-                    reporter.note(&format!(
-                        "nothing to resume in {} yet (no results): starting from scratch",
-                        run_dir.path().display()
-                    ));
-                    (spec, config, Start::Fresh)
-                }
-                Some((path, saved)) => {
-                    let named = cli.model.is_some() || cli.config.is_some();
-                    if named && saved.model != spec.name {
-                        anyhow::bail!(
-                            "{} holds a {} checkpoint, but this command trains {}; drop --model/--config to continue it",
-                            path.display(),
-                            saved.model,
-                            spec.name
-                        );
-                    }
-                    // Without --config, the run goes on with the settings it was started with.
-                    let config = match &cli.config {
-                        Some(_) => config,
-                        None => saved.config.clone().apply(overrides)?,
-                    };
-                    let spec = models::find(&saved.model)?;
-                    for note in resume::reconcile(&saved.config, &config)? {
-                        reporter.note(&format!("resume: {note}"));
-                    }
-                    let here = device::describe(device);
-                    if !saved.device.is_empty() && saved.device != here {
-                        reporter.note(&format!("resume: device {} -> {here}", saved.device));
-                    }
-                    let p = &saved.progress;
-                    reporter.note(&format!(
-                        "resuming from {} ({} epochs done, {} steps into the next)",
-                        path.display(),
-                        p.epochs_done,
-                        p.steps_into_epoch
-                    ));
-                    (spec, config, Start::Resume(path, Box::new(saved)))
-                }
-            }
-        }
-    };
-    let fetch = cli.data.source();
+    for note in &plan.notes {
+        reporter.note(note);
+    }
+    let config = &plan.config;
+    let fetch = cli.overrides.data.source();
     let request = data::Request {
         dataset: config.dataset,
         dir: &config.data_dir,
@@ -506,7 +349,7 @@ fn train_classifier(
         let preparing = scope.spawn(|| -> kiln::Result<()> {
             kiln::ops::prepare(device)?;
             match dimensions {
-                Some(dimensions) => warm_up(spec, &config, dimensions, device),
+                Some(dimensions) => warm_up(&plan, dimensions, device),
                 None => Ok(()),
             }
         });
@@ -536,10 +379,9 @@ fn train_classifier(
         stop: &stop,
         trace: cli.trace.is_some(),
         reporter,
-        // A resume that found nothing to resume owns the directory it was pointed at.
-        overwrite: cli.overwrite || cli.resume.is_some(),
+        overwrite: cli.overwrite,
         world,
-        tensorboard_dir: cli.tensorboard.clone().flatten(),
+        tensorboard_dir: cli.overrides.tensorboard.clone().flatten(),
         lr_find: cli.lr_find.then(|| {
             let default = kiln::train::lr_find::Sweep::default();
             kiln::train::lr_find::Sweep {
@@ -548,18 +390,18 @@ fn train_classifier(
             }
         }),
     };
-    let ended = classify::run(spec, &config, data, device, &run_dir, start, &options)
-        .with_context(|| format!("training {} failed", spec.name))?;
+    let (name, epochs, run_dir) = (plan.spec.name, config.epochs, plan.run_dir.clone());
+    let ended = classify::run(plan, data, device, &options)
+        .with_context(|| format!("training {name} failed"))?;
     if cli.lr_find {
         return Ok(ExitCode::SUCCESS);
     }
     match ended.outcome {
         Outcome::Finished(_) => Ok(ExitCode::SUCCESS),
-        Outcome::AlreadyDone { epochs } => {
+        Outcome::AlreadyDone { epochs: done } => {
             reporter.note(&format!(
-                "run {} has already done {epochs} of {} epochs; pass a larger --epochs to train on",
+                "run {} has already done {done} of {epochs} epochs; pass a larger --epochs to train on",
                 run_dir.path().display(),
-                config.epochs
             ));
             Ok(ExitCode::SUCCESS)
         }

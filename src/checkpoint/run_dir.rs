@@ -7,6 +7,7 @@ use super::{read_progress, Progress};
 use crate::error::{Error, Result};
 use crate::fs::is_temp_file;
 
+#[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
 }

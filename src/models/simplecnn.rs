@@ -82,7 +82,7 @@ mod tests {
         assert_eq!(spec.name, "simplecnn");
         let params = ParamStore::new(3);
         let model = SimpleCnn::new(32, 10, params.var_builder(&Device::Cpu)).unwrap();
-        let mut optimizer = optim::build(&config, &params, 1).unwrap();
+        let mut optimizer = optim::build(&config.optim(), &params, 1).unwrap();
         let set = DeviceSet::new(
             synthetic::generate(40, 9),
             crate::data::ChannelStats::CIFAR10,

@@ -15,8 +15,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use super::{restore, single, Optimizer};
-use crate::config::Config;
+use super::{restore, single, Optimizer, OptimizerConfig};
 use crate::error::{Error, Result};
 use crate::models::{ParamStore, HEAD};
 
@@ -47,7 +46,7 @@ pub struct Groups {
 /// The optimizer over `store`'s parameters that `config` asks for: one optimizer when every
 /// parameter is alike (its state named as it always was), else [`Groups`].
 pub fn build(
-    config: &Config,
+    config: &OptimizerConfig,
     store: &ParamStore,
     steps_per_epoch: usize,
 ) -> Result<Box<dyn Optimizer>> {
@@ -56,8 +55,7 @@ pub fn build(
         if !params.iter().any(|(n, _)| n == name) {
             let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
             return Err(Error::InvalidSetting(format!(
-                "train_until names {name}, which {} does not have; its parameters are {}",
-                config.model,
+                "train_until names {name}, which the model does not have; its parameters are {}",
                 names.join(", ")
             )));
         }
@@ -180,7 +178,7 @@ impl Optimizer for Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{resolve, Overrides};
+    use crate::config::{resolve, Config, Overrides};
     use crate::models::{build as build_model, Architecture, Stem};
     use candle_core::Device;
 
@@ -191,7 +189,7 @@ mod tests {
         edit(&mut config);
         let arch = Architecture::new(10, 32, Stem::Auto, 4).unwrap();
         let built = build_model(spec, &arch, 0, &Device::Cpu).unwrap();
-        let optimizer = build(&config, &built.params, 2).unwrap();
+        let optimizer = build(&config.optim(), &built.params, 2).unwrap();
         (built.params, optimizer)
     }
 
@@ -279,7 +277,10 @@ mod tests {
         config.train_until.insert("0.bais".into(), 3);
         let arch = Architecture::new(10, 32, Stem::Auto, 4).unwrap();
         let built = build_model(spec, &arch, 0, &Device::Cpu).unwrap();
-        let err = build(&config, &built.params, 2).err().unwrap().to_string();
+        let err = build(&config.optim(), &built.params, 2)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("0.bais") && err.contains("0.bias"), "{err}");
     }
 
@@ -288,7 +289,7 @@ mod tests {
         let (spec, config) = resolve(Some("resnet18"), None, &Overrides::default()).unwrap();
         let arch = Architecture::new(10, 32, Stem::Auto, 4).unwrap();
         let built = build_model(spec, &arch, 0, &Device::Cpu).unwrap();
-        let mut optimizer = build(&config, &built.params, 2).unwrap();
+        let mut optimizer = build(&config.optim(), &built.params, 2).unwrap();
         moves(&built.params, optimizer.as_mut());
         let names: Vec<String> = optimizer
             .state()

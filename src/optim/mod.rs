@@ -8,12 +8,14 @@ pub mod loss_scale;
 pub mod schedule;
 pub mod sgd;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, OptimizerKind};
 use crate::error::{Error, Result};
 use crate::models::ParamStore;
 
@@ -21,6 +23,67 @@ pub use adam::Adam;
 pub use lookahead::Lookahead;
 pub use loss_scale::LossScaled;
 pub use sgd::Sgd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam with `weight_decay` as an L2 term in the gradient (`torch.optim.Adam`).
+    Adam,
+    /// Adam with decoupled weight decay (`torch.optim.AdamW`).
+    AdamW,
+    /// SGD with momentum, optionally Nesterov's (`torch.optim.SGD`).
+    Sgd,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adam" => Ok(Self::Adam),
+            "adamw" => Ok(Self::AdamW),
+            "sgd" => Ok(Self::Sgd),
+            _ => Err(Error::InvalidSetting(format!(
+                "unknown optimizer '{s}': expected adam, adamw or sgd"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Adam => "adam",
+            Self::AdamW => "adamw",
+            Self::Sgd => "sgd",
+        })
+    }
+}
+
+/// What an optimizer is built from: its section of a run's config (`Config::optim`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    /// The peak learning rate; the schedule scales it per step.
+    pub lr: f64,
+    /// SGD momentum (PyTorch's, no dampening), and whether it is Nesterov's.
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// sgd and adam: an L2 term in the gradient; adamw: decoupled decay.
+    pub weight_decay: f64,
+    /// Adam's (beta1, beta2) and epsilon.
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// The rates of every layer but the classifier and of BatchNorm's parameters, as shares of
+    /// `lr` ([`groups`]).
+    pub backbone_lr_scale: f64,
+    pub norm_lr_scale: f64,
+    /// Parameters trained for the first so many epochs only, by name.
+    pub train_until: BTreeMap<String, usize>,
+    /// Lookahead averaging, ending on the average after `epochs`.
+    pub lookahead: bool,
+    pub epochs: usize,
+}
 
 pub trait Optimizer {
     /// Applies one update to every parameter that has a gradient in `grads`.
@@ -73,11 +136,11 @@ fn restore(state: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result
     Ok(tensor.to_device(like.device())?.to_dtype(like.dtype())?)
 }
 
-/// The optimizer `config` names over the parameters in `store`, in the groups its keys ask for
+/// The optimizer `config` asks for over the parameters in `store`, in the groups its keys ask for
 /// ([`groups`]: `backbone_lr_scale`, `norm_lr_scale`, `train_until`), with lookahead averaging
 /// on top where `lookahead` is set. `steps_per_epoch` turns epochs into steps.
 pub fn build(
-    config: &Config,
+    config: &OptimizerConfig,
     store: &ParamStore,
     steps_per_epoch: usize,
 ) -> Result<Box<dyn Optimizer>> {
@@ -109,12 +172,12 @@ pub fn for_precision(
 
 /// One optimizer of `config`'s kind over `params`, at `lr` and `weight_decay` as given.
 fn single(
-    config: &Config,
+    config: &OptimizerConfig,
     params: Vec<(String, Var)>,
     lr: f64,
     weight_decay: f64,
 ) -> Result<Box<dyn Optimizer>> {
-    Ok(match config.optimizer {
+    Ok(match config.kind {
         OptimizerKind::Adam | OptimizerKind::AdamW => Box::new(Adam::new(
             params,
             adam::Settings {
@@ -123,7 +186,7 @@ fn single(
                 beta2: config.betas[1],
                 eps: config.eps,
                 weight_decay,
-                decoupled: config.optimizer == OptimizerKind::AdamW,
+                decoupled: config.kind == OptimizerKind::AdamW,
             },
         )?),
         OptimizerKind::Sgd => Box::new(Sgd::new(

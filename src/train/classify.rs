@@ -11,8 +11,9 @@ use candle_core::Device;
 
 use super::fit::{self, Data, Driving, Observer, Outcome, Trainee};
 use super::observers::{Checkpointer, Console, EarlyStopping, MetricsLog, TensorBoard};
-use crate::checkpoint::{self, Checkpoint, Progress, RunDir};
-use crate::config::{Config, Precision};
+use super::plan::{Plan, Start};
+use crate::checkpoint::{self, Progress, RunDir};
+use crate::config::Config;
 use crate::data::batches::{BatchBuffer, DeviceSet};
 use crate::data::{ChannelStats, DataSets};
 use crate::dist::World;
@@ -22,17 +23,6 @@ use crate::models::{self, Architecture, ModelSpec};
 use crate::optim;
 use crate::report::Reporter;
 
-/// Where a run's parameters come from.
-pub enum Start {
-    /// The model's seeded initialisation.
-    Fresh,
-    /// A weights file with PyTorch names (`--init-weights`): every tensor must fit, or, to
-    /// fine-tune, those that fit are taken and the rest start afresh.
-    Weights { path: PathBuf, finetune: bool },
-    /// A checkpoint: weights, optimizer state and position (`--resume`).
-    Resume(PathBuf, Box<Checkpoint>),
-}
-
 pub struct Options<'a> {
     /// Also checkpoint every N steps within epochs.
     pub checkpoint_every: Option<u64>,
@@ -40,7 +30,8 @@ pub struct Options<'a> {
     pub keep: usize,
     /// Set (by a signal handler) to stop after the current step, with a checkpoint.
     pub stop: &'a AtomicBool,
-    /// A run not resumed from a checkpoint may replace an earlier run in its directory.
+    /// A run not resumed from a checkpoint may replace an earlier run in its directory
+    /// (`--overwrite`; a resume that found nothing to resume owns its directory anyway).
     pub overwrite: bool,
     /// Tracing is recording (`--trace`): phases wait for the device, so spans time real work.
     pub trace: bool,
@@ -69,36 +60,21 @@ pub fn architecture(config: &Config, data: &DataSets) -> Result<Architecture> {
     )
 }
 
-/// Trains `spec` on `data` as `config` says, writing into `run_dir`.
-pub fn run(
-    spec: &ModelSpec,
-    config: &Config,
-    data: DataSets,
-    device: &Device,
-    run_dir: &RunDir,
-    start: Start,
-    options: &Options,
-) -> Result<Ended> {
+/// Trains as `plan` says on `data`, writing into its run directory.
+pub fn run(plan: Plan, data: DataSets, device: &Device, options: &Options) -> Result<Ended> {
+    let Plan {
+        spec,
+        ref config,
+        start,
+        ref run_dir,
+        dtype: input_dtype,
+        resuming,
+        ..
+    } = plan;
     let arch = architecture(config, &data)?;
     config.augment.validate(arch.image_size)?;
-    let half = matches!(config.precision, Precision::Bf16 | Precision::F16);
-    if half && !spec.mixed_precision {
-        return Err(Error::InvalidSetting(format!(
-            "precision {} is for the ResNets and fastnet; {} trains in f32 (use --precision f32)",
-            config.precision, spec.name
-        )));
-    }
-    if half && device.is_cpu() {
-        tracing::warn!(
-            "precision {} on the CPU runs candle's generic operations, slower than kiln's f32 kernels",
-            config.precision
-        );
-    }
     let batch_sync = options.world.batch_sync().filter(|_| config.sync_bn);
     let built = models::build_synced(spec, &arch, config.seed, device, batch_sync)?;
-    let input_dtype = config
-        .precision
-        .activations(spec.mixed_precision, device.is_cuda());
     let steps_per_epoch = fit::steps_per_epoch(config, data.train.len());
     if steps_per_epoch == 0 {
         return Err(Error::InvalidSetting(format!(
@@ -109,7 +85,7 @@ pub fn run(
         )));
     }
     check_shares(config, data.train.len(), options.world)?;
-    let optimizer = optim::build(config, &built.params, steps_per_epoch)?;
+    let optimizer = optim::build(&config.optim(), &built.params, steps_per_epoch)?;
     let mut optimizer = optim::for_precision(optimizer, built.params.vars(), input_dtype);
     let fresh = matches!(start, Start::Fresh);
     // Weights trained elsewhere expect the inputs normalised as they were trained.
@@ -202,7 +178,7 @@ pub fn run(
     let _lock = world.is_root().then(|| run_dir.lock()).transpose()?;
     if world.is_root() {
         if progress.global_step == 0 {
-            run_dir.start_fresh(options.overwrite)?;
+            run_dir.start_fresh(options.overwrite || resuming)?;
         } else {
             run_dir.create_dirs()?;
         }
@@ -392,7 +368,13 @@ fn find_lr(
     bar(sweep.steps, sweep.steps);
     std::fs::create_dir_all(run_dir.path()).map_err(Error::io("cannot create", run_dir.path()))?;
     let plot = run_dir.lr_find_plot();
-    crate::plots::lr_find_png(&plot, &found)?;
+    let curve = crate::plots::RangeTest {
+        rates: &found.rates,
+        losses: &found.losses,
+        smoothed: &found.smoothed,
+        suggestion: found.suggestion,
+    };
+    crate::plots::lr_find_png(&plot, &curve)?;
     match found.suggestion {
         // The result itself: printed whatever the output mode.
         Some(rate) if reporter.output == crate::report::Output::Json => println!(

@@ -48,7 +48,11 @@ pub fn run(spec: &ModelSpec, config: &Config, device: &Device) -> Result<Fit> {
         memory_format: None,
     };
     let built = models::build(spec, &arch, config.seed, device)?;
-    let mut optimizer = optim::build(config, &built.params, POINTS.div_ceil(config.batch_size))?;
+    let mut optimizer = optim::build(
+        &config.optim(),
+        &built.params,
+        POINTS.div_ceil(config.batch_size),
+    )?;
     let mut shuffle_rng = rng(config.seed, Stream::Shuffle, 0);
     let mut final_loss = f32::NAN;
     for epoch in 1..=config.epochs {

@@ -1,12 +1,14 @@
-//! Training: the loop ([`fit`]) and what observes it ([`observers`]), the image-classification
-//! run that wires them ([`classify`]), the linear set-up check, what it takes to resume, and the
-//! dry run that loads a GPU's kernels before the first step ([`warm_up`]).
+//! Training: a run resolved once ([`plan`]), the loop ([`fit`]) and what observes it
+//! ([`observers`]), the image-classification run that wires them ([`classify`]), the linear
+//! set-up check, what it takes to resume, and the dry run that loads a GPU's kernels before the
+//! first step ([`warm_up`]).
 
 pub mod classify;
 pub mod fit;
 pub mod linear_fit;
 pub mod lr_find;
 pub mod observers;
+pub mod plan;
 pub mod resume;
 pub mod warm_up;
 

@@ -10,28 +10,28 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::Config;
+use super::plan::Plan;
 use crate::data::images::CHANNELS;
 use crate::data::Dimensions;
 use crate::error::Result;
 use crate::evaluate::tta_logits;
-use crate::models::{self, Architecture, ModelSpec};
+use crate::models::{self, Architecture};
 use crate::ops::cross_entropy;
 
-/// Runs, on `device`, what a run of `spec` under `config` on `data` runs first: the
+/// Runs, on `device`, what the run `plan` resolves runs first on `data`: the
 /// set-up from data (fastnet's whitening), a training step's forward and backward at the batch
 /// size and an evaluation batch (test-time augmented where `config.tta` is set), on zeros, in
 /// the run's precision; returns once the device has done it. Only CUDA loads enough on first
 /// use for this to pay: elsewhere it does nothing.
-pub fn warm_up(spec: &ModelSpec, config: &Config, data: Dimensions, device: &Device) -> Result<()> {
+pub fn warm_up(plan: &Plan, data: Dimensions, device: &Device) -> Result<()> {
     if !device.is_cuda() {
         return Ok(());
     }
     let _span = tracing::info_span!("warm up").entered();
+    let (spec, config, input_dtype) = (plan.spec, &plan.config, plan.dtype);
     let arch = Architecture::new(data.classes, data.side, config.stem, config.width)?;
     let built = models::build(spec, &arch, 0, device)?;
     let model = built.module.as_ref();
-    let input_dtype = config.precision.activations(spec.mixed_precision, true);
     let images = |n: usize| Tensor::zeros((n, CHANNELS, data.side, data.side), DType::F32, device);
     if let Some(init) = &spec.data_init {
         (init.apply)(&built.params, &images(init.images.min(data.train_images))?)?;
