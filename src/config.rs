@@ -2,9 +2,7 @@
 //! model's default) with command-line overrides on top, resolved and validated once.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -57,13 +55,17 @@ pub fn resolve(
 /// and f32 elsewhere. Weights files and checkpoints hold f32 either way, so a run may change
 /// precision when it resumes; the training loop evaluates in its precision (as under
 /// autocast), the `evaluate` binary in f32.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "lower")]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     Auto,
+    #[value(alias = "32")]
     F32,
+    #[value(alias = "bf16-mixed")]
     Bf16,
+    #[value(aliases = ["16", "16-mixed"])]
     F16,
 }
 
@@ -77,33 +79,6 @@ impl Precision {
             Self::Auto if mixed_precision && on_cuda => DType::BF16,
             Self::Auto | Self::F32 => DType::F32,
         }
-    }
-}
-
-impl FromStr for Precision {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "f32" | "32" => Ok(Self::F32),
-            "bf16" | "bf16-mixed" => Ok(Self::Bf16),
-            "f16" | "16" | "16-mixed" => Ok(Self::F16),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown precision '{s}': expected auto, f32, bf16 or f16"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-        })
     }
 }
 

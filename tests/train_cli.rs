@@ -219,7 +219,7 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
         ),
         (
             vec!["--schedule", "exponential"],
-            "expected constant, step, cosine, linear or onecycle",
+            "[possible values: constant, step, cosine, linear, onecycle]",
             2,
         ),
         (
@@ -244,7 +244,7 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
         ),
         (
             vec!["--precision", "fp8"],
-            "expected auto, f32, bf16 or f16",
+            "[possible values: auto, f32, bf16, f16]",
             2,
         ),
         (

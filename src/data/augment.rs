@@ -2,16 +2,14 @@
 //! lead to: each batch's key derives from (seed, epoch, step) alone, so a resumed run augments
 //! exactly as an uninterrupted one, on any device.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ops::gather::{mix, AlternateFlip};
 use crate::ops::Augmentation;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "lower")]
 #[serde(rename_all = "lowercase")]
 pub enum PaddingMode {
     /// Black pixels (byte 0), as torchvision's `RandomCrop(padding_mode="constant")`.
@@ -19,29 +17,6 @@ pub enum PaddingMode {
     Zero,
     /// The image mirrored at its edge, without repeating the edge (torchvision's `reflect`).
     Reflect,
-}
-
-impl FromStr for PaddingMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "zero" => Ok(Self::Zero),
-            "reflect" => Ok(Self::Reflect),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown padding mode '{s}': expected zero or reflect"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for PaddingMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Zero => "zero",
-            Self::Reflect => "reflect",
-        })
-    }
 }
 
 /// The `[augment]` table: what is done to each training image (never to test images).

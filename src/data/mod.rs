@@ -9,9 +9,7 @@ pub mod folder;
 pub mod images;
 pub mod synthetic;
 
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,41 +28,18 @@ pub struct DataSets {
 }
 
 /// Where a run's images come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "lower")]
 #[serde(rename_all = "lowercase")]
 pub enum Dataset {
     /// The CIFAR-10 binary files in the data directory (fetched when missing).
     #[default]
+    #[value(alias = "cifar-10")]
     Cifar10,
     /// Generated in memory: ten classes of coloured shapes; needs no files and no network.
     Synthetic,
     /// A folder of pictures in the ImageFolder layout (`DIR/<class>/*.jpg`).
     Folder,
-}
-
-impl FromStr for Dataset {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "cifar10" | "cifar-10" => Ok(Self::Cifar10),
-            "synthetic" => Ok(Self::Synthetic),
-            "folder" => Ok(Self::Folder),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown data set '{s}': expected cifar10, synthetic or folder"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Dataset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Cifar10 => "cifar10",
-            Self::Synthetic => "synthetic",
-            Self::Folder => "folder",
-        })
-    }
 }
 
 /// The synthetic test set's size, and the seeds of both sets: fixed, so `evaluate` regenerates

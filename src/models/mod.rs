@@ -7,9 +7,6 @@ pub mod linear;
 pub mod resnet;
 pub mod simplecnn;
 
-use std::fmt;
-use std::str::FromStr;
-
 use candle_core::Device;
 use candle_nn::ModuleT;
 use serde::{Deserialize, Serialize};
@@ -77,7 +74,8 @@ pub fn find(name: &str) -> Result<&'static ModelSpec> {
 }
 
 /// A network's first layers: torchvision's for photos, or the CIFAR variant for small images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "lower")]
 #[serde(rename_all = "lowercase")]
 pub enum Stem {
     /// `cifar` for images under 64 pixels, `imagenet` from there on.
@@ -87,31 +85,6 @@ pub enum Stem {
     Cifar,
     /// torchvision's: 7x7 stride-2 convolution, 3x3 stride-2 max-pool.
     Imagenet,
-}
-
-impl FromStr for Stem {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "cifar" => Ok(Self::Cifar),
-            "imagenet" => Ok(Self::Imagenet),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown stem '{s}': expected auto, cifar or imagenet"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Stem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Cifar => "cifar",
-            Self::Imagenet => "imagenet",
-        })
-    }
 }
 
 /// Images smaller than this get the CIFAR stem under `stem = "auto"`.

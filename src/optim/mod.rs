@@ -9,8 +9,6 @@ pub mod schedule;
 pub mod sgd;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::str::FromStr;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -24,7 +22,8 @@ pub use lookahead::Lookahead;
 pub use loss_scale::LossScaled;
 pub use sgd::Sgd;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "lower")]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// Adam with `weight_decay` as an L2 term in the gradient (`torch.optim.Adam`).
@@ -33,31 +32,6 @@ pub enum OptimizerKind {
     AdamW,
     /// SGD with momentum, optionally Nesterov's (`torch.optim.SGD`).
     Sgd,
-}
-
-impl FromStr for OptimizerKind {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "adam" => Ok(Self::Adam),
-            "adamw" => Ok(Self::AdamW),
-            "sgd" => Ok(Self::Sgd),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown optimizer '{s}': expected adam, adamw or sgd"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for OptimizerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Adam => "adam",
-            Self::AdamW => "adamw",
-            Self::Sgd => "sgd",
-        })
-    }
 }
 
 /// What an optimizer is built from: its section of a run's config (`Config::optim`).

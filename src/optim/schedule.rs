@@ -3,14 +3,11 @@
 //! run continues the schedule exactly.
 
 use std::f64::consts::PI;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "lower")]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// `lr` throughout.
@@ -26,40 +23,6 @@ pub enum ScheduleKind {
     /// the first `pct_start` of the steps, then down to `lr / div_factor / final_div_factor`,
     /// along cosines or straight lines (`anneal`).
     OneCycle,
-}
-
-impl ScheduleKind {
-    pub const NAMES: &'static str = "constant, step, cosine, linear or onecycle";
-}
-
-impl FromStr for ScheduleKind {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "constant" => Ok(Self::Constant),
-            "step" => Ok(Self::Step),
-            "cosine" => Ok(Self::Cosine),
-            "linear" => Ok(Self::Linear),
-            "onecycle" => Ok(Self::OneCycle),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown schedule '{s}': expected {}",
-                Self::NAMES
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for ScheduleKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Constant => "constant",
-            Self::Step => "step",
-            Self::Cosine => "cosine",
-            Self::Linear => "linear",
-            Self::OneCycle => "onecycle",
-        })
-    }
 }
 
 /// The `[schedule]` table of a config; each key applies to the kinds its comment names.

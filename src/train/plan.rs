@@ -76,6 +76,20 @@ impl Plan {
             request.config_file.as_deref(),
             &request.overrides,
         )?;
+        if spec.task == models::Task::LinearFit {
+            let flag = match request.start {
+                Begin::Fresh => None,
+                Begin::Weights { .. } => Some("--init-weights"),
+                Begin::Resume(_) => Some("--resume"),
+            };
+            if let Some(flag) = flag {
+                return Err(Error::InvalidSetting(format!(
+                    "{flag} does not apply to --model {}: the set-up check saves nothing to \
+                     resume or start from",
+                    spec.name
+                )));
+            }
+        }
         let run_name = request.run.as_deref().unwrap_or(spec.name);
         let run_dir = RunDir::at(&request.models_dir, run_name);
         let mut notes = Vec::new();
@@ -261,6 +275,17 @@ mod tests {
             "{:?}",
             plan.notes
         );
+    }
+
+    #[test]
+    fn the_linear_check_takes_no_start() {
+        let err = Plan::resolve(
+            &request("linear", |r| r.start = Begin::Resume(None)),
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("--resume does not apply"), "{err}");
     }
 
     #[test]
