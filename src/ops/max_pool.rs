@@ -162,9 +162,7 @@ impl CustomOp1 for StridedPool {
         "kiln-max-pool"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-max-pool: CUDA tensors only (the CPU has its own kernel)")
-    }
+    crate::ops::cuda_only_cpu_fwd!(1, "the CPU has its own kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -220,15 +218,7 @@ impl CustomOp2 for StridedPoolGrad {
         "kiln-max-pool-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-max-pool-grad: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

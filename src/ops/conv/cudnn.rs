@@ -22,7 +22,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     DriverError, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId};
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use cudarc::cudnn::{sys, CudnnDataType, CudnnError};
 
 use super::algorithm_cache::{AlgorithmCache, Saved};
@@ -88,15 +88,7 @@ impl CustomOp2 for Conv2dOp {
         "kiln-cudnn-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln cuDNN conv2d: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -158,15 +150,7 @@ impl CustomOp2 for DataGrad {
         "kiln-cudnn-conv2d-input-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln cuDNN conv2d input gradient: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -196,15 +180,7 @@ impl CustomOp2 for FilterGrad {
         "kiln-cudnn-conv2d-weight-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln cuDNN conv2d weight gradient: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
