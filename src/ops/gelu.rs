@@ -1,5 +1,5 @@
 //! GELU in its exact (erf) form, PyTorch's `nn.GELU()` default: kiln's kernels on CUDA (f32,
-//! bf16 or f16, `gelu_fwd` and `gelu_bwd` in kernels.cu: one pass each way, where candle's
+//! bf16 or f16, `gelu_fwd` and `gelu_bwd` in gelu.cu: one pass each way, where candle's
 //! backward composes eight kernels), candle's `gelu_erf` elsewhere, which is also the
 //! reference for the CUDA tests.
 

@@ -1,7 +1,8 @@
 //! kiln's own hot operations, as candle custom ops with a forward and a backward. Each keeps
 //! candle's plain composition as its reference (the tests hold the kernels to it) and as the
 //! path for backends and dtypes it does not cover (Metal; CUDA where no kernel is written).
-//! With the `cuda` feature, `kernels.cu` holds the CUDA kernels (compiled by build.rs).
+//! With the `cuda` feature, each op's CUDA kernels sit beside it in a .cu file (`gelu.cu`,
+//! `batch_norm/kernels.cu`, ...), compiled by build.rs as one PTX module through `kernels.cu`.
 
 /// The `cpu_fwd` of a custom op that has a CUDA kernel alone (its callers compose candle's
 /// operations elsewhere), for an op of arity 1, 2 or 3: it fails, naming the op, with the hint

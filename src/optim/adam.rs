@@ -294,7 +294,7 @@ impl InplaceOp2 for UpdateParam {
     }
 }
 
-/// Every parameter's update in one launch per group of eight (kernels.cu: adam_step).
+/// Every parameter's update in one launch per group of eight (optim/kernels.cu: adam_step).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr};
@@ -314,9 +314,9 @@ mod cuda {
         len: [u32; GROUP],
     }
 
-    // SAFETY: device addresses and lengths, laid out as kernels.cu's `AdamGroup`.
+    // SAFETY: device addresses and lengths, laid out as optim/kernels.cu's `AdamGroup`.
     unsafe impl DeviceRepr for AdamGroup {}
-    // SAFETY: f32 figures, laid out as kernels.cu's `AdamStep`.
+    // SAFETY: f32 figures, laid out as optim/kernels.cu's `AdamStep`.
     unsafe impl DeviceRepr for StepFigures {}
 
     pub(super) fn step(

@@ -1,5 +1,5 @@
 //! The launch that Adam's and SGD's CUDA steps share: every parameter's update in one launch
-//! per group of [`GROUP`] tensors (src/ops/kernels.cu: `adam_step`, `sgd_step`), the
+//! per group of [`GROUP`] tensors (kernels.cu beside this file: `adam_step`, `sgd_step`), the
 //! group's addresses and lengths in one argument, the step's figures in the other. Each
 //! optimizer keeps its maths and its argument layouts; only the grouping and the launch live
 //! here.

@@ -254,7 +254,7 @@ impl InplaceOp3 for UpdateParam {
 
 #[cfg(feature = "cuda")]
 impl Sgd {
-    /// The CUDA device, when every parameter is f32 there and kernels.cu's step applies.
+    /// The CUDA device, when every parameter is f32 there and optim/kernels.cu's step applies.
     fn fused_on(&self, grads: &GradStore) -> Option<candle_core::CudaDevice> {
         let first = self.slots.first()?;
         let candle_core::Device::Cuda(device) = first.param.device() else {
@@ -270,7 +270,7 @@ impl Sgd {
     }
 }
 
-/// Every parameter's update in one launch per group of eight (kernels.cu: sgd_step).
+/// Every parameter's update in one launch per group of eight (optim/kernels.cu: sgd_step).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backprop::GradStore;
@@ -299,9 +299,9 @@ mod cuda {
         nesterov: u32,
     }
 
-    // SAFETY: device addresses, lengths and flags, laid out as kernels.cu's `SgdGroup`.
+    // SAFETY: device addresses, lengths and flags, laid out as optim/kernels.cu's `SgdGroup`.
     unsafe impl DeviceRepr for SgdGroup {}
-    // SAFETY: f32 figures, laid out as kernels.cu's `SgdStep`.
+    // SAFETY: f32 figures, laid out as optim/kernels.cu's `SgdStep`.
     unsafe impl DeviceRepr for SgdStep {}
 
     pub(super) fn step(

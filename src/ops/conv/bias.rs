@@ -1,5 +1,5 @@
 //! A per-channel bias added to channels-last activations on CUDA: one kernel forward
-//! (`bias_last` in kernels.cu), and the bias's gradient as a matrix product of a row of ones
+//! (`bias_last` in conv/kernels.cu), and the bias's gradient as a matrix product of a row of ones
 //! with the gradient seen as [rows, C] (cuBLAS), where candle's sum over the leading axes took
 //! 1.1 ms of a fastnet step for its whitening layer's 24 channels.
 
