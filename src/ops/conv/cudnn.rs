@@ -26,8 +26,8 @@ use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tens
 use cudarc::cudnn::{sys, CudnnDataType, CudnnError};
 
 use super::algorithm_cache::{AlgorithmCache, Saved};
+use super::cudnn_graph::{self, Accept, Candidates, Convolution, Direction, Handle, Plan};
 use super::cpu::Geometry;
-use super::cudnn_graph::{self, Accept, Candidates, Convolution, Handle, Plan};
 use super::ConvParams;
 use crate::ops::memory_format::Dims4;
 use crate::ops::MemoryFormat;
@@ -209,33 +209,6 @@ fn expect_dims(
         candle_core::bail!("kiln cuDNN conv2d: {what} is {got:?}, expected {dims:?}");
     }
     Ok(())
-}
-
-/// Which of the three convolutions, and so which operands it reads and writes:
-/// - Forward: (x, w) -> y;
-/// - BackwardData: (dy, w) -> dx;
-/// - BackwardFilter: (x, dy) -> dw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Direction {
-    Forward,
-    BackwardData,
-    BackwardFilter,
-}
-
-impl Direction {
-    /// Elements of the first operand, the second and the result.
-    fn sizes(self, g: &Geometry) -> [usize; 3] {
-        let (x, w, y) = (
-            g.n * g.image(),
-            g.co * g.patch(),
-            g.n * g.co * g.out_pixels(),
-        );
-        match self {
-            Self::Forward => [x, w, y],
-            Self::BackwardData => [y, w, x],
-            Self::BackwardFilter => [x, y, w],
-        }
-    }
 }
 
 /// The element types cuDNN convolves here.
