@@ -27,7 +27,7 @@ use cudarc::cudnn::{sys, CudnnDataType, CudnnError};
 
 use super::algorithm_cache::{AlgorithmCache, Saved};
 use super::cudnn_graph::{self, Accept, Candidates, Convolution, Direction, Handle, Plan};
-use super::cpu::Geometry;
+use super::geometry::Geometry;
 use super::ConvParams;
 use crate::ops::memory_format::Dims4;
 use crate::ops::MemoryFormat;

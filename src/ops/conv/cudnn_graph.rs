@@ -15,7 +15,7 @@ use cudarc::cudnn::sys::{
 };
 use cudarc::cudnn::CudnnError;
 
-use super::cpu::Geometry;
+use super::geometry::Geometry;
 
 /// Which of the three convolutions, and so which operands it reads and writes:
 /// - Forward: (x, w) -> y;
