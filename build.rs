@@ -1,8 +1,9 @@
-//! With the `cuda` feature, compiles kiln's CUDA kernels (src/ops/kernels.cu) to PTX with nvcc,
-//! as candle-kernels does; the driver finishes the compile for the GPU it runs on. A CPU build
-//! needs no CUDA at all.
+//! With the `cuda` feature, compiles kiln's CUDA kernels to PTX with nvcc, as candle-kernels
+//! does; the driver finishes the compile for the GPU it runs on. A CPU build needs no CUDA at
+//! all. src/ops/kernels.cu includes each group's .cu file (beside the Rust that launches it), so
+//! the kernels build as one PTX module.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -11,7 +12,13 @@ fn main() {
         return;
     }
     let source = "src/ops/kernels.cu";
-    println!("cargo:rerun-if-changed={source}");
+    // Every file the module includes: a change to any of them rebuilds the PTX.
+    let mut kernel_files = Vec::new();
+    cuda_sources(Path::new("src"), &mut kernel_files);
+    kernel_files.sort();
+    for file in &kernel_files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     // PTX for this virtual architecture runs on it and every newer GPU (default: Volta, 7.0).
@@ -32,5 +39,24 @@ fn main() {
             "the `cuda` feature needs NVIDIA's CUDA compiler: cannot run `{nvcc}` ({e}). \
              Install the CUDA toolkit and put nvcc on PATH (or set NVCC)"
         ),
+    }
+}
+
+/// The .cu and .cuh files under `dir`, at any depth.
+fn cuda_sources(dir: &Path, found: &mut Vec<PathBuf>) {
+    let entries = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {} for CUDA sources: {e}", dir.display()));
+    for entry in entries {
+        let path = entry
+            .unwrap_or_else(|e| panic!("cannot list {} for CUDA sources: {e}", dir.display()))
+            .path();
+        if path.is_dir() {
+            cuda_sources(&path, found);
+        } else if path
+            .extension()
+            .is_some_and(|ext| ext == "cu" || ext == "cuh")
+        {
+            found.push(path);
+        }
     }
 }

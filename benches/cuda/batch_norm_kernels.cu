@@ -1,8 +1,9 @@
 // The memory-bound kernels of a ResNet-50 training step (bf16, channels last, batch 512, CIFAR
 // shapes) on their own: each family over the step's shapes, its time and the bandwidth it
 // reached, beside a device-to-device copy of the same bytes (the card's practical ceiling).
-// kiln's kernels.cu is included as built; the grids mirror src/ops/batch_norm/cuda.rs
-// (`PartialSums::grid`, `per_value_wave`) and src/ops/cuda.rs (`per_value`): change them together.
+// kiln's kernels.cu (every kernel, through its includes) is included as built; the grids mirror
+// src/ops/batch_norm/cuda.rs (`PartialSums::grid`, `per_value_wave`) and src/ops/cuda.rs
+// (`per_value`): change them together.
 //
 // Build (here, with the CUDA toolkit of ../shared/cuda/README.md) and run (on the GPU):
 //   nvcc -O3 -std=c++17 -arch=sm_90 -cudart static -L"$CUDA_LIB" \

@@ -16,8 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::layers::Conv2d;
-use crate::ops::{ConvParams, CrossReplicaSum, MemoryFormat};
+use crate::ops::CrossReplicaSum;
 
 /// A model's tensors: its trainable parameters, and its buffers (BatchNorm's running
 /// statistics), which are saved and loaded with them but never optimised.
@@ -209,26 +208,6 @@ pub fn linear(
     let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
     let bias = vb.get_with_hints(out_features, "bias", init)?;
     Ok(Linear::new(weight, Some(bias)))
-}
-
-/// `nn.Conv2d(in, out, kernel)` with square kernels and PyTorch's default init: `weight`
-/// [out, in, k, k] and `bias` [out], over channels-first activations (SimpleCNN's).
-pub fn conv2d(
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    params: ConvParams,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    let init = pytorch_uniform(in_channels * kernel * kernel);
-    let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
-    let bias = vb.get_with_hints(out_channels, "bias", init)?;
-    Ok(Conv2d {
-        weight,
-        bias: Some(bias),
-        params,
-        format: MemoryFormat::ChannelsFirst,
-    })
 }
 
 #[cfg(test)]

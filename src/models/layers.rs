@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Init, ModuleT};
+use candle_nn::{Init, ModuleT, VarBuilder};
 
-use super::init::Scope;
+use super::init::{pytorch_uniform, Scope};
 use crate::ops::{self, ConvParams, MemoryFormat};
 
 /// `nn.Conv2d`: `weight` [CO, C, KH, KW] and, unless `bias=False`, `bias` [CO], over
@@ -16,6 +16,26 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     pub params: ConvParams,
     pub format: MemoryFormat,
+}
+
+/// `nn.Conv2d(in, out, kernel)` with square kernels and PyTorch's default init: `weight`
+/// [out, in, k, k] and `bias` [out], over channels-first activations (SimpleCNN's).
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    params: ConvParams,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let init = pytorch_uniform(in_channels * kernel * kernel);
+    let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
+    let bias = vb.get_with_hints(out_channels, "bias", init)?;
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
+        params,
+        format: MemoryFormat::ChannelsFirst,
+    })
 }
 
 impl ModuleT for Conv2d {

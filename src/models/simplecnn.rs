@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use candle_nn::{Linear, Module, ModuleT, VarBuilder};
 
-use super::layers::Conv2d;
+use super::layers::{self, Conv2d};
 use super::{init, Architecture, ModelSpec, Scope, Task};
 use crate::ops::{self, ConvParams};
 
@@ -34,7 +34,7 @@ impl SimpleCnn {
         };
         let pooled = image_size / 2;
         Ok(Self {
-            conv1: init::conv2d(3, 16, 3, same, vb.pp("conv1"))?,
+            conv1: layers::conv2d(3, 16, 3, same, vb.pp("conv1"))?,
             fc: init::linear(16 * pooled * pooled, num_classes, vb.pp("fc"))?,
         })
     }

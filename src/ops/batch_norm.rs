@@ -45,7 +45,8 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// The suffix of kernels.cu's entry points with this activation compiled in (`bn_apply_relu`).
+    /// The suffix of batch_norm/kernels.cu's entry points with this activation compiled in
+    /// (`bn_apply_relu`).
     #[cfg(feature = "cuda")]
     fn kernel_suffix(self) -> &'static str {
         match self {

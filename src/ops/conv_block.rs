@@ -170,7 +170,7 @@ impl Block {
         }
     }
 
-    /// The sizes as kernels.cu's `Block`.
+    /// The sizes as conv_block.cu's `Block`.
     #[cfg(feature = "cuda")]
     fn to_cuda(self) -> candle_core::Result<cuda::BlockSizes> {
         let g = self.g;
@@ -438,7 +438,7 @@ impl CustomOp2 for Scatter {
     }
 }
 
-/// The block's kernels (kernels.cu: conv_relu_pool_fwd, conv_relu_pool_wgrad, sum_chunks).
+/// The block's kernels (conv_block.cu: conv_relu_pool_fwd, conv_relu_pool_wgrad, sum_chunks).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{
@@ -472,7 +472,7 @@ mod cuda {
         pub pw: i32,
     }
 
-    // SAFETY: plain i32 fields, laid out as kernels.cu's `Block`.
+    // SAFETY: plain i32 fields, laid out as conv_block.cu's `Block`.
     unsafe impl DeviceRepr for BlockSizes {}
 
     /// The pooled output and each window's winner.

@@ -285,7 +285,7 @@ impl CustomOp3 for BatchTally {
     }
 }
 
-/// kernels.cu: cross_entropy_fwd, cross_entropy_bwd, batch_tally.
+/// cross_entropy.cu: cross_entropy_fwd, cross_entropy_bwd, batch_tally.
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};

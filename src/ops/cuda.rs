@@ -10,10 +10,10 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln.ptx"));
 
-/// Tensors per launch of a group kernel (GROUP in kernels.cu: `AdamGroup`, `SgdGroup`).
+/// Tensors per launch of a group kernel (GROUP in optim/kernels.cu: `AdamGroup`, `SgdGroup`).
 pub const GROUP: usize = 8;
 
-/// Threads per block; the kernels' block reductions assume it (BLOCK in kernels.cu).
+/// Threads per block; the kernels' block reductions assume it (BLOCK in common.cuh).
 pub const THREADS: u32 = 256;
 
 /// A data type kiln's kernels come in for both f32 and bf16 (BatchNorm, add-ReLU, the ReLU
@@ -162,7 +162,7 @@ pub fn per_item(items: usize) -> LaunchConfig {
     }
 }
 
-/// Whether a kernel may take eight values a thread in 16-byte accesses (`vec8` in kernels.cu):
+/// Whether a kernel may take eight values a thread in 16-byte accesses (`vec8` in the kernels):
 /// `run` (the values, or the channels or plane that each eight stay within) a multiple of 8, and
 /// every operand starting at a multiple of 8 values.
 pub fn eights(run: usize, operands: &[&Layout]) -> bool {

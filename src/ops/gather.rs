@@ -116,7 +116,7 @@ pub struct Draw {
     pub cut_cols: (usize, usize),
 }
 
-/// SplitMix64's finaliser: a well-mixed 64-bit hash of `z` (kernels.cu has the same).
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `z` (gather/kernels.cu has the same).
 pub fn mix(z: u64) -> u64 {
     let z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -230,7 +230,7 @@ impl Augmentation {
 
 /// Where output position `p` (of `size`) samples a crop of `extent` source pixels, bilinearly
 /// with half-pixel centres (PyTorch's `align_corners=False`): the first source pixel and the
-/// second's weight in 1/256 steps (0 at the far edge). Integer arithmetic, as in kernels.cu.
+/// second's weight in 1/256 steps (0 at the far edge). Integer arithmetic, as in gather/kernels.cu.
 pub fn resize_tap(p: usize, size: usize, extent: usize) -> (usize, u32) {
     let at = ((2 * p + 1) * extent * 256).saturating_sub(size * 256) / (2 * size);
     let (first, weight) = (at / 256, (at % 256) as u32);
@@ -652,10 +652,10 @@ impl InplaceOp3 for GatherNormalise {
             mean: [f32; MAX_CHANNELS],
             std: [f32; MAX_CHANNELS],
         }
-        // SAFETY: plain f32 arrays, laid out as kernels.cu's `Normalisation`.
+        // SAFETY: plain f32 arrays, laid out as gather/kernels.cu's `Normalisation`.
         unsafe impl DeviceRepr for Norm {}
 
-        /// kernels.cu's `Augment`; `on` = 0 leaves images as they are.
+        /// gather/kernels.cu's `Augment`; `on` = 0 leaves images as they are.
         #[repr(C)]
         struct Augment {
             key: u64,
@@ -671,7 +671,7 @@ impl InplaceOp3 for GatherNormalise {
             first: u32,
             stride: u32,
         }
-        // SAFETY: integers, laid out as kernels.cu's `Augment`.
+        // SAFETY: integers, laid out as gather/kernels.cu's `Augment`.
         unsafe impl DeviceRepr for Augment {}
         let augment = match &self.augment {
             Some(a) => Augment {

@@ -1,9 +1,11 @@
 //! GELU in its exact (erf) form, PyTorch's `nn.GELU()` default: kiln's kernels on CUDA (f32,
-//! bf16 or f16, `gelu_fwd` and `gelu_bwd` in kernels.cu: one pass each way, where candle's
+//! bf16 or f16, `gelu_fwd` and `gelu_bwd` in gelu.cu: one pass each way, where candle's
 //! backward composes eight kernels), candle's `gelu_erf` elsewhere, which is also the
 //! reference for the CUDA tests.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp2, DType, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::{Layout, Shape};
 
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda();
@@ -21,9 +23,7 @@ impl CustomOp1 for Gelu {
         "kiln-gelu"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-gelu: CUDA tensors only (the CPU runs candle's gelu_erf)")
-    }
+    crate::ops::cuda_only_cpu_fwd!(1, "the CPU runs candle's gelu_erf");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -67,15 +67,7 @@ impl CustomOp2 for GeluGrad {
         "kiln-gelu-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-gelu-grad: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -57,7 +57,7 @@ pub fn max_pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
 
 /// `nn.MaxPool2d(k)` (stride k, no padding, the last rows and columns that do not fill a window
 /// dropped) over activations in `format`: kiln's kernels on CUDA (either format, f32, bf16 or
-/// f16; `max_pool_fwd` and `max_pool_bwd` in kernels.cu, eight channels a thread in 16-byte
+/// f16; `max_pool_fwd` and `max_pool_bwd` in max_pool.cu, eight channels a thread in 16-byte
 /// accesses where channels last allows) and on the CPU (channels first, f32);
 /// elsewhere reshaped windows and a maximum, whose gradient goes to each tied maximum.
 pub fn max_pool2d_in(x: &Tensor, k: usize, format: MemoryFormat) -> candle_core::Result<Tensor> {
@@ -125,7 +125,7 @@ impl StridedPool {
     }
 }
 
-/// kernels.cu's `Pooling`.
+/// max_pool.cu's `Pooling`.
 #[cfg(feature = "cuda")]
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -153,7 +153,7 @@ impl Pooling {
     }
 }
 
-// SAFETY: plain integers, laid out as kernels.cu's `Pooling`.
+// SAFETY: plain integers, laid out as max_pool.cu's `Pooling`.
 #[cfg(feature = "cuda")]
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Pooling {}
 
@@ -162,9 +162,7 @@ impl CustomOp1 for StridedPool {
         "kiln-max-pool"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-max-pool: CUDA tensors only (the CPU has its own kernel)")
-    }
+    crate::ops::cuda_only_cpu_fwd!(1, "the CPU has its own kernel");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -220,15 +218,7 @@ impl CustomOp2 for StridedPoolGrad {
         "kiln-max-pool-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-max-pool-grad: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

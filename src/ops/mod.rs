@@ -1,7 +1,46 @@
 //! kiln's own hot operations, as candle custom ops with a forward and a backward. Each keeps
 //! candle's plain composition as its reference (the tests hold the kernels to it) and as the
 //! path for backends and dtypes it does not cover (Metal; CUDA where no kernel is written).
-//! With the `cuda` feature, `kernels.cu` holds the CUDA kernels (compiled by build.rs).
+//! With the `cuda` feature, each op's CUDA kernels sit beside it in a .cu file (`gelu.cu`,
+//! `batch_norm/kernels.cu`, ...), compiled by build.rs as one PTX module through `kernels.cu`.
+
+/// The `cpu_fwd` of a custom op that has a CUDA kernel alone (its callers compose candle's
+/// operations elsewhere), for an op of arity 1, 2 or 3: it fails, naming the op, with the hint
+/// (what runs off CUDA) where one is given. Written once so that each such op says only
+/// `cuda_only_cpu_fwd!(2)` or `cuda_only_cpu_fwd!(1, "hint")` in its impl.
+macro_rules! cuda_only_cpu_fwd {
+    ($arity:tt) => {
+        $crate::ops::cuda_only_cpu_fwd!($arity, "");
+    };
+    (1, $hint:literal) => {
+        $crate::ops::cuda_only_cpu_fwd!(@fn $hint, _s1 _l1);
+    };
+    (2, $hint:literal) => {
+        $crate::ops::cuda_only_cpu_fwd!(@fn $hint, _s1 _l1 _s2 _l2);
+    };
+    (3, $hint:literal) => {
+        $crate::ops::cuda_only_cpu_fwd!(@fn $hint, _s1 _l1 _s2 _l2 _s3 _l3);
+    };
+    // One (storage, layout) pair of parameters per operand, as CustomOp1/2/3 declare them.
+    (@fn $hint:literal, $($storage:ident $layout:ident)+) => {
+        fn cpu_fwd(
+            &self,
+            $($storage: &candle_core::CpuStorage, $layout: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::ops::cuda_only(self.name(), $hint)
+        }
+    };
+}
+pub(crate) use cuda_only_cpu_fwd;
+
+/// The error of a CUDA-only op run on other tensors: `op` is its name, `hint` (may be empty)
+/// what runs there instead.
+pub(crate) fn cuda_only<T>(op: &str, hint: &str) -> candle_core::Result<T> {
+    if hint.is_empty() {
+        candle_core::bail!("{op}: CUDA tensors only")
+    }
+    candle_core::bail!("{op}: CUDA tensors only ({hint})")
+}
 
 pub mod batch_norm;
 pub mod conv;

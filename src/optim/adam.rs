@@ -294,18 +294,18 @@ impl InplaceOp2 for UpdateParam {
     }
 }
 
-/// Every parameter's update in one launch per group of eight (kernels.cu: adam_step).
+/// Every parameter's update in one launch per group of eight (optim/kernels.cu: adam_step).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr};
     use candle_core::{CudaDevice, Tensor};
 
+    use super::super::cuda::{address, launch_groups, len32, GROUP};
     use super::{Slot, StepFigures};
     use crate::error::Result;
-    use crate::ops::cuda::{address, kernel, per_tensor, GROUP};
 
     #[repr(C)]
+    #[derive(Default)]
     struct AdamGroup {
         param: [u64; GROUP],
         grad: [u64; GROUP],
@@ -314,9 +314,9 @@ mod cuda {
         len: [u32; GROUP],
     }
 
-    // SAFETY: device addresses and lengths, laid out as kernels.cu's `AdamGroup`.
+    // SAFETY: device addresses and lengths, laid out as optim/kernels.cu's `AdamGroup`.
     unsafe impl DeviceRepr for AdamGroup {}
-    // SAFETY: f32 figures, laid out as kernels.cu's `AdamStep`.
+    // SAFETY: f32 figures, laid out as optim/kernels.cu's `AdamStep`.
     unsafe impl DeviceRepr for StepFigures {}
 
     pub(super) fn step(
@@ -324,38 +324,28 @@ mod cuda {
         updates: &[(&Slot, Tensor)],
         figures: StepFigures,
     ) -> Result<()> {
-        let func = kernel(device, "adam_step")?;
-        let stream = device.cuda_stream();
-        for group in updates.chunks(GROUP) {
-            let mut args = AdamGroup {
-                param: [0; GROUP],
-                grad: [0; GROUP],
-                m: [0; GROUP],
-                v: [0; GROUP],
-                len: [0; GROUP],
-            };
-            let mut longest = 0;
-            for (at, (slot, grad)) in group.iter().enumerate() {
-                let len = slot.param.elem_count();
-                args.param[at] = address(slot.param.as_tensor(), &stream)?;
-                args.grad[at] = address(grad, &stream)?;
-                args.m[at] = address(&slot.moments, &stream)?;
-                args.v[at] = args.m[at] + (len * std::mem::size_of::<f32>()) as u64;
-                args.len[at] = u32::try_from(len).map_err(|_| {
-                    candle_core::Error::Msg(format!("adam: {} has {len} elements", slot.name))
-                })?;
-                longest = longest.max(len);
-            }
-            let cfg = per_tensor(group.len(), longest);
-            let mut launch = stream.launch_builder(&func);
-            launch.arg(&args).arg(&figures);
-            // SAFETY: every address is a live contiguous f32 buffer of `len` elements (two for
-            // the moments) held by this optimizer or the gradient store until the launch is
-            // queued; candle orders all work on this one stream. The kernel writes only the
-            // parameters and moments, which nothing else reads until the next step.
-            unsafe { launch.launch(cfg) }.w()?;
-        }
-        Ok(())
+        // SAFETY: AdamGroup and StepFigures are adam_step's arguments; every address is a live
+        // contiguous f32 buffer of `len` elements (two for the moments) held by this optimizer
+        // or the gradient store until the launch is queued. The kernel writes only the
+        // parameters and moments, which nothing else reads until the next step.
+        unsafe { launch_groups(device, "adam_step", updates, &figures, fill) }
+    }
+
+    /// Writes update `at`'s addresses and length into the group; returns the length.
+    fn fill(
+        args: &mut AdamGroup,
+        at: usize,
+        (slot, grad): &(&Slot, Tensor),
+        stream: &CudaStream,
+    ) -> Result<usize> {
+        let len = slot.param.elem_count();
+        args.param[at] = address(slot.param.as_tensor(), stream)?;
+        args.grad[at] = address(grad, stream)?;
+        args.m[at] = address(&slot.moments, stream)?;
+        // The moments are [2, n]: exp_avg_sq follows exp_avg.
+        args.v[at] = args.m[at] + (len * std::mem::size_of::<f32>()) as u64;
+        args.len[at] = len32("adam", &slot.name, len)?;
+        Ok(len)
     }
 }
 

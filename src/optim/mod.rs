@@ -2,6 +2,8 @@
 //! it per parameter so checkpoints can hold it.
 
 pub mod adam;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod groups;
 pub mod lookahead;
 pub mod loss_scale;

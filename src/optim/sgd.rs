@@ -254,7 +254,7 @@ impl InplaceOp3 for UpdateParam {
 
 #[cfg(feature = "cuda")]
 impl Sgd {
-    /// The CUDA device, when every parameter is f32 there and kernels.cu's step applies.
+    /// The CUDA device, when every parameter is f32 there and optim/kernels.cu's step applies.
     fn fused_on(&self, grads: &GradStore) -> Option<candle_core::CudaDevice> {
         let first = self.slots.first()?;
         let candle_core::Device::Cuda(device) = first.param.device() else {
@@ -270,19 +270,19 @@ impl Sgd {
     }
 }
 
-/// Every parameter's update in one launch per group of eight (kernels.cu: sgd_step).
+/// Every parameter's update in one launch per group of eight (optim/kernels.cu: sgd_step).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backprop::GradStore;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr};
     use candle_core::{CudaDevice, Tensor};
 
+    use super::super::cuda::{address, launch_groups, len32, GROUP};
     use super::{Settings, Slot};
     use crate::error::Result;
-    use crate::ops::cuda::{address, kernel, per_tensor, GROUP};
 
     #[repr(C)]
+    #[derive(Default)]
     struct SgdGroup {
         param: [u64; GROUP],
         grad: [u64; GROUP],
@@ -299,9 +299,9 @@ mod cuda {
         nesterov: u32,
     }
 
-    // SAFETY: device addresses, lengths and flags, laid out as kernels.cu's `SgdGroup`.
+    // SAFETY: device addresses, lengths and flags, laid out as optim/kernels.cu's `SgdGroup`.
     unsafe impl DeviceRepr for SgdGroup {}
-    // SAFETY: f32 figures, laid out as kernels.cu's `SgdStep`.
+    // SAFETY: f32 figures, laid out as optim/kernels.cu's `SgdStep`.
     unsafe impl DeviceRepr for SgdStep {}
 
     pub(super) fn step(
@@ -329,37 +329,29 @@ mod cuda {
             weight_decay: s.weight_decay as f32,
             nesterov: u32::from(s.nesterov),
         };
-        let func = kernel(device, "sgd_step")?;
-        let stream = device.cuda_stream();
-        for group in updates.chunks(GROUP) {
-            let mut args = SgdGroup {
-                param: [0; GROUP],
-                grad: [0; GROUP],
-                velocity: [0; GROUP],
-                len: [0; GROUP],
-                first: [0; GROUP],
-            };
-            let mut longest = 0;
-            for (at, (slot, grad, first)) in group.iter().enumerate() {
-                let len = slot.param.elem_count();
-                args.param[at] = address(slot.param.as_tensor(), &stream)?;
-                args.grad[at] = address(grad, &stream)?;
-                if let Some(velocity) = &slot.velocity {
-                    args.velocity[at] = address(velocity, &stream)?;
-                }
-                args.len[at] = u32::try_from(len).map_err(|_| {
-                    candle_core::Error::Msg(format!("sgd: {} has {len} elements", slot.name))
-                })?;
-                args.first[at] = u32::from(*first);
-                longest = longest.max(len);
-            }
-            let mut launch = stream.launch_builder(&func);
-            launch.arg(&args).arg(&figures);
-            // SAFETY: as in Adam's step: live contiguous f32 buffers of `len` elements, one
-            // stream; the velocity address is read only with momentum, when it is set.
-            unsafe { launch.launch(per_tensor(group.len(), longest)) }.w()?;
+        // SAFETY: SgdGroup and SgdStep are sgd_step's arguments; as in Adam's step: live
+        // contiguous f32 buffers of `len` elements, one stream; the velocity address is read
+        // only with momentum, when it is set.
+        unsafe { launch_groups(device, "sgd_step", &updates, &figures, fill) }
+    }
+
+    /// Writes update `at`'s addresses, length and first-step flag into the group; returns the
+    /// length.
+    fn fill(
+        args: &mut SgdGroup,
+        at: usize,
+        (slot, grad, first): &(&Slot, Tensor, bool),
+        stream: &CudaStream,
+    ) -> Result<usize> {
+        let len = slot.param.elem_count();
+        args.param[at] = address(slot.param.as_tensor(), stream)?;
+        args.grad[at] = address(grad, stream)?;
+        if let Some(velocity) = &slot.velocity {
+            args.velocity[at] = address(velocity, stream)?;
         }
-        Ok(())
+        args.len[at] = len32("sgd", &slot.name, len)?;
+        args.first[at] = u32::from(*first);
+        Ok(len)
     }
 }
 

@@ -3,7 +3,9 @@
 
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var};
+#[cfg(feature = "cuda")]
+use candle_core::Shape;
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
 
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -61,15 +63,7 @@ impl candle_core::CustomOp2 for BatchNormEval {
         "kiln-batch-norm-eval"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-batch-norm-eval: CUDA tensors only (the CPU composes it)")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2, "the CPU composes it");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -1,9 +1,11 @@
 //! A per-channel bias added to channels-last activations on CUDA: one kernel forward
-//! (`bias_last` in kernels.cu), and the bias's gradient as a matrix product of a row of ones
+//! (`bias_last` in conv/kernels.cu), and the bias's gradient as a matrix product of a row of ones
 //! with the gradient seen as [rows, C] (cuBLAS), where candle's sum over the leading axes took
 //! 1.1 ms of a fastnet step for its whitening layer's 24 channels.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CustomOp2, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::{Layout, Shape};
 
 /// `y` [N, H, W, C] + `bias` [C], both of one float type, on CUDA.
 pub fn add(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
@@ -17,15 +19,7 @@ impl CustomOp2 for BiasLast {
         "kiln-bias-last"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-bias-last: CUDA tensors only (elsewhere candle's broadcast add)")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2, "elsewhere candle's broadcast add");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -3,12 +3,12 @@
 //! The weight gradient, which candle computes slowly, is one multiply per image too, summed over
 //! fixed chunks of images in a fixed order, so results do not depend on the thread count.
 
-use std::cell::RefCell;
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::geometry::{with_scratch, Geometry};
 use super::{winograd, ConvParams};
 use crate::ops::gemm::{matmul, matmul_nt, Matrix};
 use crate::ops::{contiguous_f32, par_collect, par_zeros};
@@ -39,64 +39,7 @@ const WEIGHT_GRAD_LANES: usize = 8;
 /// The most output pixels an image's plane has for [`Geometry::im2col_by_map`].
 const SMALL_PLANE: usize = 64;
 
-/// Sizes of one convolution.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Geometry {
-    pub(crate) n: usize,
-    pub(crate) c: usize,
-    pub(crate) h: usize,
-    pub(crate) w: usize,
-    pub(crate) co: usize,
-    pub(crate) kh: usize,
-    pub(crate) kw: usize,
-    pub(crate) oh: usize,
-    pub(crate) ow: usize,
-    pub(crate) p: ConvParams,
-}
-
 impl Geometry {
-    pub(crate) fn new(
-        x: (usize, usize, usize, usize),
-        weight: (usize, usize, usize, usize),
-        p: ConvParams,
-    ) -> candle_core::Result<Self> {
-        let (n, c, h, w) = x;
-        let (co, ci, kh, kw) = weight;
-        if ci != c {
-            candle_core::bail!("conv2d: input has {c} channels, the kernel expects {ci}");
-        }
-        if p.stride == 0 || h + 2 * p.padding < kh || w + 2 * p.padding < kw {
-            candle_core::bail!(
-                "conv2d: kernel {kh}x{kw} does not fit input {h}x{w} with padding {}",
-                p.padding
-            );
-        }
-        let oh = (h + 2 * p.padding - kh) / p.stride + 1;
-        let ow = (w + 2 * p.padding - kw) / p.stride + 1;
-        Ok(Self {
-            n,
-            c,
-            h,
-            w,
-            co,
-            kh,
-            kw,
-            oh,
-            ow,
-            p,
-        })
-    }
-    /// Rows of the unfolded input: one per (channel, ky, kx).
-    pub(crate) fn patch(&self) -> usize {
-        self.c * self.kh * self.kw
-    }
-    pub(crate) fn out_pixels(&self) -> usize {
-        self.oh * self.ow
-    }
-    pub(crate) fn image(&self) -> usize {
-        self.c * self.h * self.w
-    }
-
     /// The input row and column that output (oy, ox) reads through kernel tap (ky, kx).
     fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
         (o * self.p.stride + k)
@@ -370,36 +313,6 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
             })
         });
     out
-}
-
-thread_local! {
-    /// Each compute thread's unfolding and widening buffers, kept from one convolution to the
-    /// next: allocated and zeroed afresh per group of images, they were about 5% of a ResNet
-    /// layer's backward pass.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// Runs `f` on this thread's two scratch buffers, `first` and `second` floats long. They hold
-/// whatever an earlier call left: every caller writes all it reads first.
-pub(super) fn with_scratch<R>(
-    first: usize,
-    second: usize,
-    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
-) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffers) => {
-            let (a, b) = &mut *buffers;
-            if a.len() < first {
-                a.resize(first, 0.0);
-            }
-            if b.len() < second {
-                b.resize(second, 0.0);
-            }
-            f(&mut a[..first], &mut b[..second])
-        }
-        // Only if `f` itself ever reached here again on the same thread.
-        Err(_) => f(&mut vec![0f32; first], &mut vec![0f32; second]),
-    })
 }
 
 struct Conv2dOp {

@@ -22,12 +22,12 @@ use candle_core::cuda_backend::cudarc::driver::{
     DriverError, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId};
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use cudarc::cudnn::{sys, CudnnDataType, CudnnError};
 
 use super::algorithm_cache::{AlgorithmCache, Saved};
-use super::cpu::Geometry;
-use super::cudnn_graph::{self, Accept, Candidates, Convolution, Handle, Plan};
+use super::cudnn_graph::{self, Accept, Candidates, Convolution, Direction, Handle, Plan};
+use super::geometry::Geometry;
 use super::ConvParams;
 use crate::ops::memory_format::Dims4;
 use crate::ops::MemoryFormat;
@@ -88,15 +88,7 @@ impl CustomOp2 for Conv2dOp {
         "kiln-cudnn-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln cuDNN conv2d: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -158,15 +150,7 @@ impl CustomOp2 for DataGrad {
         "kiln-cudnn-conv2d-input-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln cuDNN conv2d input gradient: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -196,15 +180,7 @@ impl CustomOp2 for FilterGrad {
         "kiln-cudnn-conv2d-weight-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln cuDNN conv2d weight gradient: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -233,33 +209,6 @@ fn expect_dims(
         candle_core::bail!("kiln cuDNN conv2d: {what} is {got:?}, expected {dims:?}");
     }
     Ok(())
-}
-
-/// Which of the three convolutions, and so which operands it reads and writes:
-/// - Forward: (x, w) -> y;
-/// - BackwardData: (dy, w) -> dx;
-/// - BackwardFilter: (x, dy) -> dw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Direction {
-    Forward,
-    BackwardData,
-    BackwardFilter,
-}
-
-impl Direction {
-    /// Elements of the first operand, the second and the result.
-    fn sizes(self, g: &Geometry) -> [usize; 3] {
-        let (x, w, y) = (
-            g.n * g.image(),
-            g.co * g.patch(),
-            g.n * g.co * g.out_pixels(),
-        );
-        match self {
-            Self::Forward => [x, w, y],
-            Self::BackwardData => [y, w, x],
-            Self::BackwardFilter => [x, y, w],
-        }
-    }
 }
 
 /// The element types cuDNN convolves here.

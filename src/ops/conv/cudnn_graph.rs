@@ -15,7 +15,34 @@ use cudarc::cudnn::sys::{
 };
 use cudarc::cudnn::CudnnError;
 
-use super::cudnn::Direction;
+use super::geometry::Geometry;
+
+/// Which of the three convolutions, and so which operands it reads and writes:
+/// - Forward: (x, w) -> y;
+/// - BackwardData: (dy, w) -> dx;
+/// - BackwardFilter: (x, dy) -> dw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Direction {
+    Forward,
+    BackwardData,
+    BackwardFilter,
+}
+
+impl Direction {
+    /// Elements of the first operand, the second and the result.
+    pub(super) fn sizes(self, g: &Geometry) -> [usize; 3] {
+        let (x, w, y) = (
+            g.n * g.image(),
+            g.co * g.patch(),
+            g.n * g.co * g.out_pixels(),
+        );
+        match self {
+            Self::Forward => [x, w, y],
+            Self::BackwardData => [y, w, x],
+            Self::BackwardFilter => [x, y, w],
+        }
+    }
+}
 
 fn check(status: sys::cudnnStatus_t) -> Result<(), CudnnError> {
     match status {

@@ -7,7 +7,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::ops::cuda::{by_float, kernel_for, output, per_item, storage, view};
 
@@ -44,9 +44,7 @@ impl CustomOp1 for ToChannelsLast {
         "kiln-filter-to-channels-last"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln channels-last filter: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, ws: &CudaStorage, wl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = &ws.device;
@@ -82,9 +80,7 @@ impl CustomOp1 for FromChannelsLast {
         "kiln-filter-from-channels-last"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln channels-last filter gradient: CUDA tensors only")
-    }
+    crate::ops::cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = &gs.device;

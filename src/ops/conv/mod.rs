@@ -21,11 +21,13 @@ mod cudnn;
 mod cudnn_graph;
 #[cfg(feature = "cudnn")]
 mod filter;
+mod geometry;
 mod winograd;
 
-pub(crate) use cpu::{Geometry, InputGrad};
+pub(crate) use cpu::InputGrad;
 #[cfg(feature = "cudnn")]
 pub use cudnn::set_allow_tf32;
+pub(crate) use geometry::Geometry;
 
 use candle_core::{DType, Device, Tensor};
 

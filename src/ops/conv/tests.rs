@@ -298,7 +298,7 @@ proptest! {
         stride in 1usize..3, padding in 0usize..3, extra in 0usize..3, seed in 0u64..1000,
     ) {
         prop_assume!(h + 2 * padding >= kh && w + 2 * padding >= kw);
-        let g = cpu::Geometry::new((1, c, h, w), (1, c, kh, kw), ConvParams { stride, padding }).unwrap();
+        let g = Geometry::new((1, c, h, w), (1, c, kh, kw), ConvParams { stride, padding }).unwrap();
         let image: Vec<f32> = random(&[c * h * w], seed).to_vec1().unwrap();
         let width = g.out_pixels() + extra;
         // All start from the same non-zero fill: every value each writes is compared.

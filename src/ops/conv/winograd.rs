@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{with_scratch, Geometry};
+use super::geometry::{with_scratch, Geometry};
 use crate::ops::gemm::{matmul, Matrix};
 use crate::ops::{par_collect, par_zeros};
 
