@@ -7,33 +7,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{fixture_dir, metrics_without_timing, models_dir, run, text, weight_bits};
+use common::{
+    cpu_run, fixture_dir, metrics_without_timing, models_dir, run, text, train_ok, weight_bits,
+};
 use rand::{Rng, SeedableRng};
 
-fn args<'a>(data: &'a str, run_name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--device",
-        "cpu",
-        "--data-dir",
-        data,
-        "--batch-size",
-        "32",
-        "--run",
-        run_name,
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
-fn train_ok(root: &Path, args: &[&str]) -> String {
-    let out = run("train", args, root);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "train {args:?}:\n{}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+fn args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    cpu_run(data, run, "32", extra)
 }
 
 /// Every file under `dir` with its bytes.

@@ -13,7 +13,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    fixture_dir, metrics_without_timing, models_dir, relative_difference, text, weight_bits,
+    cpu_run, fixture_dir, metrics_without_timing, models_dir, relative_difference, text,
+    weight_bits,
 };
 
 /// These tests start several processes each on two cores: one test at a time.
@@ -131,18 +132,7 @@ fn files(run: &Path) -> Vec<PathBuf> {
 /// The runs below: the fixture's 600 training images in global batches of 64 (ten steps an
 /// epoch, the last of 24 images), so two epochs are 20 steps.
 fn args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--device",
-        "cpu",
-        "--data-dir",
-        data,
-        "--batch-size",
-        "64",
-        "--run",
-        run,
-    ];
-    args.extend_from_slice(extra);
-    args
+    cpu_run(data, run, "64", extra)
 }
 
 const TOLERANCE: f64 = 1e-5;

@@ -6,16 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{column, fixture_dir, models_dir, run, text};
-
-fn train_ok(root: &Path, args: &[&str]) {
-    let out = run("train", args, root);
-    assert!(
-        out.status.success(),
-        "train {args:?}:\n{}",
-        text(&out.stderr)
-    );
-}
+use common::{column, fixture_dir, models_dir, run, text, train_ok};
 
 fn evaluate_json(root: &Path, args: &[&str]) -> serde_json::Value {
     let out = run("evaluate", args, root);

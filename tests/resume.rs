@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use common::{
-    column, fixture_dir, metrics_without_timing, models_dir, relative_difference, run, text,
-    weight_bits,
+    column, cpu_run, fixture_dir, metrics_without_timing, models_dir, relative_difference, run,
+    text, train_ok, weight_bits,
 };
 use kiln::checkpoint::{load_checkpoint, load_weights, RunDir};
 use rand::{Rng, SeedableRng};
@@ -27,29 +27,8 @@ fn paced() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Arguments shared by every run of these tests: fixture data, CPU, 19 steps an epoch.
-fn args<'a>(data: &'a str, run_name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--device",
-        "cpu",
-        "--data-dir",
-        data,
-        "--batch-size",
-        "32",
-        "--run",
-        run_name,
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
-fn train_ok(root: &Path, args: &[&str]) -> String {
-    let out = run("train", args, root);
-    assert!(
-        out.status.success(),
-        "train {args:?} failed:\n{}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+fn args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    cpu_run(data, run, "32", extra)
 }
 
 /// The reference: an uninterrupted run of EPOCHS epochs.

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{column, fixture_dir, models_dir, run, text};
+use common::{column, fixture_dir, models_dir, train_ok};
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit from its definition.
 fn crc32c(bytes: &[u8]) -> u32 {
@@ -149,11 +149,6 @@ fn event_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap());
     files
-}
-
-fn train_ok(root: &Path, args: &[&str]) {
-    let out = run("train", args, root);
-    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
 }
 
 /// The fixture's 600 images at batch 32: 19 steps an epoch.

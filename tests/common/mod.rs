@@ -34,6 +34,34 @@ pub fn run(name: &str, args: &[&str], cwd: &Path) -> Output {
         .expect("the binary runs")
 }
 
+/// Runs `train` with `args` in `cwd`, which must succeed; its standard output.
+pub fn train_ok(cwd: &Path, args: &[&str]) -> String {
+    let out = run("train", args, cwd);
+    assert!(
+        out.status.success(),
+        "train {args:?} failed:\n{}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The arguments of a CPU run on the fixture `data` into `--run run`, in batches of `batch`,
+/// then `extra`.
+pub fn cpu_run<'a>(data: &'a str, run: &'a str, batch: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--device",
+        "cpu",
+        "--data-dir",
+        data,
+        "--batch-size",
+        batch,
+        "--run",
+        run,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
