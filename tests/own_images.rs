@@ -427,3 +427,96 @@ fn bad_folders_are_one_line_errors_that_touch_nothing() {
         "--finetune",
     );
 }
+
+/// `predict` as a user meets it: a table with the default three classes per picture (the same
+/// top class as `--json`), an undecodable picture named in one error line (exit 1) or, with
+/// `--skip-bad-images`, listed while the rest are predicted, and bad flags refused by clap
+/// (exit 2, as `evaluate` does).
+#[test]
+fn predict_prints_a_table_names_bad_pictures_and_refuses_bad_flags() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("shapes");
+    let classes = [("disc", "disc"), ("ring", "ring"), ("square", "square")];
+    write_folder(&data, &classes, &[("train", 8), ("val", 3)], 11);
+    let d = data.display().to_string();
+    let out = train(
+        &[
+            "--model",
+            "simplecnn",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            &d,
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--run",
+            "p",
+        ],
+        root.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let weights = root.path().join("models/p/best.safetensors");
+    let weights = weights.display().to_string();
+    let val = data.join("val").display().to_string();
+    let predict = |extra: &[&str]| {
+        let args = [&["--weights", &weights, "--device", "cpu"][..], extra].concat();
+        run("predict", &args, root.path())
+    };
+
+    let table = predict(&[&val]);
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    let table = text(&table.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["image", "top-1", "p", "top-2", "p", "top-3", "p"]);
+    assert_eq!(rows.len(), 1 + 9, "{table}");
+    let json = predict(&[&val, "--json"]);
+    let json: Vec<serde_json::Value> = text(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for row in &rows[1..] {
+        assert_eq!(row.len(), 7, "{row:?}");
+        let p: Vec<f64> = [2, 4, 6].map(|i| row[i].parse().unwrap()).to_vec();
+        assert!(p[0] >= p[1] && p[1] >= p[2] && p[2] >= 0.0, "{row:?}");
+        assert!(
+            (p.iter().sum::<f64>() - 1.0).abs() < 1e-3,
+            "three classes: {row:?}"
+        );
+        let same = json.iter().find(|j| j["path"] == row[0]).unwrap();
+        assert_eq!(same["top"][0]["class"], row[1], "{row:?}");
+    }
+
+    let broken = data.join("broken.jpg");
+    std::fs::write(&broken, b"not a picture").unwrap();
+    let b = broken.display().to_string();
+    let refused = predict(&[&val, &b]);
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&b), "{stderr}");
+    let skipped = predict(&[&val, &b, "--skip-bad-images", "--top-k", "1"]);
+    let stderr = text(&skipped.stderr);
+    assert!(skipped.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("skipped {b}")), "{stderr}");
+    assert_eq!(text(&skipped.stdout).lines().count(), 1 + 9);
+
+    for (binary, args) in [
+        ("predict", vec!["--weights", &weights, &val, "--top-k", "0"]),
+        ("predict", vec!["--weights", &weights]),
+        ("predict", vec!["--weights", &weights, &val, "--bogus"]),
+        ("evaluate", vec!["--weights", &weights, "--bogus"]),
+    ] {
+        let out = run(binary, &args, root.path());
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{binary} {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
