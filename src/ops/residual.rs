@@ -363,18 +363,18 @@ mod tests {
         }
     }
 
-    /// A ReLU-ended op's output feeding three consumers, one of them leading to the next
-    /// ReLU-ended op (a residual block's end feeds the next block), each passing gradient where
-    /// the output is 0, whatever order they come in: the gradients, gated
-    /// by the backward pass at the node or in the sum (kiln's kernels, candle's arithmetic, or
-    /// the two mixed), are those of candle's composition `relu(a + b)` bit for bit (+0 for -0:
-    /// the composition multiplies by its mask).
+    /// A ReLU-ended op's output feeding four consumers, one of them leading to the next
+    /// ReLU-ended op (a residual block's end feeds the next block), one a subtraction (whose
+    /// gradient candle adds outside the gated sums), each passing gradient where the output is
+    /// 0, in two orders: the gradients, gated by the backward pass at the node or in the sum
+    /// (kiln's kernels, candle's arithmetic, or the two mixed), are those of candle's
+    /// composition `relu(a + b)` bit for bit (+0 for -0: the composition multiplies by its mask).
     #[test]
     fn relu_ended_outputs_with_several_consumers_get_the_compositions_gradients() {
         let n = 5000;
         let vars = [1, 2, 3, 4].map(|seed| Var::from_tensor(&random(&[n], seed)).unwrap());
         let [u, v, w] = [5, 6, 7].map(|seed| random(&[n], seed));
-        let run = |fused: bool, ops: &dyn GradOps| {
+        let run = |fused: bool, reversed: bool, ops: &dyn GradOps| {
             let [a, b, s, c] = vars.each_ref().map(Var::as_tensor);
             let end = |x: &Tensor, y: &Tensor| match fused {
                 true => add_relu(x, y),
@@ -382,7 +382,12 @@ mod tests {
             };
             let y = end(a, b).unwrap();
             let z = end(&(&y * s).unwrap(), c).unwrap();
-            let loss = [(&z, &u), (&y, &v), (&y, &w)]
+            let d = (&w - &y).unwrap();
+            let mut terms = [(&z, &u), (&y, &v), (&y, &w), (&d, &u)];
+            if reversed {
+                terms.reverse();
+            }
+            let loss = terms
                 .into_iter()
                 .map(|(x, weights)| (x * weights)?.sum_all())
                 .reduce(|sum, term| sum? + term?)
@@ -398,15 +403,18 @@ mod tests {
                     .collect::<Vec<_>>()
             })
         };
-        let composed = run(false, &CandleGradOps);
-        assert!(composed[0].contains(&0), "some gradients gated");
-        let every_other = EveryOther(std::cell::Cell::new(true));
-        for (name, ops) in [
-            ("kiln's kernels", &GradKernels as &dyn GradOps),
-            ("candle's arithmetic", &CandleGradOps),
-            ("gated every other sum", &every_other),
-        ] {
-            assert!(run(true, ops) == composed, "{name}");
+        for reversed in [false, true] {
+            let composed = run(false, reversed, &CandleGradOps);
+            assert!(composed[0].contains(&0), "some gradients gated");
+            let every_other = EveryOther(std::cell::Cell::new(true));
+            for (name, ops) in [
+                ("kiln's kernels", &GradKernels as &dyn GradOps),
+                ("candle's arithmetic", &CandleGradOps),
+                ("gated every other sum", &every_other),
+            ] {
+                let fused = run(true, reversed, ops);
+                assert!(fused == composed, "{name}, reversed {reversed}");
+            }
         }
     }
 
