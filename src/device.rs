@@ -119,16 +119,12 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
 ///   work across streams; kiln runs everything on one stream, where launch order is enough.
 /// - freed memory stays in the allocator's pool, as in PyTorch's caching allocator: by default
 ///   the driver hands it back at every synchronisation and maps it afresh on the next step.
-/// - gradients summed by kiln's vectorised addition ([`crate::ops::residual::add_gradients`]).
 #[cfg(feature = "cuda")]
 fn tune_cuda(cuda: &candle_core::CudaDevice) {
     use candle_core::cuda_backend::cudarc::driver::sys;
     // SAFETY: called once, right after the device opens, before any tensor exists on it; all of
     // kiln's CUDA work runs on this device's one stream.
     unsafe { cuda.disable_event_tracking() };
-    // The backward pass's sums of two gradients (residual blocks' inputs) in kiln's kernel;
-    // set once per process, whichever device opens first.
-    candle_core::backprop::set_grad_add(crate::ops::residual::add_gradients);
     let release_threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
     if let Err(err) = set_pool_attribute(cuda, release_threshold, u64::MAX) {
         tracing::warn!("CUDA memory pool left as it was: {err}");

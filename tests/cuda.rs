@@ -7,6 +7,7 @@
 //! machine (README, "Devices, and what was verified where").
 #![cfg(feature = "cuda")]
 
+use candle_core::backprop::GradOps;
 use candle_core::{DType, Device, Tensor, Var};
 use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::{synthetic, ChannelStats};
@@ -124,7 +125,10 @@ fn gradients(
             (prediction - y).unwrap().sqr().unwrap().mean_all().unwrap()
         }
     };
-    let grads = loss.backward().expect("backward runs");
+    let grads = loss
+        .clone()
+        .backward_consuming_with(&ops::GradKernels)
+        .expect("backward runs");
     built
         .params
         .vars()
@@ -673,7 +677,7 @@ fn the_fused_residual_end_changes_no_bit() {
                         let summed = on_gpu((cpu(75) + cpu(78)).unwrap());
                         (&out.y * &summed).unwrap().sum_all().unwrap()
                     };
-                    let grads = loss.backward().unwrap();
+                    let grads = loss.backward_consuming_with(&ops::GradKernels).unwrap();
                     let mut results = vec![
                         values(&out.y),
                         values(&out.main.mean),
@@ -791,9 +795,9 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
     }
 }
 
-/// The backward pass's gradient sums (kiln's kernel, which `device::open` installs in candle)
-/// give the CPU's sums bit for bit, eight at a time or one, f32 and bf16; and candle's backward
-/// pass uses it for a tensor with two consumers.
+/// The backward pass's gradient sums (kiln's kernels, `ops::GradKernels`) give the CPU's sums
+/// bit for bit, eight at a time or one, f32 and bf16; and candle's backward pass, given them,
+/// adds the gradients of a tensor with two consumers.
 #[test]
 fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
     let gpu = cuda();
@@ -810,7 +814,7 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
         );
         let on_cpu = (&a + &b).unwrap();
         let (a, b) = (a.to_device(&gpu).unwrap(), b.to_device(&gpu).unwrap());
-        let on_gpu = ops::residual::add_gradients(&a, &a, &b).unwrap();
+        let on_gpu = ops::GradKernels.add(&a, &b).unwrap();
         assert_eq!(values(&on_cpu), values(&on_gpu), "{shape:?} {dtype:?}");
         // The gradients of a residual block's end pass through its ReLU as they are summed.
         let end = Var::from_tensor(&ops_input(shape, 3).to_dtype(dtype).unwrap()).unwrap();
@@ -825,7 +829,10 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
                     .unwrap(),
             )
             .unwrap();
-        let gated_on_gpu = ops::residual::add_gradients(&y, &a, &b).unwrap();
+        let gated_on_gpu = ops::GradKernels
+            .add_gated(&a, &b, &y)
+            .unwrap()
+            .expect("kiln's kernel takes same-shaped CUDA tensors");
         assert_eq!(
             values(&gated_on_cpu),
             values(&gated_on_gpu),
@@ -834,7 +841,11 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
     }
     let x = Var::from_tensor(&ops_input(&[4096], 3).to_device(&gpu).unwrap()).unwrap();
     let y = (x.as_tensor().sqr().unwrap() + x.as_tensor().affine(3.0, 0.0).unwrap()).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
+    let grads = y
+        .sum_all()
+        .unwrap()
+        .backward_consuming_with(&ops::GradKernels)
+        .unwrap();
     let expected = (x.as_tensor().affine(2.0, 3.0)).unwrap();
     assert_eq!(values(grads.get(&x).unwrap()), values(&expected));
 }

@@ -71,7 +71,8 @@ fn one_step_as_pytorch(fixture: &str) {
     assert_close("loss", &loss, &file.tensors["train/loss"]);
 
     let mut optimizer = optim::build(&config.optim(), &built.params, 1).unwrap();
-    let grads = loss.backward().unwrap();
+    // kiln's gradient arithmetic, as training uses it (`Optimizer::backward`).
+    let grads = loss.backward_consuming_with(&ops::GradKernels).unwrap();
     optimizer.step(&grads).unwrap();
     let after = group(&file.tensors, "after/");
     assert_eq!(

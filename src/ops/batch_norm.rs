@@ -529,12 +529,15 @@ impl BatchNormAddRelu {
     }
 }
 
-/// [`BatchNormAddRelu`]'s name: the gradient sums recognise its outputs as ReLU-ended.
-pub(super) const BATCH_NORM_ADD_RELU: &str = "kiln-batch-norm-add-relu";
-
 impl CustomOp3 for BatchNormAddRelu {
     fn name(&self) -> &'static str {
-        BATCH_NORM_ADD_RELU
+        "kiln-batch-norm-add-relu"
+    }
+
+    /// candle's backward pass gates the gradient (`residual::GradKernels`), in the sum where the
+    /// output feeds several consumers (a residual block's end feeds the next block).
+    fn relu_ended(&self) -> bool {
+        true
     }
 
     fn cpu_fwd(
@@ -610,10 +613,10 @@ impl CustomOp3 for BatchNormAddRelu {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gated = super::residual::through_relu(grad, y)?;
-        // BatchNormTrain's backward pass reads only its input and the gradient.
+        // `grad` is already through the ReLU (`relu_ended`). BatchNormTrain's backward pass
+        // reads only its input and the gradient.
         let norm_grads = |norm: &BatchNormTrain, input: &Tensor| {
-            let (grad_input, grad_gamma, grad_beta) = norm.bwd(input, input, input, y, &gated)?;
+            let (grad_input, grad_gamma, grad_beta) = norm.bwd(input, input, input, y, grad)?;
             match (grad_input, grad_gamma, grad_beta) {
                 (Some(i), Some(g), Some(b)) => Ok((i, g, b)),
                 _ => candle_core::bail!("batch_norm_add_relu: a gradient is missing"),
@@ -621,7 +624,7 @@ impl CustomOp3 for BatchNormAddRelu {
         };
         let (grad_x, grad_gamma, grad_beta) = norm_grads(&self.norm, x)?;
         let (grad_parameters, grad_joined) = match &self.shortcut_norm {
-            None => (Tensor::stack(&[grad_gamma, grad_beta], 0)?, gated.clone()),
+            None => (Tensor::stack(&[grad_gamma, grad_beta], 0)?, grad.clone()),
             Some(norm) => {
                 let (grad_r, grad_gamma_r, grad_beta_r) = norm_grads(norm, joined)?;
                 let rows = [grad_gamma, grad_beta, grad_gamma_r, grad_beta_r];

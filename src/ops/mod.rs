@@ -69,7 +69,7 @@ pub use gelu::gelu;
 pub use max_pool::{max_pool2d, PoolParams};
 pub use memory_format::MemoryFormat;
 pub use relu_maxpool::relu_max_pool2d;
-pub use residual::add_relu;
+pub use residual::{add_relu, GradKernels};
 
 use candle_core::{CpuStorage, Device, Layout, Tensor};
 use rayon::prelude::*;

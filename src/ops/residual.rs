@@ -1,16 +1,12 @@
-//! The elementwise ends of a residual block, and the backward pass's gradient sums:
-//! `relu(a + b)` with its gradient gate read from the output, and `a + b` of two gradients of
-//! one tensor, passed through the tensor's ReLU in the same pass where it ends in one. kiln's
-//! kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16, eight values a thread
-//! in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same`, `add_gated` in kernels.cu);
-//! candle's composition elsewhere, which is also the reference for the tests. Any memory format:
-//! each value meets only its partners.
-use std::collections::HashSet;
-use std::sync::{Mutex, PoisonError};
-
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, TensorId,
-};
+//! The elementwise ends of a residual block, and the backward pass's gradient arithmetic
+//! ([`GradKernels`]): `relu(a + b)` with its gradient gate read from the output, and `a + b` of
+//! two gradients of one tensor, passed through the tensor's ReLU in the same pass where it ends
+//! in one. kiln's kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16, eight
+//! values a thread in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same`, `add_gated` in
+//! kernels.cu); candle's composition elsewhere, which is also the reference for the tests. Any
+//! memory format: each value meets only its partners.
+use candle_core::backprop::{CandleGradOps, GradOps};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 #[cfg(feature = "cuda")]
 use super::cuda::by_float;
@@ -127,17 +123,17 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     x * x.gt(0f64)?.to_dtype(x.dtype())?
 }
 
-/// The names of kiln's nodes that end in a ReLU, whose output's summed gradient
-/// [`add_gradients`] passes through it.
-const RELU_ENDED: [&str; 2] = [ADD_RELU, super::batch_norm::BATCH_NORM_ADD_RELU];
-
-const ADD_RELU: &str = "kiln-add-relu";
-
 pub(crate) struct AddRelu;
 
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
-        ADD_RELU
+        "kiln-add-relu"
+    }
+
+    /// candle's backward pass gates the gradient ([`GradKernels`]), in the sum where the output
+    /// feeds several consumers.
+    fn relu_ended(&self) -> bool {
+        true
     }
 
     fn cpu_fwd(
@@ -171,68 +167,66 @@ impl CustomOp2 for AddRelu {
         &self,
         _: &Tensor,
         _: &Tensor,
-        y: &Tensor,
+        _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gated = through_relu(grad, y)?;
-        Ok((Some(gated.clone()), Some(gated)))
+        // Already through the ReLU (`relu_ended`).
+        Ok((Some(grad.clone()), Some(grad.clone())))
     }
 }
 
-/// The ReLU-ended outputs whose gradient [`add_gradients`] has summed and passed through their
-/// ReLU, until their node's backward pass takes it as it comes. Only the backward pass fills
-/// and empties it, within one `backward`; tensor ids are never reused.
-static GATED_IN_THE_SUM: Mutex<Option<HashSet<TensorId>>> = Mutex::new(None);
+/// kiln's gradient arithmetic for candle's backward pass
+/// ([`Tensor::backward_consuming_with`]): the sums of two gradients of one tensor (a residual
+/// block's input) in kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA
+/// (candle's addition moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an
+/// H200), candle's addition elsewhere; where the tensor is a ReLU-ended op's output (the previous
+/// block's end), the sum passed through that ReLU in the same pass, on CUDA and the CPU (f32),
+/// so the gradient is read and written once, not twice; and the ReLU gate in kiln's kernel.
+pub struct GradKernels;
 
-/// `grad` through a ReLU whose output is `y`, for a ReLU-ended node's backward pass: as it
-/// comes where [`add_gradients`] already gated it, else kiln's kernel.
-pub(crate) fn through_relu(grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    let already = GATED_IN_THE_SUM
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_mut()
-        .is_some_and(|ids| ids.remove(&y.id()));
-    if already {
-        Ok(grad.clone())
-    } else {
-        grad.contiguous()?.apply_op2_no_bwd(y, &ReluGate)
+impl GradOps for GradKernels {
+    fn add(&self, held: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        // CUDA only: on the CPU candle's addition does as well.
+        if held.device().is_cuda() && alike(held, grad) && ours(held.device(), held.dtype()) {
+            held.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &AddSame)
+        } else {
+            held.add(grad)
+        }
+    }
+
+    fn add_gated(
+        &self,
+        held: &Tensor,
+        grad: &Tensor,
+        y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // `y` is read as it is: a copy would cost the pass this saves.
+        let fits = alike(held, grad) && alike(held, y) && y.is_contiguous();
+        if !(fits && ours(held.device(), held.dtype())) {
+            return Ok(None);
+        }
+        let (held, grad) = (held.contiguous()?, grad.contiguous()?);
+        held.apply_op3_no_bwd(&grad, y, &AddGated).map(Some)
+    }
+
+    fn gate(&self, grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        if alike(grad, y) && ours(grad.device(), grad.dtype()) {
+            grad.contiguous()?
+                .apply_op2_no_bwd(&y.contiguous()?, &ReluGate)
+        } else {
+            CandleGradOps.gate(grad, y)
+        }
     }
 }
 
-/// `a + b` as the backward pass sums two gradients of one tensor, `of` (a residual block's
-/// input): kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA (candle's
-/// addition moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an H200),
-/// candle's addition elsewhere. `device::open` installs it as candle's gradient addition.
-///
-/// Where `of` is the output of a ReLU-ended node (the previous block's end), the kernel passes
-/// the sum through that ReLU too (`add_gated`: the gradient is then read and written once, not
-/// twice), and the node's backward pass takes it as it comes ([`through_relu`]). The gradient
-/// the store holds for `of` is then the one before its ReLU; candle drops it once `of`'s node
-/// has used it, so no caller sees it.
-pub fn add_gradients(of: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let same = a.shape() == b.shape() && a.dtype() == b.dtype();
-    let on_cuda = cfg!(feature = "cuda") && a.device().is_cuda();
-    if !(same && on_cuda && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16)) {
-        return a.add(b);
-    }
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let relu_ended =
-        candle_core::backprop::custom_op_name(of).is_some_and(|n| RELU_ENDED.contains(&n));
-    if relu_ended && of.shape() == a.shape() && of.dtype() == a.dtype() && of.is_contiguous() {
-        let sum = a.apply_op3_no_bwd(&b, of, &AddGated)?;
-        GATED_IN_THE_SUM
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert_with(HashSet::new)
-            .insert(of.id());
-        Ok(sum)
-    } else {
-        a.apply_op2_no_bwd(&b, &AddSame)
-    }
+/// Same shapes and types: what kiln's elementwise kernels take.
+fn alike(a: &Tensor, b: &Tensor) -> bool {
+    a.shape() == b.shape() && a.dtype() == b.dtype()
 }
 
 /// `a + b` where `y > 0`, else 0: two gradients of a ReLU's output `y` summed and passed through
-/// it, same shapes, CUDA only (see [`add_gradients`]).
+/// it, same shapes (see [`GradKernels`]).
 struct AddGated;
 
 impl CustomOp3 for AddGated {
@@ -242,14 +236,32 @@ impl CustomOp3 for AddGated {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kiln-add-gated: CUDA tensors only (add_gradients adds elsewhere)")
+        same_shapes("add_gated", al, bl)?;
+        same_shapes("add_gated", al, yl)?;
+        let (a, b, y) = (
+            contiguous_f32(a_s, al, "held gradient")?,
+            contiguous_f32(bs, bl, "gradient")?,
+            contiguous_f32(ys, yl, "output")?,
+        );
+        // The sum, then ReLU's gate, as the two passes would: the same bits.
+        const CHUNK: usize = 1 << 14;
+        let out = par_collect(a.len(), CHUNK, |i| {
+            let at = i * CHUNK;
+            a[at..]
+                .iter()
+                .zip(&b[at..])
+                .zip(&y[at..])
+                .take(CHUNK)
+                .map(|((&a, &b), &y)| if y > 0.0 { a + b } else { 0.0 })
+        });
+        Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -264,13 +276,13 @@ impl CustomOp3 for AddGated {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         same_shaped_kernel(
             "add_gated",
-            "add_gradients",
+            "grad_kernels",
             &[(a_s, al), (bs, bl), (ys, yl)],
         )
     }
 }
 
-/// `a + b`, same shapes, CUDA only (see [`add_gradients`]).
+/// `a + b`, same shapes, CUDA only (see [`GradKernels`]).
 struct AddSame;
 
 impl CustomOp2 for AddSame {
@@ -278,17 +290,7 @@ impl CustomOp2 for AddSame {
         "kiln-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "kiln-add: CUDA tensors only (add_gradients uses candle's addition elsewhere)"
-        )
-    }
+    super::cuda_only_cpu_fwd!(2, "GradKernels uses candle's addition elsewhere");
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -298,7 +300,7 @@ impl CustomOp2 for AddSame {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        same_shaped_kernel("add_same", "add_gradients", &[(a_s, al), (bs, bl)])
+        same_shaped_kernel("add_same", "grad_kernels", &[(a_s, al), (bs, bl)])
     }
 }
 
@@ -328,6 +330,80 @@ mod tests {
             let (fused, composed) = (outputs(true), outputs(false));
             for (name, (x, y)) in ["output", "lhs grad", "rhs grad"].iter().zip(fused.iter().zip(&composed)) {
                 prop_assert_eq!(x, y, "{}", name);
+            }
+        }
+    }
+
+    /// Gradient arithmetic that gates only every other sum it is offered: a sum already gated,
+    /// then added to ungated, must be gated again by the backward pass.
+    struct EveryOther(std::cell::Cell<bool>);
+
+    impl GradOps for EveryOther {
+        fn add_gated(
+            &self,
+            held: &Tensor,
+            grad: &Tensor,
+            y: &Tensor,
+        ) -> candle_core::Result<Option<Tensor>> {
+            let turn = self.0.replace(!self.0.get());
+            match turn {
+                true => GradKernels.add_gated(held, grad, y),
+                false => Ok(None),
+            }
+        }
+    }
+
+    /// A ReLU-ended op's output feeding four consumers, one of them leading to the next
+    /// ReLU-ended op (a residual block's end feeds the next block), one a subtraction (whose
+    /// gradient candle adds outside the gated sums), each passing gradient where the output is
+    /// 0, in two orders: the gradients, gated by the backward pass at the node or in the sum
+    /// (kiln's kernels, candle's arithmetic, or the two mixed), are those of candle's
+    /// composition `relu(a + b)` bit for bit (+0 for -0: the composition multiplies by its mask).
+    #[test]
+    fn relu_ended_outputs_with_several_consumers_get_the_compositions_gradients() {
+        let n = 5000;
+        let vars = [1, 2, 3, 4].map(|seed| Var::from_tensor(&random(&[n], seed)).unwrap());
+        let [u, v, w] = [5, 6, 7].map(|seed| random(&[n], seed));
+        let run = |fused: bool, reversed: bool, ops: &dyn GradOps| {
+            let [a, b, s, c] = vars.each_ref().map(Var::as_tensor);
+            let end = |x: &Tensor, y: &Tensor| match fused {
+                true => add_relu(x, y),
+                false => relu(&(x + y)?),
+            };
+            let y = end(a, b).unwrap();
+            let z = end(&(&y * s).unwrap(), c).unwrap();
+            let d = (&w - &y).unwrap();
+            let mut terms = [(&z, &u), (&y, &v), (&y, &w), (&d, &u)];
+            if reversed {
+                terms.reverse();
+            }
+            let loss = terms
+                .into_iter()
+                .map(|(x, weights)| (x * weights)?.sum_all())
+                .reduce(|sum, term| sum? + term?)
+                .unwrap()
+                .unwrap();
+            let grads = loss.backward_consuming_with(ops).unwrap();
+            vars.each_ref().map(|var| {
+                let grad = (grads.get(var).unwrap() + 0.0).unwrap();
+                grad.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.to_bits())
+                    .collect::<Vec<_>>()
+            })
+        };
+        for reversed in [false, true] {
+            let composed = run(false, reversed, &CandleGradOps);
+            assert!(composed[0].contains(&0), "some gradients gated");
+            let every_other = EveryOther(std::cell::Cell::new(true));
+            for (name, ops) in [
+                ("kiln's kernels", &GradKernels as &dyn GradOps),
+                ("candle's arithmetic", &CandleGradOps),
+                ("gated every other sum", &every_other),
+            ] {
+                let fused = run(true, reversed, ops);
+                assert!(fused == composed, "{name}, reversed {reversed}");
             }
         }
     }

@@ -78,7 +78,7 @@ pub trait Optimizer {
     /// The backward pass of `loss`, scaled by [`Optimizer::loss_scale`] where there is one (f16:
     /// small gradients survive); [`Optimizer::unscale`] readies the result for a step. It takes
     /// the loss so that the graph's tensors are freed as the pass goes (keep `loss.detach()` for
-    /// its value).
+    /// its value). The sums and ReLU gates are kiln's kernels ([`crate::ops::GradKernels`]).
     fn backward(&self, loss: Tensor) -> Result<GradStore> {
         let loss = match self.loss_scale() {
             Some(scale) => {
@@ -88,7 +88,7 @@ pub trait Optimizer {
             }
             None => loss,
         };
-        Ok(loss.backward_consuming()?)
+        Ok(loss.backward_consuming_with(&crate::ops::GradKernels)?)
     }
     /// Readies the backward pass's gradients for [`Optimizer::step`] (divides them by the loss
     /// scale); false where they overflowed, and the step is to be skipped.

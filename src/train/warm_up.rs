@@ -16,7 +16,7 @@ use crate::data::Dimensions;
 use crate::error::Result;
 use crate::evaluate::tta_logits;
 use crate::models::{self, Architecture};
-use crate::ops::cross_entropy;
+use crate::ops::{cross_entropy, GradKernels};
 
 /// Runs, on `device`, what the run `plan` resolves runs first on `data`: the
 /// set-up from data (fastnet's whitening), a training step's forward and backward at the batch
@@ -42,7 +42,7 @@ pub fn warm_up(plan: &Plan, data: Dimensions, device: &Device) -> Result<()> {
     let logits = model.forward_t(&batch, true)?;
     let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
     drop(logits);
-    loss.backward_consuming()?;
+    loss.backward_consuming_with(&GradKernels)?;
     let batch = images(config.eval_batch_size.min(data.test_images))?.to_dtype(input_dtype)?;
     match config.tta {
         true => drop(tta_logits(model, &batch)?),

@@ -1,7 +1,7 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::{hash_map::Entry, HashMap, HashSet};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
@@ -171,6 +171,11 @@ impl Tensor {
     /// freed as soon as no node left to visit reads them (as PyTorch's autograd frees saved
     /// tensors), unless the caller holds another handle on them (`detach` one to keep a value).
     pub fn backward_consuming(self) -> Result<GradStore> {
+        self.backward_consuming_with(&CandleGradOps)
+    }
+
+    /// [`Tensor::backward_consuming`] with the application's own gradient arithmetic.
+    pub fn backward_consuming_with(self, ops: &dyn GradOps) -> Result<GradStore> {
         let mut sorted_nodes: Vec<Option<Tensor>> =
             self.sorted_nodes().into_iter().cloned().map(Some).collect();
         let mut grads = GradStore::new();
@@ -192,26 +197,34 @@ impl Tensor {
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
+            // A ReLU-ended op's `bwd` takes the gradient through its ReLU, unless the sum of its
+            // consumers' gradients already passed through it.
+            let gated = grads.1.remove(&node.id());
+            let grad = if relu_ended(node) && !gated {
+                ops.gate(&grad, node)?
+            } else {
+                grad
+            };
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
-                        grads.accumulate(lhs, &grad)?;
-                        grads.accumulate(rhs, &grad)?;
+                        grads.accumulate(lhs, &grad, ops)?;
+                        grads.accumulate(rhs, &grad, ops)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Sub) => {
-                        grads.accumulate(lhs, &grad)?;
+                        grads.accumulate(lhs, &grad, ops)?;
                         let rhs_sum_grad = grads.or_insert(rhs)?;
                         *rhs_sum_grad = rhs_sum_grad.sub(&grad)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
                         let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(lhs, &lhs_grad, ops)?;
                         let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        grads.accumulate(rhs, &rhs_grad, ops)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
                         let lhs_grad = grad.div(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(lhs, &lhs_grad, ops)?;
                         let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
                         let rhs_sum_grad = grads.or_insert(rhs)?;
                         *rhs_sum_grad = rhs_sum_grad.sub(&rhs_grad)?;
@@ -224,10 +237,10 @@ impl Tensor {
                         // If both masks are 1 one the same point, we want to scale the
                         // gradient by 0.5 rather than 1.
                         let lhs_grad = mask_lhs.mul(&grad)?.div(&(&mask_rhs + 1.)?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(lhs, &lhs_grad, ops)?;
 
                         let rhs_grad = mask_rhs.mul(&grad)?.div(&(&mask_lhs + 1.)?)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        grads.accumulate(rhs, &rhs_grad, ops)?;
                     }
                     Op::WhereCond(pred, t, f) => {
                         let zeros = grad.zeros_like()?;
@@ -260,7 +273,7 @@ impl Tensor {
                             *dilation,
                             /* groups */ 1,
                         )?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(arg, &grad_arg, ops)?;
 
                         let grad_kernel = arg
                             .transpose(0, 1)?
@@ -297,7 +310,7 @@ impl Tensor {
                             *stride,
                             *dilation,
                         )?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(arg, &grad_arg, ops)?;
 
                         let grad_kernel = arg
                             .transpose(0, 1)?
@@ -325,7 +338,7 @@ impl Tensor {
                         output_padding: _output_padding,
                     } => {
                         let grad_arg = grad.conv2d(kernel, *padding, *stride, *dilation, 1)?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(arg, &grad_arg, ops)?;
 
                         let grad_kernel = grad
                             .transpose(0, 1)?
@@ -353,7 +366,7 @@ impl Tensor {
                         let grad_arg = grad.upsample_nearest2d(h, w)?;
                         let grad_arg =
                             (grad_arg * (1f64 / (kernel_size.0 * kernel_size.1) as f64))?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(arg, &grad_arg, ops)?;
                     }
                     Op::MaxPool2D {
                         arg,
@@ -372,7 +385,7 @@ impl Tensor {
                         let mask = arg.eq(&node_upsampled)?.to_dtype(arg.dtype())?;
                         let avg = mask.avg_pool2d_with_stride(*kernel_size, *stride)?;
                         let grad_arg = ((grad * avg)?.upsample_nearest2d(h, w)? * mask)?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(arg, &grad_arg, ops)?;
                     }
                     Op::UpsampleNearest1D { arg, target_size } => {
                         let (_n, c, size) = arg.dims3()?;
@@ -424,10 +437,10 @@ impl Tensor {
                         *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
                     }
                     Op::Scatter(init, indexes, src, dim) => {
-                        grads.accumulate(init, &grad)?;
+                        grads.accumulate(init, &grad, ops)?;
 
                         let src_grad = grad.gather(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        grads.accumulate(src, &src_grad, ops)?;
                     }
                     Op::ScatterAdd(init, indexes, src, dim) => {
                         let init_sum_grad = grads.or_insert(init)?;
@@ -436,13 +449,13 @@ impl Tensor {
                         *init_sum_grad = init_sum_grad.add(&grad.mul(&mask)?)?;
 
                         let src_grad = grad.gather(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        grads.accumulate(src, &src_grad, ops)?;
                     }
                     Op::IndexAdd(init, indexes, src, dim) => {
-                        grads.accumulate(init, &grad)?;
+                        grads.accumulate(init, &grad, ops)?;
 
                         let src_grad = grad.index_select(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        grads.accumulate(src, &src_grad, ops)?;
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -455,17 +468,17 @@ impl Tensor {
                         // the matmul size checks for now.
 
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(lhs, &lhs_grad, ops)?;
 
                         let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        grads.accumulate(rhs, &rhs_grad, ops)?;
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
                         for arg in args {
                             let len = arg.dims()[*dim];
                             let arg_grad = grad.narrow(*dim, start_idx, len)?;
-                            grads.accumulate(arg, &arg_grad)?;
+                            grads.accumulate(arg, &arg_grad, ops)?;
                             start_idx += len;
                         }
                     }
@@ -494,7 +507,7 @@ impl Tensor {
                     }
                     Op::Reduce(arg, ReduceOp::Sum, reduced_dims) => {
                         let grad = broadcast_back(arg, &grad, reduced_dims)?;
-                        grads.accumulate(arg, &grad)?;
+                        grads.accumulate(arg, &grad, ops)?;
                     }
                     Op::Reduce(arg, ReduceOp::Max, reduced_dims) => {
                         let node = broadcast_back(arg, node, reduced_dims)?;
@@ -515,17 +528,17 @@ impl Tensor {
                         *sum_grad = sum_grad.add(&grad.to_dtype(arg.dtype())?)?
                     }
                     Op::Copy(arg) => {
-                        grads.accumulate(arg, &grad)?;
+                        grads.accumulate(arg, &grad, ops)?;
                     }
                     Op::Affine { arg, mul, .. } => {
                         let arg_grad = grad.affine(*mul, 0.)?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::Unary(arg, UnaryOp::Log) => {
-                        grads.accumulate(arg, &(grad / arg)?)?;
+                        grads.accumulate(arg, &(grad / arg)?, ops)?;
                     }
                     Op::Unary(arg, UnaryOp::Sin) => {
-                        grads.accumulate(arg, &(&grad * arg.cos())?)?;
+                        grads.accumulate(arg, &(&grad * arg.cos())?, ops)?;
                     }
                     Op::Unary(arg, UnaryOp::Cos) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -543,7 +556,7 @@ impl Tensor {
                         *sum_grad = sum_grad.add(&(&grad * abs_grad)?)?
                     }
                     Op::Unary(arg, UnaryOp::Exp) => {
-                        grads.accumulate(arg, &(&grad * *node)?)?;
+                        grads.accumulate(arg, &(&grad * *node)?, ops)?;
                     }
                     Op::Unary(arg, UnaryOp::Neg) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -577,7 +590,7 @@ impl Tensor {
                             (None, Some(r)) => Tensor::cat(&[&grad, &r], dim)?,
                             (Some(l), Some(r)) => Tensor::cat(&[&l, &grad, &r], dim)?,
                         };
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::Unary(_, UnaryOp::Floor)
                     | Op::Unary(_, UnaryOp::Round)
@@ -587,7 +600,7 @@ impl Tensor {
                     | Op::Cmp(_, _) => {}
                     Op::Reshape(arg) => {
                         let arg_grad = grad.reshape(arg.dims())?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::Unary(_, UnaryOp::Ceil) => Err(Error::BackwardNotSupported { op: "ceil" })?,
                     Op::Unary(arg, UnaryOp::Gelu) => {
@@ -641,42 +654,42 @@ impl Tensor {
                     }
                     Op::Powf(arg, e) => {
                         let arg_grad = (&(grad * arg.powf(e - 1.)?)? * *e)?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::CustomOp1(arg, c) => {
                         if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                            grads.accumulate(arg, &arg_grad)?;
+                            grads.accumulate(arg, &arg_grad, ops)?;
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
                         let (arg_grad1, arg_grad2) = c.bwd(arg1, arg2, node, &grad)?;
                         if let Some(arg_grad1) = arg_grad1 {
-                            grads.accumulate(arg1, &arg_grad1)?;
+                            grads.accumulate(arg1, &arg_grad1, ops)?;
                         }
                         if let Some(arg_grad2) = arg_grad2 {
-                            grads.accumulate(arg2, &arg_grad2)?;
+                            grads.accumulate(arg2, &arg_grad2, ops)?;
                         }
                     }
                     Op::CustomOp3(arg1, arg2, arg3, c) => {
                         let (arg_grad1, arg_grad2, arg_grad3) =
                             c.bwd(arg1, arg2, arg3, node, &grad)?;
                         if let Some(arg_grad1) = arg_grad1 {
-                            grads.accumulate(arg1, &arg_grad1)?;
+                            grads.accumulate(arg1, &arg_grad1, ops)?;
                         }
                         if let Some(arg_grad2) = arg_grad2 {
-                            grads.accumulate(arg2, &arg_grad2)?;
+                            grads.accumulate(arg2, &arg_grad2, ops)?;
                         }
                         if let Some(arg_grad3) = arg_grad3 {
-                            grads.accumulate(arg3, &arg_grad3)?;
+                            grads.accumulate(arg3, &arg_grad3, ops)?;
                         }
                     }
                     Op::Unary(arg, UnaryOp::Sqr) => {
                         let arg_grad = arg.mul(&grad)?.affine(2., 0.)?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::Unary(arg, UnaryOp::Sqrt) => {
                         let arg_grad = grad.div(node)?.affine(0.5, 0.)?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::ToDevice(arg) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -685,7 +698,7 @@ impl Tensor {
                     }
                     Op::Transpose(arg, dim1, dim2) => {
                         let arg_grad = grad.transpose(*dim1, *dim2)?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                     Op::Permute(arg, dims) => {
                         let mut inv_dims = vec![0; dims.len()];
@@ -693,7 +706,7 @@ impl Tensor {
                             inv_dims[dim_idx] = i
                         }
                         let arg_grad = grad.permute(inv_dims)?;
-                        grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(arg, &arg_grad, ops)?;
                     }
                 };
             }
@@ -703,31 +716,45 @@ impl Tensor {
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
+/// The set: the ReLU-ended tensors ([`crate::CustomOp2::relu_ended`]) whose held gradient the
+/// backward pass has already passed through their ReLU ([`GradOps::add_gated`]).
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+pub struct GradStore(HashMap<TensorId, Tensor>, HashSet<TensorId>);
 
-/// How the backward pass adds a second gradient to the one a tensor holds, `add(of, held, grad)`
-/// with `of` the tensor whose gradients they are: [`Tensor::add`] unless the application sets
-/// its own addition (kiln: a vectorised CUDA kernel for same-shaped contiguous tensors, which
-/// also passes the sum through the ReLU that ends `of`'s op where [`custom_op_name`] names one of
-/// kiln's, falling back to `Tensor::add`).
-pub type GradAdd = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+/// The backward pass's arithmetic that an application may do its own way (fused kernels),
+/// given to [`Tensor::backward_consuming_with`]; each default is candle's.
+pub trait GradOps {
+    /// `held + grad`: a further gradient of a tensor with several consumers.
+    fn add(&self, held: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        held.add(grad)
+    }
 
-/// The name of the custom op that computed `tensor`, if one did (and its graph was recorded).
-pub fn custom_op_name(tensor: &Tensor) -> Option<&'static str> {
-    match tensor.op().as_ref()? {
-        Op::CustomOp1(_, c) => Some(c.name()),
-        Op::CustomOp2(_, _, c) => Some(c.name()),
-        Op::CustomOp3(_, _, _, c) => Some(c.name()),
-        _ => None,
+    /// `held + grad` passed through the ReLU that ends the op whose output is `y`, in one pass;
+    /// `None` where the application has no such kernel: the pass then adds with [`GradOps::add`]
+    /// and gates the sum at `y`'s node.
+    fn add_gated(&self, _held: &Tensor, _grad: &Tensor, _y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// `grad` where `y > 0`, else 0: a ReLU's gradient read from its output `y`.
+    fn gate(&self, grad: &Tensor, y: &Tensor) -> Result<Tensor> {
+        y.gt(0f64)?.where_cond(grad, &grad.zeros_like()?)
     }
 }
 
-static GRAD_ADD: std::sync::OnceLock<GradAdd> = std::sync::OnceLock::new();
+/// candle's own gradient arithmetic, as [`Tensor::backward`] uses.
+pub struct CandleGradOps;
 
-/// Sets the gradient addition for the rest of the process; false if one was set already.
-pub fn set_grad_add(add: GradAdd) -> bool {
-    GRAD_ADD.set(add).is_ok()
+impl GradOps for CandleGradOps {}
+
+/// Whether a custom op that ends in a ReLU computed `tensor`.
+fn relu_ended(tensor: &Tensor) -> bool {
+    match tensor.op() {
+        Some(Op::CustomOp1(_, c)) => c.relu_ended(),
+        Some(Op::CustomOp2(_, _, c)) => c.relu_ended(),
+        Some(Op::CustomOp3(_, _, _, c)) => c.relu_ended(),
+        _ => false,
+    }
 }
 
 impl GradStore {
@@ -763,12 +790,24 @@ impl GradStore {
 
     /// Adds `grad` to the gradient held for `tensor`, or stores it as the first one: a zero
     /// tensor and an addition per gradient are two passes over memory that change no value.
-    fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+    /// Where `tensor` ends in a ReLU, `ops` may gate the sum (marked in the set); an ungated
+    /// addition unmarks it, and the pass gates the whole sum again (gating twice changes nothing).
+    fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor, ops: &dyn GradOps) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = match GRAD_ADD.get() {
-                    Some(add) => add(tensor, entry.get(), grad)?,
-                    None => entry.get().add(grad)?,
+                let gated = match relu_ended(tensor) {
+                    true => ops.add_gated(entry.get(), grad, tensor)?,
+                    false => None,
+                };
+                let sum = match gated {
+                    Some(sum) => {
+                        self.1.insert(tensor.id());
+                        sum
+                    }
+                    None => {
+                        self.1.remove(&tensor.id());
+                        ops.add(entry.get(), grad)?
+                    }
                 };
                 entry.insert(sum);
             }
@@ -784,6 +823,8 @@ impl GradStore {
     /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
     /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
+        // The caller adds to the gradient ungated: the pass gates it again (see `accumulate`).
+        self.1.remove(&tensor.id());
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {

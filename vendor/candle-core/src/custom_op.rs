@@ -39,6 +39,14 @@ pub trait CustomOp1 {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// Whether the op's output passes through a ReLU last. The backward pass then hands `bwd` a
+    /// gradient already zeroed where the output is not positive (so `bwd` must not gate it
+    /// again), and may gate the gradients of an output with several consumers as it sums them
+    /// (`backprop::GradOps::add_gated`).
+    fn relu_ended(&self) -> bool {
+        false
+    }
 }
 
 pub trait CustomOp2 {
@@ -90,6 +98,14 @@ pub trait CustomOp2 {
         _grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
+    }
+
+    /// Whether the op's output passes through a ReLU last. The backward pass then hands `bwd` a
+    /// gradient already zeroed where the output is not positive (so `bwd` must not gate it
+    /// again), and may gate the gradients of an output with several consumers as it sums them
+    /// (`backprop::GradOps::add_gated`).
+    fn relu_ended(&self) -> bool {
+        false
     }
 }
 
@@ -149,6 +165,14 @@ pub trait CustomOp3 {
         _grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
+    }
+
+    /// Whether the op's output passes through a ReLU last. The backward pass then hands `bwd` a
+    /// gradient already zeroed where the output is not positive (so `bwd` must not gate it
+    /// again), and may gate the gradients of an output with several consumers as it sums them
+    /// (`backprop::GradOps::add_gated`).
+    fn relu_ended(&self) -> bool {
+        false
     }
 }
 
