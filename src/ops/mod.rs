@@ -75,8 +75,8 @@ use candle_core::{CpuStorage, Device, Layout, Tensor};
 use rayon::prelude::*;
 
 /// Loads ahead of the first training step what its kernels would load on first use: on CUDA,
-/// kiln's kernels, candle's modules that a step runs and cuDNN's handle with its libraries
-/// (48 ms on an H200); nothing elsewhere. The train binary runs it beside loading the data. The
+/// kiln's kernels, candle's modules that a step runs and cuDNN's handle with its libraries;
+/// nothing elsewhere. The train binary runs it beside loading the data. The
 /// first step's larger cost, cuDNN's engines loading on their first use and its plans, is what
 /// [`crate::train::warm_up`] takes out of the first epoch.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]

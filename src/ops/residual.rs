@@ -3,7 +3,7 @@
 //! two gradients of one tensor, passed through the tensor's ReLU in the same pass where it ends
 //! in one. kiln's kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16, eight
 //! values a thread in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same`, `add_gated` in
-//! kernels.cu); candle's composition elsewhere, which is also the reference for the tests. Any
+//! residual.cu); candle's composition elsewhere, which is also the reference for the tests. Any
 //! memory format: each value meets only its partners.
 use candle_core::backprop::{CandleGradOps, GradOps};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
@@ -178,8 +178,7 @@ impl CustomOp2 for AddRelu {
 /// kiln's gradient arithmetic for candle's backward pass
 /// ([`Tensor::backward_consuming_with`]): the sums of two gradients of one tensor (a residual
 /// block's input) in kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA
-/// (candle's addition moves bf16 two bytes a thread, 4 ms of a ResNet-50 step at batch 512 on an
-/// H200), candle's addition elsewhere; where the tensor is a ReLU-ended op's output (the previous
+/// (candle's addition moves bf16 two bytes a thread), candle's addition elsewhere; where the tensor is a ReLU-ended op's output (the previous
 /// block's end), the sum passed through that ReLU in the same pass, on CUDA and the CPU (f32),
 /// so the gradient is read and written once, not twice; and the ReLU gate in kiln's kernel.
 pub struct GradKernels;

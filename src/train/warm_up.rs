@@ -3,8 +3,8 @@
 //!
 //! A GPU's libraries load their kernels on first use, and cuDNN makes an execution plan for
 //! each convolution shape the first time it runs (timing candidates when no earlier run chose
-//! one): on an H200 that made fastnet's first epoch 0.46 s against 0.16 s for the others. The
-//! same work on a throwaway model of the same shapes, done beside the data's loading, leaves the
+//! one): that made fastnet's first epoch about three times as long as the others. The same
+//! work on a throwaway model of the same shapes, done beside the data's loading, leaves the
 //! first epoch as fast as the rest. Its weights are not drawn from the run's seed and nothing it
 //! computes is kept; only what the process and the algorithm cache learn stays.
 

@@ -52,8 +52,7 @@ impl PartialSums {
     /// each split a run of planes or rows, enough blocks that every SM streams. The eight-wide
     /// kernel keeps 8 rows a thread in flight (bn_partial_nhwc8): about 256 blocks, two an SM,
     /// and at least 32 rows a thread where there are enough, so that streaming, not the lanes'
-    /// final sum, takes its time (1,024 blocks of at most 64 rows a thread streamed 14% slower
-    /// on an H200).
+    /// final sum, takes its time (more blocks of fewer rows streamed slower when measured).
     fn grid(self, (n, c, _): Sizes) -> (LaunchConfig, usize) {
         let (groups, splits) = match self {
             PartialSums::Planes => (c, splits(n, c)),
@@ -125,9 +124,9 @@ fn vec8((_, c, hw): Sizes, operands: &[&Layout]) -> bool {
 
 /// Blocks of the per-channel elementwise kernels at most: a few resident waves of an H100's or
 /// H200's 132 SMs, so that a thread takes several runs of the same channels and loads their
-/// figures once (`bn_fixed_channels` in kernels.cu). On an H200: 2,048 for the forward kernels
-/// (4 blocks an SM; 1,024 streamed 6% slower, an unbounded grid 7%), 1,024 for the input
-/// gradient (3 an SM; 2,048 streamed 3% slower).
+/// figures once (`bn_fixed_channels` in kernels.cu): about four blocks an SM for the forward
+/// kernels and three for the input gradient, the counts that streamed fastest when measured
+/// against half, double and an unbounded grid.
 const WAVE_BLOCKS: u32 = 2048;
 const INPUT_GRAD_WAVE_BLOCKS: u32 = 1024;
 

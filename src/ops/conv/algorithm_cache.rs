@@ -1,7 +1,7 @@
 //! cuDNN's algorithm choices kept on disk between runs. Choosing by measurement runs every
 //! candidate engine configuration of every new convolution once (loading each one's kernels on
-//! first use): about 1.4 s of a fastnet run's first epoch on an H200, paid again by every
-//! process. A choice found once is appended to a text file per device and cuDNN version, one
+//! first use): a large share of a short run's first epoch, paid again by every process. A
+//! choice found once is appended to a text file per device and cuDNN version, one
 //! line each:
 //!
 //! ```text

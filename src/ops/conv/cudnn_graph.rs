@@ -2,9 +2,9 @@
 //! once, then run by `cudnnBackendExecute` with the call's pointers.
 //!
 //! Why not the legacy calls (`cudnnConvolutionForward` and its two backward twins): in cuDNN 9
-//! each of them cost 126-202 µs of host time on an H200's host, measured over ResNet-50's 158
-//! calls a step: 20-32 ms a step, more than the GPU's 25 ms of kernels, so the step waited on the
-//! host. A plan made once is how PyTorch runs cuDNN too.
+//! each costs enough host time that ResNet-50's convolutions took longer on the host than the
+//! GPU's kernels, so the step waited on the host. A plan made once is how PyTorch runs cuDNN
+//! too.
 
 use std::ffi::c_void;
 use std::rc::Rc;
@@ -341,8 +341,8 @@ pub(super) struct Accept {
 }
 
 /// Engine configurations tried when a convolution's plan is chosen, in the heuristics' order.
-/// Trying every one that mode A and the fallback list propose took 7.7 s of a cold fastnet run's
-/// first epoch on an H200 (airbench94's whole first run with `cudnn.benchmark`: 5.8 s).
+/// Trying every one that mode A and the fallback list propose made a cold run's first epoch
+/// longer than a whole warm run.
 const MOST_CANDIDATES: usize = 8;
 
 /// The first [`MOST_CANDIDATES`] engine configurations cuDNN's heuristics propose for
