@@ -146,7 +146,8 @@ fn kiln(
     let built = models::build(spec, &arch, 0, device)?;
     // As the training loop: f16 steps scale the loss.
     let optimizer = optim::build(&config.optim(), &built.params, steps)?;
-    let mut optimizer = optim::for_precision(optimizer, built.params.vars(), dtype);
+    let mut optimizer =
+        optim::for_precision(optimizer, built.params.vars(), dtype, config.loss_scale);
     let images = Tensor::randn(0f32, 1.0, (batch, 3, side, side), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
     if device.is_cpu() {

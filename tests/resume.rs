@@ -332,23 +332,29 @@ fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactl
     );
 }
 
-/// f16 training scales its loss dynamically; the scale is optimizer state, so a run stopped
-/// by Ctrl-C and resumed ends bit-identical to a straight one, and its checkpoints hold the
-/// scale (PyTorch's GradScaler starts at 65,536 and only halves or doubles it).
+/// f16 training scales its loss dynamically; the scale and its count of good steps are
+/// optimizer state, so a run stopped by Ctrl-C and resumed ends bit-identical to a straight one.
+/// The scale starts at 2^24 (f16's gradients overflow at once: steps skipped, the scale halved)
+/// and doubles after every 3 good steps, so it moves both ways before the stop (19 good steps
+/// alone would have taken it to 2^30; with GradScaler's defaults it stays at 2^16 or below).
 #[test]
 fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
     let _alone = paced();
     let root = tempfile::tempdir().unwrap();
-    let resnet_args = resnet_recipe(root.path());
-    let f16 = ["--precision", "f16", "--epochs", "2", "--early-stop", "0"];
-    let f16_args = |name: &str| resnet_args(name, &f16);
-    let straight = f16_args("straight");
-    train_ok(
-        root.path(),
-        &straight.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let split = f16_args("split");
-    let split: Vec<&str> = split.iter().map(String::as_str).collect();
+    let data = fixture_dir(root.path());
+    let config = root.path().join("f16.toml");
+    let recipe =
+        format!("{RESNET_RECIPE}\n[loss_scale]\ninit_scale = 16777216.0\ngrowth_interval = 3\n");
+    std::fs::write(&config, recipe).unwrap();
+    let config = config.display().to_string();
+    let args = |name: &'static str| {
+        let mut args = vec!["--config", &config, "--precision", "f16", "--epochs", "2"];
+        args.extend(["--early-stop", "0", "--device", "cpu", "--data-dir", &data]);
+        args.extend(["--run", name]);
+        args
+    };
+    train_ok(root.path(), &args("straight"));
+    let split = args("split");
     let out = interrupt_after_epoch_1(root.path(), &split);
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
     let run_dir = RunDir::at(&models_dir(root.path()), "split");
@@ -358,6 +364,10 @@ fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
     assert!(
         scale[0] >= 1.0 && scale[0].log2().fract() == 0.0,
         "the loss scale is a power of two: {scale:?}"
+    );
+    assert!(
+        65536.0 < scale[0] && scale[0] < 16777216.0,
+        "the scale backed off from its start, staying above GradScaler's default: {scale:?}"
     );
     let mut resumed = split.clone();
     resumed.push("--resume");

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
 use super::Optimizer;
 use crate::error::{Error, Result};
@@ -16,19 +17,51 @@ use crate::error::{Error, Result};
 /// The state's name in checkpoints: [scale, good steps in a row].
 const STATE: &str = "loss_scale";
 
-/// PyTorch's `GradScaler` defaults.
-#[derive(Debug, Clone, Copy)]
+/// The `[loss_scale]` table of a config (f16 runs): `GradScaler`'s arguments, under its names,
+/// with its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    pub initial_scale: f64,
+    /// The scale of the first step.
+    pub init_scale: f64,
+    /// The scale's factor after `growth_interval` good steps in a row (above 1).
     pub growth_factor: f64,
+    /// The scale's factor after a step whose gradients overflowed (below 1).
     pub backoff_factor: f64,
     pub growth_interval: u32,
+}
+
+impl Settings {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.init_scale.is_finite() && self.init_scale > 0.0) {
+            return Err(format!(
+                "loss_scale.init_scale must be above 0, got {}",
+                self.init_scale
+            ));
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor > 1.0) {
+            return Err(format!(
+                "loss_scale.growth_factor must be above 1, got {}",
+                self.growth_factor
+            ));
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return Err(format!(
+                "loss_scale.backoff_factor must be in (0, 1), got {}",
+                self.backoff_factor
+            ));
+        }
+        if self.growth_interval == 0 {
+            return Err("loss_scale.growth_interval must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            initial_scale: 65536.0,
+            init_scale: 65536.0,
             growth_factor: 2.0,
             backoff_factor: 0.5,
             growth_interval: 2000,
@@ -50,7 +83,7 @@ impl LossScaled {
         Self {
             inner,
             params,
-            scale: settings.initial_scale,
+            scale: settings.init_scale,
             settings,
             good_steps: 0,
         }

@@ -129,21 +129,18 @@ pub fn build(
 }
 
 /// `optimizer` as training in `dtype` needs it: with dynamic loss scaling over `params` for f16
-/// (PyTorch's GradScaler defaults), as it is otherwise.
+/// (PyTorch's GradScaler, its arguments in `scaling`), as it is otherwise.
 pub fn for_precision(
     optimizer: Box<dyn Optimizer>,
     params: Vec<(String, Var)>,
     dtype: DType,
+    scaling: loss_scale::Settings,
 ) -> Box<dyn Optimizer> {
     if dtype != DType::F16 {
         return optimizer;
     }
     let params = params.into_iter().map(|(_, var)| var).collect();
-    Box::new(LossScaled::new(
-        optimizer,
-        params,
-        loss_scale::Settings::default(),
-    ))
+    Box::new(LossScaled::new(optimizer, params, scaling))
 }
 
 /// One optimizer of `config`'s kind over `params`, at `lr` and `weight_decay` as given.

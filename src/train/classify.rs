@@ -86,7 +86,12 @@ pub fn run(plan: Plan, data: DataSets, device: &Device, options: &Options) -> Re
     }
     check_shares(config, data.train.len(), options.world)?;
     let optimizer = optim::build(&config.optim(), &built.params, steps_per_epoch)?;
-    let mut optimizer = optim::for_precision(optimizer, built.params.vars(), input_dtype);
+    let mut optimizer = optim::for_precision(
+        optimizer,
+        built.params.vars(),
+        input_dtype,
+        config.loss_scale,
+    );
     let fresh = matches!(start, Start::Fresh);
     // Weights trained elsewhere expect the inputs normalised as they were trained.
     let mut weights_stats = None;
