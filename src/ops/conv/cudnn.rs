@@ -10,11 +10,10 @@
 //!   ([`super::algorithm_cache`]).
 //! - One workspace buffer per device, grown to the largest that a chosen plan needs and reused
 //!   by every call.
-//! - f32 convolutions use no tensor cores (exact f32 products, as the CPU's) unless
-//!   [`set_allow_tf32`] allows TF32; bf16 and f16 always use tensor cores, with f32 sums.
+//! - f32 convolutions use no tensor cores (exact f32 products, as the CPU's: [`ALLOW_TF32`]);
+//!   bf16 and f16 always use tensor cores, with f32 sums.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -38,14 +37,10 @@ const MAX_WORKSPACE: usize = 1 << 30;
 /// Timed runs of each plan when one is chosen, after one untimed run.
 const TIMED_RUNS: usize = 2;
 
-static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
-
-/// Lets f32 convolutions round their inputs to TF32 on tensor cores (PyTorch's default,
-/// `torch.backends.cudnn.allow_tf32 = True`): faster, with about 3 significant digits. Off by
-/// default, so f32 results agree with the CPU's. Takes effect for the convolutions run after it.
-pub fn set_allow_tf32(allowed: bool) {
-    ALLOW_TF32.store(allowed, Ordering::Relaxed);
-}
+/// Whether f32 convolutions may round their inputs to TF32 on tensor cores (PyTorch's default,
+/// `torch.backends.cudnn.allow_tf32 = True`): faster, with about 3 significant digits. Off, so
+/// f32 results agree with the CPU's; the plans' key and the algorithm cache keep the choice.
+const ALLOW_TF32: bool = false;
 
 /// Whether cuDNN convolves data of these types here: f32, bf16 or f16, both alike.
 pub(super) fn convolves(x: DType, weight: DType) -> bool {
@@ -306,8 +301,7 @@ fn convolve<T: Element>(
         direction,
         format,
         data_type: T::DATA_TYPE,
-        tf32: T::DATA_TYPE == sys::cudnnDataType_t::CUDNN_DATA_FLOAT
-            && ALLOW_TF32.load(Ordering::Relaxed),
+        tf32: T::DATA_TYPE == sys::cudnnDataType_t::CUDNN_DATA_FLOAT && ALLOW_TF32,
         x: [g.n, g.c, g.h, g.w],
         w: [g.co, g.c, g.kh, g.kw],
         stride: g.p.stride,
@@ -468,7 +462,7 @@ struct Key {
     direction: Direction,
     format: MemoryFormat,
     data_type: sys::cudnnDataType_t,
-    /// f32 on tensor cores (see [`set_allow_tf32`]).
+    /// f32 on tensor cores (see [`ALLOW_TF32`]).
     tf32: bool,
     x: [usize; 4],
     w: [usize; 4],

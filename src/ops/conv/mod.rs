@@ -25,8 +25,6 @@ mod geometry;
 mod winograd;
 
 pub(crate) use cpu::InputGrad;
-#[cfg(feature = "cudnn")]
-pub use cudnn::set_allow_tf32;
 pub(crate) use geometry::Geometry;
 
 use candle_core::{DType, Device, Tensor};
