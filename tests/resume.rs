@@ -295,6 +295,28 @@ fn resnet_with_batchnorm_augmentation_schedule_and_early_stopping_resumes_exactl
         out.contains("stopped early") && epochs < 10,
         "the recipe stops early, so resuming must too ({epochs} epochs):\n{out}"
     );
+    // The exact epoch, by the rule applied by hand to the recorded accuracies: the first epoch
+    // that is `early_stop` (1) epochs past the best so far, a tie not counting as better.
+    let accuracy = column(
+        &std::fs::read_to_string(reference.join("metrics.csv")).unwrap(),
+        "test_acc",
+    );
+    let mut best = (0, f64::NEG_INFINITY);
+    let mut stop = None;
+    for (i, &acc) in accuracy.iter().enumerate() {
+        if acc > best.1 {
+            best = (i + 1, acc);
+        }
+        if i + 1 - best.0 >= 1 {
+            stop = Some(i + 1);
+            break;
+        }
+    }
+    assert_eq!(
+        Some(epochs),
+        stop,
+        "stopped after {epochs} epochs: {accuracy:?}"
+    );
 
     // Stopped by Ctrl-C, not by a smaller --epochs: the schedule spans the run's epochs.
     let interrupted = resnet_args("split", &[]);
