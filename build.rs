@@ -1,5 +1,6 @@
-//! With the `cuda` feature, compiles kiln's CUDA kernels to PTX with nvcc, as candle-kernels
-//! does; the driver finishes the compile for the GPU it runs on. A CPU build needs no CUDA at
+//! Sets the `kiln_metal` cfg where the build has candle's Metal back end: with `--features
+//! metal`, and by default on Apple Silicon (Cargo.toml's target dependencies). With the `cuda`
+//! feature, compiles kiln's CUDA kernels to PTX with nvcc, as candle-kernels does; the driver finishes the compile for the GPU it runs on. A CPU build needs no CUDA at
 //! all. src/ops/kernels.cu includes each group's .cu file (beside the Rust that launches it), so
 //! the kernels build as one PTX module.
 
@@ -8,6 +9,13 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-check-cfg=cfg(kiln_metal)");
+    let target = |key: &str| std::env::var(key).unwrap_or_default();
+    let apple_silicon =
+        target("CARGO_CFG_TARGET_OS") == "macos" && target("CARGO_CFG_TARGET_ARCH") == "aarch64";
+    if apple_silicon || std::env::var_os("CARGO_FEATURE_METAL").is_some() {
+        println!("cargo:rustc-cfg=kiln_metal");
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

@@ -163,7 +163,7 @@ fn open_metal(ordinal: usize) -> Result<Device> {
     // candle 0.11 opens metal:N as element N of MTLCopyAllDevices() with `swap_remove`, which
     // panics past the list's end: asking for metal:1 on a one-GPU Mac, or for any device where
     // that list comes back empty (seen on Apple Silicon, huggingface/candle#3839). Count first.
-    #[cfg(feature = "metal")]
+    #[cfg(kiln_metal)]
     {
         let count = candle_metal_kernels::metal::Device::all().len();
         if ordinal >= count {
@@ -445,7 +445,7 @@ mod tests {
         );
     }
 
-    #[cfg(not(feature = "metal"))]
+    #[cfg(not(kiln_metal))]
     #[test]
     fn metal_without_the_feature_says_how_to_build_it() {
         let err = open(DeviceRequest::Metal(0)).unwrap_err().to_string();
@@ -455,7 +455,7 @@ mod tests {
         );
     }
 
-    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    #[cfg(not(any(feature = "cuda", kiln_metal)))]
     #[test]
     fn auto_falls_to_cpu_when_no_accelerator_is_built() {
         assert!(open(DeviceRequest::Auto).unwrap().is_cpu());

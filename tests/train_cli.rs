@@ -268,7 +268,7 @@ fn user_errors_are_one_clear_line_and_a_failure_exit() {
             1,
         ));
     }
-    if !cfg!(feature = "metal") {
+    if !cfg!(kiln_metal) {
         cases.push((
             vec!["--device", "metal:1"],
             "cargo build --release --features metal",
