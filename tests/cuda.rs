@@ -13,7 +13,7 @@ use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::{synthetic, ChannelStats};
 use kiln::device::DeviceRequest;
 use kiln::models::{self, Task, MODELS};
-use kiln::ops::{self, Activation, ConvParams, MemoryFormat};
+use kiln::ops::{self, Activation, ConvParams, MemoryFormat, PoolParams};
 
 /// The activations' layouts CUDA runs: channels last is the ResNets' default there.
 const FORMATS: [MemoryFormat; 2] = [MemoryFormat::ChannelsLast, MemoryFormat::ChannelsFirst];
@@ -999,39 +999,50 @@ fn half_precision_convolutions_are_close_to_the_cpu() {
     }
 }
 
-/// fastnet's max-pooling (k x k, stride k) in either format against the CPU's channels-first
-/// kernel, on values with many ties (quarters) and sides that leave rows and columns over: the
-/// same maxima, and each window's gradient on the same (first) winner, bit for bit. 16 channels
-/// take the eight-channel kernels channels last; 5 the one-value ones.
+/// Max-pooling in either format against the CPU's channels-first kernel, on values with many
+/// ties (quarters) and sides that leave rows and columns over: fastnet's k x k at stride k, and
+/// the ResNet stem's overlapping 3x3 at stride 2 with padding 1 (and a 2x2 at stride 1, where
+/// most pixels sit in four windows): the same maxima, and each window's gradient on the same
+/// (first) winner, summed in the same order, bit for bit. 16 channels take the eight-channel
+/// kernels channels last; 5 the one-value ones.
 #[test]
 fn max_pooling_on_the_gpu_picks_the_cpus_winners() {
     let gpu = cuda();
-    for (shape, k) in [
-        ([3, 5, 7, 9], 2),
-        ([3, 5, 7, 9], 3),
-        ([2, 16, 7, 9], 2),
-        ([2, 16, 7, 9], 3),
-    ] {
-        let x = (ops_input(&shape, 21) * 4.0)
-            .unwrap()
-            .round()
-            .unwrap()
-            .affine(0.25, 0.0)
-            .unwrap();
-        let upstream = |dims: &[usize]| ops_input(dims, 22);
-        let run = |device: &Device, format: MemoryFormat| {
-            let input = Var::from_tensor(&format.from_nchw(&x.to_device(device).unwrap()).unwrap())
+    let stem = PoolParams {
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    let dense = PoolParams {
+        kernel: 2,
+        stride: 1,
+        padding: 0,
+    };
+    for channels in [5, 16] {
+        for p in [PoolParams::tiles(2), PoolParams::tiles(3), stem, dense] {
+            let shape = [3, channels, 7, 9];
+            let x = (ops_input(&shape, 21) * 4.0)
+                .unwrap()
+                .round()
+                .unwrap()
+                .affine(0.25, 0.0)
                 .unwrap();
-            let y = ops::max_pool::max_pool2d_in(input.as_tensor(), k, format).unwrap();
-            let y = format.to_nchw(&y).unwrap();
-            let g = upstream(y.dims()).to_device(device).unwrap();
-            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let dx = format.to_nchw(grads.get(&input).unwrap()).unwrap();
-            (values(&y), values(&dx))
-        };
-        let on_cpu = run(&Device::Cpu, MemoryFormat::ChannelsFirst);
-        for format in FORMATS {
-            assert!(run(&gpu, format) == on_cpu, "{shape:?} k {k}, {format:?}");
+            let upstream = |dims: &[usize]| ops_input(dims, 22);
+            let run = |device: &Device, format: MemoryFormat| {
+                let input =
+                    Var::from_tensor(&format.from_nchw(&x.to_device(device).unwrap()).unwrap())
+                        .unwrap();
+                let y = ops::max_pool::max_pool2d_in(input.as_tensor(), p, format).unwrap();
+                let y = format.to_nchw(&y).unwrap();
+                let g = upstream(y.dims()).to_device(device).unwrap();
+                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = format.to_nchw(grads.get(&input).unwrap()).unwrap();
+                (values(&y), values(&dx))
+            };
+            let on_cpu = run(&Device::Cpu, MemoryFormat::ChannelsFirst);
+            for format in FORMATS {
+                assert!(run(&gpu, format) == on_cpu, "{shape:?} {p:?}, {format:?}");
+            }
         }
     }
 }

@@ -79,9 +79,9 @@ fn initial(root: &Path, data: &str) -> Weights {
     trained(root, data, "initial", "600", &sgd("1e-30", "3"))
 }
 
-/// PyTorch's clip_grad_norm_: gradients scaled by max_norm / (||g|| + 1e-6) when that is below
-/// 1. From an unclipped step, -lr g, the gradient's norm is read off; clipped at half of it, the
-/// step is half the unclipped one; clipped at twice it, untouched (bit for bit).
+/// PyTorch's clip_grad_norm_: gradients scaled by max_norm / (||g|| + 1e-6) where that is
+/// below one. From an unclipped step, -lr g, the gradient's norm is read off; clipped at half of
+/// it, the step is half the unclipped one; clipped at twice it, untouched (bit for bit).
 #[test]
 fn grad_clip_rescales_the_step_to_the_norm_asked_for() {
     let root = tempfile::tempdir().unwrap();
@@ -145,7 +145,9 @@ fn no_shuffle_keeps_the_order_whatever_the_seed() {
     let root = tempfile::tempdir().unwrap();
     let data = fixture_dir(root.path());
     initial(root.path(), &data);
-    let from = models_dir(root.path()).join("initial").join("last.safetensors");
+    let from = models_dir(root.path())
+        .join("initial")
+        .join("last.safetensors");
     let from = from.to_str().unwrap();
     let run = |name: &str, seed: &str, extra: &[&str]| {
         let mut args = sgd("0.5", seed);

@@ -26,7 +26,7 @@ use super::init::{pytorch_uniform, ParamStore, Scope};
 use super::layers::{eval_detached, BatchNorm2d, Conv2d, NormSettings};
 use super::{Architecture, ModelSpec, Task};
 use crate::error::{Error, Result};
-use crate::ops::{self, Activation, ConvParams, MemoryFormat};
+use crate::ops::{self, Activation, ConvParams, MemoryFormat, PoolParams};
 
 pub const SPEC: ModelSpec = ModelSpec {
     name: "fastnet",
@@ -122,7 +122,7 @@ impl ConvGroup {
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let h = self.conv1.forward_t(x, train)?;
-        let h = ops::max_pool::max_pool2d_in(&h, 2, self.format)?;
+        let h = ops::max_pool::max_pool2d_in(&h, PoolParams::tiles(2), self.format)?;
         let h = self.norm1.forward(&h, train, Activation::Gelu)?;
         let h = self.conv2.forward_t(&h, train)?;
         self.norm2.forward(&h, train, Activation::Gelu)
@@ -201,7 +201,7 @@ impl ModuleT for FastNet {
         }
         // airbench's MaxPool2d(3) on its 3x3 maps: one window over the whole (square) plane.
         let (_, channels, side, _) = self.format.nchw_dims(&h)?;
-        let pooled = ops::max_pool::max_pool2d_in(&h, side, self.format)?;
+        let pooled = ops::max_pool::max_pool2d_in(&h, PoolParams::tiles(side), self.format)?;
         // The head in f32 whatever the precision, as the ResNets'.
         let features = pooled.to_dtype(DType::F32)?.reshape(((), channels))?;
         let head = candle_nn::Linear::new(eval_detached(&self.head, train), None);

@@ -261,8 +261,7 @@ impl ModuleT for ResNet {
             .bn1
             .forward(&self.conv1.forward_t(&x, train)?, train, Activation::Relu)?;
         if let Some(pool) = self.pool {
-            // kiln's pool reads channels first: the photo stem's one pool between transposes.
-            h = format.from_nchw(&ops::max_pool2d(&format.to_nchw(&h)?, pool)?)?;
+            h = ops::max_pool::max_pool2d_in(&h, pool, format)?;
         }
         for block in self.stages.iter().flatten() {
             h = block.forward(&h, train)?;

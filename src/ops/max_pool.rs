@@ -2,8 +2,9 @@
 //! padding never wins (it counts as -inf), each window's gradient goes to its first maximum in
 //! row-major order, and overlapping windows add up. torchvision's ResNet stem pools 3x3 with
 //! stride 2 and padding 1, which SimpleCNN's non-overlapping `relu_max_pool2d` does not cover.
-//! On the CPU (f32) kiln's kernels; elsewhere a composition of strided views and a maximum,
-//! which is also the reference for tests (it gives tied maxima each the gradient).
+//! kiln's kernels on CUDA (either memory format) and on the CPU (f32, channels first); elsewhere
+//! a composition of strided views and a maximum, which is also the reference for tests (it gives
+//! tied maxima each the gradient).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -47,32 +48,47 @@ impl PoolParams {
     }
 }
 
-pub fn max_pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(MaxPool { p })
-    } else {
-        max_pool2d_reference(x, p)
+impl PoolParams {
+    /// `nn.MaxPool2d(k)`: k x k windows that tile the plane (stride k, no padding).
+    pub fn tiles(k: usize) -> Self {
+        Self {
+            kernel: k,
+            stride: k,
+            padding: 0,
+        }
     }
 }
 
-/// `nn.MaxPool2d(k)` (stride k, no padding, the last rows and columns that do not fill a window
-/// dropped) over activations in `format`: kiln's kernels on CUDA (either format, f32, bf16 or
-/// f16; `max_pool_fwd` and `max_pool_bwd` in max_pool.cu, eight channels a thread in 16-byte
-/// accesses where channels last allows) and on the CPU (channels first, f32);
-/// elsewhere reshaped windows and a maximum, whose gradient goes to each tied maximum.
-pub fn max_pool2d_in(x: &Tensor, k: usize, format: MemoryFormat) -> candle_core::Result<Tensor> {
-    let p = PoolParams {
-        kernel: k,
-        stride: k,
-        padding: 0,
-    };
+/// `nn.MaxPool2d(kernel, stride, padding)` over channels-first activations [N, C, H, W].
+pub fn max_pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
+    max_pool2d_in(x, p, MemoryFormat::ChannelsFirst)
+}
+
+/// `nn.MaxPool2d(kernel, stride, padding)` over activations in `format`: kiln's kernels on CUDA
+/// (either format, f32, bf16 or f16; `max_pool_fwd` and `max_pool_bwd` in max_pool.cu, eight
+/// channels a thread in 16-byte accesses where channels last allows) and on the CPU (channels
+/// first, f32); elsewhere strided views or reshaped windows and a maximum, whose gradient goes to
+/// each tied maximum.
+pub fn max_pool2d_in(
+    x: &Tensor,
+    p: PoolParams,
+    format: MemoryFormat,
+) -> candle_core::Result<Tensor> {
     let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda();
     if on_cuda && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.rank() == 4 {
-        return x.contiguous()?.apply_op1(StridedPool { k, format });
+        return x.contiguous()?.apply_op1(Pool { p, format });
     }
     if format == MemoryFormat::ChannelsFirst {
-        return max_pool2d(x, p);
+        return if x.device().is_cpu() && x.dtype() == DType::F32 {
+            x.contiguous()?.apply_op1(MaxPool { p })
+        } else {
+            max_pool2d_reference(x, p)
+        };
     }
+    if p != PoolParams::tiles(p.kernel) {
+        return format.from_nchw(&max_pool2d(&format.to_nchw(x)?, p)?);
+    }
+    let k = p.kernel;
     let (n, h, w, c) = x.dims4()?;
     let (oh, ow) = (p.out(h)?, p.out(w)?);
     x.narrow(1, 0, oh * k)?
@@ -82,13 +98,14 @@ pub fn max_pool2d_in(x: &Tensor, k: usize, format: MemoryFormat) -> candle_core:
         .max(2)
 }
 
-/// k x k windows with stride k on CUDA; the backward pass finds each window's winner again.
-struct StridedPool {
-    k: usize,
+/// Max-pooling on CUDA; the backward pass finds each window's winner again (PyTorch keeps their
+/// indices, 8 bytes an output value).
+struct Pool {
+    p: PoolParams,
     format: MemoryFormat,
 }
 
-impl StridedPool {
+impl Pool {
     /// The output's shape and the kernels' description of the pooling, for input `layout`
     /// (`operands`: the layouts of all it reads, for the eight-channel kernels' alignment).
     #[cfg(feature = "cuda")]
@@ -99,11 +116,7 @@ impl StridedPool {
     ) -> candle_core::Result<(Shape, Pooling)> {
         use super::cuda::int;
         let (n, c, h, w) = self.format.to_nchw_order(layout.shape().dims4()?);
-        let p = PoolParams {
-            kernel: self.k,
-            stride: self.k,
-            padding: 0,
-        };
+        let p = self.p;
         let (oh, ow) = (p.out(h)?, p.out(w)?);
         // The kernels index in 32 bits.
         int(n * c * h * w, "max_pool2d")?;
@@ -115,7 +128,9 @@ impl StridedPool {
             c: int(c, "max_pool2d")?,
             h: int(h, "max_pool2d")?,
             w: int(w, "max_pool2d")?,
-            k: int(self.k, "max_pool2d")?,
+            k: int(p.kernel, "max_pool2d")?,
+            s: int(p.stride, "max_pool2d")?,
+            pad: int(p.padding, "max_pool2d")?,
             oh: int(oh, "max_pool2d")?,
             ow: int(ow, "max_pool2d")?,
             channels_last: i32::from(channels_last),
@@ -135,6 +150,8 @@ struct Pooling {
     h: i32,
     w: i32,
     k: i32,
+    s: i32,
+    pad: i32,
     oh: i32,
     ow: i32,
     channels_last: i32,
@@ -143,7 +160,7 @@ struct Pooling {
 
 #[cfg(feature = "cuda")]
 impl Pooling {
-    /// The kernels' threads: one per output value, or per eight channels of one.
+    /// The forward kernel's threads: one per output value, or per eight channels of one.
     fn threads(&self, outputs: usize) -> usize {
         if self.vec8 == 1 {
             outputs / 8
@@ -151,13 +168,23 @@ impl Pooling {
             outputs
         }
     }
+
+    /// The backward kernel's: one per window where windows tile the plane, else one per input
+    /// pixel (or eight channels of one).
+    fn backward_threads(&self, outputs: usize, inputs: usize) -> usize {
+        self.threads(if self.s == self.k && self.pad == 0 {
+            outputs
+        } else {
+            inputs
+        })
+    }
 }
 
 // SAFETY: plain integers, laid out as max_pool.cu's `Pooling`.
 #[cfg(feature = "cuda")]
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Pooling {}
 
-impl CustomOp1 for StridedPool {
+impl CustomOp1 for Pool {
     fn name(&self) -> &'static str {
         "kiln-max-pool"
     }
@@ -196,9 +223,9 @@ impl CustomOp1 for StridedPool {
         let grad = grad.contiguous()?;
         Ok(Some(x.apply_op2_no_bwd(
             &grad,
-            &StridedPoolGrad {
-                pool: StridedPool {
-                    k: self.k,
+            &PoolGrad {
+                pool: Pool {
+                    p: self.p,
                     format: self.format,
                 },
             },
@@ -207,13 +234,13 @@ impl CustomOp1 for StridedPool {
 }
 
 /// The input's gradient: each window's gradient to its winner, zero elsewhere.
-struct StridedPoolGrad {
+struct PoolGrad {
     // Read by the CUDA launch alone.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pool: StridedPool,
+    pool: Pool,
 }
 
-impl CustomOp2 for StridedPoolGrad {
+impl CustomOp2 for PoolGrad {
     fn name(&self) -> &'static str {
         "kiln-max-pool-grad"
     }
@@ -249,9 +276,11 @@ impl CustomOp2 for StridedPoolGrad {
             let stream = dev.cuda_stream();
             let mut launch = stream.launch_builder(&func);
             launch.arg(&x).arg(&g).arg(&pooling).arg(&dx);
-            // SAFETY: x and dx hold the input's n * c * h * w values, g the output's; a thread
-            // per window writes its window, the last ones also what lies past them: all of dx.
-            unsafe { launch.launch(per_item(pooling.threads(shape.elem_count()))) }.w()?;
+            // SAFETY: x and dx hold the input's n * c * h * w values, g the output's. Where
+            // windows tile the plane a thread per window writes its window, the last ones also
+            // what lies past them; otherwise a thread per input pixel writes it: all of dx.
+            let threads = pooling.backward_threads(shape.elem_count(), total);
+            unsafe { launch.launch(per_item(threads)) }.w()?;
             storage(dx, dev)
         });
         Ok((out, xl.shape().clone()))
@@ -445,6 +474,29 @@ mod tests {
             for (a, b) in ours.1.iter().zip(&reference.1) {
                 prop_assert!((a - b).abs() < 1e-6, "{} vs {}", a, b);
             }
+        }
+    }
+
+    /// Channels last pools as channels first: windows that tile the plane (fastnet) and the
+    /// ResNet stem's overlapping, padded ones.
+    #[test]
+    fn channels_last_pools_as_channels_first() {
+        fn last(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
+            let f = MemoryFormat::ChannelsLast;
+            f.to_nchw(&max_pool2d_in(&f.from_nchw(x)?, p, f)?)
+        }
+        let stem = PoolParams {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        for p in [PoolParams::tiles(2), stem] {
+            let x = random(&[2, 3, 7, 9], 5);
+            assert_eq!(
+                forward_and_grad(max_pool2d, &x, p),
+                forward_and_grad(last, &x, p),
+                "{p:?}"
+            );
         }
     }
 

@@ -8,8 +8,9 @@
 //!   configurations cuDNN's heuristics rank first (within [`MAX_WORKSPACE`]) are run and timed,
 //!   and the fastest is kept for the rest of the process, and on disk for the next ones
 //!   ([`super::algorithm_cache`]).
-//! - One workspace buffer per device, grown to the largest that a chosen plan needs and reused
-//!   by every call.
+//! - Each call takes its plan's workspace from the device's memory pool and gives it back once
+//!   its kernels are queued (stream-ordered, as PyTorch's caching allocator does): memory held
+//!   for the whole run by the largest plan's workspace would count against every moment of it.
 //! - f32 convolutions use no tensor cores (exact f32 products, as the CPU's: [`ALLOW_TF32`]);
 //!   bf16 and f16 always use tensor cores, with f32 sums.
 
@@ -354,37 +355,29 @@ unsafe fn execute(
     let DeviceState {
         handle,
         stream,
-        workspace,
         plans,
         ..
     } = state;
     let plan = plans
         .get(key)
         .ok_or_else(|| candle_core::Error::Msg(format!("cuDNN: no plan for {key:?}")))?;
-    let workspace = grown(stream, workspace, plan.workspace)?;
-    plan.execute(handle, operands, workspace)
+    let workspace = scratch(stream, plan.workspace)?;
+    let address = workspace.as_ref().map_or(0, |w| w.device_ptr(stream).0);
+    // Dropped after the launch: freed in stream order, so no later work reuses it too early.
+    plan.execute(handle, operands, address)
         .map_err(cudnn_error(&format!("running {key:?}")))
 }
 
-/// The device's workspace, grown to at least `bytes`: its address, or 0 where none is needed.
-fn grown(
-    stream: &Arc<CudaStream>,
-    workspace: &mut Option<CudaSlice<u8>>,
-    bytes: usize,
-) -> candle_core::Result<u64> {
+/// `bytes` of scratch memory from the device's pool, or none where none is needed.
+fn scratch(stream: &Arc<CudaStream>, bytes: usize) -> candle_core::Result<Option<CudaSlice<u8>>> {
     if bytes == 0 {
-        return Ok(0);
+        return Ok(None);
     }
-    if workspace.as_ref().is_none_or(|w| w.len() < bytes) {
-        // Free the old one first (stream-ordered), so both are never held at once.
-        *workspace = None;
-        // SAFETY: a workspace is scratch memory; cuDNN reads nothing it did not write.
-        let grown = unsafe { stream.alloc::<u8>(bytes) }.map_err(driver_error(&format!(
-            "allocating {bytes} bytes of workspace"
-        )))?;
-        *workspace = Some(grown);
-    }
-    Ok(workspace.as_ref().map_or(0, |w| w.device_ptr(stream).0))
+    // SAFETY: a workspace is scratch memory; cuDNN reads nothing it did not write.
+    let workspace = unsafe { stream.alloc::<u8>(bytes) }.map_err(driver_error(&format!(
+        "allocating {bytes} bytes of workspace"
+    )))?;
+    Ok(Some(workspace))
 }
 
 /// The plan for a convolution not run yet in this process: an earlier run's choice where the
@@ -476,7 +469,6 @@ struct Key {
 struct DeviceState {
     handle: Handle,
     stream: Arc<CudaStream>,
-    workspace: Option<CudaSlice<u8>>,
     plans: HashMap<Key, Plan>,
     /// Choices of earlier runs on this kind of device.
     saved: AlgorithmCache,
@@ -515,7 +507,6 @@ fn device_state(device: &CudaDevice) -> candle_core::Result<Arc<Mutex<DeviceStat
     let state = Arc::new(Mutex::new(DeviceState {
         handle,
         stream,
-        workspace: None,
         plans: HashMap::new(),
         saved: AlgorithmCache::open(&name, version),
     }));
@@ -558,23 +549,14 @@ fn choose(
             }
         };
         let bytes = plan.workspace;
-        // The device's workspace where it is large enough, else a temporary one, so that a
-        // plan tried but not chosen leaves no large buffer behind.
-        let mut temporary = None;
-        let scratch = match state.workspace.as_ref() {
-            _ if bytes == 0 => 0,
-            Some(w) if w.len() >= bytes => w.device_ptr(&stream).0,
-            _ => {
-                // SAFETY: scratch memory; cuDNN reads nothing it did not write.
-                match unsafe { stream.alloc::<u8>(bytes) } {
-                    Ok(w) => temporary.insert(w).device_ptr(&stream).0,
-                    Err(e) => {
-                        failures.push(format!("{name}: allocating {bytes} bytes: {e}"));
-                        continue;
-                    }
-                }
+        let workspace = match scratch(&stream, bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
             }
         };
+        let scratch = workspace.as_ref().map_or(0, |w| w.device_ptr(&stream).0);
         // SAFETY (every run below): as in `convolve`; the scratch buffer has `bytes` or more.
         if let Err(e) = unsafe { plan.execute(&state.handle, operands, scratch) } {
             failures.push(format!("{name}: {e}"));
@@ -596,7 +578,7 @@ fn choose(
             .elapsed_ms(&end)
             .map_err(driver_error("timing a plan"))?
             / TIMED_RUNS as f32;
-        drop(temporary);
+        drop(workspace);
         if let Err(e) = ran {
             failures.push(format!("{name}: {e}"));
             continue;
