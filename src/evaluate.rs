@@ -44,6 +44,79 @@ impl Evaluation {
     }
 }
 
+/// What the model said about each image of an evaluated set, in the set's order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOutputs {
+    pub classes: usize,
+    /// Row-major `[images, classes]`, as f32 (test-time augmented ones with `tta`).
+    pub logits: Vec<f32>,
+    /// Each image's class of the highest logit: the one its confusion-matrix cell counts.
+    pub predicted: Vec<u32>,
+}
+
+impl ImageOutputs {
+    pub fn len(&self) -> usize {
+        self.predicted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.predicted.is_empty()
+    }
+
+    /// Image `i`'s logits.
+    pub fn logits(&self, i: usize) -> &[f32] {
+        &self.logits[i * self.classes..(i + 1) * self.classes]
+    }
+}
+
+/// Writes `outputs` as CSV, atomically: a header, then one row per image in the set's order,
+/// `index,path,label,predicted,logit_0,..,logit_{K-1}`. `files` names each image's file (a
+/// folder's); without it the path column is empty. Logits are printed so that they read back
+/// to the same f32.
+pub fn write_predictions(
+    path: &Path,
+    outputs: &ImageOutputs,
+    labels: &[u32],
+    files: Option<&[std::path::PathBuf]>,
+) -> Result<()> {
+    use std::io::Write;
+    if labels.len() != outputs.len() || files.is_some_and(|f| f.len() != outputs.len()) {
+        return Err(Error::InvalidSetting(format!(
+            "{} predictions for {} labels and {} files",
+            outputs.len(),
+            labels.len(),
+            files.map_or(0, <[_]>::len)
+        )));
+    }
+    crate::fs::write_atomic_with(path, |out| {
+        write!(out, "index,path,label,predicted")?;
+        for k in 0..outputs.classes {
+            write!(out, ",logit_{k}")?;
+        }
+        writeln!(out)?;
+        for (i, (&label, &predicted)) in labels.iter().zip(&outputs.predicted).enumerate() {
+            let file = files.map(|f| f[i].to_string_lossy()).unwrap_or_default();
+            write!(out, "{i},{},{label},{predicted}", csv_field(&file))?;
+            for logit in outputs.logits(i) {
+                // Display prints the shortest digits that read back as the same f32.
+                write!(out, ",{logit}")?;
+            }
+            writeln!(out)?;
+        }
+        Ok(())
+    })
+}
+
+/// `text` as one CSV field: quoted (quotes doubled) where a comma, quote or line break in it
+/// would otherwise split the row.
+fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\"")).into()
+    } else {
+        text.into()
+    }
+}
+
 /// A model loaded from a weights file (`last`/`best.safetensors`, a PyTorch-saved file with the
 /// same names) or a checkpoint. The model is the one named in the file's metadata, or `model`.
 pub struct Loaded {
@@ -274,7 +347,39 @@ pub fn evaluate(
         num_classes,
         tta,
         dtype,
+        None,
     )
+}
+
+/// [`evaluate`], keeping each image's logits and predicted class too.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_each(
+    model: &dyn ModuleT,
+    set: &DeviceSet,
+    batch_size: usize,
+    buffer: &mut BatchBuffer,
+    num_classes: usize,
+    tta: bool,
+    dtype: candle_core::DType,
+) -> Result<(Evaluation, ImageOutputs)> {
+    let all: Vec<usize> = (0..set.len()).collect();
+    let mut outputs = ImageOutputs {
+        classes: num_classes,
+        logits: Vec::new(),
+        predicted: Vec::new(),
+    };
+    let eval = evaluate_images(
+        model,
+        set,
+        &all,
+        batch_size,
+        buffer,
+        num_classes,
+        tta,
+        dtype,
+        Some(&mut outputs),
+    )?;
+    Ok((eval, outputs))
 }
 
 /// [`evaluate`] shared by the ranks of a data-parallel run: each evaluates every W-th image
@@ -304,6 +409,7 @@ pub fn evaluate_share(
         num_classes,
         tta,
         dtype,
+        None,
     )?;
     let images = part.total() as f64;
     let loss_sum = if images > 0.0 {
@@ -335,7 +441,8 @@ pub fn evaluate_share(
     })
 }
 
-/// The images of `set` at `indices`, evaluated in batches of `batch_size`.
+/// The images of `set` at `indices`, evaluated in batches of `batch_size`; each image's logits
+/// and predicted class appended to `outputs` where given.
 #[allow(clippy::too_many_arguments)]
 fn evaluate_images(
     model: &dyn ModuleT,
@@ -346,6 +453,7 @@ fn evaluate_images(
     num_classes: usize,
     tta: bool,
     dtype: candle_core::DType,
+    mut outputs: Option<&mut ImageOutputs>,
 ) -> Result<Evaluation> {
     let mut confusion = vec![vec![0u64; num_classes]; num_classes];
     if indices.is_empty() {
@@ -372,8 +480,16 @@ fn evaluate_images(
             None => loss,
         });
         predicted.push(logits.argmax(1)?);
+        if let Some(outputs) = outputs.as_deref_mut() {
+            // Read per batch only when asked: an evaluation in training reads nothing back.
+            let rows = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+            outputs.logits.extend(rows.to_vec1::<f32>()?);
+        }
     }
     let predicted = Tensor::cat(&predicted, 0)?.to_vec1::<u32>()?;
+    if let Some(outputs) = outputs {
+        outputs.predicted.extend(&predicted);
+    }
     let labels = set.labels();
     for (&index, &p) in indices.iter().zip(&predicted) {
         let label = labels[index];
@@ -528,6 +644,82 @@ mod tests {
             "{} vs {expected}",
             eval.loss
         );
+    }
+
+    /// Each image's outputs: the totals' own predictions, in the set's order, and a CSV whose
+    /// logits read back to the same bits and whose paths survive commas and quotes.
+    #[test]
+    fn each_images_outputs_agree_with_the_totals_and_write_as_csv() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let model = PixelWeights {
+            weights: (0..10 * 3 * 32 * 32)
+                .map(|_| rng.random_range(-0.01..0.01))
+                .collect(),
+            classes: 10,
+            pixels: 3 * 32 * 32,
+        };
+        let set = crate::data::synthetic::generate(30, 0);
+        let set = DeviceSet::new(set, crate::data::ChannelStats::CIFAR10, &Device::Cpu).unwrap();
+        let mut buffer = BatchBuffer::default();
+        let (eval, outputs) =
+            evaluate_each(&model, &set, 7, &mut buffer, 10, false, DType::F32).unwrap();
+        let plain = evaluate(&model, &set, 7, &mut buffer, 10, false, DType::F32).unwrap();
+        assert_eq!(eval.confusion, plain.confusion);
+        assert_eq!(eval.loss, plain.loss);
+        assert_eq!((outputs.len(), outputs.logits.len()), (30, 300));
+        let mut confusion = vec![vec![0u64; 10]; 10];
+        for (i, &label) in set.labels().iter().enumerate() {
+            let row = outputs.logits(i);
+            let top = crate::predict::top_k(row, 1)[0].0;
+            assert_eq!(outputs.predicted[i] as usize, top, "image {i}: {row:?}");
+            confusion[label as usize][top] += 1;
+        }
+        assert_eq!(confusion, eval.confusion);
+        let distinct: std::collections::HashSet<u32> = outputs.predicted.iter().copied().collect();
+        assert!(distinct.len() > 1, "a model that tells the images apart");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("predictions.csv");
+        let mut files: Vec<std::path::PathBuf> = (0..30)
+            .map(|i| dir.path().join(format!("{i}.png")))
+            .collect();
+        files[1] = "odd, \"quoted\".png".into();
+        write_predictions(&path, &outputs, set.labels(), Some(&files)).unwrap();
+        let csv = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 31);
+        assert_eq!(
+            lines[0],
+            "index,path,label,predicted,logit_0,logit_1,logit_2,logit_3,logit_4,logit_5,\
+             logit_6,logit_7,logit_8,logit_9"
+        );
+        assert!(
+            lines[2].starts_with("1,\"odd, \"\"quoted\"\".png\","),
+            "{}",
+            lines[2]
+        );
+        for (i, line) in lines[1..].iter().enumerate() {
+            if i == 1 {
+                continue;
+            }
+            let fields: Vec<&str> = line.split(',').collect();
+            let want = [
+                i.to_string(),
+                files[i].display().to_string(),
+                set.labels()[i].to_string(),
+                outputs.predicted[i].to_string(),
+            ];
+            assert_eq!(fields[..4], want, "{line}");
+            let logits: Vec<f32> = fields[4..].iter().map(|v| v.parse().unwrap()).collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&logits), bits(outputs.logits(i)), "{line}");
+        }
+        // Without files (CIFAR-10's records) the path is empty; counts that disagree are refused.
+        write_predictions(&path, &outputs, set.labels(), None).unwrap();
+        let csv = std::fs::read_to_string(&path).unwrap();
+        assert!(csv.lines().nth(1).unwrap().starts_with("0,,"));
+        assert!(write_predictions(&path, &outputs, &set.labels()[1..], None).is_err());
     }
 
     /// Reads four pixels of each image as its "logits", so the averaged views can be checked

@@ -111,6 +111,43 @@ fn evaluate_reproduces_the_accuracy_training_recorded() {
     for part in ["accuracy", "per class:", "automobile", "confusion matrix"] {
         assert!(table.contains(part), "{part} missing:\n{table}");
     }
+
+    // CIFAR-10's records: a row per test image in the file's order, with no path, the label
+    // the record's, and the rows' share right evaluate's accuracy.
+    let csv = root.path().join("predictions.csv");
+    let report = evaluate_json(
+        root.path(),
+        &[
+            "--checkpoint",
+            &best,
+            "--data-dir",
+            &data,
+            "--device",
+            "cpu",
+            "--json",
+            "--predictions",
+            &csv.display().to_string(),
+        ],
+    );
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("index,path,label,predicted,logit_0,logit_1,"));
+    assert!(header.ends_with(",logit_9"), "{header}");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 200);
+    let labels = kiln::data::cifar::load_test(Path::new(&data))
+        .unwrap()
+        .labels()
+        .to_vec();
+    let mut right = 0;
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.len(), 14, "{row:?}");
+        assert_eq!((row[0], row[1]), (i.to_string().as_str(), ""));
+        assert_eq!(row[2], labels[i].to_string());
+        right += usize::from(row[2] == row[3]);
+    }
+    assert_eq!(right as f64 / 200.0, report["accuracy"].as_f64().unwrap());
 }
 
 #[test]

@@ -520,3 +520,183 @@ fn predict_prints_a_table_names_bad_pictures_and_refuses_bad_flags() {
         );
     }
 }
+
+/// The rows of an `evaluate --predictions` CSV, split at commas (the test's paths hold none),
+/// after checking its header for `classes` logits.
+fn prediction_rows(path: &Path, classes: usize) -> Vec<Vec<String>> {
+    let csv = std::fs::read_to_string(path).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<String> = ["index", "path", "label", "predicted"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..classes).map(|k| format!("logit_{k}")))
+        .collect();
+    assert_eq!(lines.next().unwrap().split(',').collect::<Vec<_>>(), header);
+    lines
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+fn logits_of(row: &[String]) -> Vec<f32> {
+    row[4..].iter().map(|v| v.parse().unwrap()).collect()
+}
+
+/// `evaluate --predictions` as a user meets it: one row per held-out picture in the test set's
+/// order (class folders sorted, files sorted), each with its file, its folder's class and the
+/// class of its top logit, which `predict` names too, picture by picture; the rows' share right
+/// is evaluate's accuracy; with `--tta` the logits are the averaged views'; a file that cannot
+/// be written is one error line, before any work.
+#[test]
+fn evaluate_writes_each_pictures_prediction_as_predict_sees_it() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("shapes");
+    let classes = ["disc", "ring", "square"];
+    write_folder(
+        &data,
+        &classes.map(|c| (c, c)),
+        &[("train", 12), ("val", 5)],
+        5,
+    );
+    let d = data.display().to_string();
+    let out = train(
+        &[
+            "--model",
+            "simplecnn",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            &d,
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--run",
+            "p",
+        ],
+        root.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let weights = root.path().join("models/p/best.safetensors");
+    let weights = weights.display().to_string();
+    let evaluate = |extra: &[&str]| {
+        let args = [&["--checkpoint", &weights, "--device", "cpu"][..], extra].concat();
+        run("evaluate", &args, root.path())
+    };
+
+    let csv = root.path().join("predictions.csv");
+    let c = csv.display().to_string();
+    let evaluated = evaluate(&["--json", "--predictions", &c]);
+    assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+    assert_eq!(report["predictions"], c.as_str());
+    let rows = prediction_rows(&csv, 3);
+    assert_eq!(rows.len(), 15);
+    assert_eq!(report["images"], 15);
+
+    // The test set's order: class folders in sorted order, each one's files sorted.
+    let val = data.join("val");
+    let mut expected = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(val.join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        expected.extend(files.into_iter().map(|f| (f.display().to_string(), label)));
+    }
+    for (i, (row, (path, label))) in rows.iter().zip(&expected).enumerate() {
+        assert_eq!(row.len(), 4 + 3, "{row:?}");
+        assert_eq!(row[0], i.to_string());
+        assert_eq!(&row[1], path);
+        assert_eq!(row[2], label.to_string(), "{row:?}");
+        let logits = logits_of(row);
+        let top = (0..3).fold(0, |best, k| if logits[k] > logits[best] { k } else { best });
+        assert_eq!(
+            row[3],
+            top.to_string(),
+            "predicted is the top logit: {row:?}"
+        );
+    }
+    let right = rows.iter().filter(|r| r[2] == r[3]).count();
+    assert_eq!(
+        right as f64 / rows.len() as f64,
+        report["accuracy"].as_f64().unwrap()
+    );
+
+    // predict names the same class for each picture, with the softmax of evaluate's logits.
+    let predicted = run(
+        "predict",
+        &[
+            "--weights",
+            &weights,
+            "--device",
+            "cpu",
+            &val.display().to_string(),
+            "--json",
+            "--top-k",
+            "1",
+        ],
+        root.path(),
+    );
+    assert!(predicted.status.success(), "{}", text(&predicted.stderr));
+    let predictions: BTreeMap<String, (String, f64)> = text(&predicted.stdout)
+        .lines()
+        .map(|l| {
+            let p: serde_json::Value = serde_json::from_str(l).unwrap();
+            let top = &p["top"][0];
+            let path = p["path"].as_str().unwrap().to_string();
+            let index = top["index"].as_u64().unwrap().to_string();
+            (path, (index, top["probability"].as_f64().unwrap()))
+        })
+        .collect();
+    assert_eq!(predictions.len(), rows.len());
+    for row in &rows {
+        let (index, probability) = &predictions[&row[1]];
+        assert_eq!(index, &row[3], "{}", row[1]);
+        let logits: Vec<f64> = logits_of(row).into_iter().map(f64::from).collect();
+        let max = logits.iter().copied().fold(f64::MIN, f64::max);
+        let softmax = 1.0 / logits.iter().map(|l| (l - max).exp()).sum::<f64>();
+        assert!(
+            (softmax - probability).abs() < 1e-4,
+            "{row:?}: {probability}"
+        );
+    }
+    let distinct: std::collections::BTreeSet<&String> = rows.iter().map(|r| &r[3]).collect();
+    assert!(
+        distinct.len() > 1,
+        "the model predicts one class for every picture: the picture-by-picture checks above \
+         need a model that tells them apart"
+    );
+
+    // --tta: the averaged logits, whose top classes give the TTA accuracy.
+    let tta_csv = root.path().join("tta.csv");
+    let t = tta_csv.display().to_string();
+    let evaluated = evaluate(&["--json", "--tta", "--predictions", &t]);
+    assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+    let tta_rows = prediction_rows(&tta_csv, 3);
+    assert_eq!(tta_rows.len(), 15);
+    let right = tta_rows.iter().filter(|r| r[2] == r[3]).count();
+    assert_eq!(right as f64 / 15.0, report["accuracy"].as_f64().unwrap());
+    assert!(
+        rows.iter().zip(&tta_rows).all(|(a, b)| a[..3] == b[..3])
+            && rows.iter().zip(&tta_rows).any(|(a, b)| a[4..] != b[4..]),
+        "the same pictures with other logits"
+    );
+
+    // Nowhere to write: one line naming the file, exit 1, nothing written.
+    let before = snapshot(root.path());
+    for (target, why) in [
+        (root.path().join("missing/p.csv"), "does not exist"),
+        (root.path().join("models"), "it is a folder"),
+        (csv.join("p.csv"), "is not a folder"),
+    ] {
+        let t = target.display().to_string();
+        let out = evaluate(&["--predictions", &t]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&t) && stderr.contains(why), "{stderr}");
+    }
+    assert!(before == snapshot(root.path()));
+}

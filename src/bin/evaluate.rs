@@ -4,7 +4,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -16,7 +16,7 @@ use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::cifar;
 use kiln::data::folder::FolderOptions;
 use kiln::device::{self, DeviceRequest};
-use kiln::evaluate::{evaluate, load_model, Evaluation};
+use kiln::evaluate::{evaluate, evaluate_each, load_model, write_predictions, Evaluation};
 use kiln::plots;
 
 const EXAMPLES: &str = "\
@@ -25,7 +25,8 @@ Examples:
   evaluate --checkpoint models/simplecnn/checkpoints/epoch-0004.safetensors --json
   evaluate --checkpoint models/resnet18/best.safetensors --tta
   evaluate --checkpoint from_pytorch.safetensors --model simplecnn --device cpu
-  evaluate --checkpoint models/pets/best.safetensors --data-dir other-photos --dataset folder";
+  evaluate --checkpoint models/pets/best.safetensors --data-dir other-photos --dataset folder
+  evaluate --checkpoint models/pets/best.safetensors --predictions pets-predictions.csv";
 
 /// Evaluate saved weights on the data they were trained on: CIFAR-10's test set, or a
 /// folder's held-out images (its val/ or test/ folder, or the same seeded split).
@@ -64,6 +65,14 @@ struct Cli {
     /// Print one JSON object (accuracy, loss, per_class, confusion, ...) instead of tables
     #[arg(long)]
     json: bool,
+
+    /// Also write one CSV row per test picture, in the test set's order: index, path (the
+    /// picture's file for folder data, empty for CIFAR-10's records), label, predicted (the
+    /// class of the highest logit), logit_0 .. logit_{K-1} (with --tta, the averaged ones).
+    /// To see which pictures the model gets wrong, or to compare its logits with another
+    /// framework's on the same pictures
+    #[arg(long, value_name = "FILE")]
+    predictions: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -72,6 +81,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    if let Some(path) = &cli.predictions {
+        check_writable_place(path)?;
+    }
     device::prepare_cpu_threads(None);
     let device = device::open(cli.device)?;
     let loaded = load_model(
@@ -105,7 +117,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             skip_bad_images: cli.data.skip_bad_images,
         },
     };
-    let (test, classes, data_stats) = data::load_test(&request, &kiln::cli::decode_bar(!cli.json))?;
+    let data::TestSet {
+        images: test,
+        files,
+        classes,
+        stats: data_stats,
+    } = data::load_test(&request, &kiln::cli::decode_bar(!cli.json))?;
     match &loaded.classes {
         Some(trained) if *trained != classes => anyhow::bail!(
             "{} was trained on the classes {}, but the data has {}; evaluate it on that data",
@@ -124,15 +141,33 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let stats = loaded.input_stats(data_stats);
     let test = DeviceSet::new(test, stats, &device)?;
     let mut buffer = BatchBuffer::default();
-    let eval = evaluate(
-        loaded.built.module.as_ref(),
-        &test,
-        cli.batch_size as usize,
-        &mut buffer,
-        classes.len(),
-        cli.tta,
-        candle_core::DType::F32,
-    )?;
+    let model = loaded.built.module.as_ref();
+    let batch_size = cli.batch_size as usize;
+    let f32 = candle_core::DType::F32;
+    let eval = match &cli.predictions {
+        Some(path) => {
+            let (eval, outputs) = evaluate_each(
+                model,
+                &test,
+                batch_size,
+                &mut buffer,
+                classes.len(),
+                cli.tta,
+                f32,
+            )?;
+            write_predictions(path, &outputs, test.labels(), files.as_deref())?;
+            eval
+        }
+        None => evaluate(
+            model,
+            &test,
+            batch_size,
+            &mut buffer,
+            classes.len(),
+            cli.tta,
+            f32,
+        )?,
+    };
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli
         .checkpoint
@@ -160,6 +195,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             "classes": classes,
             "confusion": eval.confusion,
             "confusion_png": picture.display().to_string(),
+            "predictions": cli.predictions.as_ref().map(|p| p.display().to_string()),
         });
         println!("{report}");
     } else {
@@ -180,6 +216,41 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         );
         println!("{}", report(&eval, &classes));
         println!("\nconfusion matrix drawn to {}", picture.display());
+        if let Some(path) = &cli.predictions {
+            println!(
+                "each picture's prediction and logits written to {}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, before any work, a predictions file that could not be written: its folder missing
+/// or not a folder, or the path itself a folder. (Other failures, such as permissions, are
+/// reported when the file is written.)
+fn check_writable_place(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if path.is_dir() {
+        anyhow::bail!(
+            "cannot write predictions to {}: it is a folder; name a file",
+            path.display()
+        );
+    }
+    if !dir.is_dir() {
+        let why = if dir.exists() {
+            "is not a folder"
+        } else {
+            "does not exist"
+        };
+        anyhow::bail!(
+            "cannot write predictions to {}: {} {why}",
+            path.display(),
+            dir.display()
+        );
     }
     Ok(())
 }

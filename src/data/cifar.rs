@@ -59,6 +59,7 @@ pub fn load(dir: &Path) -> Result<DataSets> {
     Ok(DataSets {
         train,
         test,
+        test_files: None,
         classes: CLASSES.iter().map(|s| s.to_string()).collect(),
         stats: ChannelStats::CIFAR10,
     })

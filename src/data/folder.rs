@@ -117,8 +117,9 @@ pub fn load(
     };
     let total = train.len() + test.len();
     let done = AtomicUsize::new(0);
-    let train = decode_cached(dir, &train, options, &done, total, progress, &mut report)?;
-    let test = decode_cached(dir, &test, options, &done, total, progress, &mut report)?;
+    let (train, _) = decode_cached(dir, &train, options, &done, total, progress, &mut report)?;
+    let (test, test_files) =
+        decode_cached(dir, &test, options, &done, total, progress, &mut report)?;
     if train.is_empty() || test.is_empty() {
         return Err(invalid(dir, "no image decoded in one of the splits".into()));
     }
@@ -128,6 +129,7 @@ pub fn load(
         DataSets {
             train,
             test,
+            test_files: Some(test_files),
             classes,
             stats,
         },
@@ -320,8 +322,10 @@ fn stratified_split(
 
 /// The cache file's last bytes; the version changes when the layout or the decoding does. A
 /// cache file is the pixels of every image (from byte 0, so the mapping is aligned), then one
-/// u32 label per image, then the image count and side (u64 each) and this mark.
-const MAGIC: &[u8; 8] = b"KILNIMG1";
+/// u32 label per image, then one u32 per image for its place in the file list (pictures skipped
+/// as undecodable leave gaps, and evaluation names each image's file), then the image count and
+/// side (u64 each) and this mark.
+const MAGIC: &[u8; 8] = b"KILNIMG2";
 const TRAILER: usize = 8 + 8 + 8;
 
 /// Where the decoded images of `entries` are cached: beside the data, or (for a folder that
@@ -371,7 +375,8 @@ fn cache_key(entries: &[Entry], options: &FolderOptions) -> Result<String> {
     Ok(digest.iter().take(16).map(|b| format!("{b:02x}")).collect())
 }
 
-/// The images of `entries` from their cache, decoding and writing it first if there is none.
+/// The images of `entries` from their cache, decoding and writing it first if there is none;
+/// and the file of each image (`entries` less the pictures skipped as undecodable).
 #[allow(clippy::too_many_arguments)]
 fn decode_cached(
     dir: &Path,
@@ -381,21 +386,28 @@ fn decode_cached(
     total: usize,
     progress: Progress,
     report: &mut FolderReport,
-) -> Result<ImageSet> {
+) -> Result<(ImageSet, Vec<PathBuf>)> {
     let path = cache_path(dir, &cache_key(entries, options)?);
     report.caches.push(path.clone());
-    if let Some(set) = read_cache(&path, options.image_size) {
+    let files = |kept: Vec<u32>| -> Vec<PathBuf> {
+        kept.into_iter()
+            .map(|i| entries[i as usize].path.clone())
+            .collect()
+    };
+    if let Some((set, kept)) = read_cache(&path, options.image_size, entries.len()) {
         done.fetch_add(entries.len(), Ordering::Relaxed);
         progress(done.load(Ordering::Relaxed), total);
-        return Ok(set);
+        return Ok((set, files(kept)));
     }
     write_cache(&path, entries, options, done, total, progress, report)?;
-    read_cache(&path, options.image_size)
-        .ok_or_else(|| invalid(&path, "the cache just written does not read back".into()))
+    let (set, kept) = read_cache(&path, options.image_size, entries.len())
+        .ok_or_else(|| invalid(&path, "the cache just written does not read back".into()))?;
+    Ok((set, files(kept)))
 }
 
-/// A complete cache file mapped into memory, or None if there is none (or it does not fit).
-fn read_cache(path: &Path, side: usize) -> Option<ImageSet> {
+/// A complete cache file of images from a list of `entries` files, mapped into memory, with
+/// each image's place in that list; None if there is none (or it does not fit).
+fn read_cache(path: &Path, side: usize, entries: usize) -> Option<(ImageSet, Vec<u32>)> {
     let file = File::open(path).ok()?;
     // SAFETY: cache files are written under a temporary name and renamed into place whole,
     // and never modified after: the mapped bytes do not change under the program.
@@ -409,14 +421,24 @@ fn read_cache(path: &Path, side: usize) -> Option<ImageSet> {
     }
     let count = usize::try_from(word(end)?).ok()?;
     let pixels = count.checked_mul(CHANNELS * side * side)?;
-    if pixels.checked_add(4 * count)? != end {
+    let places = pixels.checked_add(count.checked_mul(4)?)?;
+    if places.checked_add(count.checked_mul(4)?)? != end {
         return None;
     }
-    let labels: Vec<u32> = map[pixels..end]
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    ImageSet::mapped(map, 0, labels, side).ok()
+    let words = |bytes: &[u8]| -> Vec<u32> {
+        bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let labels = words(&map[pixels..places]);
+    let kept = words(&map[places..end]);
+    // In the list's order, each file once: anything else is not a cache of this list.
+    let ordered = kept.windows(2).all(|w| w[0] < w[1]);
+    if !ordered || kept.last().is_some_and(|&i| i as usize >= entries) {
+        return None;
+    }
+    Some((ImageSet::mapped(map, 0, labels, side).ok()?, kept))
 }
 
 /// Decodes `entries` in parallel, a block at a time, straight into the cache file (written
@@ -433,9 +455,20 @@ fn write_cache(
 ) -> Result<()> {
     let side = options.image_size;
     let mut labels = Vec::with_capacity(entries.len());
+    let mut kept = Vec::with_capacity(entries.len());
     let mut failure = None;
+    if u32::try_from(entries.len()).is_err() {
+        return Err(invalid(
+            path,
+            format!(
+                "{} pictures in one split: the cache holds at most {}",
+                entries.len(),
+                u32::MAX
+            ),
+        ));
+    }
     let written = crate::fs::write_atomic_with(path, |file| {
-        for block in entries.chunks(IMAGES_PER_WRITE) {
+        for (b, block) in entries.chunks(IMAGES_PER_WRITE).enumerate() {
             let decoded: Vec<std::result::Result<Vec<u8>, String>> = block
                 .par_iter()
                 .map(|entry| {
@@ -444,11 +477,13 @@ fn write_cache(
                     image
                 })
                 .collect();
-            for (entry, image) in block.iter().zip(decoded) {
+            for (i, (entry, image)) in block.iter().zip(decoded).enumerate() {
                 match image {
                     Ok(bytes) => {
                         file.write_all(&bytes)?;
                         labels.push(entry.label);
+                        // Below u32::MAX: the list's length was checked above.
+                        kept.push((b * IMAGES_PER_WRITE + i) as u32);
                         report.decoded += 1;
                     }
                     Err(why) if options.skip_bad_images => {
@@ -465,8 +500,8 @@ fn write_cache(
                 }
             }
         }
-        for label in &labels {
-            file.write_all(&label.to_le_bytes())?;
+        for word in labels.iter().chain(&kept) {
+            file.write_all(&word.to_le_bytes())?;
         }
         file.write_all(&(labels.len() as u64).to_le_bytes())?;
         file.write_all(&(side as u64).to_le_bytes())?;

@@ -9,7 +9,7 @@ pub mod folder;
 pub mod images;
 pub mod synthetic;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 pub struct DataSets {
     pub train: ImageSet,
     pub test: ImageSet,
+    /// The file each test image was decoded from, in the test set's order: a folder's; None
+    /// for CIFAR-10's records and generated images.
+    pub test_files: Option<Vec<PathBuf>>,
     pub classes: Vec<String>,
     pub stats: ChannelStats,
 }
@@ -90,6 +93,7 @@ pub fn load(
             let sets = DataSets {
                 train: synthetic::generate(request.synthetic_images, SYNTHETIC_TRAIN_SEED),
                 test: synthetic_test_set(),
+                test_files: None,
                 classes: names(&synthetic::CLASSES),
                 stats: ChannelStats::CIFAR10,
             };
@@ -136,26 +140,44 @@ pub fn known_dimensions(request: &Request) -> Option<Dimensions> {
     }
 }
 
+/// The evaluation split alone, what [`load_test`] gives.
+#[derive(Debug)]
+pub struct TestSet {
+    pub images: ImageSet,
+    /// The file of each image, for a folder (as [`DataSets::test_files`]).
+    pub files: Option<Vec<PathBuf>>,
+    pub classes: Vec<String>,
+    /// The training split's statistics, which inputs are normalised with.
+    pub stats: ChannelStats,
+}
+
 /// Only the evaluation split, its class names and the training split's statistics (a folder is
 /// scanned and split as training did; its caches make that quick).
-pub fn load_test(
-    request: &Request,
-    progress: folder::Progress,
-) -> Result<(ImageSet, Vec<String>, ChannelStats)> {
+pub fn load_test(request: &Request, progress: folder::Progress) -> Result<TestSet> {
     match request.dataset {
         Dataset::Cifar10 => {
             fetch_if_missing(request.dir, request.fetch)?;
-            let test = cifar::load_test(request.dir)?;
-            Ok((test, names(&cifar::CLASSES), ChannelStats::CIFAR10))
+            Ok(TestSet {
+                images: cifar::load_test(request.dir)?,
+                files: None,
+                classes: names(&cifar::CLASSES),
+                stats: ChannelStats::CIFAR10,
+            })
         }
-        Dataset::Synthetic => Ok((
-            synthetic_test_set(),
-            names(&synthetic::CLASSES),
-            ChannelStats::CIFAR10,
-        )),
+        Dataset::Synthetic => Ok(TestSet {
+            images: synthetic_test_set(),
+            files: None,
+            classes: names(&synthetic::CLASSES),
+            stats: ChannelStats::CIFAR10,
+        }),
         Dataset::Folder => {
             let (sets, _) = load(request, progress)?;
-            Ok((sets.test, sets.classes, sets.stats))
+            Ok(TestSet {
+                images: sets.test,
+                files: sets.test_files,
+                classes: sets.classes,
+                stats: sets.stats,
+            })
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `fastnet`: the network of airbench94 (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a
 //! single GPU", arXiv 2404.00498), under the names and shapes of its PyTorch `nn.Sequential`'s
-//! state_dict (tested here; loading a file into airbench's model has not been tried yet):
+//! state_dict (tested here; CI loads a trained file into airbench's network in PyTorch,
+//! `pytorch/fastnet.py`, and holds its logits to kiln's):
 //!
 //! ```text
 //! 0  Conv2d(3, 24, 2, bias)      whitening: frozen weight from the training patches' covariance

@@ -118,6 +118,9 @@ fn train_and_val_folders_are_the_split() {
     let (sets, _) = load(root.path(), &options(8), &quiet).unwrap();
     assert_eq!((sets.train.len(), sets.test.len()), (6, 4));
     assert_eq!(sets.test.labels(), [0, 0, 1, 1]);
+    let val = root.path().join("val");
+    let files = ["a/000.png", "a/001.jpg", "b/000.png", "b/001.jpg"].map(|f| val.join(f));
+    assert_eq!(sets.test_files.as_deref(), Some(&files[..]));
 
     std::fs::create_dir_all(root.path().join("val/c")).unwrap();
     solid(8, 8, [1, 2, 3])
@@ -245,6 +248,33 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
     let (sets, report) = load(&broken, &skip, &quiet).unwrap();
     assert_eq!(report.skipped.len(), 1);
     assert_eq!(sets.train.len() + sets.test.len(), 8);
+    // The held-out images' files leave the skipped picture out, decoded or from the cache; a
+    // split that holds it out leaves a gap that the cache records.
+    let bad = broken.join("a/bad.jpg");
+    let mut gap = false;
+    for seed in 0..64 {
+        let skip = FolderOptions {
+            seed,
+            ..skip.clone()
+        };
+        let (decoded, _) = load(&broken, &skip, &quiet).unwrap();
+        let (cached, report) = load(&broken, &skip, &quiet).unwrap();
+        assert_eq!(report.decoded, 0);
+        let files = decoded.test_files.unwrap();
+        assert_eq!(cached.test_files.unwrap(), files);
+        assert_eq!(files.len(), decoded.test.len());
+        assert!(!files.contains(&bad));
+        for (file, &label) in files.iter().zip(decoded.test.labels()) {
+            let class = if label == 0 { "a" } else { "b" };
+            assert!(file.starts_with(broken.join(class)), "{}", file.display());
+        }
+        // The bad picture held out: one picture of two left, the other class's.
+        gap = files.len() == 1;
+        if gap {
+            break;
+        }
+    }
+    assert!(gap, "no seed held the bad picture out");
 
     let empty = case("empty");
     std::fs::create_dir_all(empty.join("c")).unwrap();
