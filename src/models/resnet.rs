@@ -270,8 +270,95 @@ impl ModuleT for ResNet {
             eval_detached(self.fc.weight(), train),
             self.fc.bias().map(|b| eval_detached(b, train)),
         );
-        // The head in f32 whatever the precision: the average over the plane and the logits
-        // that the loss reads.
-        fc.forward(&h.to_dtype(DType::F32)?.mean(format.plane_dims())?)
+        // The logits that the loss reads in f32 whatever the precision.
+        fc.forward(&global_average(&h, format)?)
+    }
+}
+
+/// Each channel's average over the plane, [N, C], in f32. In f32 a mean; in bf16 or f16 a
+/// multiply by ones, which sums in f32 and rounds the sum once (as PyTorch's autocast pools), then
+/// a division in f32. Casting the activation to f32 first made the graph hold an f32 copy of the
+/// last stage's output until the backward pass began, on top of the bf16 one it holds anyway.
+fn global_average(h: &Tensor, format: MemoryFormat) -> candle_core::Result<Tensor> {
+    if h.dtype() == DType::F32 {
+        return h.mean(format.plane_dims());
+    }
+    let (n, c, height, width) = format.nchw_dims(h)?;
+    let plane = height * width;
+    let sums = match format {
+        MemoryFormat::ChannelsFirst => {
+            h.reshape((n * c, plane))?
+                .matmul(&Tensor::ones((plane, 1), h.dtype(), h.device())?)?
+        }
+        MemoryFormat::ChannelsLast => Tensor::ones((n, 1, plane), h.dtype(), h.device())?
+            .matmul(&h.reshape((n, plane, c))?)?,
+    };
+    sums.reshape((n, c))?.to_dtype(DType::F32)? / plane as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// In bf16 and f16, either format: the f32 mean of the values within the one rounding of
+    /// their sum, and to each pixel the upstream gradient over the plane, rounded to the type.
+    #[test]
+    fn global_average_in_half_precision_is_the_mean_rounded_once() {
+        let (n, c, h, w) = (3, 5, 7, 4);
+        let x = crate::ops::random_tensor(&[n, c, h, w], 9);
+        let upstream = crate::ops::random_tensor(&[n, c], 10);
+        let values = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for (dtype, epsilon) in [(DType::BF16, 2f32.powi(-8)), (DType::F16, 2f32.powi(-11))] {
+            let rounded = x.to_dtype(dtype).unwrap();
+            let exact = values(&rounded.to_dtype(DType::F32).unwrap().mean((2, 3)).unwrap());
+            let magnitude = values(
+                &rounded
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .mean((2, 3))
+                    .unwrap(),
+            );
+            let want_grad = values(
+                &(&upstream / (h * w) as f64)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap()
+                    .unsqueeze(3)
+                    .unwrap()
+                    .broadcast_as((n, c, h, w))
+                    .unwrap(),
+            );
+            for format in [MemoryFormat::ChannelsFirst, MemoryFormat::ChannelsLast] {
+                let input = Var::from_tensor(&format.from_nchw(&rounded).unwrap()).unwrap();
+                let average = global_average(input.as_tensor(), format).unwrap();
+                assert_eq!(average.dtype(), DType::F32);
+                for ((got, want), size) in values(&average).iter().zip(&exact).zip(&magnitude) {
+                    assert!(
+                        (got - want).abs() <= epsilon * size,
+                        "{dtype:?} {format:?}: {got} against {want}"
+                    );
+                }
+                let grads = (&average * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grad = format.to_nchw(grads.get(&input).unwrap()).unwrap();
+                assert_eq!(values(&grad), want_grad, "{dtype:?} {format:?}");
+            }
+        }
     }
 }
