@@ -264,8 +264,8 @@ fn evaluate_images(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use candle_core::DType;
+    use candle_core::Device;
 
     /// A linear "model" whose every pixel has its own weight per class, so that a flip or a
     /// shift of the image changes its logits.
