@@ -46,9 +46,7 @@ impl PoolParams {
             .min(size);
         start..end
     }
-}
 
-impl PoolParams {
     /// `nn.MaxPool2d(k)`: k x k windows that tile the plane (stride k, no padding).
     pub fn tiles(k: usize) -> Self {
         Self {
@@ -75,15 +73,15 @@ pub fn max_pool2d_in(
     format: MemoryFormat,
 ) -> candle_core::Result<Tensor> {
     let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda();
-    if on_cuda && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.rank() == 4 {
+    let cuda_kernels =
+        on_cuda && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.rank() == 4;
+    let first = format == MemoryFormat::ChannelsFirst;
+    let cpu_kernels = first && x.device().is_cpu() && x.dtype() == DType::F32;
+    if cuda_kernels || cpu_kernels {
         return x.contiguous()?.apply_op1(Pool { p, format });
     }
-    if format == MemoryFormat::ChannelsFirst {
-        return if x.device().is_cpu() && x.dtype() == DType::F32 {
-            x.contiguous()?.apply_op1(MaxPool { p })
-        } else {
-            max_pool2d_reference(x, p)
-        };
+    if first {
+        return max_pool2d_reference(x, p);
     }
     if p != PoolParams::tiles(p.kernel) {
         return format.from_nchw(&max_pool2d(&format.to_nchw(x)?, p)?);
@@ -98,14 +96,47 @@ pub fn max_pool2d_in(
         .max(2)
 }
 
-/// Max-pooling on CUDA; the backward pass finds each window's winner again (PyTorch keeps their
-/// indices, 8 bytes an output value).
+/// Sizes of one pooling: input plane, output plane.
+struct Planes {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// Max-pooling by kiln's kernels: CUDA's (either format) and the CPU's (channels first, f32).
+/// The backward pass finds each window's winner again (PyTorch keeps their indices, 8 bytes an
+/// output value).
 struct Pool {
     p: PoolParams,
     format: MemoryFormat,
 }
 
 impl Pool {
+    fn planes(&self, h: usize, w: usize) -> candle_core::Result<Planes> {
+        Ok(Planes {
+            h,
+            w,
+            oh: self.p.out(h)?,
+            ow: self.p.out(w)?,
+        })
+    }
+
+    /// The flat index within the plane of window (oy, ox)'s first maximum.
+    fn winner(&self, plane: &[f32], g: &Planes, oy: usize, ox: usize) -> usize {
+        let (rows, cols) = (self.p.window(oy, g.h), self.p.window(ox, g.w));
+        let mut best = (rows.start * g.w + cols.start, f32::NEG_INFINITY);
+        for y in rows {
+            for x in cols.clone() {
+                let v = plane[y * g.w + x];
+                if v > best.1 {
+                    best = (y * g.w + x, v);
+                }
+            }
+        }
+        best.0
+    }
+
     /// The output's shape and the kernels' description of the pooling, for input `layout`
     /// (`operands`: the layouts of all it reads, for the eight-channel kernels' alignment).
     #[cfg(feature = "cuda")]
@@ -189,7 +220,25 @@ impl CustomOp1 for Pool {
         "kiln-max-pool"
     }
 
-    crate::ops::cuda_only_cpu_fwd!(1, "the CPU has its own kernel");
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.format != MemoryFormat::ChannelsFirst {
+            candle_core::bail!("kiln-max-pool: the CPU kernel reads channels first");
+        }
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let g = self.planes(h, w)?;
+        let x = contiguous_f32(xs, xl, "input")?;
+        let mut out = vec![0f32; n * c * g.oh * g.ow];
+        out.par_chunks_mut(g.oh * g.ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(out, plane)| {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        out[oy * g.ow + ox] = plane[self.winner(plane, &g, oy, ox)];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, g.oh, g.ow))))
+    }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -235,8 +284,6 @@ impl CustomOp1 for Pool {
 
 /// The input's gradient: each window's gradient to its winner, zero elsewhere.
 struct PoolGrad {
-    // Read by the CUDA launch alone.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pool: Pool,
 }
 
@@ -245,7 +292,31 @@ impl CustomOp2 for PoolGrad {
         "kiln-max-pool-grad"
     }
 
-    crate::ops::cuda_only_cpu_fwd!(2);
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let g = self.pool.planes(h, w)?;
+        let (x, grad) = (
+            contiguous_f32(xs, xl, "input")?,
+            contiguous_f32(gs, gl, "gradient")?,
+        );
+        let mut dx = vec![0f32; n * c * h * w];
+        dx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(grad.par_chunks(g.oh * g.ow)))
+            .for_each(|(dx, (plane, grad))| {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        dx[self.pool.winner(plane, &g, oy, ox)] += grad[oy * g.ow + ox];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -324,114 +395,6 @@ pub fn max_pool2d_reference(x: &Tensor, p: PoolParams) -> candle_core::Result<Te
         }
     }
     Tensor::stack(&taps, 4)?.max(4)
-}
-
-struct MaxPool {
-    p: PoolParams,
-}
-
-/// Sizes of one pooling: input plane, output plane.
-struct Planes {
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl MaxPool {
-    fn planes(&self, h: usize, w: usize) -> candle_core::Result<Planes> {
-        Ok(Planes {
-            h,
-            w,
-            oh: self.p.out(h)?,
-            ow: self.p.out(w)?,
-        })
-    }
-
-    /// The flat index within the plane of window (oy, ox)'s first maximum.
-    fn winner(&self, plane: &[f32], g: &Planes, oy: usize, ox: usize) -> usize {
-        let (rows, cols) = (self.p.window(oy, g.h), self.p.window(ox, g.w));
-        let mut best = (rows.start * g.w + cols.start, f32::NEG_INFINITY);
-        for y in rows {
-            for x in cols.clone() {
-                let v = plane[y * g.w + x];
-                if v > best.1 {
-                    best = (y * g.w + x, v);
-                }
-            }
-        }
-        best.0
-    }
-}
-
-impl CustomOp1 for MaxPool {
-    fn name(&self) -> &'static str {
-        "kiln-max-pool2d"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
-        let g = self.planes(h, w)?;
-        let x = contiguous_f32(xs, xl, "input")?;
-        let mut out = vec![0f32; n * c * g.oh * g.ow];
-        out.par_chunks_mut(g.oh * g.ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(out, plane)| {
-                for oy in 0..g.oh {
-                    for ox in 0..g.ow {
-                        out[oy * g.ow + ox] = plane[self.winner(plane, &g, oy, ox)];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, g.oh, g.ow))))
-    }
-
-    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad,
-            &MaxPoolGrad {
-                pool: MaxPool { p: self.p },
-            },
-        )?))
-    }
-}
-
-/// dL/dX: each window's gradient added to its first maximum.
-struct MaxPoolGrad {
-    pool: MaxPool,
-}
-
-impl CustomOp2 for MaxPoolGrad {
-    fn name(&self) -> &'static str {
-        "kiln-max-pool2d-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
-        let g = self.pool.planes(h, w)?;
-        let (x, grad) = (
-            contiguous_f32(xs, xl, "input")?,
-            contiguous_f32(gs, gl, "gradient")?,
-        );
-        let mut dx = vec![0f32; n * c * h * w];
-        dx.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(grad.par_chunks(g.oh * g.ow)))
-            .for_each(|(dx, (plane, grad))| {
-                for oy in 0..g.oh {
-                    for ox in 0..g.ow {
-                        dx[self.pool.winner(plane, &g, oy, ox)] += grad[oy * g.ow + ox];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
-    }
 }
 
 #[cfg(test)]
