@@ -16,7 +16,7 @@ use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::cifar;
 use kiln::data::folder::FolderOptions;
 use kiln::device::{self, DeviceRequest};
-use kiln::evaluate::{evaluate, evaluate_each, load_model, write_predictions, Evaluation};
+use kiln::evaluate::{evaluate_into, load_model, write_predictions, Evaluation, ImageOutputs};
 use kiln::plots;
 
 const EXAMPLES: &str = "\
@@ -141,33 +141,24 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let stats = loaded.input_stats(data_stats);
     let test = DeviceSet::new(test, stats, &device)?;
     let mut buffer = BatchBuffer::default();
-    let model = loaded.built.module.as_ref();
-    let batch_size = cli.batch_size as usize;
-    let f32 = candle_core::DType::F32;
-    let eval = match &cli.predictions {
-        Some(path) => {
-            let (eval, outputs) = evaluate_each(
-                model,
-                &test,
-                batch_size,
-                &mut buffer,
-                classes.len(),
-                cli.tta,
-                f32,
-            )?;
-            write_predictions(path, &outputs, test.labels(), files.as_deref())?;
-            eval
-        }
-        None => evaluate(
-            model,
-            &test,
-            batch_size,
-            &mut buffer,
-            classes.len(),
-            cli.tta,
-            f32,
-        )?,
-    };
+    // Each picture's logits are kept, and read back per batch, only for --predictions.
+    let mut outputs = cli
+        .predictions
+        .as_ref()
+        .map(|_| ImageOutputs::new(classes.len()));
+    let eval = evaluate_into(
+        loaded.built.module.as_ref(),
+        &test,
+        cli.batch_size as usize,
+        &mut buffer,
+        classes.len(),
+        cli.tta,
+        candle_core::DType::F32,
+        outputs.as_mut(),
+    )?;
+    if let (Some(path), Some(outputs)) = (&cli.predictions, &outputs) {
+        write_predictions(path, outputs, test.labels(), files.as_deref())?;
+    }
     let picture = cli.checkpoint.with_file_name("confusion.png");
     let name = cli
         .checkpoint

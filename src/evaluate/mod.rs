@@ -89,6 +89,31 @@ pub fn evaluate(
     tta: bool,
     dtype: candle_core::DType,
 ) -> Result<Evaluation> {
+    evaluate_into(
+        model,
+        set,
+        batch_size,
+        buffer,
+        num_classes,
+        tta,
+        dtype,
+        None,
+    )
+}
+
+/// [`evaluate`], appending each image's logits and predicted class to `outputs` where given
+/// (read back per batch, so only when asked).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_into(
+    model: &dyn ModuleT,
+    set: &DeviceSet,
+    batch_size: usize,
+    buffer: &mut BatchBuffer,
+    num_classes: usize,
+    tta: bool,
+    dtype: candle_core::DType,
+    outputs: Option<&mut ImageOutputs>,
+) -> Result<Evaluation> {
     let all: Vec<usize> = (0..set.len()).collect();
     evaluate_images(
         model,
@@ -99,39 +124,8 @@ pub fn evaluate(
         num_classes,
         tta,
         dtype,
-        None,
+        outputs,
     )
-}
-
-/// [`evaluate`], keeping each image's logits and predicted class too.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_each(
-    model: &dyn ModuleT,
-    set: &DeviceSet,
-    batch_size: usize,
-    buffer: &mut BatchBuffer,
-    num_classes: usize,
-    tta: bool,
-    dtype: candle_core::DType,
-) -> Result<(Evaluation, ImageOutputs)> {
-    let all: Vec<usize> = (0..set.len()).collect();
-    let mut outputs = ImageOutputs {
-        classes: num_classes,
-        logits: Vec::new(),
-        predicted: Vec::new(),
-    };
-    let eval = evaluate_images(
-        model,
-        set,
-        &all,
-        batch_size,
-        buffer,
-        num_classes,
-        tta,
-        dtype,
-        Some(&mut outputs),
-    )?;
-    Ok((eval, outputs))
 }
 
 /// [`evaluate`] shared by the ranks of a data-parallel run: each evaluates every W-th image
@@ -415,8 +409,18 @@ mod tests {
         let set = crate::data::synthetic::generate(30, 0);
         let set = DeviceSet::new(set, crate::data::ChannelStats::CIFAR10, &Device::Cpu).unwrap();
         let mut buffer = BatchBuffer::default();
-        let (eval, outputs) =
-            evaluate_each(&model, &set, 7, &mut buffer, 10, false, DType::F32).unwrap();
+        let mut outputs = ImageOutputs::new(10);
+        let eval = evaluate_into(
+            &model,
+            &set,
+            7,
+            &mut buffer,
+            10,
+            false,
+            DType::F32,
+            Some(&mut outputs),
+        )
+        .unwrap();
         let plain = evaluate(&model, &set, 7, &mut buffer, 10, false, DType::F32).unwrap();
         assert_eq!(eval.confusion, plain.confusion);
         assert_eq!(eval.loss, plain.loss);

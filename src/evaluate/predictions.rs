@@ -15,6 +15,15 @@ pub struct ImageOutputs {
 }
 
 impl ImageOutputs {
+    /// None yet, of a model with `classes` outputs.
+    pub fn new(classes: usize) -> Self {
+        Self {
+            classes,
+            logits: Vec::new(),
+            predicted: Vec::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.predicted.len()
     }
