@@ -796,7 +796,8 @@ fn optimizer_steps_on_the_gpu_give_the_cpus_bits() {
 }
 
 /// The backward pass's gradient sums (kiln's kernels, `ops::GradKernels`) give the CPU's sums
-/// bit for bit, eight at a time or one, f32 and bf16; and candle's backward pass, given them,
+/// bit for bit, eight at a time or one, f32, bf16 and f16, into a new tensor or written into the
+/// held one; and candle's backward pass, given them,
 /// adds the gradients of a tensor with two consumers.
 #[test]
 fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
@@ -837,6 +838,21 @@ fn gradient_sums_on_the_gpu_are_the_cpus_bit_for_bit() {
             values(&gated_on_cpu),
             values(&gated_on_gpu),
             "{shape:?} {dtype:?} gated"
+        );
+        // Both written into the held gradient, as the pass does where the store alone holds it.
+        let held = a.copy().unwrap();
+        assert!(ops::GradKernels.add_in_place(&held, &b).unwrap());
+        assert_eq!(
+            values(&on_cpu),
+            values(&held),
+            "{shape:?} {dtype:?} in place"
+        );
+        let held = a.copy().unwrap();
+        assert!(ops::GradKernels.add_gated_in_place(&held, &b, &y).unwrap());
+        assert_eq!(
+            values(&gated_on_cpu),
+            values(&held),
+            "{shape:?} {dtype:?} gated in place"
         );
     }
     let x = Var::from_tensor(&ops_input(&[4096], 3).to_device(&gpu).unwrap()).unwrap();

@@ -207,6 +207,40 @@ pub fn elementwise<T: KernelFloat>(
     Ok(out)
 }
 
+/// The same kernels' in-place forms (`add_same_into`, `add_gated_into`): the first operand,
+/// `dst`, is also the output, the others are `inputs`.
+pub fn elementwise_into<T: KernelFloat>(
+    name: &str,
+    dst: (&mut CudaStorage, &Layout),
+    inputs: &[(&CudaStorage, &Layout)],
+) -> candle_core::Result<()> {
+    let (dst, dst_layout) = dst;
+    let dev = dst.device.clone();
+    let views = inputs
+        .iter()
+        .map(|&(s, l)| view::<T>(s, l, "input"))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut out = view_mut::<T>(dst, dst_layout, "output")?;
+    let total = dst_layout.shape().elem_count();
+    let func = kernel_for::<T>(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let layouts: Vec<&Layout> = std::iter::once(dst_layout)
+        .chain(inputs.iter().map(|&(_, l)| l))
+        .collect();
+    let wide = eights(total, &layouts);
+    let wide32 = i32::from(wide);
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&mut out);
+    for v in &views {
+        launch.arg(v);
+    }
+    launch.arg(&total).arg(&wide32);
+    // SAFETY: `dst` and every input hold `total` contiguous `T` values (same shapes, checked by
+    // the callers); each thread reads its values of `dst` before it writes them.
+    unsafe { launch.launch(per_value(total, wide)) }.w()?;
+    Ok(())
+}
+
 /// One block: for kernels that reduce a batch to a few numbers.
 pub fn one_block() -> LaunchConfig {
     LaunchConfig {

@@ -61,6 +61,15 @@ __device__ void add_gated_run(const T* a, const T* b, const T* y, I total, T* ou
     extern "C" __global__ void add_gated_##SUFFIX(const T* a, const T* b, const T* y,          \
                                                   size_t total, int vec8, T* out) {            \
         BY_SHAPE(total, vec8, (add_gated_run<T, I, W>(a, b, y, (I)total, out)))                 \
+    }                                                                                          \
+    /* In place, into the held gradient a: each thread reads its values before writing them. */ \
+    extern "C" __global__ void add_same_into_##SUFFIX(T* a, const T* b, size_t total,          \
+                                                      int vec8) {                              \
+        pair(a, b, total, 2, vec8, a);                                                         \
+    }                                                                                          \
+    extern "C" __global__ void add_gated_into_##SUFFIX(T* a, const T* b, const T* y,           \
+                                                       size_t total, int vec8) {               \
+        BY_SHAPE(total, vec8, (add_gated_run<T, I, W>(a, b, y, (I)total, a)))                   \
     }
 
 RESIDUAL_ENTRY_POINTS(float, f32)

@@ -1,16 +1,20 @@
 //! The elementwise ends of a residual block, and the backward pass's gradient arithmetic
 //! ([`GradKernels`]): `relu(a + b)` with its gradient gate read from the output, and `a + b` of
 //! two gradients of one tensor, passed through the tensor's ReLU in the same pass where it ends
-//! in one. kiln's kernels on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16, eight
-//! values a thread in 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same`, `add_gated` in
-//! residual.cu); candle's composition elsewhere, which is also the reference for the tests. Any
-//! memory format: each value meets only its partners.
+//! in one; both sums written into the held gradient where nothing else reads it. kiln's kernels
+//! on the CPU (f32, in parallel chunks) and CUDA (f32, bf16 or f16, eight values a thread in
+//! 16-byte accesses: `add_relu_fwd`, `relu_gate`, `add_same`, `add_gated` and the last two's
+//! `_into` forms in residual.cu); candle's composition elsewhere, which is also the reference for
+//! the tests. Any memory format: each value meets only its partners.
 use candle_core::backprop::{CandleGradOps, GradOps};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Shape, Tensor,
+};
+use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::by_float;
-use super::{contiguous_f32, par_collect};
+use super::{contiguous_f32, contiguous_f32_mut, par_collect};
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 
@@ -178,9 +182,12 @@ impl CustomOp2 for AddRelu {
 /// kiln's gradient arithmetic for candle's backward pass
 /// ([`Tensor::backward_consuming_with`]): the sums of two gradients of one tensor (a residual
 /// block's input) in kiln's vectorised kernel for same-shaped f32, bf16 or f16 tensors on CUDA
-/// (candle's addition moves bf16 two bytes a thread), candle's addition elsewhere; where the tensor is a ReLU-ended op's output (the previous
-/// block's end), the sum passed through that ReLU in the same pass, on CUDA and the CPU (f32),
-/// so the gradient is read and written once, not twice; and the ReLU gate in kiln's kernel.
+/// (candle's addition moves bf16 two bytes a thread), candle's addition elsewhere; where the
+/// tensor is a ReLU-ended op's output (the previous block's end), the sum passed through that
+/// ReLU in the same pass, on CUDA and the CPU (f32), so the gradient is read and written once,
+/// not twice; both into the held gradient where the gradient store alone holds it (the pass
+/// then needs no third tensor for the sum, as PyTorch's autograd accumulates in place); and the
+/// ReLU gate in kiln's kernel.
 pub struct GradKernels;
 
 impl GradOps for GradKernels {
@@ -207,6 +214,28 @@ impl GradOps for GradKernels {
         }
         let (held, grad) = (held.contiguous()?, grad.contiguous()?);
         held.apply_op3_no_bwd(&grad, y, &AddGated).map(Some)
+    }
+
+    fn add_in_place(&self, held: &Tensor, grad: &Tensor) -> candle_core::Result<bool> {
+        if !(alike(held, grad) && ours(held.device(), held.dtype())) {
+            return Ok(false);
+        }
+        held.inplace_op2(&grad.contiguous()?, &AddInto)?;
+        Ok(true)
+    }
+
+    fn add_gated_in_place(
+        &self,
+        held: &Tensor,
+        grad: &Tensor,
+        y: &Tensor,
+    ) -> candle_core::Result<bool> {
+        let fits = alike(held, grad) && alike(held, y) && y.is_contiguous();
+        if !(fits && ours(held.device(), held.dtype())) {
+            return Ok(false);
+        }
+        held.inplace_op3(&grad.contiguous()?, y, &AddGatedInto)?;
+        Ok(true)
     }
 
     fn gate(&self, grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
@@ -278,6 +307,104 @@ impl CustomOp3 for AddGated {
             "grad_kernels",
             &[(a_s, al), (bs, bl), (ys, yl)],
         )
+    }
+}
+
+/// `a += b` where `y > 0`, else `a = 0`: [`AddGated`] into the held gradient.
+struct AddGatedInto;
+
+impl InplaceOp3 for AddGatedInto {
+    fn name(&self) -> &'static str {
+        "kiln-add-gated-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a_s: &mut CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<()> {
+        same_shapes("add_gated_into", al, bl)?;
+        same_shapes("add_gated_into", al, yl)?;
+        let (b, y) = (
+            contiguous_f32(bs, bl, "gradient")?,
+            contiguous_f32(ys, yl, "output")?,
+        );
+        let a = contiguous_f32_mut(a_s, al, "held gradient")?;
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(|(a, (b, y))| {
+                for ((a, &b), &y) in a.iter_mut().zip(b).zip(y) {
+                    *a = if y > 0.0 { *a + b } else { 0.0 };
+                }
+            });
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a_s: &mut candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<()> {
+        same_shapes("add_gated_into", al, bl)?;
+        same_shapes("add_gated_into", al, yl)?;
+        by_float!(a_s.dtype(), T => super::cuda::elementwise_into::<T>(
+            "add_gated_into",
+            (a_s, al),
+            &[(bs, bl), (ys, yl)],
+        ))
+    }
+}
+
+/// Elements a CPU thread takes at a time in the in-place sums.
+const CHUNK: usize = 1 << 14;
+
+/// `a += b`, same shapes: [`AddSame`] into the held gradient, on the CPU (f32) too.
+struct AddInto;
+
+impl InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "kiln-add-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a_s: &mut CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        same_shapes("add_into", al, bl)?;
+        let b = contiguous_f32(bs, bl, "gradient")?;
+        let a = contiguous_f32_mut(a_s, al, "held gradient")?;
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a_s: &mut candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        same_shapes("add_into", al, bl)?;
+        by_float!(a_s.dtype(), T => super::cuda::elementwise_into::<T>(
+            "add_same_into",
+            (a_s, al),
+            &[(bs, bl)],
+        ))
     }
 }
 
@@ -403,6 +530,106 @@ mod tests {
             ] {
                 let fused = run(true, reversed, ops);
                 assert!(fused == composed, "{name}, reversed {reversed}");
+            }
+        }
+    }
+
+    /// kiln's arithmetic, counting the sums it makes in place and into new tensors.
+    #[derive(Default)]
+    struct Counted {
+        in_place: std::cell::Cell<usize>,
+        fresh: std::cell::Cell<usize>,
+    }
+
+    impl Counted {
+        fn tally<T>(&self, in_place: bool, result: T) -> T {
+            let count = if in_place {
+                &self.in_place
+            } else {
+                &self.fresh
+            };
+            count.set(count.get() + 1);
+            result
+        }
+    }
+
+    impl GradOps for Counted {
+        fn add(&self, held: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+            self.tally(false, GradKernels.add(held, grad))
+        }
+        fn add_gated(
+            &self,
+            held: &Tensor,
+            grad: &Tensor,
+            y: &Tensor,
+        ) -> candle_core::Result<Option<Tensor>> {
+            let sum = GradKernels.add_gated(held, grad, y)?;
+            Ok(match sum {
+                Some(sum) => self.tally(false, Some(sum)),
+                None => None,
+            })
+        }
+        fn add_in_place(&self, held: &Tensor, grad: &Tensor) -> candle_core::Result<bool> {
+            let done = GradKernels.add_in_place(held, grad)?;
+            Ok(done && self.tally(true, true))
+        }
+        fn add_gated_in_place(
+            &self,
+            held: &Tensor,
+            grad: &Tensor,
+            y: &Tensor,
+        ) -> candle_core::Result<bool> {
+            let done = GradKernels.add_gated_in_place(held, grad, y)?;
+            Ok(done && self.tally(true, true))
+        }
+        fn gate(&self, grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+            GradKernels.gate(grad, y)
+        }
+    }
+
+    /// A block's input `y` (ReLU-ended, or a plain product) feeds the block's end directly and
+    /// through `hops` scalings (the block's branch): the pass adds the branch's gradient into
+    /// the one held in place where the store alone holds it (the branch's nodes let go of it
+    /// after their first hop), into a new tensor where another handle still reads it (a branch
+    /// of one hop, whose node holds the same gradient while it runs), with the gradients of
+    /// candle's own arithmetic bit for bit either way.
+    #[test]
+    fn gradient_sums_run_in_place_where_nothing_else_reads_the_held_gradient() {
+        let n = 5000;
+        let vars = [1, 2].map(|seed| Var::from_tensor(&random(&[n], seed)).unwrap());
+        let w = random(&[n], 3);
+        let run = |relu_ended: bool, hops: usize, ops: &dyn GradOps| {
+            let [a, b] = vars.each_ref().map(Var::as_tensor);
+            let y = match relu_ended {
+                true => add_relu(a, b).unwrap(),
+                false => (a * b).unwrap(),
+            };
+            // Scalings: their gradients hold no handle on the one they scale.
+            let mut branch = y.clone();
+            for hop in 0..hops {
+                branch = branch.affine(0.75 + hop as f64, 0.25).unwrap();
+            }
+            let z = add_relu(&branch, &y).unwrap();
+            let loss = (&z * &w).unwrap().sum_all().unwrap();
+            let grads = loss.backward_consuming_with(ops).unwrap();
+            vars.each_ref().map(|var| {
+                let grad = (grads.get(var).unwrap() + 0.0).unwrap();
+                let values = grad.to_vec1::<f32>().unwrap();
+                values.iter().map(|g| g.to_bits()).collect::<Vec<_>>()
+            })
+        };
+        for relu_ended in [true, false] {
+            for (hops, in_place) in [(2, 1), (3, 1), (1, 0)] {
+                let counted = Counted::default();
+                let ours = run(relu_ended, hops, &counted);
+                let what = format!("ReLU-ended {relu_ended}, {hops} hops");
+                assert_eq!(counted.in_place.get(), in_place, "{what}: sums in place");
+                assert_eq!(
+                    counted.fresh.get(),
+                    1 - in_place,
+                    "{what}: sums into new tensors"
+                );
+                assert!(ours == run(relu_ended, hops, &CandleGradOps), "{what}");
             }
         }
     }

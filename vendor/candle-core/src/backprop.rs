@@ -736,6 +736,19 @@ pub trait GradOps {
         Ok(None)
     }
 
+    /// `held += grad` in `held`'s own memory, which nothing but the gradient store reads (so
+    /// the pass holds no third tensor for the sum, as PyTorch's autograd accumulates in place);
+    /// `false` where the application has no such kernel: the pass then uses [`GradOps::add`].
+    fn add_in_place(&self, _held: &Tensor, _grad: &Tensor) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// [`GradOps::add_gated`] written into `held`, as [`GradOps::add_in_place`]; `false` where
+    /// not available.
+    fn add_gated_in_place(&self, _held: &Tensor, _grad: &Tensor, _y: &Tensor) -> Result<bool> {
+        Ok(false)
+    }
+
     /// `grad` where `y > 0`, else 0: a ReLU's gradient read from its output `y`.
     fn gate(&self, grad: &Tensor, y: &Tensor) -> Result<Tensor> {
         y.gt(0f64)?.where_cond(grad, &grad.zeros_like()?)
@@ -795,7 +808,19 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor, ops: &dyn GradOps) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let gated = match relu_ended(tensor) {
+                let (ended, held) = (relu_ended(tensor), entry.get());
+                // In place where the store's handle is the held gradient's only one.
+                if held.is_sole_owner() && held.is_contiguous() {
+                    if ended && ops.add_gated_in_place(held, grad, tensor)? {
+                        self.1.insert(tensor.id());
+                        return Ok(());
+                    }
+                    if ops.add_in_place(held, grad)? {
+                        self.1.remove(&tensor.id());
+                        return Ok(());
+                    }
+                }
+                let gated = match ended {
                     true => ops.add_gated(entry.get(), grad, tensor)?,
                     false => None,
                 };

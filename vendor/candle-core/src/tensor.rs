@@ -2788,6 +2788,13 @@ impl Tensor {
         std::ptr::from_ref(lock).addr()
     }
 
+    /// Whether this handle is the only one to the tensor and the tensor the only one over its
+    /// memory (no clone, view or detached copy shares it): writing it in place then changes
+    /// nothing that anything else can read.
+    pub(crate) fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.storage) == 1
+    }
+
     /// Check if two tensors share the same underlying allocation.
     #[inline]
     pub(crate) fn same_storage(&self, rhs: &Self) -> bool {
