@@ -6,7 +6,7 @@
 //!     cargo bench --bench train_step -- [--model simplecnn|resnet18|resnet50] [--device cpu|cuda]
 //!         [--threads N] [--repeats N] [--steps N] [--batches 64,512]
 //!         [--precision auto|f32|bf16|f16] [--memory-format first|last] [--side 32|224]
-//!         [--keep-graph] [--kiln-only]
+//!         [--keep-graph] [--kiln-only] [--census]
 //!
 //! `--precision bf16`: kiln's mixed precision (bf16 activations, f32 master weights) against
 //! PyTorch's bf16 autocast with channels_last, the fastest eager setting a PyTorch user picks;
@@ -16,6 +16,7 @@
 //! from 64 on the ResNets take ImageNet's stem, as torchvision's). `--keep-graph`: the step
 //! holds its loss and logits through the backward pass, as a caller of candle's
 //! `Tensor::backward` does, so that nothing is freed before it returns (what the freeing saves).
+//! `--census`: what the forward graph holds at its end, by op and shape, each memory once.
 //!
 //! Peak device memory (CUDA), the CUDA context left out of both: "MiB", the allocator's pool at
 //! its fullest over the whole run, cuDNN's algorithm search included (kiln's reserved high
@@ -138,7 +139,7 @@ fn kiln(
     steps: usize,
     repeats: usize,
     (dtype, format): (DType, MemoryFormat),
-    (side, keep_graph): (usize, bool),
+    (side, keep_graph, census): (usize, bool, bool),
 ) -> kiln::Result<(Vec<f64>, Memory, f64)> {
     let (spec, config) = resolve(Some(model), None, &Overrides::default())?;
     let mut arch = models::Architecture::new(10, side, models::Stem::Auto, 64)?;
@@ -150,9 +151,22 @@ fn kiln(
         optim::for_precision(optimizer, built.params.vars(), dtype, config.loss_scale);
     let images = Tensor::randn(0f32, 1.0, (batch, 3, side, side), device)?;
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect(), batch, device)?;
+    if census {
+        let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
+        print_census(&cross_entropy(
+            &logits,
+            &labels,
+            config.label_smoothing as f32,
+        )?);
+    }
     if device.is_cpu() {
         // What one step holds: the forward graph at its end, and the backward pass's peak above
         // the step's start (weights, optimizer state and the batch are there before and after).
+        // A pass first, so that the convolutions' per-thread scratch (kept from call to call)
+        // is there before the count starts and left out of it.
+        let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
+        let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
+        drop((logits, optimizer.backward(loss)?));
         let start = heap::live();
         let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
         let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
@@ -288,6 +302,40 @@ fn pytorch(
     Ok((rates, memory))
 }
 
+/// `--census`: what the forward graph behind `loss` holds, by the op that made each tensor and
+/// its shape, each memory once, the parameters left out: to set beside what PyTorch's autograd
+/// saves (`pytorch/train_step.py --saved`). Tensors that no op made from a parameter (the batch)
+/// are not nodes of the graph and are left out too.
+fn print_census(loss: &Tensor) {
+    let mut seen = std::collections::HashSet::new();
+    let mut rows = std::collections::BTreeMap::<(String, Vec<usize>, String), (usize, u64)>::new();
+    for t in loss.sorted_nodes() {
+        let Some(op) = t.op_name() else { continue };
+        let memory = {
+            let (storage, _) = t.storage_and_layout();
+            std::ptr::from_ref(&*storage).addr()
+        };
+        if !seen.insert(memory) {
+            continue;
+        }
+        let row = rows.entry((op, t.dims().to_vec(), t.dtype().as_str().to_string()));
+        let row = row.or_default();
+        row.0 += 1;
+        row.1 += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    }
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    rows.sort_by_key(|(_, (_, bytes))| std::cmp::Reverse(*bytes));
+    println!("the forward graph at its end, by op and shape (count, MiB):");
+    for ((op, dims, dtype), (count, bytes)) in &rows {
+        println!(
+            "  {op:<28} {dims:?} {dtype}: {count} x = {}",
+            mib(Some(*bytes))
+        );
+    }
+    let total = rows.iter().map(|(_, (_, bytes))| bytes).sum::<u64>();
+    println!("  total: {} MiB", mib(Some(total)));
+}
+
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("-".to_string(), |b| {
         format!("{:.1}", b as f64 / (1 << 20) as f64)
@@ -332,6 +380,7 @@ fn main() {
     let side: usize = arg("--side").unwrap_or(32);
     let flag = |name: &str| std::env::args().any(|a| a == name);
     let (keep_graph, kiln_only) = (flag("--keep-graph"), flag("--kiln-only"));
+    let census = flag("--census");
     let on_gpu = !device.is_cpu();
     println!(
         "{model} training step, {side}x{side} images{} on {}",
@@ -386,7 +435,7 @@ fn main() {
             steps,
             repeats,
             (dtype, format),
-            (side, keep_graph),
+            (side, keep_graph, census),
         );
         let (ours, our_peak, host) = match run {
             Ok((rates, peak, host)) => (median(rates), peak, host),

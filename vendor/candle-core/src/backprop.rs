@@ -715,6 +715,33 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// The name of the op that made this tensor in the graph (a custom op's own name), `None`
+    /// where no op did (a variable, data): for counting what a graph holds, op by op.
+    pub fn op_name(&self) -> Option<String> {
+        let name = match self.op().as_ref()? {
+            Op::CustomOp1(_, c) => c.name().to_string(),
+            Op::CustomOp2(_, _, c) => c.name().to_string(),
+            Op::CustomOp3(_, _, _, c) => c.name().to_string(),
+            Op::Binary(_, _, op) => format!("{op:?}"),
+            Op::Unary(_, op) => format!("{op:?}"),
+            Op::Reduce(_, op, _) => format!("{op:?}"),
+            Op::Cmp(..) => "Cmp".to_string(),
+            Op::Matmul(..) => "Matmul".to_string(),
+            Op::Reshape(_) => "Reshape".to_string(),
+            Op::Transpose(..) | Op::Permute(..) => "Transpose".to_string(),
+            Op::Broadcast(_) => "Broadcast".to_string(),
+            Op::Narrow(..) => "Narrow".to_string(),
+            Op::Copy(_) => "Copy".to_string(),
+            Op::ToDType(_) => "ToDType".to_string(),
+            Op::Affine { .. } => "Affine".to_string(),
+            Op::Cat(..) => "Cat".to_string(),
+            _ => "other".to_string(),
+        };
+        Some(name)
+    }
+}
+
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 /// The set: the ReLU-ended tensors ([`crate::CustomOp2::relu_ended`]) whose held gradient the
 /// backward pass has already passed through their ReLU ([`GradOps::add_gated`]).
