@@ -16,7 +16,9 @@ use kiln::data::batches::{BatchBuffer, DeviceSet};
 use kiln::data::cifar;
 use kiln::data::folder::FolderOptions;
 use kiln::device::{self, DeviceRequest};
-use kiln::evaluate::{evaluate_into, load_model, write_predictions, Evaluation, ImageOutputs};
+use kiln::evaluate::{
+    evaluate_into, load_model, write_predictions, EvalSettings, Evaluation, ImageOutputs,
+};
 use kiln::plots;
 
 const EXAMPLES: &str = "\
@@ -146,14 +148,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .predictions
         .as_ref()
         .map(|_| ImageOutputs::new(classes.len()));
+    let settings = EvalSettings {
+        batch_size: cli.batch_size as usize,
+        num_classes: classes.len(),
+        tta: cli.tta,
+        dtype: candle_core::DType::F32,
+    };
     let eval = evaluate_into(
         loaded.built.module.as_ref(),
         &test,
-        cli.batch_size as usize,
         &mut buffer,
-        classes.len(),
-        cli.tta,
-        candle_core::DType::F32,
+        settings,
         outputs.as_mut(),
     )?;
     if let (Some(path), Some(outputs)) = (&cli.predictions, &outputs) {

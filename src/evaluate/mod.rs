@@ -75,88 +75,56 @@ pub fn tta_logits(model: &dyn ModuleT, images: &Tensor) -> Result<Tensor> {
     Ok((centre + shifted)?)
 }
 
-/// Runs `model` (in evaluation mode) over every image of `set` in batches of `batch_size`,
-/// written into `buffer`, the images in `dtype` (the training loop's precision; f32 for
-/// `evaluate`); labels are in 0..num_classes; with `tta`, on [`tta_logits`]' views. The sums
-/// stay on the device until the end: one read, not one per batch.
-#[allow(clippy::too_many_arguments)]
+/// How an evaluation runs: images in batches of `batch_size`, labels in 0..`num_classes`, with
+/// `tta` on [`tta_logits`]' views, the images in `dtype` (the training loop's precision; f32 for
+/// `evaluate`).
+#[derive(Clone, Copy, Debug)]
+pub struct EvalSettings {
+    pub batch_size: usize,
+    pub num_classes: usize,
+    pub tta: bool,
+    pub dtype: candle_core::DType,
+}
+
+/// Runs `model` (in evaluation mode) over every image of `set` as `settings` say, written into
+/// `buffer`. The sums stay on the device until the end: one read, not one per batch.
 pub fn evaluate(
     model: &dyn ModuleT,
     set: &DeviceSet,
-    batch_size: usize,
     buffer: &mut BatchBuffer,
-    num_classes: usize,
-    tta: bool,
-    dtype: candle_core::DType,
+    settings: EvalSettings,
 ) -> Result<Evaluation> {
-    evaluate_into(
-        model,
-        set,
-        batch_size,
-        buffer,
-        num_classes,
-        tta,
-        dtype,
-        None,
-    )
+    evaluate_into(model, set, buffer, settings, None)
 }
 
 /// [`evaluate`], appending each image's logits and predicted class to `outputs` where given
 /// (read back per batch, so only when asked).
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate_into(
     model: &dyn ModuleT,
     set: &DeviceSet,
-    batch_size: usize,
     buffer: &mut BatchBuffer,
-    num_classes: usize,
-    tta: bool,
-    dtype: candle_core::DType,
+    settings: EvalSettings,
     outputs: Option<&mut ImageOutputs>,
 ) -> Result<Evaluation> {
     let all: Vec<usize> = (0..set.len()).collect();
-    evaluate_images(
-        model,
-        set,
-        &all,
-        batch_size,
-        buffer,
-        num_classes,
-        tta,
-        dtype,
-        outputs,
-    )
+    evaluate_images(model, set, &all, buffer, settings, outputs)
 }
 
 /// [`evaluate`] shared by the ranks of a data-parallel run: each evaluates every W-th image
 /// from its rank, and the loss and confusion matrix are summed over the ranks, so each holds
 /// the figures of the whole set.
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate_share(
     world: &World,
     model: &dyn ModuleT,
     set: &DeviceSet,
-    batch_size: usize,
     buffer: &mut BatchBuffer,
-    num_classes: usize,
-    tta: bool,
-    dtype: candle_core::DType,
+    settings: EvalSettings,
 ) -> Result<Evaluation> {
     if !world.is_distributed() {
-        return evaluate(model, set, batch_size, buffer, num_classes, tta, dtype);
+        return evaluate(model, set, buffer, settings);
     }
     let share: Vec<usize> = world.share(0..set.len()).collect();
-    let part = evaluate_images(
-        model,
-        set,
-        &share,
-        batch_size,
-        buffer,
-        num_classes,
-        tta,
-        dtype,
-        None,
-    )?;
+    let part = evaluate_images(model, set, &share, buffer, settings, None)?;
     let images = part.total() as f64;
     let loss_sum = if images > 0.0 {
         part.loss * images
@@ -169,6 +137,7 @@ pub fn evaluate_share(
         .collect();
     world.sum_f64(&mut sums)?;
     let mut cells = sums[1..].iter();
+    let num_classes = settings.num_classes;
     let confusion: Vec<Vec<u64>> = (0..num_classes)
         .map(|_| {
             (0..num_classes)
@@ -187,20 +156,22 @@ pub fn evaluate_share(
     })
 }
 
-/// The images of `set` at `indices`, evaluated in batches of `batch_size`; each image's logits
-/// and predicted class appended to `outputs` where given.
-#[allow(clippy::too_many_arguments)]
+/// The images of `set` at `indices`, evaluated as `settings` say; each image's logits and
+/// predicted class appended to `outputs` where given.
 fn evaluate_images(
     model: &dyn ModuleT,
     set: &DeviceSet,
     indices: &[usize],
-    batch_size: usize,
     buffer: &mut BatchBuffer,
-    num_classes: usize,
-    tta: bool,
-    dtype: candle_core::DType,
+    settings: EvalSettings,
     mut outputs: Option<&mut ImageOutputs>,
 ) -> Result<Evaluation> {
+    let EvalSettings {
+        batch_size,
+        num_classes,
+        tta,
+        dtype,
+    } = settings;
     let mut confusion = vec![vec![0u64; num_classes]; num_classes];
     if indices.is_empty() {
         return Ok(Evaluation {
@@ -260,6 +231,14 @@ mod tests {
     use super::*;
     use candle_core::DType;
     use candle_core::Device;
+
+    /// Batches of 7 (the last one short), ten classes, no test-time augmentation, f32.
+    const SETTINGS: EvalSettings = EvalSettings {
+        batch_size: 7,
+        num_classes: 10,
+        tta: false,
+        dtype: DType::F32,
+    };
 
     /// A linear "model" whose every pixel has its own weight per class, so that a flip or a
     /// shift of the image changes its logits.
@@ -365,16 +344,7 @@ mod tests {
     fn confusion_accuracy_and_loss_of_a_constant_model() {
         let set = crate::data::synthetic::generate(30, 0);
         let set = DeviceSet::new(set, crate::data::ChannelStats::CIFAR10, &Device::Cpu).unwrap();
-        let eval = evaluate(
-            &AlwaysThree,
-            &set,
-            7,
-            &mut BatchBuffer::default(),
-            10,
-            false,
-            candle_core::DType::F32,
-        )
-        .unwrap();
+        let eval = evaluate(&AlwaysThree, &set, &mut BatchBuffer::default(), SETTINGS).unwrap();
         assert_eq!(eval.total(), 30);
         assert!(
             (eval.accuracy() - 0.1).abs() < 1e-12,
@@ -410,18 +380,8 @@ mod tests {
         let set = DeviceSet::new(set, crate::data::ChannelStats::CIFAR10, &Device::Cpu).unwrap();
         let mut buffer = BatchBuffer::default();
         let mut outputs = ImageOutputs::new(10);
-        let eval = evaluate_into(
-            &model,
-            &set,
-            7,
-            &mut buffer,
-            10,
-            false,
-            DType::F32,
-            Some(&mut outputs),
-        )
-        .unwrap();
-        let plain = evaluate(&model, &set, 7, &mut buffer, 10, false, DType::F32).unwrap();
+        let eval = evaluate_into(&model, &set, &mut buffer, SETTINGS, Some(&mut outputs)).unwrap();
+        let plain = evaluate(&model, &set, &mut buffer, SETTINGS).unwrap();
         assert_eq!(eval.confusion, plain.confusion);
         assert_eq!(eval.loss, plain.loss);
         assert_eq!((outputs.len(), outputs.logits.len()), (30, 300));

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::data::batches::{batch_ranges, epoch_order, BatchBuffer, DeviceSet};
 use crate::dist::World;
 use crate::error::{Error, Result};
-use crate::evaluate::{evaluate_share, Evaluation};
+use crate::evaluate::{evaluate_share, EvalSettings, Evaluation};
 use crate::metrics::{EpochRecord, Tally};
 use crate::models::ParamStore;
 use crate::ops::{batch_tally, cross_entropy, Positions};
@@ -312,17 +312,14 @@ pub fn fit(
         let evaluation = phases.time(Phase::Evaluate, || {
             // Replicas whose BatchNorm statistics drifted apart evaluate (and save) rank 0's.
             world.broadcast_state(&state.buffers())?;
-            evaluate_share(
-                world,
-                model,
-                data.test,
-                config.eval_batch_size,
-                &mut test_buffer,
-                data.num_classes,
-                config.tta && epoch == config.epochs,
+            let settings = EvalSettings {
+                batch_size: config.eval_batch_size,
+                num_classes: data.num_classes,
+                tta: config.tta && epoch == config.epochs,
                 // In the training precision, as under autocast (f32 tripled fastnet's TTA).
-                input_dtype,
-            )
+                dtype: input_dtype,
+            };
+            evaluate_share(world, model, data.test, &mut test_buffer, settings)
         })?;
         last_evaluation_seconds = evaluation_start.elapsed().as_secs_f64();
         let record = EpochRecord {
