@@ -61,9 +61,30 @@ fn same_shaped_kernel(
     Ok((out, first_layout.shape().clone()))
 }
 
+/// [`same_shaped_kernel`]'s in-place form: the kernel `name` writes into `dst`, which is also
+/// its first operand.
+#[cfg(feature = "cuda")]
+fn same_shaped_kernel_into(
+    name: &str,
+    what: &str,
+    (dst, dst_layout): (&mut candle_core::CudaStorage, &Layout),
+    inputs: &[(&candle_core::CudaStorage, &Layout)],
+) -> candle_core::Result<()> {
+    for (_, layout) in inputs {
+        same_shapes(what, dst_layout, layout)?;
+    }
+    by_float!(dst.dtype(), T => super::cuda::elementwise_into::<T>(
+        name,
+        (dst, dst_layout),
+        inputs,
+    ))
+}
+
+/// Elements a CPU thread takes at a time in the elementwise ops.
+const CHUNK: usize = 1 << 14;
+
 /// `f(a, b)` for each pair of elements of `a` and `b` (equally long), in parallel chunks.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
     let f = &f;
     par_collect(a.len(), CHUNK, |i| {
         let at = i * CHUNK;
@@ -279,7 +300,6 @@ impl CustomOp3 for AddGated {
             contiguous_f32(ys, yl, "output")?,
         );
         // The sum, then ReLU's gate, as the two passes would: the same bits.
-        const CHUNK: usize = 1 << 14;
         let out = par_collect(a.len(), CHUNK, |i| {
             let at = i * CHUNK;
             a[at..]
@@ -354,18 +374,14 @@ impl InplaceOp3 for AddGatedInto {
         ys: &candle_core::CudaStorage,
         yl: &Layout,
     ) -> candle_core::Result<()> {
-        same_shapes("add_gated_into", al, bl)?;
-        same_shapes("add_gated_into", al, yl)?;
-        by_float!(a_s.dtype(), T => super::cuda::elementwise_into::<T>(
+        same_shaped_kernel_into(
+            "add_gated_into",
             "add_gated_into",
             (a_s, al),
             &[(bs, bl), (ys, yl)],
-        ))
+        )
     }
 }
-
-/// Elements a CPU thread takes at a time in the in-place sums.
-const CHUNK: usize = 1 << 14;
 
 /// `a += b`, same shapes: [`AddSame`] into the held gradient, on the CPU (f32) too.
 struct AddInto;
@@ -399,12 +415,7 @@ impl InplaceOp2 for AddInto {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<()> {
-        same_shapes("add_into", al, bl)?;
-        by_float!(a_s.dtype(), T => super::cuda::elementwise_into::<T>(
-            "add_same_into",
-            (a_s, al),
-            &[(bs, bl)],
-        ))
+        same_shaped_kernel_into("add_same_into", "add_into", (a_s, al), &[(bs, bl)])
     }
 }
 
@@ -431,218 +442,4 @@ impl CustomOp2 for AddSame {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::random_tensor as random;
-    use candle_core::Var;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn add_relu_matches_candles_composition(n in 1usize..40_000, seed in 0u64..1000) {
-            let a = Var::from_tensor(&random(&[n], seed)).unwrap();
-            let b = Var::from_tensor(&random(&[n], seed + 1)).unwrap();
-            let outputs = |fused: bool| {
-                let (x, y) = (a.as_tensor(), b.as_tensor());
-                let out = if fused {
-                    add_relu(x, y).unwrap()
-                } else {
-                    relu(&(x + y).unwrap()).unwrap()
-                };
-                let grads = (&out * random(&[n], 3)).unwrap().sum_all().unwrap().backward().unwrap();
-                [out, grads.get(&a).unwrap().clone(), grads.get(&b).unwrap().clone()]
-                    .map(|t| t.to_vec1::<f32>().unwrap())
-            };
-            let (fused, composed) = (outputs(true), outputs(false));
-            for (name, (x, y)) in ["output", "lhs grad", "rhs grad"].iter().zip(fused.iter().zip(&composed)) {
-                prop_assert_eq!(x, y, "{}", name);
-            }
-        }
-    }
-
-    /// Gradient arithmetic that gates only every other sum it is offered: a sum already gated,
-    /// then added to ungated, must be gated again by the backward pass.
-    struct EveryOther(std::cell::Cell<bool>);
-
-    impl GradOps for EveryOther {
-        fn add_gated(
-            &self,
-            held: &Tensor,
-            grad: &Tensor,
-            y: &Tensor,
-        ) -> candle_core::Result<Option<Tensor>> {
-            let turn = self.0.replace(!self.0.get());
-            match turn {
-                true => GradKernels.add_gated(held, grad, y),
-                false => Ok(None),
-            }
-        }
-    }
-
-    /// A ReLU-ended op's output feeding four consumers, one of them leading to the next
-    /// ReLU-ended op (a residual block's end feeds the next block), one a subtraction (whose
-    /// gradient candle adds outside the gated sums), each passing gradient where the output is
-    /// 0, in two orders: the gradients, gated by the backward pass at the node or in the sum
-    /// (kiln's kernels, candle's arithmetic, or the two mixed), are those of candle's
-    /// composition `relu(a + b)` bit for bit (+0 for -0: the composition multiplies by its mask).
-    #[test]
-    fn relu_ended_outputs_with_several_consumers_get_the_compositions_gradients() {
-        let n = 5000;
-        let vars = [1, 2, 3, 4].map(|seed| Var::from_tensor(&random(&[n], seed)).unwrap());
-        let [u, v, w] = [5, 6, 7].map(|seed| random(&[n], seed));
-        let run = |fused: bool, reversed: bool, ops: &dyn GradOps| {
-            let [a, b, s, c] = vars.each_ref().map(Var::as_tensor);
-            let end = |x: &Tensor, y: &Tensor| match fused {
-                true => add_relu(x, y),
-                false => relu(&(x + y)?),
-            };
-            let y = end(a, b).unwrap();
-            let z = end(&(&y * s).unwrap(), c).unwrap();
-            let d = (&w - &y).unwrap();
-            let mut terms = [(&z, &u), (&y, &v), (&y, &w), (&d, &u)];
-            if reversed {
-                terms.reverse();
-            }
-            let loss = terms
-                .into_iter()
-                .map(|(x, weights)| (x * weights)?.sum_all())
-                .reduce(|sum, term| sum? + term?)
-                .unwrap()
-                .unwrap();
-            let grads = loss.backward_consuming_with(ops).unwrap();
-            vars.each_ref().map(|var| {
-                let grad = (grads.get(var).unwrap() + 0.0).unwrap();
-                grad.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|g| g.to_bits())
-                    .collect::<Vec<_>>()
-            })
-        };
-        for reversed in [false, true] {
-            let composed = run(false, reversed, &CandleGradOps);
-            assert!(composed[0].contains(&0), "some gradients gated");
-            let every_other = EveryOther(std::cell::Cell::new(true));
-            for (name, ops) in [
-                ("kiln's kernels", &GradKernels as &dyn GradOps),
-                ("candle's arithmetic", &CandleGradOps),
-                ("gated every other sum", &every_other),
-            ] {
-                let fused = run(true, reversed, ops);
-                assert!(fused == composed, "{name}, reversed {reversed}");
-            }
-        }
-    }
-
-    /// kiln's arithmetic, counting the sums it makes in place and into new tensors.
-    #[derive(Default)]
-    struct Counted {
-        in_place: std::cell::Cell<usize>,
-        fresh: std::cell::Cell<usize>,
-    }
-
-    impl Counted {
-        fn tally<T>(&self, in_place: bool, result: T) -> T {
-            let count = if in_place {
-                &self.in_place
-            } else {
-                &self.fresh
-            };
-            count.set(count.get() + 1);
-            result
-        }
-    }
-
-    impl GradOps for Counted {
-        fn add(&self, held: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
-            self.tally(false, GradKernels.add(held, grad))
-        }
-        fn add_gated(
-            &self,
-            held: &Tensor,
-            grad: &Tensor,
-            y: &Tensor,
-        ) -> candle_core::Result<Option<Tensor>> {
-            let sum = GradKernels.add_gated(held, grad, y)?;
-            Ok(match sum {
-                Some(sum) => self.tally(false, Some(sum)),
-                None => None,
-            })
-        }
-        fn add_in_place(&self, held: &Tensor, grad: &Tensor) -> candle_core::Result<bool> {
-            let done = GradKernels.add_in_place(held, grad)?;
-            Ok(done && self.tally(true, true))
-        }
-        fn add_gated_in_place(
-            &self,
-            held: &Tensor,
-            grad: &Tensor,
-            y: &Tensor,
-        ) -> candle_core::Result<bool> {
-            let done = GradKernels.add_gated_in_place(held, grad, y)?;
-            Ok(done && self.tally(true, true))
-        }
-        fn gate(&self, grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-            GradKernels.gate(grad, y)
-        }
-    }
-
-    /// A block's input `y` (ReLU-ended, or a plain product) feeds the block's end directly and
-    /// through `hops` scalings (the block's branch): the pass adds the branch's gradient into
-    /// the one held in place where the store alone holds it (the branch's nodes let go of it
-    /// after their first hop), into a new tensor where another handle still reads it (a branch
-    /// of one hop, whose node holds the same gradient while it runs), with the gradients of
-    /// candle's own arithmetic bit for bit either way.
-    #[test]
-    fn gradient_sums_run_in_place_where_nothing_else_reads_the_held_gradient() {
-        let n = 5000;
-        let vars = [1, 2].map(|seed| Var::from_tensor(&random(&[n], seed)).unwrap());
-        let w = random(&[n], 3);
-        let run = |relu_ended: bool, hops: usize, ops: &dyn GradOps| {
-            let [a, b] = vars.each_ref().map(Var::as_tensor);
-            let y = match relu_ended {
-                true => add_relu(a, b).unwrap(),
-                false => (a * b).unwrap(),
-            };
-            // Scalings: their gradients hold no handle on the one they scale.
-            let mut branch = y.clone();
-            for hop in 0..hops {
-                branch = branch.affine(0.75 + hop as f64, 0.25).unwrap();
-            }
-            let z = add_relu(&branch, &y).unwrap();
-            let loss = (&z * &w).unwrap().sum_all().unwrap();
-            let grads = loss.backward_consuming_with(ops).unwrap();
-            vars.each_ref().map(|var| {
-                let grad = (grads.get(var).unwrap() + 0.0).unwrap();
-                let values = grad.to_vec1::<f32>().unwrap();
-                values.iter().map(|g| g.to_bits()).collect::<Vec<_>>()
-            })
-        };
-        for relu_ended in [true, false] {
-            for (hops, in_place) in [(2, 1), (3, 1), (1, 0)] {
-                let counted = Counted::default();
-                let ours = run(relu_ended, hops, &counted);
-                let what = format!("ReLU-ended {relu_ended}, {hops} hops");
-                assert_eq!(counted.in_place.get(), in_place, "{what}: sums in place");
-                assert_eq!(
-                    counted.fresh.get(),
-                    1 - in_place,
-                    "{what}: sums into new tensors"
-                );
-                assert!(ours == run(relu_ended, hops, &CandleGradOps), "{what}");
-            }
-        }
-    }
-
-    /// At a sum of exactly 0, add-ReLU passes no gradient, as PyTorch's ReLU.
-    #[test]
-    fn add_relu_passes_no_gradient_where_the_sum_is_zero() {
-        let a =
-            Var::from_tensor(&Tensor::new(&[-0.9159355f32, 0.5], &Device::Cpu).unwrap()).unwrap();
-        let b = Tensor::new(&[0.9159355f32, 0.25], &Device::Cpu).unwrap();
-        let y = add_relu(a.as_tensor(), &b).unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        let grad = grads.get(&a).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(grad, vec![0.0, 1.0]);
-    }
-}
+mod tests;
