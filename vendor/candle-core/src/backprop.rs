@@ -187,21 +187,26 @@ impl Tensor {
             if node.is_variable() {
                 continue;
             }
-            let grad = grads
-                .remove(node)
-                .expect("candle internal error - grad not populated");
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
             // the backprop graph of the backprop itself. This would be an issue for second order
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
-            let grad = if do_not_detach { grad } else { grad.detach() };
+            // Each step takes the one before by value (a shadowed binding would live, and hold
+            // its memory, until the node's gradients are computed).
+            let grad = {
+                let grad = grads
+                    .remove(node)
+                    .expect("candle internal error - grad not populated");
+                if do_not_detach { grad } else { grad.detach() }
+            };
             // A ReLU-ended op's `bwd` takes the gradient through its ReLU, unless the sum of its
-            // consumers' gradients already passed through it.
+            // consumers' gradients already passed through it; the ungated one is let go first.
             let gated = grads.1.remove(&node.id());
             let grad = if relu_ended(node) && !gated {
-                ops.gate(&grad, node)?
+                let ungated = grad;
+                ops.gate(&ungated, node)?
             } else {
                 grad
             };
@@ -710,10 +715,14 @@ impl Tensor {
                     }
                 };
             }
+            if !do_not_detach {
+                grads.let_go_of_graph();
+            }
         }
         Ok(grads)
     }
 }
+
 
 impl Tensor {
     /// The name of the op that made this tensor in the graph (a custom op's own name), `None`
@@ -744,9 +753,10 @@ impl Tensor {
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 /// The set: the ReLU-ended tensors ([`crate::CustomOp2::relu_ended`]) whose held gradient the
-/// backward pass has already passed through their ReLU ([`GradOps::add_gated`]).
+/// backward pass has already passed through their ReLU ([`GradOps::add_gated`]). The list: the
+/// tensors whose gradient the node being visited wrote ([`GradStore::let_go_of_graph`]).
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>, HashSet<TensorId>);
+pub struct GradStore(HashMap<TensorId, Tensor>, HashSet<TensorId>, Vec<TensorId>);
 
 /// The backward pass's arithmetic that an application may do its own way (fused kernels),
 /// given to [`Tensor::backward_consuming_with`]; each default is candle's.
@@ -833,6 +843,7 @@ impl GradStore {
     /// Where `tensor` ends in a ReLU, `ops` may gate the sum (marked in the set); an ungated
     /// addition unmarks it, and the pass gates the whole sum again (gating twice changes nothing).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor, ops: &dyn GradOps) -> Result<()> {
+        self.2.push(tensor.id());
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let (ended, held) = (relu_ended(tensor), entry.get());
@@ -877,6 +888,7 @@ impl GradStore {
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         // The caller adds to the gradient ungated: the pass gates it again (see `accumulate`).
         self.1.remove(&tensor.id());
+        self.2.push(tensor.id());
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -885,6 +897,20 @@ impl GradStore {
             }
         };
         Ok(grad)
+    }
+
+    /// Detaches the gradients written since the last call. A gradient computed from a node's
+    /// saved tensors (`grad.matmul(&rhs.t())`) records that op and so holds them; one kept for a
+    /// tensor the walk never visits (a constant operand, such as a matrix of ones) would hold the
+    /// whole forward graph until the pass returns, where PyTorch computes no gradient for it.
+    fn let_go_of_graph(&mut self) {
+        for id in self.2.drain(..) {
+            if let Some(grad) = self.0.get_mut(&id) {
+                if grad.op().is_some() {
+                    *grad = grad.detach();
+                }
+            }
+        }
     }
 
     /// Extend this gradient store with the contents of another.
