@@ -16,7 +16,10 @@
 //! from 64 on the ResNets take ImageNet's stem, as torchvision's). `--keep-graph`: the step
 //! holds its loss and logits through the backward pass, as a caller of candle's
 //! `Tensor::backward` does, so that nothing is freed before it returns (what the freeing saves).
-//! `--census`: what the forward graph holds at its end, by op and shape, each memory once.
+//! `--census`: what the forward graph holds at its end, by op and shape, each memory once, and
+//! on CUDA one step's account (the graph at the forward pass's end, the backward pass's peak above
+//! the step's start; the CPU prints it always), beside PyTorch's (`pytorch/train_step.py
+//! --account`).
 //!
 //! Peak device memory (CUDA), the CUDA context left out of both: "MiB", the allocator's pool at
 //! its fullest over the whole run, cuDNN's algorithm search included (kiln's reserved high
@@ -159,23 +162,40 @@ fn kiln(
             config.label_smoothing as f32,
         )?);
     }
-    if device.is_cpu() {
-        // What one step holds: the forward graph at its end, and the backward pass's peak above
-        // the step's start (weights, optimizer state and the batch are there before and after).
-        // A pass first, so that the convolutions' per-thread scratch (kept from call to call)
-        // is there before the count starts and left out of it.
+    // What one step holds: the forward graph at its end, and the backward pass's peak above the
+    // step's start (weights, optimizer state and the batch are there before and after): the
+    // heap on the CPU, the memory pool's tensors on CUDA (with `--census` only: its extra pass
+    // and waits change how the pool grows, and so the pool's peak).
+    let live = || match device {
+        Device::Cpu => Some(heap::live()),
+        _ => kiln::device::memory_in_use(device),
+    };
+    let peak = || match device {
+        Device::Cpu => Some(heap::peak()),
+        _ => kiln::device::peak_memory_in_use(device),
+    };
+    let reset_peak = || {
+        heap::reset_peak();
+        kiln::device::reset_peak_memory_in_use(device);
+    };
+    if live().is_some() && (device.is_cpu() || census) {
+        // A pass first, so that what is kept from call to call (the CPU convolutions' per-thread
+        // scratch, cuDNN's chosen plans) is there before the count starts and left out of it.
         let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
         let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
         drop((logits, optimizer.backward(loss)?));
-        let start = heap::live();
+        device.synchronize()?;
+        let start = live().unwrap_or(0);
         let logits = built.module.forward_t(&images.to_dtype(dtype)?, true)?;
         let loss = cross_entropy(&logits, &labels, config.label_smoothing as f32)?;
-        let graph = heap::live().saturating_sub(start);
-        heap::reset_peak();
+        device.synchronize()?;
+        let graph = live().unwrap_or(0).saturating_sub(start);
+        reset_peak();
         let held = keep_graph.then(|| (logits.clone(), loss.clone()));
         drop(logits);
         let grads = optimizer.backward(loss)?;
-        let backward = heap::peak().saturating_sub(start);
+        device.synchronize()?;
+        let backward = peak().unwrap_or(0).saturating_sub(start);
         drop((held, grads));
         eprintln!(
             "batch {batch}: the forward graph holds {} MiB at its end; the backward pass peaks {} MiB above the step's start",
@@ -260,11 +280,12 @@ fn profiler_range(on: bool) {
 #[cfg(not(feature = "cuda"))]
 fn profiler_range(_: bool) {}
 
-/// PyTorch's images/s for each repeat and its peak device memory, or why there are none.
+/// PyTorch's images/s for each repeat and its peak device memory, or why there are none;
+/// `account`: its one-step account too (`--census`).
 fn pytorch(
     model: &str,
     device: DeviceRequest,
-    (batch, side): (usize, usize),
+    (batch, side, account): (usize, usize, bool),
     steps: usize,
     repeats: usize,
     threads: usize,
@@ -287,11 +308,18 @@ fn pytorch(
         .args(["--threads", &threads.to_string()])
         .args(["--device", &device.to_string()])
         .args(["--precision", &precision.to_string()])
+        .args(account.then_some("--account"))
         .output()
         .map_err(|e| format!("cannot run python3: {e}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(err.lines().last().unwrap_or("failed").to_string());
+    }
+    // Its own step breakdown, beside kiln's.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.starts_with("batch ") {
+            eprintln!("PyTorch {line}");
+        }
     }
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
     let rates = serde_json::from_value(line["images_per_s"].clone()).map_err(|e| e.to_string())?;
@@ -450,7 +478,7 @@ fn main() {
             false => pytorch(
                 &model,
                 request,
-                (batch, side),
+                (batch, side, census),
                 steps,
                 repeats,
                 threads,

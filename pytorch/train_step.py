@@ -40,6 +40,10 @@ def main():
                     help="torch.compile(model), the optimizer eager (as PyTorch's tutorials)")
     ap.add_argument("--saved", action="store_true",
                     help="also count the bytes autograd saves for one step's backward pass")
+    ap.add_argument("--account", action="store_true",
+                    help="on CUDA, first print one step's account to stderr: the forward graph at "
+                         "its end and the backward pass's peak above the step's start (as kiln's "
+                         "step bench with --census)")
     ap.add_argument("--side", type=int, default=32,
                     help="the images' side; from 64 on the ResNets take ImageNet's stem")
     args = ap.parse_args()
@@ -98,6 +102,25 @@ def main():
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved_bytes = sum(n for ptr, n in storages.items() if ptr not in params)
         del loss
+    if device.type == "cuda" and args.account:
+        # What one step holds, as kiln's step bench prints it: the forward graph at its end, and
+        # the backward pass's peak above the step's start.
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated(device)
+        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            loss = loss_fn(model(x), y)
+        torch.cuda.synchronize()
+        graph = torch.cuda.memory_allocated(device) - start
+        torch.cuda.reset_peak_memory_stats(device)
+        scaler.scale(loss).backward()
+        torch.cuda.synchronize()
+        backward = torch.cuda.max_memory_allocated(device) - start
+        del loss
+        print(f"batch {args.batch}: the forward graph holds {graph / 2**20:.1f} MiB at its end; "
+              f"the backward pass peaks {backward / 2**20:.1f} MiB above the step's start",
+              file=sys.stderr)
+        optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # "in use": the timed steps' peak only
     rates = []

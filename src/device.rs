@@ -278,6 +278,12 @@ pub fn peak_memory_in_use(device: &Device) -> Option<u64> {
     pool_high_watermark(device, Watermark::InUse)
 }
 
+/// The device memory in use by live tensors now, where the backend tells (PyTorch's
+/// `memory_allocated`).
+pub fn memory_in_use(device: &Device) -> Option<u64> {
+    pool_high_watermark(device, Watermark::InUseNow)
+}
+
 /// Starts [`peak_memory_in_use`] afresh from what is in use now (PyTorch's
 /// `reset_peak_memory_stats`); [`peak_memory`] keeps counting from the start.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
@@ -300,6 +306,8 @@ pub fn reset_peak_memory_in_use(device: &Device) {
 enum Watermark {
     Reserved,
     InUse,
+    /// Not a high watermark: what is in use at the moment.
+    InUseNow,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
@@ -311,6 +319,7 @@ fn pool_high_watermark(device: &Device, watermark: Watermark) -> Option<u64> {
             let attribute = match watermark {
                 Watermark::Reserved => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
                 Watermark::InUse => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                Watermark::InUseNow => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
             };
             let device = cuda.cuda_stream().context().cu_device();
             let mut high = 0u64;
