@@ -723,7 +723,6 @@ impl Tensor {
     }
 }
 
-
 impl Tensor {
     /// The name of the op that made this tensor in the graph (a custom op's own name), `None`
     /// where no op did (a variable, data): for counting what a graph holds, op by op.
