@@ -162,10 +162,8 @@ fn kiln(
             config.label_smoothing as f32,
         )?);
     }
-    // What one step holds: the forward graph at its end, and the backward pass's peak above the
-    // step's start (weights, optimizer state and the batch are there before and after): the
-    // heap on the CPU, the memory pool's tensors on CUDA (with `--census` only: its extra pass
-    // and waits change how the pool grows, and so the pool's peak).
+    // Memory in use now and at its peak since the last reset: the heap on the CPU, the memory
+    // pool's tensors on CUDA.
     let live = || match device {
         Device::Cpu => Some(heap::live()),
         _ => kiln::device::memory_in_use(device),
@@ -178,6 +176,10 @@ fn kiln(
         heap::reset_peak();
         kiln::device::reset_peak_memory_in_use(device);
     };
+    // What one step holds: the forward graph at its end, and the backward pass's peak above the
+    // step's start (weights, optimizer state and the batch are there before and after). On
+    // CUDA with `--census` only: its extra pass and waits change how the pool grows, and so the
+    // pool's peak.
     if live().is_some() && (device.is_cpu() || census) {
         // A pass first, so that what is kept from call to call (the CPU convolutions' per-thread
         // scratch, cuDNN's chosen plans) is there before the count starts and left out of it.
@@ -219,8 +221,7 @@ fn kiln(
         step()?;
     }
     device.synchronize()?;
-    kiln::device::reset_peak_memory_in_use(device);
-    heap::reset_peak();
+    reset_peak();
     let mut rates = Vec::new();
     for _ in 0..repeats {
         let start = Instant::now();
@@ -254,10 +255,7 @@ fn kiln(
     }
     let memory = Memory {
         reserved: kiln::device::peak_memory(device),
-        in_use: match device {
-            Device::Cpu => Some(heap::peak()),
-            _ => kiln::device::peak_memory_in_use(device),
-        },
+        in_use: peak(),
     };
     Ok((rates, memory, median(host_ms)))
 }

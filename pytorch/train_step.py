@@ -73,11 +73,14 @@ def main():
     if args.compile:
         model = torch.compile(model)
 
+    def forward():
+        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            return loss_fn(model(x), y)
+
     def steps(n):
         for _ in range(n):
             optimizer.zero_grad()
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-                loss = loss_fn(model(x), y)
+            loss = forward()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -97,8 +100,7 @@ def main():
 
         optimizer.zero_grad()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-                loss = loss_fn(model(x), y)
+            loss = forward()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved_bytes = sum(n for ptr, n in storages.items() if ptr not in params)
         del loss
@@ -108,8 +110,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated(device)
-        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            loss = loss_fn(model(x), y)
+        loss = forward()
         torch.cuda.synchronize()
         graph = torch.cuda.memory_allocated(device) - start
         torch.cuda.reset_peak_memory_stats(device)

@@ -268,20 +268,20 @@ pub fn flush_denormals() {
 /// The most device memory this process's allocations have held at once (the allocator's pool
 /// at its fullest, the CUDA context not included), where the backend tells: CUDA does.
 pub fn peak_memory(device: &Device) -> Option<u64> {
-    pool_high_watermark(device, Watermark::Reserved)
+    pool_memory(device, PoolMemory::ReservedHigh)
 }
 
 /// The most device memory in use by live tensors at once since [`reset_peak_memory_in_use`]
 /// (or the start), where the backend tells: what PyTorch calls `max_memory_allocated`. Below
 /// [`peak_memory`] by what the pool held free, such as cuDNN's algorithm search's workspaces.
 pub fn peak_memory_in_use(device: &Device) -> Option<u64> {
-    pool_high_watermark(device, Watermark::InUse)
+    pool_memory(device, PoolMemory::InUseHigh)
 }
 
 /// The device memory in use by live tensors now, where the backend tells (PyTorch's
 /// `memory_allocated`).
 pub fn memory_in_use(device: &Device) -> Option<u64> {
-    pool_high_watermark(device, Watermark::InUseNow)
+    pool_memory(device, PoolMemory::InUseNow)
 }
 
 /// Starts [`peak_memory_in_use`] afresh from what is in use now (PyTorch's
@@ -301,35 +301,36 @@ pub fn reset_peak_memory_in_use(device: &Device) {
     }
 }
 
-/// Which of the CUDA memory pool's high watermarks to read.
+/// Which of the CUDA memory pool's figures to read: its high watermarks, or what is in use now.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-enum Watermark {
-    Reserved,
-    InUse,
-    /// Not a high watermark: what is in use at the moment.
+enum PoolMemory {
+    ReservedHigh,
+    InUseHigh,
     InUseNow,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn pool_high_watermark(device: &Device, watermark: Watermark) -> Option<u64> {
+fn pool_memory(device: &Device, figure: PoolMemory) -> Option<u64> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => {
             use candle_core::cuda_backend::cudarc::driver::{result, sys};
-            let attribute = match watermark {
-                Watermark::Reserved => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                Watermark::InUse => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                Watermark::InUseNow => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            let attribute = match figure {
+                PoolMemory::ReservedHigh => {
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH
+                }
+                PoolMemory::InUseHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                PoolMemory::InUseNow => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
             };
             let device = cuda.cuda_stream().context().cu_device();
-            let mut high = 0u64;
+            let mut bytes = 0u64;
             // SAFETY: as in `tune_cuda`; the attribute writes a u64.
             unsafe {
                 let pool = result::device::get_mem_pool(device).ok()?;
-                result::mem_pool::get_attribute(pool, attribute, (&mut high as *mut u64).cast())
+                result::mem_pool::get_attribute(pool, attribute, (&mut bytes as *mut u64).cast())
                     .ok()?;
             }
-            Some(high)
+            Some(bytes)
         }
         _ => None,
     }
